@@ -1,0 +1,182 @@
+"""The model bundle: one zip file holding ``model.json`` and ``weights.safetensors``.
+
+``model.json`` carries everything needed to use the model: the architecture (registry name and
+arguments, or a layer list), class names, the :class:`Preprocessing` (input size, channel order,
+resize policy, scaling), training metrics, the resolved config and the library versions.
+Loading never unpickles anything; the weights' SHA-256 is checked so a tampered or truncated
+file gives a clear one-line error instead of silently wrong predictions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from convlens import __version__
+from convlens.data.preprocess import Preprocessing
+from convlens.errors import BundleError
+from convlens.io import atomic_open
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+FORMAT = "convlens-bundle"
+FORMAT_VERSION = 1
+SUFFIX = ".convlens"
+
+
+@dataclass
+class BundleMeta:
+    """The torch-free part of a bundle (``model.json``)."""
+
+    arch: dict[str, Any]
+    classes: list[str]
+    preprocessing: Preprocessing
+    output_activation: str  # "sigmoid" (one unit, two classes) or "softmax"
+    threshold: float = 0.5
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    weights_sha256: str = ""
+    created: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "arch": self.arch,
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.to_dict(),
+            "output_activation": self.output_activation,
+            "threshold": self.threshold,
+            "metrics": self.metrics,
+            "config": self.config,
+            "versions": self.versions,
+            "weights_sha256": self.weights_sha256,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str) -> BundleMeta:
+        if d.get("format") != FORMAT:
+            raise BundleError(f"{where} is not a convlens bundle (model.json has no 'format: {FORMAT}')")
+        if int(d.get("format_version", 0)) > FORMAT_VERSION:
+            raise BundleError(f"{where} was written by a newer convlens (bundle format {d.get('format_version')}); upgrade convlens")
+        try:
+            return cls(
+                arch=dict(d["arch"]),
+                classes=[str(c) for c in d["classes"]],
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+                output_activation=str(d["output_activation"]),
+                threshold=float(d.get("threshold", 0.5)),
+                metrics=dict(d.get("metrics") or {}),
+                config=dict(d.get("config") or {}),
+                versions=dict(d.get("versions") or {}),
+                weights_sha256=str(d.get("weights_sha256", "")),
+                created=str(d.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{where} has an invalid model.json ({e}); re-export the bundle") from e
+
+
+def save_bundle(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    meta: BundleMeta,
+) -> Path:
+    """Write ``model``'s weights and ``meta`` atomically to ``path`` (a ``.convlens`` zip)."""
+    import torch
+    from safetensors.torch import save
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
+    weights = save(state)
+    meta.weights_sha256 = hashlib.sha256(weights).hexdigest()
+    meta.versions = {"convlens": __version__, "torch": torch.__version__, **meta.versions}
+    meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    path = Path(path)
+    with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("model.json", json.dumps(meta.to_json(), indent=2, default=str))
+        z.writestr("weights.safetensors", weights)
+    return path
+
+
+def _open(path: str | os.PathLike[str]) -> zipfile.ZipFile:
+    p = Path(path)
+    if not p.exists():
+        raise BundleError(f"model bundle {str(p)!r} does not exist; check the path (bundles end in {SUFFIX})")
+    if p.is_dir():
+        candidate = p / f"model{SUFFIX}"
+        if candidate.is_file():
+            return _open(candidate)
+        raise BundleError(f"{str(p)!r} is a folder without a model{SUFFIX}; pass the bundle file")
+    try:
+        return zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BundleError(f"{str(p)!r} is not a readable model bundle (truncated or not a zip: {e})") from e
+
+
+def read_meta(path: str | os.PathLike[str]) -> BundleMeta:
+    """Read only ``model.json`` (no torch needed)."""
+    with _open(path) as z:
+        return _read_meta(z, str(path))
+
+
+def _read_meta(z: zipfile.ZipFile, where: str) -> BundleMeta:
+    try:
+        raw = z.read("model.json")
+    except KeyError as e:
+        raise BundleError(f"{where} has no model.json; it is not a convlens bundle") from e
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise BundleError(f"{where} is damaged ({e}); restore it or export it again") from e
+    try:
+        return BundleMeta.from_json(json.loads(raw), where)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{where} has a damaged model.json ({e})") from e
+
+
+def read_weights(path: str | os.PathLike[str]) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
+    """Read ``model.json`` and the verified weights as a state dict of CPU tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    where = str(path)
+    with _open(path) as z:
+        meta = _read_meta(z, where)
+        try:
+            blob = z.read("weights.safetensors")
+        except KeyError as e:
+            raise BundleError(f"{where} has no weights.safetensors; it is incomplete") from e
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise BundleError(f"{where} is damaged ({e}); restore it or export it again") from e
+    if meta.weights_sha256 and hashlib.sha256(blob).hexdigest() != meta.weights_sha256:
+        raise BundleError(f"{where}: weights do not match their recorded SHA-256 (file modified or damaged)")
+    try:
+        state = load(blob)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise BundleError(f"{where}: weights.safetensors is not valid safetensors ({e})") from e
+    return meta, state
+
+
+def load_model(path: str | os.PathLike[str], device: str = "cpu") -> tuple[torch.nn.Module, BundleMeta]:
+    """Rebuild the model of a bundle with its weights, in eval mode on ``device``."""
+    from convlens.models import build_from_arch
+
+    meta, state = read_weights(path)
+    model = build_from_arch(meta.arch)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise BundleError(f"{path}: weights do not fit the architecture in model.json ({first})") from e
+    return model.to(device).eval(), meta

@@ -1,0 +1,277 @@
+"""Command-line interface. Each verb parses its arguments and makes one library call.
+
+Library modules are imported inside the verb, so ``convlens --help`` is instant and the ONNX
+prediction path never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from convlens import __version__
+from convlens.config import PRESETS, TrainConfig, field_types, suggest
+from convlens.errors import UserError
+
+EPILOG = "Docs: README.md. Add --debug before the verb to see tracebacks."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and "did you mean" suggestions for unknown flags."""
+
+    def error(self, message: str) -> NoReturn:
+        if "unrecognized arguments:" in message:
+            bad = message.split(":", 1)[1].split()
+            known = [s for a in self._actions for s in a.option_strings]
+            hints = [suggest(b.split("=")[0], known).strip() for b in bad if b.startswith("-")]
+            hint = " ".join(h for h in hints if h)
+            message = f"{message}.{(' ' + hint) if hint else ''} See `{self.prog} --help`"
+        else:
+            message = f"{message}. See `{self.prog} --help`"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        # Train flags state their preset default themselves (their argparse default is None).
+        if action.help and "(default:" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter, epilog=EPILOG)
+
+
+# ----------------------------------------------------------------------------- verbs
+def _cmd_summary(a: argparse.Namespace) -> int:
+    from convlens.models.summary import print_summary
+
+    print_summary(a.model, input_shape=a.input, num_classes=a.classes)
+    return 0
+
+
+def _cmd_check(a: argparse.Namespace) -> int:
+    from convlens.data.check import run_check
+
+    return run_check(
+        a.dir, json_path=a.json, quarantine_dir=a.quarantine, undo=a.undo, workers=a.workers,
+        max_pixels=a.max_pixels, min_side=a.min_side, near_duplicates=a.near_duplicates,
+    )
+
+
+def _cmd_preview(a: argparse.Namespace) -> int:
+    from convlens.data.preview import write_preview
+
+    write_preview(a.dir, a.out, augment=a.augment, seed=a.seed, image_size=a.image_size,
+                  rotation=a.rotation, flip=a.flip)
+    return 0
+
+
+def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in vars(a).items() if k in names and v is not None}
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from convlens.engine.trainer import train_command
+
+    return train_command(_train_overrides(a), config_file=a.config, resume=a.resume)
+
+
+def _cmd_lr_find(a: argparse.Namespace) -> int:
+    from convlens.engine.lr_find import lr_find_command
+
+    return lr_find_command(_train_overrides(a), config_file=a.config, out=a.out)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from convlens.evaluate import evaluate_command
+
+    return evaluate_command(a.bundle, a.dir, out=a.out, batch_size=a.batch_size, device=a.device)
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from convlens.predict import predict_command
+
+    return predict_command(a.model, a.paths, top_k=a.top_k, tta=a.tta, threshold=a.threshold,
+                           out=a.out, batch_size=a.batch_size, device=a.device)
+
+
+def _cmd_explain(a: argparse.Namespace) -> int:
+    from convlens.explain import explain_command
+
+    return explain_command(a.bundle, a.paths, out=a.out, method=a.method, class_name=a.class_name,
+                           device=a.device)
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from convlens.export import export_command
+
+    return export_command(a.bundle, fmt=a.format, out=a.out, int8=a.int8,
+                          calibration=a.calibration, validate=a.validate)
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from convlens.serve import serve_command
+
+    return serve_command(a.model, host=a.host, port=a.port, workers=a.workers,
+                         max_upload_mb=a.max_upload_mb)
+
+
+# ----------------------------------------------------------------------------- parsers
+def _add_train_flags(p: argparse.ArgumentParser, with_data: bool = True) -> None:
+    """One flag per TrainConfig field; the help shows the default preset's value."""
+    defaults = TrainConfig(**PRESETS["default"])
+    types_ = field_types(TrainConfig)
+    p.add_argument("--config", metavar="FILE.yaml", default=None,
+                   help="YAML file of configuration keys (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "data":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        default = getattr(defaults, f.name)
+        tp = types_[f.name]
+        if tp is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{help_} (default: {default})")
+        elif typing.get_origin(tp) is list:
+            p.add_argument(flag, dest=f.name, nargs="+", type=float, default=None, metavar="X",
+                           help=f"{help_} (default: {default})")
+        else:
+            choices = {"preset": list(PRESETS)}.get(f.name)
+            p.add_argument(flag, dest=f.name, default=None, choices=choices, metavar=f.name.upper()
+                           if not choices else None, help=f"{help_} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command-line grammar."""
+    p = _Parser(prog="convlens", description=__doc__.splitlines()[0] if __doc__ else None,
+                formatter_class=_Formatter, epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"convlens {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    p.set_defaults(_verbs=sub.choices)
+
+    s = _add(sub, "summary", "print a model's layers, output shapes, parameters and FLOPs")
+    s.add_argument("model", help="registry name (see `convlens summary --list`) or a YAML/JSON layer file")
+    s.add_argument("--input", default="300x300x3", help="input size HxWxC")
+    s.add_argument("--classes", type=int, default=2, help="number of classes")
+    s.set_defaults(func=_cmd_summary)
+
+    s = _add(sub, "check", "decode every image of a dataset folder and report problems")
+    s.add_argument("dir", nargs="?", help="dataset folder (DIR/<class>/... or DIR/train|val/<class>/...)")
+    s.add_argument("--json", metavar="REPORT.json", default=None, help="also write the report as JSON")
+    s.add_argument("--quarantine", metavar="QDIR", default=None, help="move unusable files into QDIR (undo with --undo)")
+    s.add_argument("--undo", metavar="MANIFEST", default=None, help="move quarantined files back")
+    s.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    s.add_argument("--max-pixels", type=int, default=89_478_485, help="pixel limit (decompression bombs)")
+    s.add_argument("--min-side", type=int, default=8, help="smallest usable image side")
+    s.add_argument("--near-duplicates", action="store_true", help="also find near duplicates (perceptual hash)")
+    s.set_defaults(func=_cmd_check)
+
+    s = _add(sub, "preview", "write a 3x3 grid of training images (or of augmentations of one)")
+    s.add_argument("dir", help="dataset folder")
+    s.add_argument("--out", default="grid.png", help="output PNG")
+    s.add_argument("--augment", action="store_true", help="9 augmented versions of one image")
+    s.add_argument("--seed", type=int, default=1337, help="random seed")
+    s.add_argument("--image-size", type=int, default=300, help="image size in pixels")
+    s.add_argument("--rotation", type=float, default=0.1, help="rotation fraction for --augment")
+    s.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip for --augment")
+    s.set_defaults(func=_cmd_preview)
+
+    s = _add(sub, "train", "check, split, cache, train, evaluate and report, in one command")
+    s.add_argument("data", nargs="?", default=None, help="dataset folder (default: the embedded digits)")
+    s.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
+    _add_train_flags(s)
+    s.set_defaults(func=_cmd_train)
+
+    s = _add(sub, "lr-find", "plot loss against learning rate and suggest one")
+    s.add_argument("data", nargs="?", default=None, help="dataset folder (default: the embedded digits)")
+    s.add_argument("--out", default="lr_find.png", help="output plot")
+    _add_train_flags(s)
+    s.set_defaults(func=_cmd_lr_find)
+
+    s = _add(sub, "evaluate", "evaluate a model bundle on a labelled folder")
+    s.add_argument("bundle", help="model bundle (model.convlens)")
+    s.add_argument("dir", help="labelled dataset folder")
+    s.add_argument("--out", default=None, help="output folder (default: eval/ beside the bundle)")
+    s.add_argument("--batch-size", type=int, default=64, help="batch size")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = _add(sub, "predict", "classify images with a bundle or an ONNX model")
+    s.add_argument("model", help="model bundle (model.convlens) or model.onnx")
+    s.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
+    s.add_argument("--top-k", type=int, default=1, help="classes to show per image")
+    s.add_argument("--tta", action="store_true", help="average over horizontal flips")
+    s.add_argument("--threshold", type=float, default=None, help="decision threshold for two-class models")
+    s.add_argument("--out", default=None, help="write every probability to preds.csv or preds.json")
+    s.add_argument("--batch-size", type=int, default=32, help="batch size")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    s.set_defaults(func=_cmd_predict)
+
+    s = _add(sub, "explain", "draw class activation maps for images")
+    s.add_argument("bundle", help="model bundle (model.convlens)")
+    s.add_argument("paths", nargs="+", help="image files, folders or globs")
+    s.add_argument("--out", default="explain", help="output folder")
+    s.add_argument("--method", default="cam", choices=["cam", "gradcam", "gradcam++"], help="map method")
+    s.add_argument("--class", dest="class_name", default=None, help="class to explain (default: predicted)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    s.set_defaults(func=_cmd_explain)
+
+    s = _add(sub, "export", "export a bundle to ONNX or TorchScript")
+    s.add_argument("bundle", help="model bundle (model.convlens)")
+    s.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="export format")
+    s.add_argument("--out", default=None, help="output file (default: beside the bundle)")
+    s.add_argument("--int8", action="store_true", help="post-training static int8 quantisation (ONNX)")
+    s.add_argument("--calibration", metavar="DIR", default=None, help="images for int8 calibration")
+    s.add_argument("--validate", metavar="DIR", default=None, help="labelled folder to report the accuracy change")
+    s.set_defaults(func=_cmd_export)
+
+    s = _add(sub, "serve", "serve a model over HTTP with a small web page")
+    s.add_argument("model", help="model bundle (model.convlens) or model.onnx")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind")
+    s.add_argument("--port", type=int, default=8000, help="port")
+    s.add_argument("--workers", type=int, default=1, help="worker processes")
+    s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    s.set_defaults(func=_cmd_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``convlens`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Let the verb's own parser report it, with its name and its flags to suggest from.
+        verb_parser = args._verbs.get(args.verb, parser) if args.verb else parser
+        verb_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"convlens {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"convlens {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,278 @@
+"""Typed configuration: dataclass defaults -> preset -> ``--config FILE.yaml`` -> command-line flags.
+
+Unknown keys are rejected with a "did you mean" suggestion; values are parsed with
+``yaml.safe_load`` (never ``eval``) and checked against the field's type. The resolved
+configuration is saved in the run folder and in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from convlens.errors import ConfigError
+
+T = TypeVar("T")
+
+RESIZE_POLICIES = ("squash", "crop", "pad")
+OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``convlens train`` needs. Field docs become the ``--help`` text."""
+
+    # --- data ---
+    data: str | None = field(default=None, metadata={"help": "dataset folder (default: the embedded digits)"})
+    val_fraction: float = field(default=0.2, metadata={"help": "validation fraction when the folder is not pre-split"})
+    test_fraction: float = field(default=0.0, metadata={"help": "held-out test fraction when the folder is not pre-split"})
+    seed: int = field(default=1337, metadata={"help": "seed for the split, initialisation and augmentation"})
+    image_size: int = field(default=128, metadata={"help": "square input size in pixels"})
+    resize: str = field(default="squash", metadata={"help": "resize policy: squash | crop | pad"})
+    channels: int = field(default=0, metadata={"help": "input channels: 0 = auto (1 if every image is grayscale), 1 or 3"})
+    cache_dir: str | None = field(default=None, metadata={"help": "decoded-image cache folder (default: user cache dir)"})
+    max_pixels: int = field(default=89_478_485, metadata={"help": "images with more pixels are unusable (decompression bombs)"})
+    min_side: int = field(default=8, metadata={"help": "images with a smaller side are unusable"})
+    workers: int = field(default=0, metadata={"help": "decoding processes (0 = all cores)"})
+    # --- model ---
+    model: str = field(default="resnet8", metadata={"help": "registry name or a YAML/JSON layer file"})
+    # --- input scaling (stored in the bundle: training and prediction always agree) ---
+    scale: float = field(default=1 / 255, metadata={"help": "pixel scale: 1/255 maps 0-255 to 0-1; 1.0 keeps 0-255 (tutorial)"})
+    mean: list[float] = field(default_factory=lambda: [0.0], metadata={"help": "per-channel mean subtracted after scaling"})
+    std: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "per-channel std divided after scaling"})
+    # --- optimisation ---
+    epochs: int = field(default=20, metadata={"help": "training epochs"})
+    batch_size: int = field(default=64, metadata={"help": "global batch size"})
+    optimizer: str = field(default="adamw", metadata={"help": "rmsprop | sgd | adam | adamw"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum for SGD"})
+    schedule: str = field(default="onecycle", metadata={"help": "learning-rate schedule: constant | cosine | onecycle"})
+    warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length in epochs (constant and cosine)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing"})
+    class_weights: str = field(default="none", metadata={"help": "none | auto (inverse class frequency)"})
+    patience: int = field(default=0, metadata={"help": "early stopping after N epochs without improvement (0 = off)"})
+    # --- augmentation (on the training device, whole batches) ---
+    flip: bool = field(default=True, metadata={"help": "random horizontal flip"})
+    rotation: float = field(default=0.0, metadata={"help": "random rotation as a fraction of a full turn (0.1 = +-36 degrees)"})
+    crop_scale: float = field(default=1.0, metadata={"help": "random resized crop minimum area (1.0 = off)"})
+    color_jitter: float = field(default=0.0, metadata={"help": "brightness/contrast/saturation jitter strength (0 = off)"})
+    erasing: float = field(default=0.0, metadata={"help": "random erasing probability (0 = off)"})
+    mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off)"})
+    cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off)"})
+    # --- runtime ---
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda[:N] | mps"})
+    precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | fp32"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory format"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0 = one per core)"})
+    nproc: int = field(default=1, metadata={"help": "processes for DistributedDataParallel (launched with torchrun)"})
+    # --- run folder ---
+    project: str = field(default="runs", metadata={"help": "parent folder of run folders"})
+    name: str = field(default="train", metadata={"help": "run folder name (name-2, name-3, ... if it exists)"})
+    exist_ok: bool = field(default=False, metadata={"help": "reuse an existing run folder"})
+    preset: str = field(default="default", metadata={"help": "recipe to start from: default | tutorial | quick"})
+
+
+# Presets override the dataclass defaults; a config file and flags override the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Best accuracy per CPU-minute found so far (see docs/benchmarks.md).
+    "default": {},
+    # The tutorial's recipe, faithfully: its model, 300x300 inputs on the 0-255 scale, batch 128,
+    # RandomFlip + RandomRotation(0.1), RMSprop(1e-3), 25 epochs.
+    "tutorial": {
+        "model": "tutorial_cnn",
+        "image_size": 300,
+        "batch_size": 128,
+        "flip": True,
+        "rotation": 0.1,
+        "crop_scale": 1.0,
+        "optimizer": "rmsprop",
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        "warmup_epochs": 0.0,
+        "epochs": 25,
+        "scale": 1.0,
+        "mean": [0.0],
+        "std": [1.0],
+        "label_smoothing": 0.0,
+    },
+    # A few seconds on a laptop: for smoke tests and the first look at a dataset.
+    "quick": {"model": "tiny", "image_size": 32, "epochs": 2, "batch_size": 32},
+}
+
+
+def suggest(name: str, options: typing.Iterable[str]) -> str:
+    """Return ``" Did you mean 'x'?"`` for the closest option, or an empty string."""
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of every field of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (already parsed by YAML, or a string from the command line) to ``tp``."""
+    optional, inner = _is_optional(tp)
+    if isinstance(value, str) and not (inner is str):
+        value = yaml.safe_load(value) if value.strip() else None
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{key} needs a value. Received: {key}=None")
+    origin = typing.get_origin(inner)
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+                return False
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if inner is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if inner is str:
+            return str(value)
+        if origin is list:
+            (item_tp,) = typing.get_args(inner)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [coerce(key, v, item_tp) for v in items]
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    name = getattr(inner, "__name__", str(inner))
+    raise ConfigError(f"{key} must be {name}. Received: {key}={value!r}")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (or JSON) mapping of configuration keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; check the --config path")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values. Received: {type(data).__name__}")
+    return data
+
+
+def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
+    """Make a ``cls`` from its defaults and then each mapping in ``layers`` in order.
+
+    Each later mapping overrides the earlier ones; unknown keys raise :class:`ConfigError`.
+    """
+    types_ = field_types(cls)
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for raw_key, value in (layer or {}).items():
+            key = str(raw_key).replace("-", "_")
+            if key not in types_:
+                raise ConfigError(f"unknown configuration key {raw_key!r}.{suggest(key, types_)}")
+            values[key] = coerce(key, value, types_[key])
+    return cls(**values)
+
+
+def resolve_train_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults -> preset -> config file -> overrides, validated."""
+    file_values = read_config_file(config_file) if config_file else {}
+    name = (overrides or {}).get("preset") or file_values.get("preset") or preset or "default"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.{suggest(name, PRESETS)}")
+    cfg = build(TrainConfig, PRESETS[name], {"preset": name}, file_values, overrides)
+    validate_train_config(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(
+            f"{key} must be one of {', '.join(options)}. Received: {key}={value!r}.{suggest(value, options)}"
+        )
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Check ranges and choices; raise :class:`ConfigError` naming the key."""
+    _choice("resize", cfg.resize, RESIZE_POLICIES)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("schedule", cfg.schedule, SCHEDULES)
+    _choice("class_weights", cfg.class_weights, ("none", "auto"))
+    if cfg.channels not in (0, 1, 3):
+        raise ConfigError(f"channels must be 0 (auto), 1 or 3. Received: channels={cfg.channels}")
+    checks = [
+        ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
+        ("test_fraction", 0.0 <= cfg.test_fraction < 1.0 and cfg.val_fraction + cfg.test_fraction < 1.0,
+         "in [0, 1) with val_fraction + test_fraction < 1"),
+        ("image_size", cfg.image_size >= 8, ">= 8"),
+        ("epochs", cfg.epochs >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
+        ("rotation", 0 <= cfg.rotation <= 0.5, "in [0, 0.5]"),
+        ("crop_scale", 0 < cfg.crop_scale <= 1, "in (0, 1]"),
+        ("erasing", 0 <= cfg.erasing <= 1, "in [0, 1]"),
+        ("mixup", cfg.mixup >= 0, ">= 0"),
+        ("cutmix", cfg.cutmix >= 0, ">= 0"),
+        ("scale", cfg.scale > 0, "> 0"),
+        ("max_pixels", cfg.max_pixels > 0, "> 0"),
+        ("min_side", cfg.min_side >= 1, ">= 1"),
+        ("nproc", cfg.nproc >= 1, ">= 1"),
+        ("patience", cfg.patience >= 0, ">= 0"),
+        ("warmup_epochs", cfg.warmup_epochs >= 0, ">= 0"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {rule}. Received: {key}={getattr(cfg, key)!r}")
+    if len(cfg.mean) not in (1, 3) or len(cfg.std) not in (1, 3) or any(s <= 0 for s in cfg.std):
+        raise ConfigError(f"mean and std need 1 or 3 values, std > 0. Received: mean={cfg.mean}, std={cfg.std}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-safe dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The configuration as YAML text, keys in declaration order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

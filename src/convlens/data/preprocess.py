@@ -1,0 +1,109 @@
+"""The one preprocessing definition, stored in every model bundle.
+
+Training, evaluation, prediction, export and serving all turn an image into model input
+through a :class:`Preprocessing`: decode (EXIF-upright, RGB), resize by a policy, keep uint8,
+then scale and normalise. Channel order is always RGB. Torch-free on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from convlens.data.decode import DEFAULT_MAX_PIXELS, decode, to_rgb
+from convlens.errors import ConfigError
+
+RESIZE_POLICIES = ("squash", "crop", "pad")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become model input. ``size`` is (height, width)."""
+
+    size: tuple[int, int]
+    channels: int = 3
+    resize: str = "squash"
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    channel_order: str = "RGB"
+    interpolation: str = "bilinear"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZE_POLICIES)}. Received: resize={self.resize!r}")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3. Received: channels={self.channels}")
+        if self.channel_order != "RGB":
+            raise ConfigError(f"channel_order must be 'RGB'. Received: channel_order={self.channel_order!r}")
+        object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    # ---- uint8 stage -------------------------------------------------------------------
+    def load(self, src: str | os.PathLike[str] | IO[bytes], min_side: int = 1) -> np.ndarray:
+        """Decode and resize one file to uint8 ``H x W x C``. Raises ``ImageError``."""
+        h, w = self.size
+        img, _ = decode(src, max_pixels=self.max_pixels, min_side=min_side, draft_size=(w, h),
+                        keep_gray=self.channels == 1)
+        return self.from_pil(img)
+
+    def from_pil(self, img: Image.Image) -> np.ndarray:
+        """Resize an (upright) Pillow image to uint8 ``H x W x C``."""
+        img = to_rgb(img, keep_gray=self.channels == 1)
+        if self.channels == 3 and img.mode != "RGB":
+            img = img.convert("RGB")
+        h, w = self.size
+        method = Image.Resampling.BILINEAR if self.interpolation == "bilinear" else Image.Resampling.NEAREST
+        if self.resize == "squash":
+            out = img.resize((w, h), method) if img.size != (w, h) else img
+        elif self.resize == "crop":
+            out = ImageOps.fit(img, (w, h), method)
+        else:  # letterbox onto black, centred
+            out = ImageOps.pad(img, (w, h), method, color=0)
+        arr = np.asarray(out, dtype=np.uint8)
+        return arr[:, :, None] if arr.ndim == 2 else arr
+
+    def from_array(self, arr: np.ndarray) -> np.ndarray:
+        """Accept an ``H x W x 3`` (RGB) or ``H x W`` uint8 array and resize it."""
+        a = np.asarray(arr)
+        if a.dtype != np.uint8:
+            raise ConfigError(f"image arrays must be uint8 (0-255) RGB. Received: dtype={a.dtype}")
+        if a.ndim == 3 and a.shape[2] == 1:
+            a = a[:, :, 0]
+        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+            raise ConfigError(f"image arrays must be H x W x 3 RGB or H x W. Received: shape={a.shape}")
+        mode = "L" if a.ndim == 2 else ("RGBA" if a.shape[2] == 4 else "RGB")
+        return self.from_pil(Image.fromarray(a, mode))
+
+    # ---- float stage -------------------------------------------------------------------
+    def normalize(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 ``N x H x W x C`` -> float32 ``N x C x H x W``: ``(x * scale - mean) / std``."""
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        x = x * np.float32(self.scale)
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        x = (x - mean) / std
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    # ---- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["size"] = tuple(known["size"])
+        return cls(**known)

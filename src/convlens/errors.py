@@ -1,0 +1,44 @@
+"""Errors that are the user's to fix.
+
+A :class:`UserError` is printed by the CLI as one line (no traceback unless ``--debug``) and
+exits with code 2. Messages follow Keras's style: say what is wrong, what was received and
+what to do, e.g. ``"padding must be 'valid' or 'same'. Received: padding='foo'"``.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input: an option, a file, a folder or a model spec."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A bad configuration key or value."""
+
+
+class SpecError(UserError):
+    """A model layer list that cannot be built."""
+
+
+class DataError(UserError):
+    """A dataset folder that cannot be used (missing, empty, no classes, ...)."""
+
+
+class BundleError(UserError):
+    """A model bundle that is missing, truncated, tampered with or mismatched."""
+
+
+class ImageError(Exception):
+    """One image that cannot be used. Never fatal to a run: the file is skipped and reported.
+
+    ``kind`` is a short machine-readable reason (``zero_bytes``, ``not_image``, ``truncated``,
+    ``corrupt``, ``unsupported``, ``too_large``, ``too_small``, ``unreadable``).
+    """
+
+    def __init__(self, path: object, kind: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+        self.kind = kind
+        self.message = message
