@@ -1,0 +1,39 @@
+"""Shared fixtures. Real photos come from ../shared/datasets when present; tests that need
+them skip with a reason otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CONVLENS_SHARED", REPO.parent / "shared")) / "datasets"
+
+# Keep the suite deterministic and polite on 2 cores.
+os.environ.setdefault("CONVLENS_WORKERS", "2")
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs real photos at {path} (../shared/datasets is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cats_dogs() -> Path:
+    """../shared/datasets/cats_and_dogs_filtered (pre-split train/validation)."""
+    return _need(SHARED / "cats_and_dogs_filtered")
+
+
+@pytest.fixture(scope="session")
+def cat_breeds() -> Path:
+    """../shared/datasets/cat_breeds5 (5 classes, with odd files)."""
+    return _need(SHARED / "cat_breeds5")
+
+
+@pytest.fixture(scope="session")
+def real_photo() -> Path:
+    """One real JPEG photo (a cat)."""
+    return _need(SHARED / "cats_and_dogs_filtered" / "train" / "cats" / "cat.0.jpg")
