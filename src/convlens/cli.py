@@ -23,6 +23,11 @@ EPILOG = "Docs: README.md. Add --debug before the verb to see tracebacks."
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors and "did you mean" suggestions for unknown flags."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No silent prefix matching: `--epoch` must not quietly mean `--epochs`.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         if "unrecognized arguments:" in message:
             bad = message.split(":", 1)[1].split()
