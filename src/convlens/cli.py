@@ -54,8 +54,14 @@ def _add(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- verbs
 def _cmd_summary(a: argparse.Namespace) -> int:
-    from convlens.models.summary import print_summary
+    from convlens.models.summary import print_model_list, print_summary
 
+    if a.list:
+        print_model_list()
+        return 0
+    if not a.model:
+        raise UserError("summary needs a MODEL (a registered name or a layer file); "
+                        "see `convlens summary --list`")
     print_summary(a.model, input_shape=a.input, num_classes=a.classes)
     return 0
 
@@ -103,8 +109,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from convlens.predict import predict_command
 
-    return predict_command(a.model, a.paths, top_k=a.top_k, tta=a.tta, threshold=a.threshold,
-                           out=a.out, batch_size=a.batch_size, device=a.device)
+    return predict_command(a.model, a.paths, top_k=a.top_k, tta="crops" if a.tta_crops else a.tta,
+                           threshold=a.threshold, out=a.out, batch_size=a.batch_size, device=a.device)
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
@@ -164,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_verbs=sub.choices)
 
     s = _add(sub, "summary", "print a model's layers, output shapes, parameters and FLOPs")
-    s.add_argument("model", help="registry name (see `convlens summary --list`) or a YAML/JSON layer file")
+    s.add_argument("model", nargs="?", help="registry name (see `convlens summary --list`) or a YAML/JSON layer file")
+    s.add_argument("--list", action="store_true", help="list the registered models and exit")
     s.add_argument("--input", default="300x300x3", help="input size HxWxC")
     s.add_argument("--classes", type=int, default=2, help="number of classes")
     s.set_defaults(func=_cmd_summary)
@@ -215,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
     s.add_argument("--top-k", type=int, default=1, help="classes to show per image")
     s.add_argument("--tta", action="store_true", help="average over horizontal flips")
+    s.add_argument("--tta-crops", action="store_true",
+                   help="average over the flip, 4 corner crops and the centre crop (12 views)")
     s.add_argument("--threshold", type=float, default=None, help="decision threshold for two-class models")
     s.add_argument("--out", default=None, help="write every probability to preds.csv or preds.json")
     s.add_argument("--batch-size", type=int, default=32, help="batch size")
