@@ -1,0 +1,131 @@
+"""Model registry (timm style): ``@register_model``, ``create()``, ``list_models()``.
+
+A model is named either by a registered name (``resnet8``) or by a YAML/JSON layer file; both
+round-trip through ``model.arch`` and :func:`build_from_arch`, which is what bundles store.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from convlens.config import suggest
+from convlens.errors import SpecError
+from convlens.models.layers import ConvlensModel, build_from_spec, check_classes
+
+F = TypeVar("F", bound=Callable[..., ConvlensModel])
+
+_REGISTRY: dict[str, Callable[..., ConvlensModel]] = {}
+LAYER_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def register_model(fn: F) -> F:
+    """Register ``fn(num_classes, in_channels=3, **kwargs) -> ConvlensModel`` under its name."""
+    if fn.__name__ in _REGISTRY:
+        raise ValueError(f"model {fn.__name__!r} is already registered")
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_description(name: str) -> str:
+    """First line of a registered model's docstring."""
+    doc = inspect.getdoc(_REGISTRY[name]) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def _unknown_model(name: str) -> SpecError:
+    return SpecError(f"unknown model {name!r}.{suggest(name, _REGISTRY)} Available: {', '.join(list_models())}, "
+                     f"or a YAML/JSON layer file. Received: model={name!r}")
+
+
+def create(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> ConvlensModel:
+    """Build the registered model ``name`` with fresh weights."""
+    if name not in _REGISTRY:
+        raise _unknown_model(name)
+    check_classes(num_classes, in_channels)
+    fn = _REGISTRY[name]
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        allowed = [k for k in params if k not in ("num_classes", "in_channels")]
+        for key, value in kwargs.items():
+            if key not in allowed:
+                raise SpecError(f"model {name!r} has no option {key!r}.{suggest(key, allowed)} Options: "
+                                f"{', '.join(allowed) or '(none)'}. Received: {key}={value!r}")
+    model = fn(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model.arch = {"name": name, "num_classes": num_classes, "in_channels": in_channels,
+                  "kwargs": json.loads(json.dumps(kwargs))}
+    return model
+
+
+def build_from_arch(arch: dict[str, Any]) -> ConvlensModel:
+    """Rebuild a model from its ``arch`` dict (what a bundle's model.json stores)."""
+    if not isinstance(arch, dict):
+        raise SpecError(f"a model architecture must be a mapping. Received: {type(arch).__name__}")
+    try:
+        num_classes, in_channels = arch["num_classes"], arch.get("in_channels", 3)
+        if "layers" in arch:
+            return build_from_spec(arch["layers"], num_classes, in_channels, arch.get("input_size"))
+        return create(arch["name"], num_classes, in_channels, **dict(arch.get("kwargs") or {}))
+    except KeyError as e:
+        raise SpecError(f"a model architecture needs 'name' or 'layers', and 'num_classes'. "
+                        f"Received: keys {sorted(arch)}") from e
+
+
+def is_layer_file(model: str | os.PathLike[str]) -> bool:
+    """True when ``model`` names a layer file rather than a registered model."""
+    s = str(model)
+    return s not in _REGISTRY and (s.lower().endswith(LAYER_FILE_SUFFIXES) or os.sep in s or Path(s).is_file())
+
+
+def load_layer_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML/JSON layer file: a list of layers, or a mapping with ``layers`` (and ``name``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"model file {str(p)!r} does not exist; pass a registered model "
+                        f"({', '.join(list_models())}) or an existing .yaml/.json layer file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"model file {str(p)!r} is not valid JSON (line {e.lineno}: {e.msg}); fix the syntax") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(f"model file {str(p)!r} is not valid YAML{line}; fix the syntax") from e
+    if isinstance(data, list):
+        data = {"layers": data}
+    if not isinstance(data, dict) or "layers" not in data:
+        raise SpecError(f"model file {str(p)!r} must hold a list of layers or a mapping with 'layers:'. "
+                        f"Received: {type(data).__name__}")
+    allowed = ("layers", "name", "description")
+    for key in data:
+        if key not in allowed:
+            raise SpecError(f"model file {str(p)!r}: unknown key {key!r}.{suggest(str(key), allowed)} "
+                            f"Keys: {', '.join(allowed)}. Received: {key}={data[key]!r}")
+    if not isinstance(data["layers"], list) or not data["layers"]:
+        raise SpecError(f"model file {str(p)!r}: 'layers' must be a non-empty list. Received: layers={data['layers']!r}")
+    return data
+
+
+def build_model(model: str | os.PathLike[str] | Sequence[dict[str, Any]], num_classes: int, in_channels: int = 3,
+                input_size: int | Sequence[int] | None = None, **kwargs: Any) -> ConvlensModel:
+    """A registered name, a layer file path or a layer list -> a model (what ``--model`` accepts)."""
+    if isinstance(model, (list, tuple)):
+        return build_from_spec(list(model), num_classes, in_channels, input_size)
+    name = str(model)
+    if name in _REGISTRY:
+        return create(name, num_classes, in_channels, **kwargs)
+    if is_layer_file(name):
+        return build_from_spec(name, num_classes, in_channels, input_size)
+    raise _unknown_model(name)
