@@ -1,0 +1,119 @@
+"""Run an exported ``model.onnx`` with onnxruntime alone: numpy, onnxruntime and Pillow only.
+
+Nothing here (nor anything it imports) may import torch: ``convlens predict model.onnx`` and
+``convlens serve model.onnx`` must work on a machine where only the runtime is installed. The
+model's :class:`~convlens.bundle.BundleMeta` (classes, preprocessing, output activation...) is
+read from the ONNX metadata key ``"convlens"`` that :func:`convlens.export.onnx.export_onnx`
+writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convlens.bundle import BundleMeta
+from convlens.errors import BundleError
+
+METADATA_KEY = "convlens"
+INPUT_NAME = "input"
+LOGITS_NAME = "logits"
+# Optional second output: per-class activation maps (N, out_units, h, w) computed inside the
+# graph from the last feature map and the dense weights (exact CAM for GAP + dense heads).
+CAM_NAME = "cam"
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
+        raise BundleError("running an ONNX model needs onnxruntime; install it with `pip install onnxruntime`") from e
+    return ort
+
+
+class OnnxBackend:
+    """A :class:`convlens.predict.Backend` over an onnxruntime ``InferenceSession``.
+
+    ``logits(x)`` takes normalised float32 NCHW input (``Preprocessing.normalize``) and returns
+    ``(N, out_units)`` logits. Sessions are thread-safe for ``run``; ``threads`` bounds the
+    intra-op thread pool (0 = onnxruntime's default, one per core).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 0,
+                 providers: list[str] | None = None) -> None:
+        ort = _import_ort()
+        p = Path(path)
+        self.path = p
+        if not p.is_file():
+            raise BundleError(f"ONNX model {str(p)!r} does not exist; check the path or run `convlens export BUNDLE`")
+        opts = ort.SessionOptions()
+        if threads > 0:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        # Quiet: onnxruntime's warnings about unused initializers are noise for users.
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(p), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own (unexported) types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{str(p)!r} is not a loadable ONNX model ({first[:200]}); export it again with `convlens export`") from e
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if raw is None:
+            raise BundleError(f"{str(p)!r} has no convlens metadata (ONNX metadata key {METADATA_KEY!r}); "
+                              "export it with `convlens export BUNDLE --format onnx`")
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{str(p)!r} has damaged convlens metadata ({e}); export it again") from e
+        self.meta: BundleMeta = BundleMeta.from_json(doc, str(p))
+        self.export_info: dict[str, Any] = dict(doc.get("export") or {})
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise BundleError(f"{str(p)!r} has {len(inputs)} inputs; a convlens ONNX model has one ({INPUT_NAME!r})")
+        self.input_name = inputs[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if LOGITS_NAME not in self.output_names:
+            raise BundleError(f"{str(p)!r} has no {LOGITS_NAME!r} output (outputs: {self.output_names}); export it again")
+
+    @property
+    def has_cam(self) -> bool:
+        """True when the graph also outputs class activation maps (exact CAM)."""
+        return CAM_NAME in self.output_names
+
+    @property
+    def int8(self) -> bool:
+        return bool(self.export_info.get("int8", False))
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        h, w = self.meta.preprocessing.size
+        want = (self.meta.preprocessing.channels, h, w)
+        if x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"ONNX model input must be N x {want[0]} x {h} x {w} float32. Received: shape={x.shape}")
+        return x
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Normalised float32 NCHW input -> ``(N, out_units)`` float32 logits."""
+        x = self._check(x)
+        (out,) = self.session.run([LOGITS_NAME], {self.input_name: x})
+        return np.asarray(out, dtype=np.float32)
+
+    def logits_and_cam(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and the raw class maps ``(N, out_units, h, w)`` (unnormalised, before any ReLU).
+
+        For a one-unit (sigmoid) model the map of class 1 is ``cam[:, 0]`` and that of class 0
+        is its negative. Raises ``BundleError`` when the model was exported without maps.
+        """
+        if not self.has_cam:
+            raise BundleError(f"{self.path.name} has no class activation output (its head is not "
+                              "global-average-pool + dense); explain with the .convlens bundle instead")
+        x = self._check(x)
+        logits, cam = self.session.run([LOGITS_NAME, CAM_NAME], {self.input_name: x})
+        return np.asarray(logits, dtype=np.float32), np.asarray(cam, dtype=np.float32)

@@ -1,0 +1,432 @@
+"""The HTTP API and web page of ``convlens serve`` (FastAPI on uvicorn).
+
+Routes: ``POST /predict`` and ``POST /explain`` (multipart field ``file``), ``GET /health``,
+``GET /model``, ``GET /`` (the page), ``/docs`` and ``/redoc`` (served from local files, like
+the page: nothing is fetched from a CDN).
+
+Bad input never produces a 500: the upload limit is enforced by :class:`BodyLimit` while the
+body streams in (413), uploads are decoded by the one decoder (:mod:`convlens.data.decode`)
+whose errors map to 400 (empty, truncated, corrupt), 415 (not an image, or not a multipart
+upload) and 413 (over the pixel limit). Every error body is JSON: ``{"error", "message"}``.
+Model calls are serialised by a lock: the torch backend is not safe to call from several
+threads at once, and on a CPU concurrent calls would only fight over the same cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from convlens import __version__
+from convlens.data.decode import decode
+from convlens.errors import ImageError, UserError
+
+MB = 1024 * 1024
+DISPLAY_SIDE = 512  # longest side of the overlay sent back to the page
+ENV_MODEL = "CONVLENS_SERVE_MODEL"
+ENV_MAX_UPLOAD_MB = "CONVLENS_SERVE_MAX_UPLOAD_MB"
+ENV_WORKERS = "CONVLENS_SERVE_WORKERS"
+EXPLAIN_METHODS = ("cam", "gradcam", "gradcam++")
+
+# ImageError.kind -> HTTP status. Unknown kinds are the client's fault too (400).
+STATUS_BY_KIND = {
+    "zero_bytes": 400, "truncated": 400, "corrupt": 400, "too_small": 400, "unreadable": 400,
+    "not_image": 415, "unsupported": 415,
+    "too_large": 413,
+}
+
+# The page and its files are served from this origin only; the CSP makes the browser refuse
+# anything else, so "works offline" is enforced, not just intended.
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+def error_response(status: int, error: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one JSON error shape: ``{"error": <short code>, "message": <one line>}``."""
+    return JSONResponse({"error": error, "message": message}, status_code=status, headers=headers)
+
+
+# ----------------------------------------------------------------------------- upload limit
+class BodyLimit:
+    """Pure ASGI middleware: reject request bodies over ``max_bytes`` with 413 while they arrive.
+
+    A declared ``Content-Length`` over the limit is refused before a byte is read; otherwise
+    (chunked uploads, or a body longer than declared) bytes are counted as they stream in and
+    the request is refused as soon as the count passes the limit, so a client can never make
+    the server buffer more than ``max_bytes``. Accepted bodies are handed on unchanged.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        length = None
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                length = v
+        if length is not None:
+            try:
+                declared = int(length)
+                if declared < 0:
+                    raise ValueError(declared)
+            except ValueError:
+                await error_response(400, "bad_request", "invalid Content-Length header")(scope, receive, send)
+                return
+            if declared > self.max_bytes:
+                await self._too_large(scope, receive, send, declared)
+                return
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away; nobody is left to answer
+            body = message.get("body", b"")
+            total += len(body)
+            if total > self.max_bytes:
+                await self._too_large(scope, receive, send, None)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, declared: int | None) -> None:
+        limit = f"{self.max_bytes / MB:g} MB"
+        got = f"{declared:,} bytes" if declared is not None else f"more than {self.max_bytes:,} bytes"
+        # Connection: close - the rest of the body is never read, so the connection cannot be reused.
+        await error_response(413, "too_large", f"upload is over the {limit} limit (received {got}); "
+                             "send a smaller image or restart the server with a larger --max-upload-mb",
+                             headers={"Connection": "close"})(scope, receive, send)
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class ServeState:
+    """What the routes share: the classifier, its description and the inference lock."""
+
+    classifier: Any
+    source: str
+    kind: str  # "bundle" or "onnx"
+    max_upload_bytes: int
+    max_pixels: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    started: float = field(default_factory=time.time)
+    requests: int = 0
+    errors: int = 0
+
+    @property
+    def meta(self) -> Any:
+        return self.classifier.meta
+
+    @property
+    def explain_methods(self) -> list[str]:
+        backend = self.classifier.backend
+        model = getattr(backend, "model", None)
+        if model is not None:
+            if not hasattr(model, "forward_features"):
+                return []
+            # The exact CAM needs a global-average-pool + dense head; Grad-CAM works on any.
+            exact = getattr(model, "gap_linear_head", lambda: None)() is not None
+            return list(EXPLAIN_METHODS) if exact else ["gradcam", "gradcam++"]
+        return ["cam"] if getattr(backend, "has_cam", False) else []
+
+
+def _load_classifier(model: Any) -> tuple[Any, str, str]:
+    if isinstance(model, (str, os.PathLike)):
+        from convlens.predict import load
+
+        clf = load(model, device="cpu")
+        kind = "onnx" if Path(model).suffix.lower() == ".onnx" else "bundle"
+        return clf, os.fspath(model), kind
+    kind = "onnx" if getattr(model.backend, "session", None) is not None else "bundle"
+    return model, getattr(model, "source", "<in-memory model>"), kind
+
+
+# ----------------------------------------------------------------------------- images
+@dataclass
+class Upload:
+    """One decoded upload: the upright image as decoded for the model, and facts about it."""
+
+    name: str
+    image: Image.Image
+    size_bytes: int
+    width: int
+    height: int
+    format: str
+    raw: bytes
+
+
+def read_upload(file: UploadFile, state: ServeState) -> Upload:
+    """Read and decode an upload exactly as ``Preprocessing.load`` decodes a file. Raises ImageError."""
+    name = os.path.basename(file.filename or "") or "upload"
+    raw = file.file.read()
+    if not raw:
+        raise ImageError(name, "zero_bytes", "the upload is empty (0 bytes)")
+    prep = state.meta.preprocessing
+    h, w = prep.size
+    buf = io.BytesIO(raw)
+    buf.name = name  # decode() names the file in its messages
+    img, info = decode(buf, max_pixels=state.max_pixels, draft_size=(w, h), keep_gray=prep.channels == 1)
+    return Upload(name, img, len(raw), info.width, info.height, info.format, raw)
+
+
+def display_image(up: Upload, state: ServeState) -> np.ndarray:
+    """The upright photo at up to ``DISPLAY_SIDE`` px, for the overlay.
+
+    The model's decode may have used JPEG draft mode (DCT scaling) down to the model size; for
+    display we decode again at a higher draft size when that made the picture small.
+    """
+    from convlens.explain.figures import thumbnail
+
+    img = up.image
+    if max(img.size) < DISPLAY_SIDE and max(up.width, up.height) > max(img.size):
+        img, _ = decode(io.BytesIO(up.raw), max_pixels=state.max_pixels,
+                        draft_size=(DISPLAY_SIDE, DISPLAY_SIDE))
+    return thumbnail(np.asarray(img.convert("RGB"), dtype=np.uint8), DISPLAY_SIDE)
+
+
+def png_base64(rgb: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG", optimize=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _prediction_json(pred: Any) -> dict[str, Any]:
+    return {"label": pred.label, "index": int(pred.index), "probability": float(pred.probability),
+            "probabilities": {k: float(v) for k, v in pred.probabilities.items()}}
+
+
+def _onnx_explanation(state: ServeState, up: Upload, class_name: str | None) -> tuple[Any, str, np.ndarray]:
+    """(prediction, explained class, heat at the decoded image's size) from an ONNX model's
+    ``cam`` output, with the same geometry and scaling as :mod:`convlens.explain`."""
+    try:
+        import torch
+
+        from convlens.explain.cam import normalize_heat, upsample_to_original
+    except ImportError as e:  # torch-free install: predictions still work
+        raise UserError("explanations of ONNX models need PyTorch for the map geometry; "
+                        "install torch or serve the .convlens bundle") from e
+    clf = state.classifier
+    prep = clf.preprocessing
+    pred = clf.predict(up.image)[0]
+    idx = clf.class_index(class_name) if class_name is not None else pred.index
+    x = prep.normalize(prep.from_pil(up.image)[None])  # what predict() fed the model
+    _, cam = clf.backend.logits_and_cam(x)
+    raw = cam[0, 0] * (1.0 if idx == 1 else -1.0) if cam.shape[1] == 1 else cam[0, idx]
+    width, height = up.image.size
+    heat = normalize_heat(upsample_to_original(torch.from_numpy(np.ascontiguousarray(raw)), prep, width, height))
+    return pred, clf.classes[idx], heat
+
+
+# ----------------------------------------------------------------------------- app
+def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | None = None) -> FastAPI:
+    """Build the app for a bundle path, an ONNX path or an already loaded ``Classifier``.
+
+    ``max_pixels`` defaults to the bundle's own pixel limit (decompression bombs -> 413).
+    """
+    from fastapi_offline import FastAPIOffline
+
+    clf, source, kind = _load_classifier(model)
+    prep = clf.preprocessing
+    state = ServeState(clf, source, kind, max_upload_bytes=int(max_upload_mb * MB),
+                       max_pixels=int(max_pixels or prep.max_pixels))
+    app = FastAPIOffline(
+        title="convlens",
+        version=__version__,
+        description=(f"Image classifier ({', '.join(clf.classes)}) served by convlens. Upload an image as "
+                     "multipart/form-data field `file`."),
+    )
+    app.state.serve = state
+    if state.explain_methods:
+        # Import the overlay's colour maps now, not during the first /explain request.
+        from matplotlib import colormaps
+
+        from convlens.explain.figures import overlay  # noqa: F401
+
+        colormaps["jet"]
+        if kind == "onnx":
+            # ONNX maps use explain.cam's geometry (torch): import it at start-up, when present.
+            with contextlib.suppress(ImportError):
+                import convlens.explain.cam  # noqa: F401
+    app.add_middleware(BodyLimit, max_bytes=state.max_upload_bytes)
+
+    # ---- errors: every one is JSON with a message --------------------------------------
+    @app.exception_handler(ImageError)
+    async def _image_error(request: Request, exc: ImageError) -> JSONResponse:
+        state.errors += 1
+        return error_response(STATUS_BY_KIND.get(exc.kind, 400), exc.kind, f"{Path(exc.path).name}: {exc.message}")
+
+    @app.exception_handler(UserError)
+    async def _user_error(request: Request, exc: UserError) -> JSONResponse:
+        state.errors += 1
+        return error_response(400, "bad_request", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        state.errors += 1
+        ctype = request.headers.get("content-type", "")
+        if request.method == "POST" and not ctype.lower().startswith("multipart/form-data"):
+            return error_response(415, "unsupported_media_type",
+                                  f"send the image as multipart/form-data with the field 'file'. "
+                                  f"Received: Content-Type {ctype or '(none)'!r}")
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(422, "invalid_request", f"{where or 'request'}: {first.get('msg', 'invalid')}"
+                              + ("; send the image as the multipart field 'file'" if where == "file" else ""))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code >= 400:
+            state.errors += 1
+        msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in msg:
+            msg = "the multipart body could not be parsed; send the image as multipart/form-data field 'file'"
+        return error_response(exc.status_code, {404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"), msg, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - a bug
+        state.errors += 1
+        return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
+
+    # ---- page ---------------------------------------------------------------------------
+    static = resources.files("convlens.serve") / "static"
+    page = (static / "index.html").read_text(encoding="utf-8")
+    app.mount("/static", StaticFiles(packages=[("convlens.serve", "static")]), name="static")
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if request.url.path == "/" or request.url.path.startswith("/static/"):
+            response.headers["Content-Security-Policy"] = PAGE_CSP
+        return response
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    # ---- API ----------------------------------------------------------------------------
+    @app.get("/health", tags=["service"], summary="Liveness: the model is loaded and answering")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": Path(state.source).name, "uptime_s": round(time.time() - state.started, 1),
+                "requests": state.requests, "errors": state.errors}
+
+    @app.get("/model", tags=["service"], summary="The served model: classes, input, metrics, versions")
+    def model_info() -> dict[str, Any]:
+        meta = state.meta
+        p = meta.preprocessing
+        backend = state.classifier.backend
+        return {
+            "source": Path(state.source).name, "format": state.kind,
+            "int8": bool(getattr(backend, "int8", False)),
+            "classes": list(meta.classes), "num_classes": meta.num_classes,
+            "input_size": {"height": p.size[0], "width": p.size[1], "channels": p.channels},
+            "preprocessing": p.to_dict(), "output_activation": meta.output_activation,
+            "threshold": meta.threshold, "arch": meta.arch.get("name") or "layers",
+            "metrics": meta.metrics, "versions": meta.versions, "created": meta.created,
+            "convlens_version": __version__, "explain_methods": state.explain_methods,
+            "max_upload_bytes": state.max_upload_bytes, "max_pixels": state.max_pixels,
+        }
+
+    @app.post("/predict", tags=["model"], summary="Classify one image",
+              responses={400: {"description": "empty, truncated or corrupt image"},
+                         413: {"description": "upload or pixel count over the limit"},
+                         415: {"description": "not an image, or not a multipart upload"}})
+    def predict(file: UploadFile = File(..., description="the image (JPEG, PNG, WebP, BMP, GIF, TIFF)")) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        up = read_upload(file, state)
+        t1 = time.perf_counter()
+        with state.lock:
+            pred = state.classifier.predict(up.image)[0]
+            state.requests += 1
+        t2 = time.perf_counter()
+        return {**_prediction_json(pred), "filename": up.name,
+                "image": {"width": up.width, "height": up.height, "format": up.format, "bytes": up.size_bytes},
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+                "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
+
+    @app.post("/explain", tags=["model"], summary="Classify one image and draw its class activation map",
+              responses={400: {"description": "bad image, unknown class or method"},
+                         413: {"description": "upload or pixel count over the limit"},
+                         415: {"description": "not an image, or not a multipart upload"}})
+    def explain(file: UploadFile = File(..., description="the image"),
+                method: str | None = Query(None, description="cam, gradcam or gradcam++ (default: cam when the model allows it)"),
+                class_name: str | None = Query(None, alias="class", description="class to explain (default: the predicted one)"),
+                ) -> dict[str, Any]:
+        from convlens.explain.figures import overlay
+
+        t0 = time.perf_counter()
+        methods = state.explain_methods
+        method = method or (methods[0] if methods else "cam")
+        if method not in EXPLAIN_METHODS:
+            raise UserError(f"method must be one of {', '.join(EXPLAIN_METHODS)}. Received: method={method!r}")
+        if method not in methods:
+            raise UserError(f"this {state.kind} model cannot draw {method!r} maps"
+                            + (f" (available: {', '.join(methods)})" if methods else
+                               "; its head is not global-average-pool + dense, serve the .convlens bundle instead"))
+        up = read_upload(file, state)
+        t1 = time.perf_counter()
+        with state.lock:
+            if state.kind == "onnx":
+                pred, explained, heat = _onnx_explanation(state, up, class_name)
+            else:
+                e = state.classifier.explanations(up.image, method=method, class_name=class_name)[0]
+                pred = state.classifier.predict(up.image)[0]
+                explained, heat = e.explained, e.heat
+            state.requests += 1
+        t2 = time.perf_counter()
+        shown = display_image(up, state)
+        png = png_base64(overlay(shown, heat))
+        return {**_prediction_json(pred), "filename": up.name, "method": method, "explained": explained,
+                "overlay_png": png, "overlay_size": {"width": shown.shape[1], "height": shown.shape[0]},
+                "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+                "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
+
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory`` / multi-worker serving: reads the model from the
+    environment set by :func:`convlens.serve.serve_command`."""
+    model = os.environ.get(ENV_MODEL)
+    if not model:
+        raise UserError(f"{ENV_MODEL} is not set; start the server with `convlens serve MODEL`")
+    app = create_app(model, max_upload_mb=float(os.environ.get(ENV_MAX_UPLOAD_MB, "10")))
+    workers = max(1, int(os.environ.get(ENV_WORKERS, "1")))
+    if workers > 1 and "torch" in sys.modules:
+        # N processes each using every core would fight over them: share the cores out.
+        sys.modules["torch"].set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    return app
