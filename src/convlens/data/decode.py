@@ -133,15 +133,11 @@ def _decode_opened(
     if info.frames > 1:
         info.warnings.append("animated")
         img.seek(0)
-    try:
-        info.orientation = int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block only means "no orientation"
-        info.orientation = 1
-    if info.orientation not in range(1, 9):
-        info.orientation = 1
-    if info.orientation != 1:
-        info.warnings.append("exif")
-
+    # Before load() (TIFF applies and drops its orientation while loading), except for PNG:
+    # its getexif() loads the pixels itself, and the broken-EXIF handler would then swallow
+    # a corrupt image stream (a later load() does not raise again).
+    if fmt != "PNG":
+        _read_orientation(img, info)
     if draft_size and fmt in ("JPEG", "MPO"):
         # Square-safe request: whatever the EXIF rotation, both sides stay >= the target.
         side = max(draft_size)
@@ -155,6 +151,9 @@ def _decode_opened(
     except (SyntaxError, ValueError, IndexError, EOFError, TypeError) as e:
         raise ImageError(name, "corrupt", f"corrupt image data ({e})") from e
 
+    if fmt == "PNG":
+        _read_orientation(img, info)
+
     if info.orientation != 1:
         img = ImageOps.exif_transpose(img)
     mode = img.mode
@@ -162,6 +161,17 @@ def _decode_opened(
     if mode != "RGB":
         info.warnings.append("mode")
     return to_rgb(img, keep_gray=keep_gray and info.grayscale), info
+
+
+def _read_orientation(img: Image.Image, info: ImageInfo) -> None:
+    try:
+        info.orientation = int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block only means "no orientation"
+        info.orientation = 1
+    if info.orientation not in range(1, 9):
+        info.orientation = 1
+    if info.orientation != 1:
+        info.warnings.append("exif")
 
 
 def _palette_is_gray(img: Image.Image) -> bool:

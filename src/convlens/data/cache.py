@@ -1,0 +1,392 @@
+"""Decode-once cache: every usable image decoded, EXIF-upright, resized and stored as uint8 in a
+memory-mapped ``.npy`` with a JSON index.
+
+Layout under the cache folder (default :func:`default_cache_dir`)::
+
+    <dataset-key>/files.json            what decoding learned about each file (size, mtime, hash,
+                                        usable or not, grayscale, warnings)
+    <dataset-key>/px-<params-key>/index.json     relative path -> row, and the array's name
+    <dataset-key>/px-<params-key>/images-<id>.npy  uint8 N x H x W x C
+
+A file is identified by its relative path, size and mtime; the pixel array by the
+preprocessing parameters (size, resize policy, channels, interpolation, Pillow version). A
+changed file is decoded again, a changed setting gets its own array, and nothing else is
+decoded twice. The index is the commit point: it is written atomically after the array is
+complete, so a kill at any moment leaves the previous cache usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL
+
+from convlens import io as cio
+from convlens.data.check import FileRecord, inspect_file, record_dict
+from convlens.data.decode import DEFAULT_MAX_PIXELS
+from convlens.data.parallel import pmap
+from convlens.data.preprocess import Preprocessing
+from convlens.data.scan import ImageEntry
+from convlens.errors import DataError
+
+CACHE_VERSION = 1
+COPY_CHUNK = 256  # rows copied per step: keeps memory flat however large the dataset
+
+
+def default_cache_dir() -> Path:
+    """``$CONVLENS_CACHE_DIR``, else the platform's user cache folder + ``convlens``
+    (``$XDG_CACHE_HOME/convlens`` or ``~/.cache/convlens`` on Linux)."""
+    env = os.environ.get("CONVLENS_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "convlens"
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "convlens" / "Cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "convlens"
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_cache_dir(cache_root: Path, dataset_root: Path) -> Path:
+    """Where one dataset's cache lives: a readable name plus a hash of its absolute path."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset_root.name)[:40] or "dataset"
+    return cache_root / f"{safe}-{_key(str(dataset_root))}"
+
+
+def pixel_params(prep: Preprocessing) -> dict[str, Any]:
+    """What the cached pixels depend on."""
+    return {"version": CACHE_VERSION, "size": list(prep.size), "resize": prep.resize,
+            "interpolation": prep.interpolation, "channels": prep.channels, "pillow": PIL.__version__}
+
+
+class CachedImages:
+    """An ``N x H x W x C`` uint8 array-like over selected rows of the memory-mapped cache.
+
+    Indexing reads only the rows asked for (``images[idx]`` returns a NumPy array), so memory
+    stays flat however large the dataset is.
+    """
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray) -> None:
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        # Always a private, writable copy: callers (torch.from_numpy, in-place augmentation)
+        # must never alias the read-only memory map.
+        if isinstance(idx, (int, np.integer)):
+            return np.array(self.array[self.rows[idx]])
+        r = self.rows[idx]
+        if len(r) and np.all(np.diff(r) == 1):  # contiguous: a plain slice, no fancy indexing
+            return np.array(self.array[r[0]:r[-1] + 1])
+        return np.asarray(self.array[r])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[np.arange(len(self.rows))] if len(self.rows) else np.empty(self.shape, np.uint8)
+        return out.astype(dtype) if dtype is not None else out
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+@dataclass
+class CacheResult:
+    """A built cache: the memory-mapped array and where each usable file lives in it."""
+
+    array: np.ndarray  # np.memmap, N x H x W x C uint8
+    rows: dict[str, int]  # relative path -> row (usable files only)
+    records: dict[str, FileRecord]  # every entry, usable or not
+    channels: int
+    path: Path
+    decoded: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def images(self, rels: list[str]) -> CachedImages:
+        return CachedImages(self.array, np.array([self.rows[r] for r in rels], dtype=np.int64))
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise builders of one dataset's cache (e.g. several processes of one launch)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; builds are still atomic
+        yield
+        return
+    with open(directory / ".lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # missing or damaged: rebuilt, never fatal
+
+
+def _cache_worker(params: dict[str, Any], item: tuple[int, str, str]) -> tuple[int, FileRecord, np.ndarray | None]:
+    """Inspect one file and, if usable, return its resized uint8 pixels.
+
+    ``mode`` 0 (auto) keeps grayscale images single-channel; 1 or 3 force the channel count,
+    exactly as ``Preprocessing(channels=...).load`` would.
+    """
+    i, path, rel = item
+    h, w = params["size"]
+    mode = params["mode"]
+    rec, img = inspect_file(Path(path), rel, max_pixels=params["max_pixels"], min_side=params["min_side"],
+                            draft_size=(w, h), keep_gray=mode != 3)
+    if img is None:
+        return i, rec, None
+    channels = mode or (1 if rec.grayscale else 3)
+    prep = Preprocessing(size=(h, w), channels=channels, resize=params["resize"],
+                         interpolation=params["interpolation"])
+    arr = prep.from_pil(img)
+    img.close()
+    return i, rec, arr
+
+
+def _stat(entries: list[ImageEntry]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for e in entries:
+        try:
+            st = os.stat(e.path)
+            out[e.rel] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[e.rel] = (-1, -1)  # unreadable: decoding reports it
+    return out
+
+
+def _cleanup_stale(px_dir: Path, keep: set[str]) -> None:
+    """Remove our own leftovers (temp files of a killed build, arrays no index points to)."""
+    if not px_dir.is_dir():
+        return
+    for p in px_dir.iterdir():
+        if (p.name.startswith("images-") and p.suffix == ".npy" and p.name not in keep) or p.name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[int, int],
+                resize: str = "squash", interpolation: str = "bilinear", channels: int = 0,
+                max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 8,
+                cache_dir: str | os.PathLike[str] | None = None, workers: int = 0,
+                progress: bool = True) -> CacheResult:
+    """Decode what is not cached yet and return the memory-mapped cache of ``entries``.
+
+    ``channels`` 0 means 1 when every usable image is grayscale, else 3.
+    """
+    if channels not in (0, 1, 3):
+        raise DataError(f"channels must be 0 (auto), 1 or 3. Received: channels={channels}")
+    t0 = time.perf_counter()
+    cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache_root = cache_root.resolve()
+    dataset_root = Path(dataset_root).resolve()
+    if cache_root == dataset_root or dataset_root in cache_root.parents:
+        raise DataError(f"the cache folder must be outside the dataset folder {dataset_root}. Received: cache_dir={str(cache_root)!r}")
+    dcache = dataset_cache_dir(cache_root, dataset_root)
+    try:
+        with _locked(dcache):
+            return _build_locked(entries, dcache, size=size, resize=resize, interpolation=interpolation,
+                                 channels=channels, max_pixels=max_pixels, min_side=min_side,
+                                 workers=workers, progress=progress, t0=t0)
+    except PermissionError as e:
+        raise DataError(f"cannot write the image cache ({e.strerror}); pass a writable --cache-dir. "
+                        f"Received: cache_dir={str(cache_root)!r}") from e
+
+
+def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int], resize: str,
+                  interpolation: str, channels: int, max_pixels: int, min_side: int, workers: int,
+                  progress: bool, t0: float) -> CacheResult:
+    h, w = size
+    stats = _stat(entries)
+    check_params = {"max_pixels": max_pixels, "min_side": min_side, "version": CACHE_VERSION}
+    files_json = dcache / "files.json"
+    old_files = _read_json(files_json) or {}
+    old_recs = old_files.get("files", {}) if old_files.get("check") == check_params else {}
+    records: dict[str, FileRecord] = {}
+    for e in entries:
+        d = old_recs.get(e.rel)
+        if d and (d.get("size"), d.get("mtime_ns")) == stats[e.rel]:
+            records[e.rel] = FileRecord.from_dict(d)
+    unknown = [e for e in entries if e.rel not in records]
+    known_usable = [r for r in records.values() if r.usable]
+
+    # Channels: decided now when possible; otherwise guessed and confirmed after decoding.
+    resolved: int | None = channels or None
+    if resolved is None:
+        if any(not r.grayscale for r in known_usable):
+            resolved = 3
+        elif not unknown:
+            resolved = 1 if known_usable else 3
+    guess = resolved or (1 if known_usable else 3)
+
+    prep = Preprocessing(size=(h, w), channels=guess, resize=resize, interpolation=interpolation)
+    params = pixel_params(prep)
+    px_dir = dcache / f"px-{_key(params)}"
+    index_path = px_dir / "index.json"
+    old_index = _read_json(index_path) or {}
+    old_array: np.ndarray | None = None
+    reuse: dict[str, int] = {}
+    if old_index.get("params") == params and (px_dir / str(old_index.get("array", ""))).is_file():
+        try:
+            old_array = np.load(px_dir / old_index["array"], mmap_mode="r")
+        except (OSError, ValueError):
+            old_array = None
+        if old_array is not None:
+            for rel, (row, sz, mt) in old_index.get("files", {}).items():
+                if rel in records and records[rel].usable and (sz, mt) == stats.get(rel) and row < len(old_array):
+                    reuse[rel] = row
+    todo = unknown + [e for e in entries if e.rel in records and records[e.rel].usable and e.rel not in reuse]
+
+    if not todo and old_array is not None:
+        # Nothing to decode: keep the existing array; rewrite the index only if files went away.
+        rows = {rel: reuse[rel] for rel in sorted(reuse)}
+        if set(rows) != set(old_index.get("files", {})):
+            _write_index(index_path, params, old_index["array"], old_array.shape, rows, stats)
+        _write_files_json(files_json, check_params, records, entries)
+        return CacheResult(array=old_array, rows=rows, records=records, channels=guess,
+                           path=px_dir / old_index["array"], decoded=0, reused=len(rows),
+                           seconds=time.perf_counter() - t0)
+
+    # New array: one row per file that is (or may be) usable; unusable ones leave unused rows.
+    candidates = sorted({e.rel for e in todo} | set(reuse))
+    row_of = {rel: i for i, rel in enumerate(candidates)}
+    px_dir.mkdir(parents=True, exist_ok=True)
+    _cleanup_stale(px_dir, keep={str(old_index.get("array", ""))})
+    name = f"images-{uuid.uuid4().hex[:12]}.npy"
+    tmp = px_dir / f".{name}.tmp"
+    shape = (len(candidates), h, w, guess)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+        if reuse and old_array is not None:
+            pairs = sorted((row_of[rel], row) for rel, row in reuse.items())
+            for k in range(0, len(pairs), COPY_CHUNK):
+                chunk = np.array(pairs[k:k + COPY_CHUNK])
+                out[chunk[:, 0]] = old_array[chunk[:, 1]]
+        wparams = {"size": (h, w), "mode": resolved or 0, "resize": resize, "interpolation": interpolation,
+                   "max_pixels": max_pixels, "min_side": min_side}
+        items = [(i, str(e.path), e.rel) for i, e in enumerate(todo)]
+        fn = functools.partial(_cache_worker, wparams)
+        mismatch = False
+        for i, rec, arr in pmap(fn, items, workers=workers, progress=progress, description="caching images"):
+            e = todo[i]
+            rec.class_name, rec.subset = e.class_name, e.subset
+            records[e.rel] = rec
+            if arr is None:
+                continue
+            if arr.shape[2] == guess or arr.shape[2] == 1:
+                out[row_of[e.rel]] = arr
+            else:
+                mismatch = True  # a colour image in what looked like a grayscale dataset
+        out.flush()
+        del out
+        usable = [rel for rel in candidates if records[rel].usable]
+        final_channels = resolved or (1 if usable and all(records[r].grayscale for r in usable) else 3)
+        if mismatch or final_channels > guess:
+            # Rare: a grayscale dataset gained a colour image. Start again with channels known.
+            tmp.unlink()
+            _write_files_json(files_json, check_params, records, entries)
+            return _build_locked(entries, dcache, size=size, resize=resize, interpolation=interpolation,
+                                 channels=3, max_pixels=max_pixels, min_side=min_side, workers=workers,
+                                 progress=progress, t0=t0)
+        if final_channels < guess:
+            # First build of a grayscale dataset: keep one channel (all three are equal).
+            tmp = _keep_first_channel(tmp, px_dir)
+            provisional_dir = px_dir
+            prep = Preprocessing(size=(h, w), channels=1, resize=resize, interpolation=interpolation)
+            params = pixel_params(prep)
+            px_dir = dcache / f"px-{_key(params)}"
+            index_path = px_dir / "index.json"
+            px_dir.mkdir(parents=True, exist_ok=True)
+            _cleanup_stale(px_dir, keep=set())
+        final = px_dir / name
+        os.replace(tmp, final)
+        if final_channels < guess:
+            with contextlib.suppress(OSError):
+                provisional_dir.rmdir()  # the provisional 3-channel folder, now empty
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    array = np.load(final, mmap_mode="r")
+    rows = {rel: row_of[rel] for rel in candidates if records[rel].usable}
+    _write_index(index_path, params, name, array.shape, rows, stats)
+    _write_files_json(files_json, check_params, records, entries)
+    _cleanup_stale(px_dir, keep={name})
+    return CacheResult(array=array, rows=rows, records=records, channels=final_channels, path=final,
+                       decoded=len(todo), reused=len(reuse), seconds=time.perf_counter() - t0)
+
+
+def _keep_first_channel(src: Path, px_dir: Path) -> Path:
+    a = np.load(src, mmap_mode="r")
+    dst = px_dir / f".{uuid.uuid4().hex[:12]}.gray.tmp"
+    b = np.lib.format.open_memmap(dst, mode="w+", dtype=np.uint8, shape=(*a.shape[:3], 1))
+    for k in range(0, len(a), COPY_CHUNK):
+        b[k:k + COPY_CHUNK] = a[k:k + COPY_CHUNK, :, :, :1]
+    b.flush()
+    del a, b
+    src.unlink()
+    return dst
+
+
+def _write_index(path: Path, params: dict[str, Any], array_name: str, shape: tuple[int, ...],
+                 rows: dict[str, int], stats: dict[str, tuple[int, int]]) -> None:
+    cio.write_json(path, {"params": params, "array": array_name, "shape": list(shape),
+                          "files": {rel: [row, *stats[rel]] for rel, row in rows.items()}})
+
+
+def _write_files_json(path: Path, check_params: dict[str, Any], records: dict[str, FileRecord],
+                      entries: list[ImageEntry]) -> None:
+    data = {"check": check_params, "files": {e.rel: record_dict(records[e.rel]) for e in entries if e.rel in records}}
+    cio.write_text(path, json.dumps(data, separators=(",", ":")))
+
+
+def human_bytes(n: float) -> str:
+    """``123456789`` -> ``'117.7 MB'``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"

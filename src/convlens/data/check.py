@@ -1,0 +1,548 @@
+"""``convlens check``: fully decode every image, report problems by kind, quarantine with undo.
+
+Each file goes through :func:`convlens.data.decode.decode`, the decoder training uses, so
+"usable" here means "training will read it". Nothing in the dataset is ever changed: only
+``--quarantine`` moves the unusable files out (never overwriting anything), with a manifest
+that ``--undo`` uses to move them back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import functools
+import hashlib
+import json
+import os
+import shlex
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convlens import io as cio
+from convlens.data.decode import DEFAULT_MAX_PIXELS, ImageInfo, decode
+from convlens.data.parallel import pmap, resolve_workers
+from convlens.data.scan import DatasetIndex, ImageEntry, scan
+from convlens.errors import ConfigError, DataError, ImageError
+
+MANIFEST_NAME = "convlens-quarantine.json"
+IMBALANCE_LIMIT = 5.0  # largest / smallest class above this is reported as a problem
+NEAR_DUPLICATE_BITS = 6  # perceptual-hash Hamming distance (of 64 bits) counted as "near"
+SHOW = 10  # file names shown per row in the terminal (the JSON report has all of them)
+
+UNUSABLE_TEXT = {
+    "zero_bytes": "empty file (0 bytes)",
+    "not_image": "not an image",
+    "truncated": "truncated image data",
+    "corrupt": "corrupt image data",
+    "unsupported": "unsupported format",
+    "too_large": "over the pixel limit",
+    "too_small": "smaller than the minimum side",
+    "unreadable": "cannot be read",
+}
+WARNING_TEXT = {
+    "ext_mismatch": "extension does not match the content",
+    "mode": "non-RGB mode, converted",
+    "exif": "EXIF orientation applied",
+    "animated": "animated, first frame used",
+}
+
+
+# ----------------------------------------------------------------------------- per file
+@dataclass
+class FileRecord:
+    """What decoding one file found. ``status`` is ``ok``, ``warning`` or ``unusable``."""
+
+    rel: str
+    class_name: str = ""
+    subset: str | None = None
+    size: int = 0
+    mtime_ns: int = 0
+    status: str = "ok"
+    kind: str = ""  # the ImageError kind when unusable
+    message: str = ""
+    warnings: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)  # one readable line per warning
+    sha256: str = ""
+    phash: str = ""
+    grayscale: bool = False
+    format: str = ""
+    mode: str = ""
+    width: int = 0
+    height: int = 0
+    frames: int = 1
+
+    @property
+    def usable(self) -> bool:
+        return self.status != "unusable"
+
+    def to_error(self, root: Path) -> ImageError:
+        return ImageError(root / self.rel, self.kind, self.message)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileRecord:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Content hash used for exact-duplicate detection."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(functools.partial(f.read, 1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _warning_details(info: ImageInfo, rel: str) -> list[str]:
+    out = []
+    for w in info.warnings:
+        if w == "ext_mismatch":
+            out.append(f"content is {info.format} but the name ends in {Path(rel).suffix or '(none)'}")
+        elif w == "mode":
+            out.append(f"mode {info.mode} is converted to {'L' if info.grayscale else 'RGB'}")
+        elif w == "exif":
+            out.append(f"EXIF orientation {info.orientation} is applied (turned upright)")
+        elif w == "animated":
+            out.append(f"animated ({info.frames} frames): the first frame is used")
+    return out
+
+
+def inspect_file(path: Path, rel: str, *, max_pixels: int, min_side: int,
+                 draft_size: tuple[int, int] | None = None, keep_gray: bool = False,
+                 want_phash: bool = False) -> tuple[FileRecord, Any]:
+    """Hash and fully decode one file. Returns its record and the decoded image (``None`` when
+    unusable). Never raises for a bad image."""
+    rec = FileRecord(rel=rel)
+    try:
+        st = os.stat(path)
+        rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
+        rec.sha256 = file_sha256(path)
+        img, info = decode(path, max_pixels=max_pixels, min_side=min_side, draft_size=draft_size,
+                           keep_gray=keep_gray)
+    except ImageError as e:
+        rec.status, rec.kind, rec.message = "unusable", e.kind, e.message
+        return rec, None
+    except OSError as e:  # stat/read failures (permissions, a file that vanished)
+        rec.status, rec.kind, rec.message = "unusable", "unreadable", f"cannot read file ({e.strerror or e})"
+        return rec, None
+    rec.format, rec.mode, rec.width, rec.height = info.format, info.mode, info.width, info.height
+    rec.frames, rec.grayscale = info.frames, info.grayscale
+    rec.warnings = list(info.warnings)
+    rec.details = _warning_details(info, rel)
+    rec.status = "warning" if rec.warnings else "ok"
+    if want_phash:
+        import imagehash
+
+        rec.phash = str(imagehash.phash(img))
+    return rec, img
+
+
+def _check_worker(params: dict[str, Any], item: tuple[int, str, str]) -> tuple[int, FileRecord]:
+    i, path, rel = item
+    rec, img = inspect_file(Path(path), rel, **params)
+    if img is not None:
+        img.close()
+    return i, rec
+
+
+def inspect_entries(entries: list[ImageEntry], *, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    min_side: int = 8, near_duplicates: bool = False, progress: bool = True) -> list[FileRecord]:
+    """Fully decode every entry (in parallel) and return their records in entry order."""
+    params = {"max_pixels": max_pixels, "min_side": min_side, "want_phash": near_duplicates}
+    items = [(i, str(e.path), e.rel) for i, e in enumerate(entries)]
+    records: list[FileRecord | None] = [None] * len(entries)
+    fn = functools.partial(_check_worker, params)
+    for i, rec in pmap(fn, items, workers=workers, progress=progress, description="checking images"):
+        rec.class_name, rec.subset = entries[i].class_name, entries[i].subset
+        records[i] = rec
+    return [r for r in records if r is not None]
+
+
+# ----------------------------------------------------------------------------- report
+@dataclass
+class CheckReport:
+    """Everything ``convlens check`` found; :meth:`to_dict` is the ``--json`` format."""
+
+    root: Path
+    layout: str
+    classes: list[str]
+    records: list[FileRecord]
+    ignored: list[str] = field(default_factory=list)
+    loose: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    near_duplicates: list[list[str]] | None = None
+
+    @property
+    def unusable(self) -> list[FileRecord]:
+        return [r for r in self.records if r.status == "unusable"]
+
+    @property
+    def warned(self) -> list[FileRecord]:
+        return [r for r in self.records if r.status == "warning"]
+
+    def class_counts(self) -> dict[str, int]:
+        """Usable images per class."""
+        c = Counter(r.class_name for r in self.records if r.usable)
+        return {k: c.get(k, 0) for k in self.classes}
+
+    def duplicates(self) -> list[dict[str, Any]]:
+        """Groups of usable files with identical content, with label conflicts and leakage."""
+        groups: dict[str, list[FileRecord]] = defaultdict(list)
+        for r in self.records:
+            if r.usable and r.sha256:
+                groups[r.sha256].append(r)
+        out = []
+        for sha, rs in groups.items():
+            if len(rs) < 2:
+                continue
+            classes = sorted({r.class_name for r in rs})
+            subsets = sorted({r.subset for r in rs if r.subset})
+            out.append({"sha256": sha, "paths": [r.rel for r in rs], "classes": classes,
+                        "label_conflict": len(classes) > 1, "split_leak": len(subsets) > 1})
+        return sorted(out, key=lambda g: g["paths"][0])
+
+    def class_problems(self) -> dict[str, Any]:
+        counts = self.class_counts()
+        nonzero = [v for v in counts.values() if v > 0]
+        ratio = (max(nonzero) / min(nonzero)) if len(nonzero) >= 2 else 1.0
+        return {
+            "empty": [k for k, v in counts.items() if v == 0],
+            "single": [k for k, v in counts.items() if v == 1],
+            "too_few_classes": len(nonzero) < 2,
+            "imbalance_ratio": round(ratio, 3),
+            "imbalanced": ratio > IMBALANCE_LIMIT,
+        }
+
+    @property
+    def has_problems(self) -> bool:
+        cp = self.class_problems()
+        return bool(self.unusable or self.duplicates() or self.near_duplicates or cp["empty"]
+                    or cp["single"] or cp["too_few_classes"] or cp["imbalanced"])
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.has_problems else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        by_kind: dict[str, list[dict[str, str]]] = defaultdict(list)
+        for r in self.unusable:
+            by_kind[r.kind].append({"path": r.rel, "message": r.message})
+        warn_kind: dict[str, list[dict[str, str]]] = defaultdict(list)
+        for r in self.warned:
+            for w, d in zip(r.warnings, r.details, strict=False):
+                warn_kind[w].append({"path": r.rel, "detail": d})
+        return {
+            "root": str(self.root),
+            "layout": self.layout,
+            "params": self.params,
+            "summary": {"files": len(self.records), "usable": sum(r.usable for r in self.records),
+                        "with_warnings": len(self.warned), "unusable": len(self.unusable),
+                        "ignored": len(self.ignored)},
+            "classes": self.class_counts(),
+            "unusable": dict(sorted(by_kind.items())),
+            "warnings": dict(sorted(warn_kind.items())),
+            "duplicates": self.duplicates(),
+            "near_duplicates": self.near_duplicates,
+            "class_problems": self.class_problems(),
+            "ignored": self.ignored,
+            "outside_class_folders": self.loose,
+            "exit_code": self.exit_code,
+        }
+
+
+def _near_duplicate_groups(records: list[FileRecord], max_bits: int = NEAR_DUPLICATE_BITS) -> list[list[str]]:
+    """Groups of usable files whose perceptual hashes differ in at most ``max_bits`` bits,
+    excluding groups that are only exact copies (reported as duplicates already)."""
+    rs = [r for r in records if r.usable and r.phash]
+    if len(rs) < 2:
+        return []
+    h = np.array([int(r.phash, 16) for r in rs], dtype=np.uint64)
+    parent = list(range(len(rs)))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for i in range(len(rs) - 1):  # vectorised over j: 25k images take seconds, not hours
+        dist = np.bitwise_count(h[i] ^ h[i + 1:])
+        for j in np.nonzero(dist <= max_bits)[0]:
+            parent[find(i + 1 + int(j))] = find(i)
+    groups: dict[int, list[FileRecord]] = defaultdict(list)
+    for i, r in enumerate(rs):
+        groups[find(i)].append(r)
+    return sorted(([r.rel for r in g] for g in groups.values()
+                   if len(g) > 1 and len({r.sha256 for r in g}) > 1), key=lambda g: g[0])
+
+
+def _check_args(workers: int, max_pixels: int, min_side: int) -> None:
+    resolve_workers(workers)
+    if max_pixels < 1:
+        raise ConfigError(f"max_pixels must be a positive number of pixels. Received: max_pixels={max_pixels}")
+    if min_side < 1:
+        raise ConfigError(f"min_side must be at least 1 pixel. Received: min_side={min_side}")
+
+
+def check_dataset(root: str | os.PathLike[str], *, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+                  min_side: int = 8, near_duplicates: bool = False, progress: bool = True,
+                  index: DatasetIndex | None = None) -> CheckReport:
+    """Scan and fully decode a dataset folder; return the report (prints nothing)."""
+    _check_args(workers, max_pixels, min_side)
+    index = index or scan(root)
+    records = inspect_entries(index.entries, workers=workers, max_pixels=max_pixels, min_side=min_side,
+                              near_duplicates=near_duplicates, progress=progress)
+    report = CheckReport(root=index.root, layout=index.layout, classes=index.classes, records=records,
+                         ignored=index.ignored, loose=index.loose,
+                         params={"max_pixels": max_pixels, "min_side": min_side})
+    if near_duplicates:
+        report.near_duplicates = _near_duplicate_groups(records)
+    return report
+
+
+# ----------------------------------------------------------------------------- printing
+def _names(paths: list[str]) -> str:
+    shown = ", ".join(paths[:SHOW])
+    return shown + (f", ... (+{len(paths) - SHOW} more)" if len(paths) > SHOW else "")
+
+
+def print_report(report: CheckReport, console: Any = None) -> None:
+    """Render the report as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    d = report.to_dict()
+    s = d["summary"]
+    console.print(f"[bold]{report.root}[/bold] ({report.layout} layout): {s['files']} files, "
+                  f"{s['usable']} usable, {s['with_warnings']} with warnings, {s['unusable']} unusable"
+                  + (f", {s['ignored']} non-image files ignored" if s["ignored"] else ""))
+
+    t = Table(title="Classes (usable images)", title_justify="left")
+    t.add_column("class")
+    t.add_column("images", justify="right")
+    for k, v in d["classes"].items():
+        t.add_row(k, str(v))
+    console.print(t)
+
+    t = Table(title="Findings", title_justify="left", show_lines=False)
+    t.add_column("severity")
+    t.add_column("kind")
+    t.add_column("files", justify="right")
+    t.add_column("names", overflow="fold")
+    for kind, items in d["unusable"].items():
+        t.add_row("[red]unusable[/red]", UNUSABLE_TEXT.get(kind, kind), str(len(items)),
+                  _names([i["path"] for i in items]))
+    for kind, items in d["warnings"].items():
+        t.add_row("[yellow]warning[/yellow]", WARNING_TEXT.get(kind, kind), str(len(items)),
+                  _names([i["path"] for i in items]))
+    dups = d["duplicates"]
+    conflicts = [g for g in dups if g["label_conflict"]]
+    same = [g for g in dups if not g["label_conflict"]]
+    if same:
+        t.add_row("[red]dataset[/red]", "exact duplicates within a class", str(sum(len(g["paths"]) for g in same)),
+                  _names([" = ".join(g["paths"]) for g in same]))
+    if conflicts:
+        t.add_row("[red]dataset[/red]", "same image in different classes (label conflict)",
+                  str(sum(len(g["paths"]) for g in conflicts)), _names([" = ".join(g["paths"]) for g in conflicts]))
+    leaks = [g for g in dups if g["split_leak"]]
+    if leaks:
+        t.add_row("[red]dataset[/red]", "same image in train and validation/test (leak)",
+                  str(sum(len(g["paths"]) for g in leaks)), _names([" = ".join(g["paths"]) for g in leaks]))
+    if d["near_duplicates"]:
+        t.add_row("[red]dataset[/red]", "near duplicates (perceptual hash)",
+                  str(sum(len(g) for g in d["near_duplicates"])), _names([" ~ ".join(g) for g in d["near_duplicates"]]))
+    cp = d["class_problems"]
+    if cp["empty"]:
+        t.add_row("[red]dataset[/red]", "empty classes", str(len(cp["empty"])), _names(cp["empty"]))
+    if cp["single"]:
+        t.add_row("[red]dataset[/red]", "classes with one image", str(len(cp["single"])), _names(cp["single"]))
+    if cp["too_few_classes"]:
+        t.add_row("[red]dataset[/red]", "fewer than 2 classes with images", "", "a classifier needs at least 2")
+    if cp["imbalanced"]:
+        t.add_row("[red]dataset[/red]", f"class imbalance {cp['imbalance_ratio']:.1f}:1 (over {IMBALANCE_LIMIT:g}:1)",
+                  "", "consider `--class-weights auto`")
+    if d["outside_class_folders"]:
+        t.add_row("[dim]note[/dim]", "files outside class folders (not used)", str(len(d["outside_class_folders"])),
+                  _names(d["outside_class_folders"]))
+    if t.row_count:
+        console.print(t)
+    if report.has_problems:
+        console.print("[red]problems found[/red]" + (f"; move the {s['unusable']} unusable files out with "
+                      "`--quarantine QDIR` (undo with `--undo`)" if s["unusable"] else ""))
+    else:
+        console.print(f"[green]dataset is fine[/green] (class balance {cp['imbalance_ratio']:.2f}:1)")
+
+
+# ----------------------------------------------------------------------------- quarantine
+def _move_no_clobber(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, failing (FileExistsError) rather than replacing an existing file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # atomic and refuses to overwrite; same filesystem only
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # Another filesystem (or no hard links): exclusive-create copy, then remove the source.
+        with open(src, "rb") as fi, open(dst, "xb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 20)
+            fo.flush()
+            os.fsync(fo.fileno())
+        shutil.copystat(src, dst)
+    os.unlink(src)
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def quarantine(report: CheckReport, qdir: str | os.PathLike[str]) -> Path:
+    """Move the report's unusable files into ``qdir`` (keeping relative paths); return the manifest.
+
+    All-or-nothing pre-flight: if any destination already exists nothing is moved.
+    """
+    root = report.root
+    qdir = Path(qdir).expanduser().resolve()
+    if _inside(qdir, root):
+        raise DataError(f"the quarantine folder must be outside the dataset folder {root}. Received: --quarantine {str(qdir)!r}")
+    manifest = qdir / MANIFEST_NAME
+    old: dict[str, Any] = {}
+    if manifest.exists():
+        old = _read_manifest(manifest)
+        if old["dataset"] != str(root):
+            raise DataError(f"{qdir} already holds files quarantined from {old['dataset']}; choose another folder. "
+                            f"Received: --quarantine {str(qdir)!r}")
+    bad = report.unusable
+    clashes = [r.rel for r in bad if (qdir / r.rel).exists() or (qdir / r.rel).is_symlink()]
+    if clashes:
+        raise DataError(f"{len(clashes)} file(s) already exist in the quarantine folder and would be overwritten "
+                        f"(e.g. {clashes[0]}); nothing was moved. Received: --quarantine {str(qdir)!r}")
+    entries = [{"path": r.rel, "kind": r.kind, "message": r.message, "size": r.size, "sha256": r.sha256}
+               for r in bad]
+    data = {
+        "version": 1,
+        "dataset": str(root),
+        "quarantine": str(qdir),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": old.get("files", []) + entries,
+    }
+    # The manifest is written first: if the process dies mid-way, --undo still knows every file.
+    cio.write_json(manifest, data)
+    for r in bad:
+        try:
+            _move_no_clobber(root / r.rel, qdir / r.rel)
+        except FileNotFoundError:
+            continue  # vanished since the check: nothing to move, --undo skips it
+        except PermissionError as e:
+            raise DataError(f"cannot move {r.rel}: permission denied (is the dataset read-only?). "
+                            f"Received: --quarantine {str(qdir)!r}") from e
+    return manifest
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not (isinstance(data, dict) and "dataset" in data and isinstance(data.get("files"), list)):
+            raise ValueError("missing keys")
+    except FileNotFoundError as e:
+        raise DataError(f"quarantine manifest not found. Received: {str(path)!r}") from e
+    except (ValueError, OSError) as e:
+        raise DataError(f"not a convlens quarantine manifest ({e}). Received: {str(path)!r}") from e
+    return data
+
+
+def undo_quarantine(manifest_path: str | os.PathLike[str]) -> list[str]:
+    """Move every quarantined file back to where it was; return their relative paths.
+
+    Refuses (and moves nothing) when any original location is occupied again.
+    """
+    manifest = Path(manifest_path).expanduser()
+    if manifest.is_dir():
+        manifest = manifest / MANIFEST_NAME
+    data = _read_manifest(manifest)
+    root, qdir = Path(data["dataset"]), Path(data.get("quarantine") or manifest.parent)
+    todo = [f for f in data["files"] if (qdir / f["path"]).exists()]
+    clashes = [f["path"] for f in todo if (root / f["path"]).exists()]
+    if clashes:
+        raise DataError(f"{len(clashes)} original location(s) hold a file again (e.g. {clashes[0]}); move them "
+                        f"away first; nothing was restored. Received: --undo {str(manifest)!r}")
+    restored = []
+    for f in todo:
+        _move_no_clobber(qdir / f["path"], root / f["path"])
+        restored.append(f["path"])
+        # Remove now-empty folders we created in the quarantine folder (never anything else).
+        d = (qdir / f["path"]).parent
+        while d != qdir and _inside(d, qdir):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+            d = d.parent
+    data["files"] = []
+    data["restored"] = data.get("restored", []) + restored
+    cio.write_json(manifest, data)
+    return restored
+
+
+# ----------------------------------------------------------------------------- CLI + callers
+def run_check(dir: str | None, json_path: str | None = None, quarantine_dir: str | None = None,
+              undo: str | None = None, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
+              min_side: int = 8, near_duplicates: bool = False, progress: bool = True) -> int:
+    """The ``convlens check`` verb. Returns 0 (fine), 1 (problems found); raises UserError (2)."""
+    from rich.console import Console
+
+    console = Console()
+    if undo:
+        if quarantine_dir:
+            raise ConfigError(f"use either --quarantine or --undo, not both. Received: --undo {undo!r}")
+        restored = undo_quarantine(undo)
+        console.print(f"restored {len(restored)} file(s) to their original places")
+        return 0
+    if not dir:
+        raise ConfigError("check needs a dataset folder: `convlens check DIR`. Received: DIR=None")
+    report = check_dataset(dir, workers=workers, max_pixels=max_pixels, min_side=min_side,
+                           near_duplicates=near_duplicates, progress=progress)
+    print_report(report, console)
+    if json_path:
+        cio.write_json(json_path, report.to_dict())
+        console.print(f"report written to {json_path}")
+    if quarantine_dir:
+        if report.unusable:
+            manifest = quarantine(report, quarantine_dir)
+            console.print(f"moved {len(report.unusable)} unusable file(s) to {Path(quarantine_dir)}; "
+                          f"undo with `convlens check --undo {manifest}`")
+        else:
+            console.print("no unusable files: nothing moved")
+    return report.exit_code
+
+
+class SkippedFiles(list):  # type: ignore[type-arg]
+    """The unusable files a run skipped (``ImageError`` each), remembering the dataset folder."""
+
+    def __init__(self, errors: list[ImageError] | None = None, root: Path | None = None) -> None:
+        super().__init__(errors or [])
+        self.root = root
+
+
+def skipped_message(skipped: list[ImageError]) -> str:
+    """One line for train/evaluate/predict: ``"skipped 3 unusable files; run `convlens check DIR` for details"``."""
+    n = len(skipped)
+    if not n:
+        return ""
+    root = getattr(skipped, "root", None)
+    where = shlex.quote(str(root)) if root else "DIR"
+    return f"skipped {n} unusable file{'s' if n != 1 else ''}; run `convlens check {where}` for details"
+
+
+def record_dict(rec: FileRecord) -> dict[str, Any]:
+    """A JSON-safe dict of a record (for caches)."""
+    return asdict(rec)
