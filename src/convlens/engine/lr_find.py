@@ -1,0 +1,168 @@
+"""``convlens lr-find``: sweep the learning rate exponentially and suggest one (Smith / fastai).
+
+The model trains a few hundred steps with the learning rate growing from ``start_lr`` to
+``end_lr``; the loss is smoothed with a forward-backward moving average, and the suggestion is
+the learning rate where the smoothed loss falls fastest (steepest negative slope against
+log(lr)) before its minimum. Nothing is written except the plot: the model is thrown away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from convlens import runtime
+from convlens.config import TrainConfig
+from convlens.engine.optim import build_optimizer
+from convlens.engine.trainer import (
+    StepFunction,
+    class_weights,
+    command_config,
+    epoch_seed,
+    make_model,
+    prepare_data,
+)
+from convlens.errors import ConfigError
+from convlens.io import write_bytes
+
+
+@dataclass
+class LRFindResult:
+    """The sweep: learning rates, raw and smoothed losses, the suggestion and the plot's path."""
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float | None
+    plot: Path | None
+
+
+def smooth(losses: list[float], beta: float = 0.98) -> list[float]:
+    """Exponential moving average with bias correction (so early values are not dragged to 0)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(losses, start=1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta**i))
+    return out
+
+
+def smooth_zero_phase(losses: list[float], beta: float = 0.9) -> list[float]:
+    """Forward then backward moving average: smooth like an EMA but without its lag.
+
+    A one-way average trails the loss by about ``1 / (1 - beta)`` steps, which in a sweep
+    over a few hundred steps shifts the curve (and the suggestion) by a decade of learning
+    rate or more; running it both ways cancels the shift.
+    """
+    forward = smooth(losses, beta)
+    return smooth(forward[::-1], beta)[::-1]
+
+
+def suggest_lr(lrs: list[float], smoothed: list[float], skip_start: int | None = None) -> float | None:
+    """The learning rate of the steepest descent of ``smoothed`` (in log(lr)) before its minimum."""
+    n = len(lrs)
+    if n < 5:
+        return None
+    skip = max(1, n // 10) if skip_start is None else skip_start
+    y = np.asarray(smoothed, dtype=np.float64)
+    x = np.log(np.asarray(lrs, dtype=np.float64))
+    stop = int(np.argmin(y)) + 1
+    if stop - skip < 3:
+        skip = 0
+    if stop - skip < 3:
+        return None
+    grad = np.gradient(y[skip:stop], x[skip:stop])
+    return float(lrs[skip + int(np.argmin(grad))])
+
+
+def lr_find(
+    cfg: TrainConfig,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    steps: int = 200,
+    diverge: float = 4.0,
+    out: str | Path | None = "lr_find.png",
+    console: Console | None = None,
+) -> LRFindResult:
+    """Run the sweep on ``cfg``'s data, model, optimizer, augmentation and loss; plot to ``out``."""
+    if not (0 < start_lr < end_lr):
+        raise ConfigError(f"lr-find needs 0 < start_lr < end_lr. Received: start_lr={start_lr}, end_lr={end_lr}")
+    if steps < 5:
+        raise ConfigError(f"lr-find needs at least 5 steps. Received: steps={steps}")
+    from convlens.data.loader import BatchLoader
+
+    console = console or Console()
+    runtime.tune_allocator()
+    runtime.configure_threads(cfg.threads)
+    dev = runtime.resolve_device(cfg.device, cfg.precision)
+    cfg, prepared = prepare_data(cfg, console)
+    num_classes = len(prepared.classes)
+    prep = prepared.preprocessing
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model, num_classes, prep.channels, cfg.image_size).to(dev.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+    weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
+    step_fn = StepFunction(model, cfg, prep, dev, num_classes, None if weights is None else weights.to(dev.device))
+    loader = BatchLoader(prepared.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    gen_device = dev.device if dev.type == "cuda" else "cpu"
+    aug_gen = torch.Generator(device=gen_device).manual_seed(epoch_seed(cfg.seed, 0, 1))
+    mix_gen = torch.Generator(device=gen_device).manual_seed(epoch_seed(cfg.seed, 0, 2))
+
+    ratio = end_lr / start_lr
+    lrs: list[float] = []
+    losses: list[float] = []
+    best, avg, beta = math.inf, 0.0, 0.9
+    epoch, done = 0, False
+    console.print(f"lr-find: {steps} steps from {start_lr:.0e} to {end_lr:.0e} on {len(prepared.train.labels)} images")
+    while not done:
+        loader.set_epoch(epoch)
+        epoch += 1
+        for x, y in loader:
+            lr = start_lr * ratio ** (len(lrs) / (steps - 1))
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss, _ = step_fn(x, y.to(dev.device), aug_gen, mix_gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            lrs.append(lr)
+            losses.append(value if math.isfinite(value) else math.inf)
+            avg = beta * avg + (1 - beta) * (value if math.isfinite(value) else 1e12)
+            sm = avg / (1 - beta ** len(lrs))
+            best = min(best, sm)
+            # Stop once the loss has clearly diverged: the rest of the curve says nothing.
+            if not math.isfinite(value) or (len(lrs) > 10 and sm > diverge * best) or len(lrs) >= steps:
+                done = True
+                break
+    smoothed = smooth_zero_phase([v if math.isfinite(v) else 1e12 for v in losses])
+    suggestion = suggest_lr(lrs, smoothed)
+    plot = None
+    if out is not None:
+        from convlens.evaluate.plots import lr_find_png
+
+        plot = Path(out)
+        write_bytes(plot, lr_find_png(lrs, [v if math.isfinite(v) else float("nan") for v in losses],
+                                      smoothed, suggestion))
+    return LRFindResult(lrs, losses, smoothed, suggestion, plot)
+
+
+def lr_find_command(overrides: dict[str, Any], config_file: str | None = None, out: str = "lr_find.png") -> int:
+    """``convlens lr-find [DIR]``: print the suggested learning rate and write the plot."""
+    console = Console()
+    result = lr_find(command_config(overrides, config_file), out=out, console=console)
+    if result.suggestion is None:
+        console.print(f"no clear descent in the loss; look at {result.plot} and pick a learning rate by eye")
+    else:
+        console.print(f"suggested learning rate: {result.suggestion:.2e} (use --lr {result.suggestion:.2g})")
+    console.print(f"plot: {result.plot}")
+    return 0

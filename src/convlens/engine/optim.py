@@ -1,0 +1,119 @@
+"""Optimizers and learning-rate schedules.
+
+Schedules are plain functions of the optimisation step (``lr_factor``) driven by a
+``LambdaLR`` stepped once per batch, so a schedule is rebuilt exactly from the config on
+resume and its state in a checkpoint is only a step counter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from convlens.errors import ConfigError
+
+OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+# One-cycle shape (as in Smith's one-cycle and torch's OneCycleLR): start at lr / 25, reach the
+# peak after 25% of the steps, anneal with a cosine to lr / (25 * 1e4).
+ONECYCLE_PCT = 0.25
+ONECYCLE_DIV = 25.0
+ONECYCLE_FINAL_DIV = 1e4
+# Warm-up starts at this fraction of the peak rather than at zero, so the first step learns.
+WARMUP_START = 0.01
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters so weight decay hits conv/dense weights but not biases or norm scales.
+
+    Decaying BatchNorm scales and biases only fights the normalisation (common practice in
+    timm and nanoGPT: decay tensors with two or more dimensions).
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    params: nn.Module | Iterable,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
+    """Make one of ``rmsprop | sgd | adam | adamw``.
+
+    RMSprop uses Keras's defaults (rho/alpha = 0.9, epsilon = 1e-7, no momentum) so the
+    tutorial recipe trains like the original; PyTorch's own defaults (alpha 0.99, eps 1e-8)
+    behave noticeably differently in the first epochs. ``params`` may be a model (then
+    weight decay skips biases and normalisation parameters) or ready parameter groups.
+    """
+    name = name.lower()
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={name!r}")
+    groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
+    if name == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=1e-7, weight_decay=weight_decay,
+                                   momentum=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=bool(nesterov and momentum > 0))
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Multiplier of the peak learning rate at optimisation ``step`` (0-based).
+
+    ``constant`` and ``cosine`` ramp linearly from 1% to 100% over ``warmup_steps``; cosine
+    then decays to zero at ``total_steps``. ``onecycle`` has its own warm-up (25% of the steps
+    from lr/25) and ignores ``warmup_steps``.
+    """
+    total_steps = max(1, int(total_steps))
+    step = min(max(0, int(step)), total_steps)
+    if schedule == "onecycle":
+        up = max(1, round(ONECYCLE_PCT * total_steps))
+        start, end = 1.0 / ONECYCLE_DIV, 1.0 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
+        if step < up:
+            return start + (1.0 - start) * step / up
+        t = (step - up) / max(1, total_steps - up)
+        return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}. Received: schedule={schedule!r}")
+    warmup_steps = min(max(0, int(warmup_steps)), total_steps)
+    if step < warmup_steps:
+        return WARMUP_START + (1.0 - WARMUP_START) * step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: str,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-batch ``LambdaLR`` following :func:`lr_factor` over ``epochs * steps_per_epoch``."""
+    total = max(1, int(epochs) * max(1, int(steps_per_epoch)))
+    warmup = round(float(warmup_epochs) * max(1, int(steps_per_epoch)))
+    lr_factor(schedule, 0, total, warmup)  # validate the name before building
+
+    def factor(step: int) -> float:
+        return lr_factor(schedule, step, total, warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,721 @@
+"""``convlens train``: prepare the data, train, evaluate, and write a run folder with a bundle.
+
+Run folder ``runs/<name>/``::
+
+    config.yaml          the resolved configuration
+    split.csv            every file with its class and subset
+    metrics.csv          one row per epoch
+    curves.png           loss and accuracy per epoch
+    checkpoints/last.pt  written atomically every epoch (and on Ctrl-C); --resume continues it
+    checkpoints/best.pt  the epoch with the best validation accuracy
+    model.convlens       the bundle (best weights + preprocessing, classes, metrics, config)
+    report.html          self-contained evaluation report on the validation set
+    metrics.json, confusion_matrix.png, calibration.png, ...  (the evaluation's files)
+
+Exact resume: the shuffle order, the augmentation and mixing generators and the global torch
+RNG are re-seeded from ``(seed, epoch)`` at the start of every epoch, and their states are
+saved in mid-epoch (Ctrl-C) checkpoints, so an interrupted and resumed run on the CPU ends
+with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from convlens import __version__, runtime
+from convlens.config import (
+    PRESETS,
+    TrainConfig,
+    build,
+    dump_yaml,
+    read_config_file,
+    resolve_train_config,
+    to_dict,
+)
+from convlens.engine import distributed
+from convlens.engine.checkpoint import (
+    BEST,
+    CHECKPOINT_DIR,
+    LAST,
+    CheckpointError,
+    checkpoint_bytes,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from convlens.engine.optim import build_optimizer, build_scheduler
+from convlens.errors import ConfigError
+from convlens.io import write_bytes, write_text
+
+BUNDLE_NAME = "model.convlens"
+METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]
+# Fields that do not change the result; everything else must match to resume a run.
+RESUME_MUTABLE = {"epochs", "patience", "device", "precision", "threads", "workers", "cache_dir", "nproc",
+                  "project", "name", "exist_ok", "channels_last", "preset"}
+# The embedded digits are 8x8: train them small and unflipped (a mirrored 2 is not a 2), and
+# for 10 epochs (~97% validation accuracy), so `convlens train` shows the pipeline in about a minute.
+DIGITS_DEFAULTS = {"image_size": 32, "flip": False, "epochs": 10}
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C during training: a checkpoint was written to ``checkpoint``."""
+
+    def __init__(self, run_dir: Path, checkpoint: Path) -> None:
+        super().__init__(f"interrupted; checkpoint saved to {checkpoint}")
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class RunResult:
+    """What a finished training run produced."""
+
+    run_dir: Path
+    bundle_path: Path | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+# ----------------------------------------------------------------------------- helpers
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A well-mixed 63-bit seed for one RNG stream of one epoch (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(stream)]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def make_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
+    """``project/name``; if it exists, the first free ``name-2``, ``name-3``... (race-free mkdir)."""
+    parent = Path(project)
+    parent.mkdir(parents=True, exist_ok=True)
+    if exist_ok:
+        (parent / name).mkdir(exist_ok=True)
+        return parent / name
+    for i in range(1, 100_000):
+        candidate = parent / (name if i == 1 else f"{name}-{i}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise ConfigError(f"no free run folder name for {name!r} in {str(parent)!r}; choose another --name")
+
+
+def make_model(spec: str, num_classes: int, in_channels: int, image_size: int) -> Any:
+    """A registry name, or a YAML/JSON layer-list file (models' ``build_model``)."""
+    from convlens.models.registry import build_model
+
+    return build_model(spec, num_classes, in_channels, input_size=image_size)
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """``auto``: inverse class frequency, scaled so the average sample weight is 1."""
+    if mode == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def soft_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """One-hot float targets ``(N, C)``."""
+    return F.one_hot(y, num_classes).float()
+
+
+def classification_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean loss for (soft) targets ``(N, C)``.
+
+    One logit (two classes): binary cross-entropy on ``p(class 1)``, as the tutorial's sigmoid
+    unit; class weights weigh the positive and negative terms. More logits: cross-entropy.
+    Label smoothing moves ``ls`` of each target's mass evenly onto all classes.
+    """
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        t = targets[:, 1]
+        if label_smoothing:
+            t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
+        z = logits[:, 0]
+        if weights is None:
+            return F.binary_cross_entropy_with_logits(z, t)
+        w0, w1 = weights[0], weights[1]
+        # weight * [pos_weight * t * log s + (1 - t) * log(1 - s)] = w1 * pos-term + w0 * neg-term
+        return F.binary_cross_entropy_with_logits(z, t, weight=w0.expand_as(z), pos_weight=w1 / w0)
+    return F.cross_entropy(logits, targets, weight=weights, label_smoothing=label_smoothing)
+
+
+class StepFunction:
+    """One training forward pass: uint8 batch -> device -> augmentation -> mixing -> model input
+    -> autocast forward -> loss. Shared by the trainer and the learning-rate finder."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, prep: Any, dev: runtime.DeviceInfo,
+                 num_classes: int, weights: torch.Tensor | None) -> None:
+        from convlens.data.augment import build_augmentation
+
+        self.model, self.cfg, self.prep, self.dev = model, cfg, prep, dev
+        self.num_classes, self.weights = num_classes, weights
+        self.augment = build_augmentation(flip=cfg.flip, rotation=cfg.rotation, crop_scale=cfg.crop_scale,
+                                          color_jitter=cfg.color_jitter, erasing=cfg.erasing,
+                                          image_size=cfg.image_size)
+        self.mixing = cfg.mixup > 0 or cfg.cutmix > 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, aug_gen: torch.Generator | None = None,
+                 mix_gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(loss, logits)`` for a uint8 NHWC batch ``x`` and labels ``y`` (on the device)."""
+        from convlens.data.augment import mix_batch
+        from convlens.data.loader import to_model_input
+
+        x = x.to(self.dev.device, non_blocking=True)
+        targets = soft_targets(y, self.num_classes)
+        if self.augment is not None:
+            x = self.augment(x, generator=aug_gen)
+        if self.mixing:
+            if self.augment is None:  # mixing works on float NCHW
+                x = x.permute(0, 3, 1, 2).float()
+            x, targets = mix_batch(x, targets, self.cfg.mixup, self.cfg.cutmix, mix_gen)
+        inputs = to_model_input(x, self.prep, channels_last=self.cfg.channels_last)
+        with _autocast(self.dev):
+            logits = self.model(inputs)
+        return classification_loss(logits, targets, self.weights, self.cfg.label_smoothing), logits
+
+
+def correct_count(logits: torch.Tensor, y: torch.Tensor) -> int:
+    """Correct predictions (threshold 0.5 for one logit, argmax otherwise)."""
+    pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+    return int((pred == y).sum())
+
+
+class _StopOnSigint:
+    """First Ctrl-C asks the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+        self._enabled = enabled
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopOnSigint:
+        # Signal handlers can only be installed from the main thread.
+        if self._enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@contextlib.contextmanager
+def _autocast(dev: runtime.DeviceInfo) -> Iterator[None]:
+    if dev.amp_dtype is None:
+        yield
+    else:
+        with torch.autocast(device_type=dev.type, dtype=dev.amp_dtype):
+            yield
+
+
+def _say(console: Console, message: str) -> None:
+    # soft_wrap: a long epoch line stays one line in logs instead of wrapping at 80 columns.
+    console.print(message, soft_wrap=True, highlight=False)
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
+    write_text(path, buf.getvalue())
+
+
+@torch.inference_mode()
+def _validate(model: torch.nn.Module, loader: Any, prep: Any, dev: runtime.DeviceInfo,
+              channels_last: bool, num_classes: int,
+              reduce: Callable[[list[float]], list[float]] | None = None) -> tuple[float | None, float | None]:
+    """Plain (unsmoothed, unweighted) cross-entropy and accuracy on a subset.
+
+    ``reduce`` sums ``[loss_sum, correct, n]`` over DDP ranks (each validates its own shard).
+    """
+    from convlens.data.loader import to_model_input
+
+    if loader is None:
+        return None, None
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        x = x.to(dev.device, non_blocking=True)
+        y = y.to(dev.device, non_blocking=True)
+        with _autocast(dev):
+            logits = model(to_model_input(x, prep, channels_last=channels_last))
+        logits = logits.float()
+        loss = classification_loss(logits, soft_targets(y, num_classes))
+        loss_sum += float(loss) * len(y)
+        correct += correct_count(logits, y)
+        n += len(y)
+    if reduce is not None:
+        loss_sum, correct, n = reduce([loss_sum, correct, n])
+    return (loss_sum / n, correct / n) if n else (None, None)
+
+
+def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
+    """Higher validation accuracy wins; equal accuracy, lower validation loss. No validation set:
+    lower training loss."""
+    if best.get("epoch") is None:
+        return True
+    if row["val_acc"] is None:
+        return row["train_loss"] < best["train_loss"]
+    if row["val_acc"] != best["val_acc"]:
+        return row["val_acc"] > best["val_acc"]
+    return row["val_loss"] < best["val_loss"]
+
+
+# ----------------------------------------------------------------------------- train
+def prepare_data(cfg: TrainConfig, console: Console,
+                 split_file: str | Path | None = None) -> tuple[TrainConfig, Any]:
+    """Check, split and cache ``cfg.data`` (the embedded digits when None); report skipped files.
+
+    Returns the config with ``data`` resolved to a folder, and the ``PreparedData``.
+    ``split_file``: reuse the split of an earlier run (``split.csv``).
+    """
+    from convlens.data.check import skipped_message
+    from convlens.data.prepare import prepare_dataset
+    from convlens.errors import DataError
+
+    if cfg.data is None:
+        from convlens.data.digits import ensure_digits_dataset
+
+        cfg = replace(cfg, data=str(ensure_digits_dataset()))
+    prepared = prepare_dataset(
+        cfg.data, image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels, scale=cfg.scale,
+        mean=tuple(cfg.mean), std=tuple(cfg.std), val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction, seed=cfg.seed, cache_dir=cfg.cache_dir, workers=cfg.workers,
+        max_pixels=cfg.max_pixels, min_side=cfg.min_side, progress=console.is_terminal, split_file=split_file,
+    )
+    if prepared.skipped:
+        _say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
+    if len(prepared.classes) < 2:
+        raise DataError(f"training needs at least 2 classes; {str(cfg.data)!r} has {len(prepared.classes)}. "
+                        "Put each class's images in its own sub-folder")
+    if len(prepared.train.labels) == 0:
+        raise DataError(f"no training images in {str(cfg.data)!r}; lower val_fraction/test_fraction or add images")
+    return cfg, prepared
+
+
+def train(
+    cfg: TrainConfig,
+    resume: str | Path | None = None,
+    console: Console | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """Prepare ``cfg.data``, train, evaluate on the validation set and write the run folder.
+
+    ``resume``: a run folder (or checkpoint) to continue; ``cfg`` must then match the run's
+    saved configuration except for :data:`RESUME_MUTABLE` keys. ``on_step(epoch, step)`` is
+    called after every optimisation step (0-based). Raises :class:`TrainingInterrupted` after
+    writing a checkpoint when Ctrl-C is pressed.
+    """
+    return Trainer(cfg, resume=resume, console=console).fit(on_step)
+
+
+class Trainer:
+    """One training run: set-up (or restore), the epoch loop, checkpoints, and the finish."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None) -> None:
+        from convlens.data.loader import BatchLoader
+        from convlens.data.split import write_split_csv
+
+        # torchrun's environment (one process without it); only rank 0 prints and writes files.
+        self.dist = dist = distributed.from_env()
+        if cfg.nproc > 1 and not dist.enabled:
+            raise ConfigError(f"nproc > 1 runs one process per rank: use `convlens train --nproc {cfg.nproc}` "
+                              f"or torchrun. Received: nproc={cfg.nproc}")
+        self.console = dist.console(console or Console())
+        runtime.tune_allocator()
+        self.threads = runtime.configure_threads(cfg.threads or dist.default_threads())
+        self.dev = dev = dist.start(runtime.resolve_device(cfg.device, cfg.precision))
+        batch_size = dist.per_process_batch(cfg.batch_size)  # batch_size is the global batch
+        cfg = replace(cfg, nproc=dist.world_size)
+        if dev.note:
+            _say(self.console, f"[yellow]note:[/yellow] {dev.note}")
+
+        state: dict[str, Any] | None = None
+        split_file: Path | None = None
+        if resume is not None:
+            ckpt_path = resolve_checkpoint(resume)
+            state = load_checkpoint(ckpt_path)
+            _check_resumable(cfg, state, ckpt_path)
+            run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == CHECKPOINT_DIR else ckpt_path.parent
+            if dist.is_main:
+                remove_stale_temporaries(ckpt_path.parent)
+            # The run's own split, even if files were added to the folder since.
+            split_file = run_dir / "split.csv" if (run_dir / "split.csv").is_file() else None
+        with dist.main_first():  # rank 0 builds the cache; the others then read it
+            cfg, self.prepared = prepare_data(cfg, self.console, split_file=split_file)
+        self.cfg = cfg
+        self.classes = list(self.prepared.classes)
+        self.prep = self.prepared.preprocessing
+        if state is not None and list(state["classes"]) != self.classes:
+            raise CheckpointError(f"the dataset's classes {self.classes} differ from the run's "
+                                  f"{list(state['classes'])}; resume with the same data")
+        if state is None:  # made by rank 0 only (no name-2 from another rank), named to all
+            run_dir = dist.broadcast(make_run_dir(cfg.project, cfg.name, cfg.exist_ok) if dist.is_main else None)
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / CHECKPOINT_DIR
+        if dist.is_main:
+            write_text(run_dir / "config.yaml", dump_yaml(cfg))
+            write_split_csv(run_dir / "split.csv", self.prepared.split_rows)
+
+        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
+        num_classes = len(self.classes)
+        model = make_model(cfg.model, num_classes, self.prep.channels, cfg.image_size).to(dev.device)
+        self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+        train_set, val_set = self.prepared.train, self.prepared.val
+        self.n_train = len(train_set.labels)
+        self.n_val = len(val_set.labels) if val_set is not None else 0
+        # A one-image last batch breaks BatchNorm's batch statistics: drop it in that case only.
+        drop_last = self.n_train > cfg.batch_size and self.n_train % cfg.batch_size == 1
+        pin = dev.type == "cuda"
+        self.train_loader = BatchLoader(train_set, batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last,
+                                        pin_memory=pin, rank=dist.rank, world_size=dist.world_size)
+        self.val_loader = (BatchLoader(val_set, batch_size, shuffle=False, seed=cfg.seed, pin_memory=pin,
+                                       rank=dist.rank, world_size=dist.world_size, even=False)
+                           if self.n_val else None)
+        self.steps_per_epoch = len(self.train_loader)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                                         cfg.nesterov)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
+                                         cfg.warmup_epochs)
+        # fp16 needs loss scaling; bf16 has fp32's range and does not.
+        self.use_scaler = dev.type == "cuda" and dev.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        weights = class_weights(train_set.labels, num_classes, cfg.class_weights)
+        self.step_fn = StepFunction(dist.wrap(self.model, dev), cfg, self.prep, dev, num_classes,
+                                    None if weights is None else weights.to(dev.device))
+        gen_device = dev.device if dev.type == "cuda" else "cpu"
+        self.aug_gen = torch.Generator(device=gen_device)
+        self.mix_gen = torch.Generator(device=gen_device)
+
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"epoch": None, "val_acc": None, "val_loss": None, "train_loss": None,
+                                     "bad_epochs": 0}
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.start_epoch, self.skip_steps = 0, 0
+        self.partial = _fresh_partial()
+        self.mid_epoch_rng: dict[str, Any] | None = None
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("finished") and (self.run_dir / BUNDLE_NAME).is_file():
+            raise CheckpointError(f"run {str(self.run_dir)!r} already finished ({state['epoch']} epochs) and has "
+                                  f"its {BUNDLE_NAME}; start a new run instead")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = list(state["history"])
+        self.best = dict(state["best"])
+        self.start_epoch, self.skip_steps = int(state["epoch"]), int(state["step_in_epoch"])
+        if state.get("finished"):  # interrupted while evaluating: only the evaluation is left
+            self.start_epoch, self.skip_steps = self.cfg.epochs, 0
+        if self.skip_steps:
+            self.partial = dict(state["partial"])
+            self.mid_epoch_rng = state["rng"]
+        best_file = self.ckpt_dir / BEST
+        if self.best.get("epoch") is not None and best_file.is_file():
+            self.best_weights = load_checkpoint(best_file)["model"]
+        where = f", step {self.skip_steps + 1}" if self.skip_steps else ""
+        _say(self.console, f"resuming {self.run_dir} at epoch {self.start_epoch + 1}{where}")
+
+    def snapshot(self, epoch_done: int, step_in_epoch: int, finished: bool = False) -> dict[str, Any]:
+        """Everything a checkpoint holds, as state_dicts and plain data."""
+        return {
+            "epoch": epoch_done, "step_in_epoch": step_in_epoch, "finished": finished,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.use_scaler else {},
+            "rng": {**rng_state(), "aug": self.aug_gen.get_state(), "mix": self.mix_gen.get_state()},
+            "config": to_dict(self.cfg), "classes": self.classes, "arch": self.model.arch,
+            "preprocessing": self.prep.to_dict(), "history": self.history, "best": self.best,
+            "partial": dict(self.partial),
+        }
+
+    def fit(self, on_step: Callable[[int, int], None] | None = None) -> RunResult:
+        """Train the remaining epochs, then evaluate the best weights and write the bundle."""
+        cfg, dev = self.cfg, self.dev
+        precision = str(dev.amp_dtype).replace("torch.", "") if dev.amp_dtype else "fp32"
+        _say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
+                           f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
+                           f"{dev.device} {precision}, {self.threads} threads"
+                           + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
+        _say(self.console, f"run folder: {self.run_dir}")
+        stopped_early = False
+        # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
+        # resumes from the last epoch's checkpoint.
+        with _StopOnSigint(enabled=not self.dist.enabled) as stop:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                self._train_epoch(epoch, stop, on_step)
+                stopped_early = self._end_epoch(epoch)
+                if stop.requested:
+                    raise TrainingInterrupted(self.run_dir, self.ckpt_dir / LAST)
+                if stopped_early:
+                    _say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
+                                       f"(best epoch {self.best['epoch']})")
+                    break
+
+        self.dist.barrier()  # every rank has trained; rank 0 alone evaluates and writes
+        if not self.dist.is_main:
+            return RunResult(self.run_dir, None, history=self.history, stopped_early=stopped_early)
+        from convlens.evaluate.plots import curves_png
+
+        curves = curves_png(self.history)
+        write_bytes(self.run_dir / "curves.png", curves)
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+        model = self.model.to(memory_format=torch.contiguous_format).eval()
+        result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
+                            curves, self.console)
+        result.stopped_early = stopped_early
+        return result
+
+    def _train_epoch(self, epoch: int, stop: _StopOnSigint, on_step: Callable[[int, int], None] | None) -> None:
+        cfg = self.cfg
+        self.train_loader.set_epoch(epoch)
+        if self.mid_epoch_rng is not None:  # resuming inside this epoch: continue its streams
+            set_rng_state(self.mid_epoch_rng)
+            self.aug_gen.set_state(self.mid_epoch_rng["aug"])
+            self.mix_gen.set_state(self.mid_epoch_rng["mix"])
+            self.mid_epoch_rng = None
+        else:  # every stream is a function of (seed, epoch): resuming at a boundary is exact
+            r = 3 * self.dist.rank  # each rank draws its own augmentations
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, 0 + r))
+            self.aug_gen.manual_seed(epoch_seed(cfg.seed, epoch, 1 + r))
+            self.mix_gen.manual_seed(epoch_seed(cfg.seed, epoch, 2 + r))
+            self.partial = _fresh_partial()
+        skip, self.skip_steps = self.skip_steps, 0
+        p = self.partial
+        self.model.train()
+        t_start = time.perf_counter() - p["seconds"]
+        columns = (TextColumn("[bold]epoch {task.fields[ep]}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=True, disable=not self.console.is_terminal) as bar:
+            task = bar.add_task("train", total=self.steps_per_epoch, completed=skip,
+                                ep=f"{epoch + 1}/{cfg.epochs}", stats="")
+            for step, (x, y) in enumerate(self.train_loader):
+                if step < skip:  # the same order as before the interruption: skip what was done
+                    continue
+                y = y.to(self.dev.device, non_blocking=True)
+                loss, logits = self.step_fn(x, y, self.aug_gen, self.mix_gen)
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"the training loss became {float(loss.detach())} at epoch {epoch + 1}; "
+                                      f"lower the learning rate. Received: lr={cfg.lr}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.scheduler.step()
+                p["loss_sum"] += float(loss.detach()) * len(y)
+                p["correct"] += correct_count(logits.detach().float(), y)
+                p["seen"] += len(y)
+                p["seconds"] = time.perf_counter() - t_start
+                bar.update(task, advance=1, stats=(
+                    f"loss {p['loss_sum'] / p['seen']:.4f} acc {p['correct'] / p['seen']:.3f} "
+                    f"{p['seen'] / max(p['seconds'], 1e-9):.0f} img/s"))
+                if on_step is not None:
+                    on_step(epoch, step)
+                if stop.requested:
+                    path = save_checkpoint(self.ckpt_dir / LAST, self.snapshot(epoch, step + 1))
+                    raise TrainingInterrupted(self.run_dir, path)
+
+    def _end_epoch(self, epoch: int) -> bool:
+        """Validate, record, checkpoint and print one epoch; True when early stopping triggers."""
+        cfg = self.cfg
+        p = self.dist.sum_values(self.partial, ("loss_sum", "correct", "seen"))  # over all ranks
+        t_validate = time.perf_counter()
+        self.dist.sync_buffers(self.model)  # evaluate with the batch-norm statistics rank 0 saves
+        val_loss, val_acc = _validate(self.model, self.val_loader, self.prep, self.dev, cfg.channels_last,
+                                      len(self.classes), reduce=self.dist.sum)
+        seconds = p["seconds"] + time.perf_counter() - t_validate
+        seen = max(p["seen"], 1)
+        row = {
+            "epoch": epoch + 1, "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "train_loss": p["loss_sum"] / seen, "train_acc": p["correct"] / seen,
+            "val_loss": val_loss, "val_acc": val_acc,
+            "img_per_s": p["seen"] / max(p["seconds"], 1e-9), "seconds": seconds,
+        }
+        self.history.append(row)
+        improved = _is_better(row, self.best)
+        if improved:
+            self.best.update(epoch=epoch + 1, val_acc=val_acc, val_loss=val_loss, train_loss=row["train_loss"],
+                             bad_epochs=0)
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        else:
+            self.best["bad_epochs"] = int(self.best["bad_epochs"]) + 1
+        stopped_early = cfg.patience > 0 and self.best["bad_epochs"] >= cfg.patience
+        finished = stopped_early or epoch + 1 == cfg.epochs
+        if self.dist.is_main:
+            data = checkpoint_bytes(self.snapshot(epoch + 1, 0, finished=finished))
+            save_checkpoint(self.ckpt_dir / LAST, data)
+            if improved:
+                save_checkpoint(self.ckpt_dir / BEST, data)
+            _write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+        recent = [r["seconds"] for r in self.history[-3:]]
+        left = f"  left {_eta(float(np.mean(recent)) * (cfg.epochs - epoch - 1))}" if not finished else ""
+        _say(self.console,
+             f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  acc {_fmt(row['train_acc'])}  "
+             f"val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc)}  {row['img_per_s']:.0f} img/s  "
+             f"{seconds:.1f}s{left}" + ("  *" if improved else ""))
+        return stopped_early
+
+
+def _fresh_partial() -> dict[str, Any]:
+    """Running sums of the current epoch (saved in mid-epoch checkpoints)."""
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+
+
+def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir: Path,
+               history: list[dict[str, Any]], best: dict[str, Any], device: str, curves: bytes,
+               console: Console) -> RunResult:
+    """Evaluate the (best) model on the validation set, write the bundle and the report."""
+    from convlens.bundle import BundleMeta, save_bundle
+    from convlens.evaluate import evaluate
+
+    config_yaml = dump_yaml(cfg)
+    meta = BundleMeta(arch=model.arch, classes=list(prepared.classes), preprocessing=prepared.preprocessing,
+                      output_activation=model.output_activation, config=to_dict(cfg),
+                      versions={"convlens": __version__, "torch": torch.__version__})
+    has_val = prepared.val is not None and len(prepared.val.labels) > 0
+    metrics: dict[str, Any] = {}
+    summary = {"best_epoch": best.get("epoch"), "epochs_trained": len(history),
+               "train_loss": history[-1]["train_loss"] if history else None}
+    if has_val:
+        metrics = evaluate(model, meta, prepared.val, out_dir=run_dir, device=device,
+                           batch_size=cfg.batch_size, history=history, curves=curves, config_yaml=config_yaml,
+                           title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}",
+                           console=console)
+        summary.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"],
+                       val_macro_f1=metrics["macro"]["f1"], val_roc_auc=metrics.get("roc_auc"))
+    else:
+        from convlens.evaluate.report import render_report
+
+        write_text(run_dir / "report.html", render_report(
+            title=f"convlens run {run_dir.name}", metrics={"classes": list(prepared.classes)},
+            figures={"curves": curves}, history=history, config_yaml=config_yaml,
+            notes=["No validation set (val_fraction=0): nothing was evaluated."]))
+    if prepared.test is not None and len(prepared.test.labels) > 0:
+        test = evaluate(model, meta, prepared.test, out_dir=run_dir / "test", device=device,
+                        batch_size=cfg.batch_size, config_yaml=config_yaml,
+                        title=f"convlens run {run_dir.name}: test set", console=console)
+        summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_macro_f1=test["macro"]["f1"])
+    meta.metrics = summary
+    bundle_path = save_bundle(run_dir / BUNDLE_NAME, model, meta)
+    acc = summary.get("val_accuracy")
+    _say(console,
+        f"[bold green]done[/bold green]: best epoch {summary['best_epoch']}"
+        + (f", validation accuracy {acc:.4f}" if acc is not None else "")
+        + f"\n  run folder: {run_dir}\n  bundle:     {bundle_path}\n  report:     {run_dir / 'report.html'}"
+    )
+    return RunResult(run_dir=run_dir, bundle_path=bundle_path, metrics=summary, history=history)
+
+
+def _check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None:
+    saved = state.get("config") or {}
+    for key, value in to_dict(cfg).items():
+        if key in RESUME_MUTABLE or key not in saved:
+            continue
+        if key == "data" and value is None:
+            continue
+        if saved[key] != value:
+            raise CheckpointError(f"cannot change {key} when resuming {str(path)!r} "
+                                  f"(run: {saved[key]!r}). Received: {key}={value!r}")
+
+
+def resume_config(resume: str | Path, overrides: dict[str, Any] | None) -> TrainConfig:
+    """The saved configuration of a run, with the resume-safe ``overrides`` applied."""
+    state = load_checkpoint(resolve_checkpoint(resume))
+    saved = {k: v for k, v in (state.get("config") or {}).items()}
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        k = key.replace("-", "_")
+        if k not in RESUME_MUTABLE and k in saved:
+            cur = build(TrainConfig, {k: value})
+            if getattr(cur, k) != saved[k]:
+                raise ConfigError(f"cannot change {k} when resuming; only {', '.join(sorted(RESUME_MUTABLE))} "
+                                  f"may change. Received: {k}={value!r}")
+    cfg = build(TrainConfig, saved, {k: v for k, v in overrides.items() if k.replace('-', '_') in RESUME_MUTABLE})
+    from convlens.config import validate_train_config
+
+    validate_train_config(cfg)
+    return cfg
+
+
+def command_config(overrides: dict[str, Any], config_file: str | None) -> TrainConfig:
+    """Resolve the config of ``convlens train``/``lr-find``; digits defaults when no data is given."""
+    cfg = resolve_train_config(None, config_file, overrides)
+    if cfg.data is None:
+        # Only values nobody chose: a flag, the config file and the preset all win.
+        explicit = (set(overrides) | set(read_config_file(config_file) if config_file else {})
+                    | set(PRESETS[cfg.preset]))
+        cfg = replace(cfg, **{k: v for k, v in DIGITS_DEFAULTS.items() if k not in explicit})
+    return cfg
+
+
+def train_command(overrides: dict[str, Any], config_file: str | None = None, resume: str | None = None) -> int:
+    """``convlens train``: returns the exit code (130 after Ctrl-C, with the resume command)."""
+    import sys
+
+    if resume and config_file:
+        raise ConfigError(f"--config cannot be combined with --resume: a run continues with its own "
+                          f"config.yaml. Received: --config {config_file!r}")
+    cfg = resume_config(resume, overrides) if resume else command_config(overrides, config_file)
+    if distributed.should_launch(cfg.nproc):
+        distributed.Dist(world_size=cfg.nproc).per_process_batch(cfg.batch_size)  # fail before starting
+        prepare_data(cfg, Console())  # check and cache once, before N processes start
+        return distributed.launch(cfg.nproc, distributed.cli_arguments(overrides, config_file, resume))
+    try:
+        train(cfg, resume=resume)
+    except TrainingInterrupted as e:
+        print(f"convlens train: interrupted; checkpoint saved to {e.checkpoint}. "
+              f"Resume with: convlens train --resume {e.run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        distributed.cleanup()
+    return 0

@@ -1,0 +1,285 @@
+"""Evaluate a model on labelled images: metrics (scikit-learn), figures, ``report.html``.
+
+``evaluate()`` runs at the end of every training on the validation set, and
+``convlens evaluate BUNDLE DIR`` runs it on any labelled folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from convlens.errors import DataError, ImageError
+from convlens.evaluate.metrics import (
+    compute_metrics,
+    least_confident_correct,
+    predict_labels,
+    probabilities_from_logits,
+    worst_mistakes,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from rich.console import Console
+
+    from convlens.bundle import BundleMeta
+
+__all__ = ["LabelledImages", "evaluate", "evaluate_command", "load_labelled_folder", "predict_logits",
+           "predict_probabilities"]
+
+GALLERY_SIZE = 16
+
+
+@dataclass
+class LabelledImages:
+    """Decoded images with labels, in the bundle's class order (what ``evaluate`` consumes).
+
+    A training :class:`convlens.data.prepare.Subset` has the same three fields.
+    """
+
+    images: np.ndarray  # uint8 N x H x W x C
+    labels: np.ndarray  # int64 N
+    paths: list[str]
+    skipped: list[ImageError] = field(default_factory=list)
+    note: str = ""
+
+
+def load_labelled_folder(root: str | os.PathLike[str], meta: BundleMeta, workers: int = 0) -> LabelledImages:
+    """Scan a class-folder dataset and decode every image exactly as prediction does.
+
+    Files are found by the data package's scanner and decoded with the bundle's
+    ``Preprocessing.load`` (the one definition prediction also uses). Unusable images are
+    skipped and returned in ``skipped``. Folder classes the model does not know raise
+    :class:`DataError`; model classes missing from the folder just have no support.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from convlens.data.scan import scan
+
+    index = scan(root)
+    entries = index.entries
+    note = ""
+    if index.presplit:
+        # A train/val(/test) layout: evaluate the held-out part, never the training images.
+        subset = "test" if "test" in index.subsets else "val"
+        entries = [e for e in entries if e.subset == subset]
+        note = f"{str(root)!r} is split into {'/'.join(index.subsets)}: evaluating its {subset} images"
+    known = {c: i for i, c in enumerate(meta.classes)}
+    unknown = sorted({e.class_name for e in entries} - set(known))
+    if unknown:
+        raise DataError(f"{str(root)!r} has class folders the model does not know: {', '.join(unknown)}; "
+                        f"the model's classes are {', '.join(meta.classes)}")
+    items = [(str(e.path), known[e.class_name]) for e in entries]
+    if not items:
+        raise DataError(f"no images found in {str(root)!r}; expected DIR/<class>/<image> files")
+    prep = meta.preprocessing
+
+    def load(path: str) -> np.ndarray | ImageError:
+        try:
+            return prep.load(path)
+        except ImageError as e:
+            return e
+
+    n_workers = workers if workers > 0 else min(8, os.cpu_count() or 1)
+    # Pillow releases the GIL while decoding and resizing, so threads decode in parallel.
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        decoded = list(pool.map(load, [p for p, _ in items]))
+    images, labels, paths, skipped = [], [], [], []
+    for (path, label), arr in zip(items, decoded, strict=True):
+        if isinstance(arr, ImageError):
+            skipped.append(arr)
+        else:
+            images.append(arr)
+            labels.append(label)
+            paths.append(path)
+    if not images:
+        raise DataError(f"none of the {len(items)} images in {str(root)!r} could be decoded; run `convlens check {root}`")
+    from convlens.data.check import SkippedFiles
+
+    skipped = SkippedFiles(skipped, root=Path(root))
+    h, w = prep.size
+    return LabelledImages(np.stack(images).reshape(len(images), h, w, prep.channels),
+                          np.asarray(labels, dtype=np.int64), paths, skipped, note)
+
+
+def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64,
+                   device: str = "cpu") -> np.ndarray:
+    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images (no autocast)."""
+    import torch
+
+    from convlens.data.loader import to_model_input
+
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
+            outs.append(model(to_model_input(x, prep, channels_last=False)).float().cpu().numpy())
+    if not outs:
+        return np.zeros((0, 1), dtype=np.float32)
+    return np.concatenate(outs).astype(np.float32)
+
+
+def predict_probabilities(model: torch.nn.Module, meta: BundleMeta, images: Any, batch_size: int = 64,
+                          device: str = "cpu") -> np.ndarray:
+    """Class probabilities ``(N, num_classes)`` for uint8 images, as ``convlens predict`` computes them."""
+    logits = predict_logits(model, images, meta.preprocessing, batch_size, device)
+    return probabilities_from_logits(logits, meta.output_activation)
+
+
+def model_info(meta: BundleMeta) -> dict[str, Any]:
+    """What a reader of a report needs to know about the model and its input."""
+    p = meta.preprocessing
+    arch = meta.arch
+    name = arch.get("name") or f"layer list ({len(arch.get('layers', []))} layers)"
+    return {
+        "model": name,
+        "classes": ", ".join(meta.classes),
+        "input": f"{p.size[0]} x {p.size[1]} x {p.channels} ({'grayscale' if p.channels == 1 else p.channel_order})",
+        "resize": p.resize,
+        "scaling": f"(x * {p.scale:.6g} - {list(p.mean)}) / {list(p.std)}",
+        "output": f"{meta.output_activation}" + (f", threshold {meta.threshold:g}" if len(meta.classes) == 2 else ""),
+        "versions": ", ".join(f"{k} {v}" for k, v in meta.versions.items()) or "-",
+    }
+
+
+def _predictions_csv(paths: Sequence[str], labels: np.ndarray, pred: np.ndarray, probs: np.ndarray,
+                     classes: Sequence[str]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "true", "predicted", *(f"p_{c}" for c in classes)])
+    for i, path in enumerate(paths):
+        w.writerow([path, classes[labels[i]], classes[pred[i]], *(f"{v:.6f}" for v in probs[i])])
+    return buf.getvalue()
+
+
+def _caption(classes: Sequence[str], true: int, probs: np.ndarray, pred: int, path: str) -> str:
+    name = Path(path).name
+    name = name if len(name) <= 22 else name[:19] + "..."
+    return (f"{name}\ntrue {classes[true]} ({probs[true]:.2f})\npred {classes[pred]} ({probs[pred]:.2f})")
+
+
+def evaluate(
+    model: torch.nn.Module,
+    meta: BundleMeta,
+    data: Any,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    history: Sequence[dict[str, Any]] | None = None,
+    curves: bytes | None = None,
+    config_yaml: str | None = None,
+    title: str = "convlens evaluation",
+    subtitle: str = "",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Metrics of ``model`` on ``data`` (a subset with ``images``/``labels``/``paths``, or a folder).
+
+    With ``out_dir``, writes ``metrics.json``, ``predictions.csv`` (every file's probabilities),
+    ``confusion_matrix.png``, ``calibration.png``,
+    ``worst_mistakes.png``, ``roc.png`` (two classes) and a self-contained ``report.html``.
+    Returns the metrics dict (see :func:`compute_metrics`) plus ``worst_mistakes`` (path, true
+    and predicted class with probabilities) and ``skipped`` (unusable files).
+    """
+    from convlens.evaluate import plots
+    from convlens.evaluate.report import render_report
+    from convlens.io import write_bytes, write_json, write_text
+
+    if isinstance(data, (str, os.PathLike)):
+        data = load_labelled_folder(data, meta)
+    skipped = list(getattr(data, "skipped", []) or [])
+    labels = np.asarray(data.labels, dtype=np.int64)
+    classes = list(meta.classes)
+    probs = predict_probabilities(model, meta, data.images, batch_size, device)
+    metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
+    pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
+    paths = list(data.paths)
+    worst = worst_mistakes(labels, probs, meta.threshold, GALLERY_SIZE) if len(labels) else []
+    unsure = least_confident_correct(labels, probs, meta.threshold, GALLERY_SIZE) if len(labels) else []
+    metrics["worst_mistakes"] = [
+        {"path": paths[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
+         "p_true": float(probs[i, labels[i]]), "p_predicted": float(probs[i, pred[i]])}
+        for i in worst
+    ]
+    metrics["skipped"] = [{"path": e.path, "kind": e.kind, "message": e.message} for e in skipped]
+    if out_dir is None:
+        return metrics
+
+    out = Path(out_dir)
+    figures: dict[str, bytes] = {}
+    if curves is not None:
+        figures["curves"] = curves
+    if len(labels):
+        figures["confusion"] = plots.confusion_png(metrics["confusion_matrix"], classes)
+        figures["calibration"] = plots.calibration_png(metrics["calibration"])
+        if metrics.get("roc"):
+            figures["roc"] = plots.roc_png(metrics["roc"], metrics.get("roc_auc"), classes[1])
+        figures["mistakes"] = plots.gallery_png(
+            [data.images[i] for i in worst], [_caption(classes, labels[i], probs[i], pred[i], paths[i]) for i in worst])
+        if unsure:
+            figures["uncertain"] = plots.gallery_png(
+                [data.images[i] for i in unsure], [_caption(classes, labels[i], probs[i], pred[i], paths[i]) for i in unsure])
+    files = {"confusion": "confusion_matrix.png", "calibration": "calibration.png", "roc": "roc.png",
+             "mistakes": "worst_mistakes.png", "uncertain": "least_confident.png"}
+    for key, name in files.items():
+        if key in figures:
+            write_bytes(out / name, figures[key])
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "predictions.csv", _predictions_csv(paths, labels, pred, probs, classes))
+    notes = []
+    if skipped:
+        notes.append(f"{len(skipped)} unusable files were skipped: "
+                     + "; ".join(f"{e.path} ({e.kind})" for e in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    write_text(out / "report.html", render_report(
+        title=title, subtitle=subtitle, metrics=metrics, figures=figures, config_yaml=config_yaml,
+        history=history, notes=notes, model_info=model_info(meta)))
+    if console is not None:
+        acc = metrics.get("accuracy")
+        console.print(f"evaluated {len(labels)} images: accuracy {acc:.4f}, macro F1 {metrics['macro']['f1']:.4f}"
+                      if acc is not None else "evaluated 0 images")
+    return metrics
+
+
+def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: int = 64,
+                     device: str = "auto") -> int:
+    """``convlens evaluate BUNDLE DIR``: metrics, figures and report.html in ``out``."""
+    import yaml
+    from rich.console import Console
+
+    from convlens import runtime
+    from convlens.bundle import load_model
+
+    runtime.tune_allocator()
+    runtime.configure_threads()
+    dev = runtime.resolve_device(device, "fp32")
+    model, meta = load_model(bundle, device=dev.device)
+    console = Console()
+    data = load_labelled_folder(dir, meta)
+    if data.note:
+        console.print(data.note)
+    if data.skipped:
+        from convlens.data.check import skipped_message
+
+        console.print(f"[yellow]{skipped_message(data.skipped)}[/yellow]")
+    bundle_path = Path(bundle)
+    out_dir = Path(out) if out else (bundle_path if bundle_path.is_dir() else bundle_path.parent) / "eval"
+
+    metrics = evaluate(model, meta, data, out_dir=out_dir, batch_size=batch_size, device=dev.device,
+                       config_yaml=yaml.safe_dump(meta.config, sort_keys=False) if meta.config else None,
+                       title=f"convlens evaluation of {bundle_path.name}", subtitle=f"on {dir}")
+    acc = metrics["accuracy"]
+    line = f"accuracy {acc:.4f}  macro F1 {metrics['macro']['f1']:.4f}  log loss {metrics['loss']:.4f}"
+    if metrics.get("roc_auc") is not None:
+        line += f"  ROC-AUC {metrics['roc_auc']:.4f}"
+    console.print(f"{len(data.labels)} images  {line}")
+    console.print(f"report: {out_dir / 'report.html'}  metrics: {out_dir / 'metrics.json'}")
+    return 0

@@ -1,0 +1,132 @@
+"""A self-contained ``report.html``: every figure embedded as base64, no scripts, no network."""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from typing import Any
+
+from convlens import __version__
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+color:#1d232a;padding:0 1rem;line-height:1.45}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #dde;
+padding-bottom:.2rem}.sub{color:#667;margin-top:0}
+.cards{display:flex;flex-wrap:wrap;gap:.8rem}.card{border:1px solid #dde;border-radius:8px;padding:.6rem 1rem;
+min-width:8rem}.card b{display:block;font-size:1.4rem}.card span{color:#667;font-size:.85rem}
+table{border-collapse:collapse;font-size:.9rem}td,th{border:1px solid #dde;padding:.25rem .6rem;text-align:right}
+th{background:#f4f6f9}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;height:auto}.figs{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
+pre{background:#f4f6f9;padding:.8rem;border-radius:6px;overflow-x:auto;font-size:.85rem}
+.note{color:#8a5a00}
+"""
+
+
+def img_tag(png: bytes, alt: str) -> str:
+    """An ``<img>`` with the PNG embedded as a data URI."""
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_report(
+    *,
+    title: str,
+    metrics: dict[str, Any],
+    figures: dict[str, bytes] | None = None,
+    config_yaml: str | None = None,
+    history: Sequence[dict[str, Any]] | None = None,
+    notes: Sequence[str] = (),
+    subtitle: str = "",
+    model_info: dict[str, Any] | None = None,
+) -> str:
+    """The report as one HTML string.
+
+    ``figures`` keys used: ``curves``, ``confusion``, ``roc``, ``calibration``, ``mistakes``,
+    ``uncertain`` (any missing one is left out). ``model_info``: rows of a "Model" table.
+    """
+    figures = figures or {}
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='sub'>{html.escape(subtitle)}</p>" if subtitle else "",
+    ]
+    for n in notes:
+        parts.append(f"<p class='note'>{html.escape(n)}</p>")
+
+    cards = [
+        ("accuracy", metrics.get("accuracy")),
+        ("macro F1", (metrics.get("macro") or {}).get("f1")),
+        ("log loss", metrics.get("loss")),
+        ("ROC-AUC", metrics.get("roc_auc")),
+        ("images", metrics.get("num_samples")),
+        ("classes", len(metrics.get("classes", []))),
+    ]
+    parts.append("<div class='cards'>" + "".join(
+        f"<div class='card'><b>{_fmt(v)}</b><span>{html.escape(k)}</span></div>" for k, v in cards
+        if v is not None) + "</div>")
+
+    if "curves" in figures or history:
+        parts.append("<h2>Training</h2>")
+        if "curves" in figures:
+            parts.append(img_tag(figures["curves"], "loss and accuracy per epoch"))
+        if history:
+            keys = [k for k in history[0] if k != "epoch"]
+            parts.append(_table(["epoch", *keys], [[r.get("epoch"), *(r.get(k) for k in keys)] for r in history]))
+
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        parts.append("<h2>Per class</h2>")
+        rows = [[c, m["precision"], m["recall"], m["f1"], m["support"]] for c, m in per_class.items()]
+        for avg in ("macro", "weighted"):
+            m = metrics.get(avg) or {}
+            if m:
+                rows.append([f"{avg} average", m["precision"], m["recall"], m["f1"], metrics.get("num_samples")])
+        parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
+
+    if metrics.get("thresholds"):
+        classes = metrics.get("classes", ["0", "1"])
+        parts.append(f"<h2>Decision threshold (positive class: {html.escape(str(classes[1]))})</h2>")
+        parts.append(f"<p>The model predicts {html.escape(str(classes[1]))} when its probability is at least "
+                     f"the threshold (used: {_fmt(metrics.get('threshold'), 2)}).</p>")
+        parts.append(_table(["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"],
+                            [[t["threshold"], t["precision"], t["recall"], t["f1"], t["accuracy"], t["positives"]]
+                             for t in metrics["thresholds"]]))
+
+    figs = [(k, alt) for k, alt in (("confusion", "confusion matrix"), ("roc", "ROC curve"),
+                                    ("calibration", "calibration plot")) if k in figures]
+    if figs:
+        parts.append("<h2>Errors and calibration</h2><div class='figs'>")
+        parts.extend(img_tag(figures[k], alt) for k, alt in figs)
+        parts.append("</div>")
+
+    for key, head in (("mistakes", "Worst mistakes (lowest probability for the true class)"),
+                      ("uncertain", "Least confident correct predictions")):
+        if key in figures:
+            parts.append(f"<h2>{head}</h2>")
+            parts.append(img_tag(figures[key], head))
+
+    if model_info:
+        parts.append("<h2>Model</h2>")
+        parts.append(_table(["", ""], [[k, v] for k, v in model_info.items()]))
+    if config_yaml:
+        parts.append("<h2>Configuration</h2>")
+        parts.append(f"<pre>{html.escape(config_yaml)}</pre>")
+    parts.append(f"<p class='sub'>convlens {html.escape(__version__)}</p></body></html>")
+    return "\n".join(p for p in parts if p)

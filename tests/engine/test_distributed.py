@@ -1,0 +1,231 @@
+"""Multi-process training: torchrun launch, DDP equivalence with one process, failure handling.
+
+The equivalence test uses the ``tiny`` model (no batch norm, no dropout), fp32 and no
+augmentation: DDP averages the per-rank gradients of per-rank mean losses, which equals the
+gradient of the global batch's mean loss when the ranks hold equal shares; batch norm would
+normalise each rank's half-batch with its own statistics, bf16 would round differently for
+different batch shapes, and random augmentation draws per rank. Then 2 processes must end
+with the weights of 1 process up to float rounding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from convlens.cli import _train_overrides, build_parser, main
+from convlens.data.loader import BatchLoader
+from convlens.engine import distributed
+from convlens.engine.checkpoint import load_checkpoint
+from convlens.engine.distributed import Dist
+from convlens.engine.trainer import make_model, train
+from convlens.errors import ConfigError
+from tests.engine.helpers import make_dataset, tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo launch is tested on POSIX")
+# What both the one- and the two-process runs use: see the module docstring for why.
+EXACT = {"precision": "fp32", "flip": False, "device": "cpu", "threads": 1, "seed": 5}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["CONVLENS_DDP_TIMEOUT"] = "60"  # a deadlock fails the test instead of hanging it
+    return env
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("ddp") / "ds", classes=2, per_class=20, size=16)
+
+
+# ----------------------------------------------------------------------------- unit
+def test_environment_gives_rank_and_world(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert distributed.from_env() == Dist() and Dist().is_main and not Dist().enabled
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    d = distributed.from_env()
+    assert (d.rank, d.local_rank, d.world_size, d.local_world_size) == (3, 1, 4, 2)
+    assert d.enabled and not d.is_main and distributed.under_torchrun()
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match="RANK=4"):
+        distributed.from_env()
+
+
+def test_global_batch_is_split_between_processes() -> None:
+    assert Dist(world_size=4).per_process_batch(64) == 16
+    with pytest.raises(ConfigError, match=r"divisible .*--batch-size 63.*Received: batch_size=64"):
+        Dist(world_size=3).per_process_batch(64)
+
+
+def test_threads_split_the_cores_between_local_processes() -> None:
+    cores = distributed.usable_cores()
+    assert Dist().default_threads() == cores
+    assert Dist(world_size=2, local_world_size=2).default_threads() == max(1, cores // 2)
+
+
+def test_one_process_collectives_are_identity() -> None:
+    d = Dist()
+    assert d.sum([1.5, 2]) == [1.5, 2]
+    assert d.broadcast("x") == "x"
+    assert d.sum_values({"a": 1.0, "b": 2}, ["a"]) == {"a": 1.0, "b": 2}
+    with d.main_first():
+        pass
+
+
+def test_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONVLENS_DDP_TIMEOUT", raising=False)
+    assert distributed.timeout_seconds() == distributed.DEFAULT_TIMEOUT_S
+    monkeypatch.setenv("CONVLENS_DDP_TIMEOUT", "12.5")
+    assert distributed.timeout_seconds() == 12.5
+    monkeypatch.setenv("CONVLENS_DDP_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="CONVLENS_DDP_TIMEOUT"):
+        distributed.timeout_seconds()
+
+
+def test_relaunch_arguments_reparse_to_the_same_overrides() -> None:
+    argv = ["train", "some/dir", "--nproc", "2", "--seed=-3", "--no-flip", "--channels-last", "--mean", "0.5", "0.4",
+            "0.3", "--lr", "0.01", "--name", "a b", "--preset", "tutorial"]
+    parser = build_parser()
+    overrides = _train_overrides(parser.parse_args(argv))
+    args = distributed.cli_arguments(overrides, config_file="c.yaml", resume=None)
+    assert "--nproc" not in " ".join(args) and args[:3] == ["some/dir", "--config", "c.yaml"]
+    again = _train_overrides(parser.parse_args(["train", *args]))
+    assert again == {k: v for k, v in overrides.items() if k != "nproc"}
+    cmd = distributed.torchrun_command(2, args)
+    assert cmd[:3] == [sys.executable, "-m", "convlens.engine.distributed"]
+    assert "--nproc-per-node=2" in cmd and cmd[cmd.index("-m", 3):][:3] == ["-m", "convlens", "train"]
+
+
+def test_shards_of_global_batch_k_are_the_single_process_batch_k() -> None:
+    """The property the equivalence rests on: ranks split each global batch between them."""
+
+    class Subset:
+        images = np.arange(26, dtype=np.uint8).reshape(26, 1, 1, 1)
+        labels = np.zeros(26, dtype=np.int64)
+
+    one = BatchLoader(Subset(), 8, shuffle=True, seed=3)
+    shards = [BatchLoader(Subset(), 4, shuffle=True, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for loader in (one, *shards):
+        loader.set_epoch(2)
+    batches = [sorted(x.flatten().tolist()) for x, _ in one]
+    per_rank = [[x.flatten().tolist() for x, _ in s] for s in shards]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(batches)
+    for k, batch in enumerate(batches):
+        assert sorted(per_rank[0][k] + per_rank[1][k]) == batch
+
+
+def test_indivisible_global_batch_fails_before_launching(data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", str(data), "--nproc", "3", "--batch-size", "8", "--project", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "batch_size=8" in err
+    assert not (tmp_path / "runs").exists()  # nothing was started or written
+
+
+# ----------------------------------------------------------------------------- processes
+def _metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@posix_only
+def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
+    common = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
+              "--precision", "fp32", "--no-flip", "--device", "cpu", "--threads", "1", "--seed", "5",
+              "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs")]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", "--name", "ddp",
+                           *common], capture_output=True, text=True, env=_env(), timeout=240, cwd=tmp_path)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # Rank 0 alone prints and writes: one run folder, one set of epoch lines.
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp"]
+    assert proc.stdout.count("epoch 2/2") == 1 and "2 processes" in proc.stdout
+    ddp_run = tmp_path / "runs" / "ddp"
+    assert (ddp_run / "model.convlens").is_file() and (ddp_run / "report.html").is_file()
+    assert "nproc: 2" in (ddp_run / "config.yaml").read_text()
+
+    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=Console(file=io.StringIO()))
+    a = load_checkpoint(ddp_run / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # Trained weights, not two untouched initialisations.
+    torch.manual_seed(EXACT["seed"])
+    init = make_model("tiny", 2, 3, 16).state_dict()
+    assert max(float((a[k].float() - init[k].float()).abs().max()) for k in a) > 1e-3
+    # Metrics are reduced over both ranks: the same sums as one process over the same samples.
+    for ra, rb in zip(_metrics(ddp_run), _metrics(single.run_dir), strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-4, abs=1e-5), key
+    assert elapsed < 120, f"two-process run took {elapsed:.0f} s"
+
+
+FAILING_WORKER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from convlens.engine import distributed
+    from convlens.engine.trainer import make_model, train
+    from tests.engine.helpers import tiny_config
+
+    data, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+    rank = int(os.environ["RANK"])
+    (tmp / f"pid{rank}").write_text(str(os.getpid()))
+
+    def fail_in_rank_1(epoch: int, step: int) -> None:
+        if rank == 1 and step == 1:
+            raise RuntimeError("injected failure in rank 1")
+
+    try:
+        train(tiny_config(data, tmp, precision="fp32", flip=False, epochs=50), on_step=fail_in_rank_1)
+    finally:
+        distributed.cleanup()
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "\nState:\tZ" in status.read_text())
+
+
+@posix_only
+def test_a_failing_rank_stops_every_rank(data: Path, tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(FAILING_WORKER)
+    cmd = distributed.torchrun_command(2, [])[:5] + [str(script), str(data), str(tmp_path)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180, cwd=tmp_path)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1  # the failed rank's exit code (an uncaught exception)
+    assert "injected failure in rank 1" in proc.stderr and "process 1 of the distributed job failed first" in proc.stderr
+    assert elapsed < 90, f"the job took {elapsed:.0f} s to stop"
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "a worker process outlived the job"
+    # Rank 0 never finished an epoch of 50: no bundle was written.
+    runs = tmp_path / "runs"
+    assert not any(runs.glob("*/model.convlens"))
