@@ -18,7 +18,7 @@ browser:
 	  || echo "note: could not install chromium; browser tests will be skipped"; }
 
 demo: install
-	$(BIN)/convlens summary tutorial_cnn --input 300x300x3 --classes 2
+	$(BIN)/convlens train
 
 test: install-test browser
 	$(BIN)/ruff check src tests benchmarks
@@ -26,6 +26,11 @@ test: install-test browser
 
 bench: install
 	$(BIN)/python benchmarks/data.py
+
+# Regenerate docs/figures/ from the commands in docs/tutorial.md (BUNDLE=runs/tutorial/model.convlens
+# draws the class activation maps with a fully trained model instead of a short run).
+docs: install
+	$(BIN)/python docs/make_figures.py $(if $(BUNDLE),--bundle $(BUNDLE))
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -10,7 +10,8 @@ import pytest
 from convlens import __version__
 from convlens.cli import build_parser, main
 
-VERBS = ["summary", "check", "preview", "train", "lr-find", "evaluate", "predict", "explain", "export", "serve"]
+VERBS = ["summary", "check", "preview", "train", "lr-find", "evaluate", "predict", "explain", "export", "serve",
+         "inspect", "demo-layer"]
 
 
 def test_version(capsys) -> None:

@@ -120,6 +120,20 @@ def _cmd_explain(a: argparse.Namespace) -> int:
                            device=a.device)
 
 
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from convlens.learn.inspect import inspect_command
+
+    return inspect_command(a.model, a.image, out=a.out, max_maps=a.max_maps, image_size=a.image_size)
+
+
+def _cmd_demo_layer(a: argparse.Namespace) -> int:
+    from convlens.learn.demo_layer import demo_layer_command
+
+    return demo_layer_command(a.kind, a.image, a.out, size=a.size, compare=a.compare, seed=a.seed,
+                              kernel=a.kernel, stride=a.stride, padding=a.padding, filters=a.filters,
+                              weights=a.weights, rate=a.rate, factor=a.factor, mode=a.mode)
+
+
 def _cmd_export(a: argparse.Namespace) -> int:
     from convlens.export import export_command
 
@@ -238,6 +252,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="class_name", default=None, help="class to explain (default: predicted)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     s.set_defaults(func=_cmd_explain)
+
+    s = _add(sub, "inspect", "show every layer's output shape and feature maps for one image (HTML page)")
+    s.add_argument("model", help="model bundle (model.convlens), registry name or YAML/JSON layer file "
+                                 "(random weights)")
+    s.add_argument("image", help="image file")
+    s.add_argument("--out", default="inspect", help="output folder (inspect.html, inspect.json)")
+    s.add_argument("--max-maps", type=int, default=16, help="feature maps shown per layer")
+    s.add_argument("--image-size", type=int, default=None,
+                   help="input size for a MODEL (default: 128; a bundle uses its own preprocessing)")
+    s.set_defaults(func=_cmd_inspect)
+
+    s = _add(sub, "demo-layer", "apply one building block to a photo and draw input beside output")
+    s.add_argument("kind", metavar="KIND", help="conv | max_pool | avg_pool | relu | dropout | batch_norm | "
+                                                "upsample | conv_transpose")
+    s.add_argument("image", help="image file")
+    s.add_argument("--out", default="demo.png", help="output figure (.png, .jpg, .svg, .pdf, .webp)")
+    s.add_argument("--kernel", type=int, default=None, help="kernel / pool size (default: 3; 2 for pools)")
+    s.add_argument("--stride", type=int, default=None,
+                   help="stride (default: 1; the pool size for pools; 2 for conv_transpose)")
+    s.add_argument("--padding", default=None, help="valid | same (default: valid; same for relu, conv_transpose)")
+    s.add_argument("--filters", type=int, default=None, help="conv filters, with --weights random (default: 1)")
+    s.add_argument("--weights", default=None, help="sobel-x | sobel-y | sharpen | box | edge | emboss | random "
+                                                   "(default: sobel-x, or box when --kernel is not 3; box for conv_transpose)")
+    s.add_argument("--rate", type=float, default=None, help="dropout rate (default: 0.5)")
+    s.add_argument("--factor", type=int, default=None, help="upsampling factor (default: 2)")
+    s.add_argument("--mode", default=None, help="upsampling: nearest | bilinear (default: nearest)")
+    s.add_argument("--compare", metavar="KIND|KEY=VALUE", default=None,
+                   help="draw a second variant: another KIND (avg_pool, conv_transpose) or overrides "
+                        "like padding=same or stride=2,kernel=5 (default: none)")
+    s.add_argument("--size", type=int, default=None,
+                   help="square input side in pixels, centre-cropped (default: 300; 64 for upsample, conv_transpose)")
+    s.add_argument("--seed", type=int, default=0, help="seed for random weights and dropout")
+    s.set_defaults(func=_cmd_demo_layer)
 
     s = _add(sub, "export", "export a bundle to ONNX or TorchScript")
     s.add_argument("bundle", help="model bundle (model.convlens)")

@@ -135,7 +135,7 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
 def coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert ``value`` (already parsed by YAML, or a string from the command line) to ``tp``."""
     optional, inner = _is_optional(tp)
-    if isinstance(value, str) and not (inner is str):
+    if isinstance(value, str) and inner is not str:
         value = yaml.safe_load(value) if value.strip() else None
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         if optional:
