@@ -74,6 +74,15 @@ def test_global_batch_is_split_between_processes() -> None:
         Dist(world_size=3).per_process_batch(64)
 
 
+def test_preflight_refuses_what_every_process_would_refuse() -> None:
+    distributed.preflight(2, 8, "cpu")
+    with pytest.raises(ConfigError, match="batch_size=8"):
+        distributed.preflight(3, 8, "cpu")
+    if torch.cuda.device_count() < 2:  # no GPU: cuda is refused; one GPU: two processes are
+        with pytest.raises(ConfigError, match="cuda|GPU"):
+            distributed.preflight(2, 8, "cuda")
+
+
 def test_threads_split_the_cores_between_local_processes() -> None:
     cores = distributed.usable_cores()
     assert Dist().default_threads() == cores
@@ -137,6 +146,15 @@ def test_indivisible_global_batch_fails_before_launching(data: Path, tmp_path: P
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "batch_size=8" in err
     assert not (tmp_path / "runs").exists()  # nothing was started or written
+
+
+def test_library_call_with_nproc_outside_torchrun_is_refused(data: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ConfigError, match=r"convlens train --nproc 2.*Received: nproc=2"):
+        train(tiny_config(data, tmp_path, nproc=2), console=Console(file=io.StringIO()))
+    assert not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------- processes

@@ -255,6 +255,23 @@ def should_launch(nproc: int) -> bool:
     return nproc > 1 and not under_torchrun()
 
 
+def preflight(nproc: int, batch_size: int, device: str = "auto", precision: str = "auto") -> None:
+    """Refuse before starting anything what every process would refuse after starting:
+    an indivisible global batch, more CUDA processes than GPUs, an unsupported device."""
+    from convlens.runtime import resolve_device
+
+    Dist(world_size=nproc, local_world_size=nproc).per_process_batch(batch_size)
+    dev = resolve_device(device, precision)
+    if dev.type == "cuda":
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise ConfigError(f"{nproc} processes need {nproc} GPUs (one each); this machine has "
+                              f"{torch.cuda.device_count()}. Lower --nproc. Received: nproc={nproc}")
+    elif dev.type != "cpu":
+        raise ConfigError(f"multi-process training runs on cpu or cuda devices. Received: device={dev.device!r}")
+
+
 def cli_arguments(overrides: dict[str, Any], config_file: str | None = None,
                   resume: str | None = None) -> list[str]:
     """The ``convlens train`` arguments that reproduce ``overrides`` (without ``--nproc``)."""

@@ -363,7 +363,7 @@ class Trainer:
 
         # torchrun's environment (one process without it); only rank 0 prints and writes files.
         self.dist = dist = distributed.from_env()
-        if cfg.nproc > 1 and not dist.enabled:
+        if cfg.nproc > 1 and not distributed.under_torchrun():
             raise ConfigError(f"nproc > 1 runs one process per rank: use `convlens train --nproc {cfg.nproc}` "
                               f"or torchrun. Received: nproc={cfg.nproc}")
         self.console = dist.console(console or Console())
@@ -456,8 +456,8 @@ class Trainer:
         self.start_epoch, self.skip_steps = int(state["epoch"]), int(state["step_in_epoch"])
         if state.get("finished"):  # interrupted while evaluating: only the evaluation is left
             self.start_epoch, self.skip_steps = self.cfg.epochs, 0
-        if self.skip_steps:
-            self.partial = dict(state["partial"])
+        if self.skip_steps:  # the sums so far count once: on rank 0 (they are summed over ranks)
+            self.partial = dict(state["partial"]) if self.dist.is_main else _fresh_partial()
             self.mid_epoch_rng = state["rng"]
         best_file = self.ckpt_dir / BEST
         if self.best.get("epoch") is not None and best_file.is_file():
@@ -707,7 +707,7 @@ def train_command(overrides: dict[str, Any], config_file: str | None = None, res
                           f"config.yaml. Received: --config {config_file!r}")
     cfg = resume_config(resume, overrides) if resume else command_config(overrides, config_file)
     if distributed.should_launch(cfg.nproc):
-        distributed.Dist(world_size=cfg.nproc).per_process_batch(cfg.batch_size)  # fail before starting
+        distributed.preflight(cfg.nproc, cfg.batch_size, cfg.device, cfg.precision)  # fail before starting
         prepare_data(cfg, Console())  # check and cache once, before N processes start
         return distributed.launch(cfg.nproc, distributed.cli_arguments(overrides, config_file, resume))
     try:
