@@ -93,3 +93,23 @@ def test_resolved_config_round_trips_through_yaml() -> None:
 def test_every_preset_resolves() -> None:
     for name in PRESETS:
         assert resolve_train_config(name).preset == name
+
+
+def test_model_args_from_flag_text_and_file(tmp_path) -> None:
+    cfg = resolve_train_config(None, None, {"model": "mini_xception", "model_args": "{width: 0.25}"})
+    assert cfg.model_args == {"width": 0.25}
+    f = tmp_path / "c.yaml"
+    f.write_text("model: resnet8\nmodel_args: {widths: [16, 32, 64]}\n")
+    assert resolve_train_config(None, f).model_args == {"widths": [16, 32, 64]}
+    with pytest.raises(ConfigError, match="model_args must be dict"):
+        resolve_train_config(None, None, {"model_args": "[1, 2]"})
+
+
+def test_model_args_reach_the_model() -> None:
+    from convlens.engine.trainer import make_model
+    from convlens.errors import SpecError
+
+    narrow = make_model("resnet8", 2, 3, 32, {"widths": [8, 16, 32], "stem_width": 8})
+    assert narrow.head.fc.in_features == 32
+    with pytest.raises(SpecError, match="Did you mean 'width'"):
+        make_model("mini_xception", 2, 3, 32, {"widht": 0.5})

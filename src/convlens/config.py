@@ -44,6 +44,7 @@ class TrainConfig:
     workers: int = field(default=0, metadata={"help": "decoding processes (0 = all cores)"})
     # --- model ---
     model: str = field(default="resnet8", metadata={"help": "registry name or a YAML/JSON layer file"})
+    model_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments of a registered model, as YAML: '{width: 1.0}'"})
     # --- input scaling (stored in the bundle: training and prediction always agree) ---
     scale: float = field(default=1 / 255, metadata={"help": "pixel scale: 1/255 maps 0-255 to 0-1; 1.0 keeps 0-255 (tutorial)"})
     mean: list[float] = field(default_factory=lambda: [0.0], metadata={"help": "per-channel mean subtracted after scaling"})
@@ -167,6 +168,10 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             (item_tp,) = typing.get_args(inner)
             items = value if isinstance(value, (list, tuple)) else [value]
             return [coerce(key, v, item_tp) for v in items]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return {str(k): v for k, v in value.items()}
     except (TypeError, ValueError):
         pass
     else:

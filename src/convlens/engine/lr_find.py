@@ -105,7 +105,7 @@ def lr_find(
     num_classes = len(prepared.classes)
     prep = prepared.preprocessing
     torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model, num_classes, prep.channels, cfg.image_size).to(dev.device)
+    model = make_model(cfg.model, num_classes, prep.channels, cfg.image_size, cfg.model_args).to(dev.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()

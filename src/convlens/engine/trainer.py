@@ -119,11 +119,12 @@ def make_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path
     raise ConfigError(f"no free run folder name for {name!r} in {str(parent)!r}; choose another --name")
 
 
-def make_model(spec: str, num_classes: int, in_channels: int, image_size: int) -> Any:
-    """A registry name, or a YAML/JSON layer-list file (models' ``build_model``)."""
+def make_model(spec: str, num_classes: int, in_channels: int, image_size: int,
+               model_args: dict[str, Any] | None = None) -> Any:
+    """A registry name (with ``model_args``), or a YAML/JSON layer-list file (models' ``build_model``)."""
     from convlens.models.registry import build_model
 
-    return build_model(spec, num_classes, in_channels, input_size=image_size)
+    return build_model(spec, num_classes, in_channels, input_size=image_size, **(model_args or {}))
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
@@ -404,7 +405,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
         num_classes = len(self.classes)
-        model = make_model(cfg.model, num_classes, self.prep.channels, cfg.image_size).to(dev.device)
+        model = make_model(cfg.model, num_classes, self.prep.channels, cfg.image_size,
+                           cfg.model_args).to(dev.device)
         self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
         train_set, val_set = self.prepared.train, self.prepared.val
         self.n_train = len(train_set.labels)

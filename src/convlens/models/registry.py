@@ -127,5 +127,8 @@ def build_model(model: str | os.PathLike[str] | Sequence[dict[str, Any]], num_cl
     if name in _REGISTRY:
         return create(name, num_classes, in_channels, **kwargs)
     if is_layer_file(name):
+        if kwargs:
+            raise SpecError(f"model arguments apply to registered models only; put options for a layer file "
+                            f"in the file itself. Received: {kwargs!r} for {name!r}")
         return build_from_spec(name, num_classes, in_channels, input_size)
     raise _unknown_model(name)
