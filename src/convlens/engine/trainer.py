@@ -71,9 +71,9 @@ METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc"
 # Fields that do not change the result; everything else must match to resume a run.
 RESUME_MUTABLE = {"epochs", "patience", "device", "precision", "threads", "workers", "cache_dir", "nproc",
                   "project", "name", "exist_ok", "channels_last", "preset"}
-# The embedded digits are 8x8: train them small and unflipped (a mirrored 2 is not a 2), and
-# for 10 epochs (~97% validation accuracy), so `convlens train` shows the pipeline in about a minute.
-DIGITS_DEFAULTS = {"image_size": 32, "flip": False, "epochs": 10}
+# The embedded digits are 8x8: train them small, unflipped and uncropped (a mirrored 2 is not a 2,
+# a cropped 8 may be a 0), for 10 epochs, so `convlens train` shows the pipeline in about a minute.
+DIGITS_DEFAULTS = {"image_size": 32, "flip": False, "crop_scale": 1.0, "epochs": 10}
 
 
 class TrainingInterrupted(Exception):
