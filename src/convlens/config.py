@@ -35,7 +35,7 @@ class TrainConfig:
     val_fraction: float = field(default=0.2, metadata={"help": "validation fraction when the folder is not pre-split"})
     test_fraction: float = field(default=0.0, metadata={"help": "held-out test fraction when the folder is not pre-split"})
     seed: int = field(default=1337, metadata={"help": "seed for the split, initialisation and augmentation"})
-    image_size: int = field(default=128, metadata={"help": "square input size in pixels"})
+    image_size: int = field(default=112, metadata={"help": "square input size in pixels"})
     resize: str = field(default="squash", metadata={"help": "resize policy: squash | crop | pad"})
     channels: int = field(default=0, metadata={"help": "input channels: 0 = auto (1 if every image is grayscale), 1 or 3"})
     cache_dir: str | None = field(default=None, metadata={"help": "decoded-image cache folder (default: user cache dir)"})
@@ -86,7 +86,7 @@ class TrainConfig:
 # Presets override the dataclass defaults; a config file and flags override the preset.
 PRESETS: dict[str, dict[str, Any]] = {
     # The dataclass defaults: the best accuracy per CPU-minute found on cats_and_dogs_filtered
-    # (resnet8 at 128 px, random resized crops, label smoothing, AdamW one-cycle; docs/benchmarks.md).
+    # (resnet8 at 112 px, random resized crops, label smoothing, AdamW one-cycle; docs/benchmarks.md).
     "default": {},
     # The tutorial's recipe, faithfully: its model, 300x300 inputs on the 0-255 scale, batch 128,
     # RandomFlip + RandomRotation(0.1), RMSprop(1e-3), 25 epochs.

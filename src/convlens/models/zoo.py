@@ -136,7 +136,7 @@ class ResNet8(_ZooModel):
     feature_units = (("stem", "conv_bn_relu"), ("stage1", "basic_block"),
                      ("stage2", "basic_block"), ("stage3", "basic_block"))
 
-    def __init__(self, num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128),
+    def __init__(self, num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (48, 96, 192),
                  stem_width: int = 32) -> None:
         super().__init__(num_classes, in_channels)
         if len(widths) != 3 or any(int(w) < 1 for w in widths) or int(stem_width) < 1:
@@ -159,9 +159,13 @@ class ResNet8(_ZooModel):
 
 
 @register_model
-def resnet8(num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128),
+def resnet8(num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (48, 96, 192),
             stem_width: int = 32) -> ConvlensModel:
-    """A small ResNet with batch norm (3x3/2 stem + 3 basic blocks, GAP, dense): the default model."""
+    """A small ResNet with batch norm (3x3/2 stem + 3 basic blocks, GAP, dense): the default model.
+
+    Widths 48/96/192 trained as fast per image as 32/64/128 on a 2-core CPU (the step is bound by
+    memory traffic, not multiply-adds) and reached 81.3% against 78.7% on cats_and_dogs_filtered.
+    """
     return ResNet8(num_classes, in_channels, tuple(widths), stem_width)
 
 
