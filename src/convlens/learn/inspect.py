@@ -60,10 +60,9 @@ class LayerView:
     @property
     def keras_shape(self) -> str:
         """``(None, H, W, C)`` as ``convlens summary`` prints it."""
-        if len(self.shape) == 3:
-            c, h, w = self.shape
-            return f"(None, {h}, {w}, {c})"
-        return "(None, " + ", ".join(str(d) for d in self.shape) + ")"
+        from convlens.models.summary import keras_shape
+
+        return keras_shape(tuple(self.shape))
 
 
 @dataclass

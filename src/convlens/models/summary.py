@@ -58,6 +58,14 @@ def parse_input_shape(value: str | Sequence[int]) -> tuple[int, int, int]:
                       f"Received: input_shape={value!r}")
 
 
+
+def keras_shape(shape: tuple[int, ...]) -> str:
+    """A PyTorch ``(C, H, W)`` (or flat) shape as Keras prints it: ``(None, H, W, C)``."""
+    if len(shape) == 3:
+        c, h, w = shape
+        return f"(None, {h}, {w}, {c})"
+    return "(None, " + ", ".join(str(d) for d in shape) + ")"
+
 @dataclass
 class LayerRow:
     """One layer (or block) of a summary."""
@@ -73,10 +81,7 @@ class LayerRow:
     @property
     def keras_shape(self) -> str:
         """The output shape as Keras prints it: ``(None, H, W, C)``."""
-        if len(self.output_shape) == 3:
-            c, h, w = self.output_shape
-            return f"(None, {h}, {w}, {c})"
-        return "(None, " + ", ".join(str(d) for d in self.output_shape) + ")"
+        return keras_shape(self.output_shape)
 
 
 @dataclass
