@@ -1,5 +1,7 @@
 """Errors that are the user's to fix.
 
+Every error convlens raises on purpose is a :class:`ConvlensError` (``convlens.ConvlensError``):
+from Python, ``except convlens.ConvlensError`` catches exactly what the CLI reports as one line.
 A :class:`UserError` is printed by the CLI as one line (no traceback unless ``--debug``) and
 exits with code 2. Messages follow Keras's style: say what is wrong, what was received and
 what to do, e.g. ``"padding must be 'valid' or 'same'. Received: padding='foo'"``.
@@ -8,7 +10,11 @@ what to do, e.g. ``"padding must be 'valid' or 'same'. Received: padding='foo'"`
 from __future__ import annotations
 
 
-class UserError(Exception):
+class ConvlensError(Exception):
+    """The base of every error convlens raises on purpose; ``str(e)`` is the one-line message."""
+
+
+class UserError(ConvlensError):
     """A problem with the user's input: an option, a file, a folder or a model spec."""
 
     exit_code = 2
@@ -30,7 +36,7 @@ class BundleError(UserError):
     """A model bundle that is missing, truncated, tampered with or mismatched."""
 
 
-class ImageError(Exception):
+class ImageError(ConvlensError):
     """One image that cannot be used. Never fatal to a run: the file is skipped and reported.
 
     ``kind`` is a short machine-readable reason (``zero_bytes``, ``not_image``, ``truncated``,

@@ -567,6 +567,23 @@ def print_skipped(skipped: Sequence[ImageError], console: Any) -> None:
         console.print(f"  {_display(e.path)}: {e.message}", markup=False, highlight=False)
 
 
+def _print_predictions(preds: Sequence[Prediction], console: Any, top_k: int, out: str | None) -> None:
+    """The predictions table; piped, tab-separated lines of every prediction with usable paths."""
+    from convlens.display import is_interactive, print_table
+
+    header = ["file", "label", "probability"] + ([f"top-{top_k}"] if top_k > 1 else [])
+    interactive = is_interactive(console)
+    # Piped output keeps every row and paths a program can open (not shortened to a base folder).
+    base = display_base([pr.path for pr in preds]) if interactive else None
+    limit = 50 if out and interactive else len(preds)  # the file holds everything; keep the terminal readable
+    rows = [[_display(pr.path, base), pr.label, f"{pr.probability:.4f}"]
+            + ([", ".join(f"{c} {p:.3f}" for c, p in pr.top_k)] if top_k > 1 else []) for pr in preds[:limit]]
+    print_table(header, rows, console=console, caption=f"paths relative to {base}" if base else None,
+                right=("probability",), fold=("file",))
+    if len(preds) > limit:
+        console.print(f"... and {len(preds) - limit} more in {out}")
+
+
 def predict_command(
     model: str,
     paths: Sequence[str],
@@ -589,7 +606,6 @@ def predict_command(
         TextColumn,
         TimeRemainingColumn,
     )
-    from rich.table import Table
 
     from convlens.runtime import tune_allocator
 
@@ -614,23 +630,7 @@ def predict_command(
     preds = [r for r in results if isinstance(r, Prediction)]
     skipped = [r for r in results if isinstance(r, ImageError)]
     if preds:
-        base = display_base([pr.path for pr in preds])
-        table = Table(show_edge=False, header_style="bold",
-                      caption=f"paths relative to {base}" if base else None)
-        table.add_column("file", overflow="fold")
-        table.add_column("label")
-        table.add_column("probability", justify="right")
-        if top_k > 1:
-            table.add_column(f"top-{min(top_k, clf.num_classes)}")
-        limit = 50 if out else len(preds)  # the file holds everything; keep the terminal readable
-        for pr in preds[:limit]:
-            row = [_display(pr.path, base), pr.label, f"{pr.probability:.4f}"]
-            if top_k > 1:
-                row.append(", ".join(f"{c} {p:.3f}" for c, p in pr.top_k))
-            table.add_row(*row)
-        stdout.print(table)
-        if len(preds) > limit:
-            stdout.print(f"... and {len(preds) - limit} more in {out}")
+        _print_predictions(preds, stdout, top_k=min(top_k, clf.num_classes), out=out)
     if out:
         write_predictions(out, clf.classes, results, model=os.fspath(model))
         stderr.print(f"wrote {len(results)} rows to {out}", highlight=False)

@@ -228,6 +228,17 @@ class CheckReport:
     def exit_code(self) -> int:
         return 1 if self.has_problems else 0
 
+    def _repr_html_(self) -> str:  # Jupyter shows this instead of the repr
+        return report_html(self)
+
+    def findings(self) -> list[Finding]:
+        """Every problem and warning, as the findings table shows them."""
+        return findings(self)
+
+    def quarantine(self, qdir: str | os.PathLike[str]) -> Path:
+        """Move the unusable files into ``qdir`` (outside the dataset); return the undo manifest."""
+        return quarantine(self, qdir)
+
     def to_dict(self) -> dict[str, Any]:
         by_kind: dict[str, list[dict[str, str]]] = defaultdict(list)
         for r in self.unusable:
@@ -311,72 +322,134 @@ def _names(paths: list[str]) -> str:
     return shown + (f", ... (+{len(paths) - SHOW} more)" if len(paths) > SHOW else "")
 
 
-def print_report(report: CheckReport, console: Any = None) -> None:
-    """Render the report as rich tables."""
+@dataclass
+class Finding:
+    """One row of the findings table: ``severity`` is unusable, warning, dataset or note; ``kind``
+    is machine-readable (an ``ImageError`` kind, a warning, or e.g. ``duplicate``, ``imbalance``);
+    ``items`` are the files (or classes, or ``a = b`` groups) it concerns."""
+
+    severity: str
+    kind: str
+    text: str
+    items: list[str] = field(default_factory=list)
+    note: str = ""
+    files: int | None = None  # files concerned, when not one per item (duplicate groups)
+
+    @property
+    def count(self) -> str:
+        """The table's ``files`` cell."""
+        return str(self.files if self.files is not None else len(self.items)) if self.items else ""
+
+
+def findings(report: CheckReport) -> list[Finding]:
+    """Every problem and warning of ``report`` in the order the table shows them."""
+    d = report.to_dict()
+    out = [Finding("unusable", k, UNUSABLE_TEXT.get(k, k), [i["path"] for i in v]) for k, v in d["unusable"].items()]
+    out += [Finding("warning", k, WARNING_TEXT.get(k, k), [i["path"] for i in v]) for k, v in d["warnings"].items()]
+    dups = d["duplicates"]
+    groups = [
+        ("duplicate", "exact duplicates within a class", [g for g in dups if not g["label_conflict"]]),
+        ("label_conflict", "same image in different classes (label conflict)", [g for g in dups if g["label_conflict"]]),
+        ("split_leak", "same image in train and validation/test (leak)", [g for g in dups if g["split_leak"]]),
+    ]
+    for kind, text, gs in groups:
+        if gs:
+            out.append(Finding("dataset", kind, text, [" = ".join(g["paths"]) for g in gs],
+                               files=sum(len(g["paths"]) for g in gs)))
+    if d["near_duplicates"]:
+        out.append(Finding("dataset", "near_duplicate", "near duplicates (perceptual hash)",
+                           [" ~ ".join(g) for g in d["near_duplicates"]],
+                           files=sum(len(g) for g in d["near_duplicates"])))
+    cp = d["class_problems"]
+    if cp["empty"]:
+        out.append(Finding("dataset", "empty_class", "empty classes", list(cp["empty"])))
+    if cp["single"]:
+        out.append(Finding("dataset", "single_image_class", "classes with one image", list(cp["single"])))
+    if cp["too_few_classes"]:
+        out.append(Finding("dataset", "too_few_classes", "fewer than 2 classes with images",
+                           note="a classifier needs at least 2"))
+    if cp["imbalanced"]:
+        out.append(Finding("dataset", "imbalance",
+                           f"class imbalance {cp['imbalance_ratio']:.1f}:1 (over {IMBALANCE_LIMIT:g}:1)",
+                           note="consider `--class-weights auto`"))
+    if d["outside_class_folders"]:
+        out.append(Finding("note", "outside_class_folders", "files outside class folders (not used)",
+                           list(d["outside_class_folders"])))
+    return out
+
+
+FINDINGS_HEADER = ("severity", "kind", "path", "detail")
+_SEVERITY_STYLE = {"unusable": "red", "warning": "yellow", "dataset": "red", "note": "dim"}
+
+
+def finding_rows(report: CheckReport) -> list[tuple[str, str, str, str]]:
+    """One line per finding and file (``FINDINGS_HEADER``): what ``convlens check | ...`` prints."""
+    rows = []
+    for f in findings(report):
+        for item in f.items or [""]:
+            rows.append((f.severity, f.kind, item, f.note or f.text))
+    return rows
+
+
+def print_report(report: CheckReport, console: Any = None, plain: bool | None = None) -> None:
+    """Render the report: rich tables for a person, tab-separated findings for a pipe.
+
+    Piped (``plain``), stdout holds only the ``severity kind path detail`` lines, one per file;
+    the summary goes to stderr.
+    """
     from rich.console import Console
     from rich.table import Table
 
+    from convlens.display import is_interactive, print_table
+
     console = console or Console()
+    plain = not is_interactive(console) if plain is None else plain
+    info = Console(stderr=True) if plain else console
     d = report.to_dict()
     s = d["summary"]
-    console.print(f"[bold]{report.root}[/bold] ({report.layout} layout): {s['files']} files, "
-                  f"{s['usable']} usable, {s['with_warnings']} with warnings, {s['unusable']} unusable"
-                  + (f", {s['ignored']} non-image files ignored" if s["ignored"] else ""))
-
-    t = Table(title="Classes (usable images)", title_justify="left")
-    t.add_column("class")
-    t.add_column("images", justify="right")
-    for k, v in d["classes"].items():
-        t.add_row(k, str(v))
-    console.print(t)
-
-    t = Table(title="Findings", title_justify="left", show_lines=False)
-    t.add_column("severity")
-    t.add_column("kind")
-    t.add_column("files", justify="right")
-    t.add_column("names", overflow="fold")
-    for kind, items in d["unusable"].items():
-        t.add_row("[red]unusable[/red]", UNUSABLE_TEXT.get(kind, kind), str(len(items)),
-                  _names([i["path"] for i in items]))
-    for kind, items in d["warnings"].items():
-        t.add_row("[yellow]warning[/yellow]", WARNING_TEXT.get(kind, kind), str(len(items)),
-                  _names([i["path"] for i in items]))
-    dups = d["duplicates"]
-    conflicts = [g for g in dups if g["label_conflict"]]
-    same = [g for g in dups if not g["label_conflict"]]
-    if same:
-        t.add_row("[red]dataset[/red]", "exact duplicates within a class", str(sum(len(g["paths"]) for g in same)),
-                  _names([" = ".join(g["paths"]) for g in same]))
-    if conflicts:
-        t.add_row("[red]dataset[/red]", "same image in different classes (label conflict)",
-                  str(sum(len(g["paths"]) for g in conflicts)), _names([" = ".join(g["paths"]) for g in conflicts]))
-    leaks = [g for g in dups if g["split_leak"]]
-    if leaks:
-        t.add_row("[red]dataset[/red]", "same image in train and validation/test (leak)",
-                  str(sum(len(g["paths"]) for g in leaks)), _names([" = ".join(g["paths"]) for g in leaks]))
-    if d["near_duplicates"]:
-        t.add_row("[red]dataset[/red]", "near duplicates (perceptual hash)",
-                  str(sum(len(g) for g in d["near_duplicates"])), _names([" ~ ".join(g) for g in d["near_duplicates"]]))
+    info.print(f"[bold]{report.root}[/bold] ({report.layout} layout): {s['files']} files, "
+               f"{s['usable']} usable, {s['with_warnings']} with warnings, {s['unusable']} unusable"
+               + (f", {s['ignored']} non-image files ignored" if s["ignored"] else ""))
     cp = d["class_problems"]
-    if cp["empty"]:
-        t.add_row("[red]dataset[/red]", "empty classes", str(len(cp["empty"])), _names(cp["empty"]))
-    if cp["single"]:
-        t.add_row("[red]dataset[/red]", "classes with one image", str(len(cp["single"])), _names(cp["single"]))
-    if cp["too_few_classes"]:
-        t.add_row("[red]dataset[/red]", "fewer than 2 classes with images", "", "a classifier needs at least 2")
-    if cp["imbalanced"]:
-        t.add_row("[red]dataset[/red]", f"class imbalance {cp['imbalance_ratio']:.1f}:1 (over {IMBALANCE_LIMIT:g}:1)",
-                  "", "consider `--class-weights auto`")
-    if d["outside_class_folders"]:
-        t.add_row("[dim]note[/dim]", "files outside class folders (not used)", str(len(d["outside_class_folders"])),
-                  _names(d["outside_class_folders"]))
-    if t.row_count:
-        console.print(t)
-    if report.has_problems:
-        console.print("[red]problems found[/red]" + (f"; move the {s['unusable']} unusable files out with "
-                      "`--quarantine QDIR` (undo with `--undo`)" if s["unusable"] else ""))
+    if plain:
+        info.print("classes: " + ", ".join(f"{k} {v}" for k, v in d["classes"].items()), highlight=False)
+        print_table(FINDINGS_HEADER, finding_rows(report), console=console, plain=True)
     else:
-        console.print(f"[green]dataset is fine[/green] (class balance {cp['imbalance_ratio']:.2f}:1)")
+        t = Table(title="Classes (usable images)", title_justify="left")
+        t.add_column("class")
+        t.add_column("images", justify="right")
+        for k, v in d["classes"].items():
+            t.add_row(k, str(v))
+        console.print(t)
+        t = Table(title="Findings", title_justify="left", show_lines=False)
+        for name, justify in (("severity", "left"), ("kind", "left"), ("files", "right"), ("names", "left")):
+            t.add_column(name, justify=justify, overflow="fold" if name == "names" else "ellipsis")
+        for f in findings(report):
+            style = _SEVERITY_STYLE[f.severity]
+            t.add_row(f"[{style}]{f.severity}[/{style}]", f.text, f.count, _names(f.items) if f.items else f.note)
+        if t.row_count:
+            console.print(t)
+    if report.has_problems:
+        info.print("[red]problems found[/red]" + (f"; move the {s['unusable']} unusable files out with "
+                   "`--quarantine QDIR` (undo with `--undo`)" if s["unusable"] else ""))
+    else:
+        info.print(f"[green]dataset is fine[/green] (class balance {cp['imbalance_ratio']:.2f}:1)")
+
+
+def report_html(report: CheckReport) -> str:
+    """The report for a notebook (``CheckReport._repr_html_``): summary, classes and findings."""
+    import html
+
+    from convlens.display import html_table
+
+    s = report.to_dict()["summary"]
+    verdict = "problems found" if report.has_problems else "dataset is fine"
+    rows = [(f.severity, f.text, f.count, _names(f.items) if f.items else f.note) for f in findings(report)]
+    return (f"<div><b>{html.escape(str(report.root))}</b> ({html.escape(report.layout)} layout): {s['files']} files, "
+            f"{s['usable']} usable, {s['with_warnings']} with warnings, {s['unusable']} unusable: "
+            f"<b>{verdict}</b>"
+            + html_table(("class", "images"), list(report.class_counts().items()))
+            + (html_table(("severity", "kind", "files", "names"), rows) if rows else "") + "</div>")
 
 
 # ----------------------------------------------------------------------------- quarantine
@@ -500,12 +573,15 @@ def run_check(dir: str | None, json_path: str | None = None, quarantine_dir: str
     """The ``convlens check`` verb. Returns 0 (fine), 1 (problems found); raises UserError (2)."""
     from rich.console import Console
 
+    from convlens.display import is_interactive
+
     console = Console()
+    info = console if is_interactive(console) else Console(stderr=True)  # stdout: findings only
     if undo:
         if quarantine_dir:
             raise ConfigError(f"use either --quarantine or --undo, not both. Received: --undo {undo!r}")
         restored = undo_quarantine(undo)
-        console.print(f"restored {len(restored)} file(s) to their original places")
+        info.print(f"restored {len(restored)} file(s) to their original places")
         return 0
     if not dir:
         raise ConfigError("check needs a dataset folder: `convlens check DIR`. Received: DIR=None")
@@ -514,14 +590,14 @@ def run_check(dir: str | None, json_path: str | None = None, quarantine_dir: str
     print_report(report, console)
     if json_path:
         cio.write_json(json_path, report.to_dict())
-        console.print(f"report written to {json_path}")
+        info.print(f"report written to {json_path}")
     if quarantine_dir:
         if report.unusable:
             manifest = quarantine(report, quarantine_dir)
-            console.print(f"moved {len(report.unusable)} unusable file(s) to {Path(quarantine_dir)}; "
-                          f"undo with `convlens check --undo {manifest}`")
+            info.print(f"moved {len(report.unusable)} unusable file(s) to {Path(quarantine_dir)}; "
+                       f"undo with `convlens check --undo {manifest}`")
         else:
-            console.print("no unusable files: nothing moved")
+            info.print("no unusable files: nothing moved")
     return report.exit_code
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from typing import Any
 
 from convlens import __version__
+from convlens.display import img_tag
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -24,10 +24,6 @@ pre{background:#f4f6f9;padding:.8rem;border-radius:6px;overflow-x:auto;font-size
 """
 
 
-def img_tag(png: bytes, alt: str) -> str:
-    """An ``<img>`` with the PNG embedded as a data URI."""
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
