@@ -1,15 +1,53 @@
-"""convlens: from a folder of images to a trained, explained, exported and served classifier."""
+"""convlens: from a folder of images to a trained, explained, exported and served classifier.
+
+The Python API mirrors the CLI's verbs (see :mod:`convlens.api`)::
+
+    import convlens
+    report = convlens.check("data")                  # CheckReport
+    run = convlens.train("data", epochs=20)          # Run: run.history, run.metrics, run.load()
+    ev = convlens.evaluate(run.bundle_path, "test")  # Evaluation
+    onnx_path = convlens.export(run.bundle_path)     # Path
+    clf = convlens.load("runs/train/model.convlens") # Classifier: clf.predict(...), clf.explain(...)
+
+Every error convlens raises on purpose is a :class:`ConvlensError`. The names are imported on
+first use, so ``import convlens`` stays instant (no torch).
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
+
+from convlens.errors import ConvlensError
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
+    from convlens.api import CheckReport, Evaluation, Run, check, evaluate, export, train
     from convlens.predict import Classifier
 
-__all__ = ["__version__", "load"]
+__all__ = ["CheckReport", "ConvlensError", "Evaluation", "Run", "__version__", "check", "evaluate", "export",
+           "load", "train"]
+
+# Name -> module that defines it, imported on first access (PEP 562).
+_LAZY = {"check": "convlens.api", "train": "convlens.api", "Run": "convlens.api", "CheckReport": "convlens.api",
+         "Evaluation": "convlens.api"}
+# `evaluate` and `export` are also sub-packages; they are callable and run their verb.
+_CALLABLE_PACKAGES = ("evaluate", "export")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLABLE_PACKAGES:
+        return importlib.import_module(f"convlens.{name}")
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'convlens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def load(path: Any, device: str = "auto") -> Classifier:

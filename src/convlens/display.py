@@ -86,3 +86,15 @@ def img_tag(png: bytes, alt: str, width: int | None = None) -> str:
     data = base64.b64encode(png).decode("ascii")
     size = f' width="{width}"' if width else ""
     return f'<img alt="{html.escape(alt)}"{size} src="data:image/png;base64,{data}">'
+
+
+def shows_progress(console: Any) -> bool:
+    """Whether live progress bars can be drawn on ``console``: a terminal, or Jupyter with
+    ipywidgets (rich draws its live display into a widget and only warns without one)."""
+    if console.is_terminal:
+        return True
+    if not console.is_jupyter:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None

@@ -48,6 +48,7 @@ from convlens.config import (
     resolve_train_config,
     to_dict,
 )
+from convlens.display import shows_progress
 from convlens.engine import distributed
 from convlens.engine.checkpoint import (
     BEST,
@@ -327,7 +328,7 @@ def prepare_data(cfg: TrainConfig, console: Console,
         cfg.data, image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels, scale=cfg.scale,
         mean=tuple(cfg.mean), std=tuple(cfg.std), val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction, seed=cfg.seed, cache_dir=cfg.cache_dir, workers=cfg.workers,
-        max_pixels=cfg.max_pixels, min_side=cfg.min_side, progress=console.is_terminal, split_file=split_file,
+        max_pixels=cfg.max_pixels, min_side=cfg.min_side, progress=shows_progress(console), split_file=split_file,
     )
     if prepared.skipped:
         _say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
@@ -538,7 +539,7 @@ class Trainer:
         t_start = time.perf_counter() - p["seconds"]
         columns = (TextColumn("[bold]epoch {task.fields[ep]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=True, disable=not self.console.is_terminal) as bar:
+        with Progress(*columns, console=self.console, transient=True, disable=not shows_progress(self.console)) as bar:
             task = bar.add_task("train", total=self.steps_per_epoch, completed=skip,
                                 ep=f"{epoch + 1}/{cfg.epochs}", stats="")
             for step, (x, y) in enumerate(self.train_loader):
@@ -689,7 +690,7 @@ def resume_config(resume: str | Path, overrides: dict[str, Any] | None) -> Train
     return cfg
 
 
-def command_config(overrides: dict[str, Any], config_file: str | None) -> TrainConfig:
+def command_config(overrides: dict[str, Any], config_file: str | Path | None) -> TrainConfig:
     """Resolve the config of ``convlens train``/``lr-find``; digits defaults when no data is given."""
     cfg = resolve_train_config(None, config_file, overrides)
     if cfg.data is None:
@@ -700,14 +701,20 @@ def command_config(overrides: dict[str, Any], config_file: str | None) -> TrainC
     return cfg
 
 
+def train_config(overrides: dict[str, Any], config_file: str | Path | None = None,
+                 resume: str | Path | None = None) -> TrainConfig:
+    """The configuration of ``convlens train`` and ``convlens.train()``: the run's own when resuming."""
+    if resume and config_file:
+        raise ConfigError(f"--config cannot be combined with --resume: a run continues with its own "
+                          f"config.yaml. Received: --config {str(config_file)!r}")
+    return resume_config(resume, overrides) if resume else command_config(overrides, config_file)
+
+
 def train_command(overrides: dict[str, Any], config_file: str | None = None, resume: str | None = None) -> int:
     """``convlens train``: returns the exit code (130 after Ctrl-C, with the resume command)."""
     import sys
 
-    if resume and config_file:
-        raise ConfigError(f"--config cannot be combined with --resume: a run continues with its own "
-                          f"config.yaml. Received: --config {config_file!r}")
-    cfg = resume_config(resume, overrides) if resume else command_config(overrides, config_file)
+    cfg = train_config(overrides, config_file, resume)
     if distributed.should_launch(cfg.nproc):
         distributed.preflight(cfg.nproc, cfg.batch_size, cfg.device, cfg.precision)  # fail before starting
         prepare_data(cfg, Console())  # check and cache once, before N processes start

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from convlens.callable_module import callable_module
 from convlens.errors import DataError, ImageError
 from convlens.evaluate.metrics import (
     compute_metrics,
@@ -28,9 +29,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
     from convlens.bundle import BundleMeta
+    from convlens.evaluate.result import Evaluation
 
-__all__ = ["LabelledImages", "evaluate", "evaluate_command", "load_labelled_folder", "predict_logits",
-           "predict_probabilities"]
+__all__ = ["LabelledImages", "evaluate", "evaluate_bundle", "evaluate_command", "load_labelled_folder",
+           "predict_logits", "predict_probabilities"]
 
 GALLERY_SIZE = 16
 
@@ -249,20 +251,27 @@ def evaluate(
     return metrics
 
 
-def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: int = 64,
-                     device: str = "auto") -> int:
-    """``convlens evaluate BUNDLE DIR``: metrics, figures and report.html in ``out``."""
+def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str], *,
+                    out: str | os.PathLike[str] | None = None, batch_size: int = 64, device: str = "auto",
+                    console: Console | None = None) -> Evaluation:
+    """Evaluate a model bundle on a labelled folder; write metrics, figures and ``report.html``.
+
+    This is ``convlens.evaluate(bundle, dir)`` and what ``convlens evaluate`` runs. ``out``
+    defaults to ``eval/`` beside the bundle. Unusable images are skipped (one line on
+    ``console``) and listed in ``metrics["skipped"]``.
+    """
     import yaml
     from rich.console import Console
 
     from convlens import runtime
     from convlens.bundle import load_model
+    from convlens.evaluate.result import Evaluation
 
     runtime.tune_allocator()
     runtime.configure_threads()
     dev = runtime.resolve_device(device, "fp32")
     model, meta = load_model(bundle, device=dev.device)
-    console = Console()
+    console = console or Console()
     data = load_labelled_folder(dir, meta)
     if data.note:
         console.print(data.note)
@@ -272,14 +281,29 @@ def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: 
         console.print(f"[yellow]{skipped_message(data.skipped)}[/yellow]")
     bundle_path = Path(bundle)
     out_dir = Path(out) if out else (bundle_path if bundle_path.is_dir() else bundle_path.parent) / "eval"
-
     metrics = evaluate(model, meta, data, out_dir=out_dir, batch_size=batch_size, device=dev.device,
                        config_yaml=yaml.safe_dump(meta.config, sort_keys=False) if meta.config else None,
                        title=f"convlens evaluation of {bundle_path.name}", subtitle=f"on {dir}")
+    return Evaluation(bundle=bundle_path, data=Path(dir), dir=out_dir, metrics=metrics,
+                      images=len(data.labels), note=data.note)
+
+
+def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: int = 64,
+                     device: str = "auto") -> int:
+    """``convlens evaluate BUNDLE DIR``: metrics, figures and report.html in ``out``."""
+    from rich.console import Console
+
+    console = Console()
+    ev = evaluate_bundle(bundle, dir, out=out, batch_size=batch_size, device=device, console=console)
+    metrics = ev.metrics
     acc = metrics["accuracy"]
     line = f"accuracy {acc:.4f}  macro F1 {metrics['macro']['f1']:.4f}  log loss {metrics['loss']:.4f}"
     if metrics.get("roc_auc") is not None:
         line += f"  ROC-AUC {metrics['roc_auc']:.4f}"
-    console.print(f"{len(data.labels)} images  {line}")
-    console.print(f"report: {out_dir / 'report.html'}  metrics: {out_dir / 'metrics.json'}")
+    console.print(f"{ev.images} images  {line}")
+    console.print(f"report: {ev.report_path}  metrics: {ev.dir / 'metrics.json'}")
     return 0
+
+
+# `convlens.evaluate(bundle, dir)` is the public verb: this package, when called, runs evaluate_bundle.
+callable_module(__name__, "evaluate_bundle")

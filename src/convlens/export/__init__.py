@@ -9,9 +9,11 @@ and Pillow (:class:`convlens.export.onnx_backend.OnnxBackend`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from convlens.callable_module import callable_module
 from convlens.errors import ConfigError
 
 FORMATS = ("onnx", "torchscript")
@@ -45,10 +47,18 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def export_command(bundle: str | os.PathLike[str], fmt: str = "onnx", out: str | os.PathLike[str] | None = None,
-                   int8: bool = False, calibration: str | os.PathLike[str] | None = None,
-                   validate: str | os.PathLike[str] | None = None) -> int:
-    """The ``convlens export`` verb: export, verify, optionally quantise and validate. Returns 0."""
+def export_bundle(bundle: str | os.PathLike[str], format: str = "onnx", *, out: str | os.PathLike[str] | None = None,
+                  int8: bool = False, calibration: str | os.PathLike[str] | None = None,
+                  validate: str | os.PathLike[str] | None = None, say: Callable[[str], Any] | None = print) -> Path:
+    """Export a bundle to ONNX (``int8=True``: static int8, calibrated on ``calibration``) or
+    TorchScript, verified against PyTorch; return the written file.
+
+    This is ``convlens.export(bundle, ...)`` and what ``convlens export`` runs. ``validate``: a
+    labelled folder on which the accuracy of the exported model(s) is reported. ``say`` receives
+    each line of the report (``None``: silent).
+    """
+    say = say or (lambda line: None)
+    fmt = format
     from convlens.bundle import read_meta
 
     if fmt not in FORMATS:
@@ -73,27 +83,27 @@ def export_command(bundle: str | os.PathLike[str], fmt: str = "onnx", out: str |
         from convlens.export.torchscript import export_torchscript
 
         res = export_torchscript(bundle, target)
-        print(f"exported {res.path} ({_mb(res.size_bytes)}, TorchScript trace): "
+        say(f"exported {res.path} ({_mb(res.size_bytes)}, TorchScript trace): "
               f"max |torchscript - torch| = {res.max_abs_diff:.1e} on batches of 1 and 3")
-        return 0
+        return res.path
 
     from convlens.export.onnx import accuracy_report, export_onnx, quantize_int8
 
     res, fp32 = export_onnx(bundle, None if int8 else target)
     extras = " + class maps" if "cam" in res.outputs else ""
     where = "built" if int8 else f"exported {res.path}"
-    print(f"{where} fp32 ONNX ({_mb(res.size_bytes)}, opset {res.opset}, {res.exporter} exporter, "
+    say(f"{where} fp32 ONNX ({_mb(res.size_bytes)}, opset {res.opset}, {res.exporter} exporter, "
           f"logits{extras}): max |onnxruntime - torch| = {res.max_abs_diff:.1e} on batches of 1 and 3")
     for note in res.notes:
-        print(f"note: {note}")
+        say(f"note: {note}")
     q: Any = None
     if int8:
         assert calibration is not None
         q, _ = quantize_int8(fp32, meta, calibration, target)
-        print(f"exported {q.path} (int8 QDQ, {_mb(q.size_bytes)}, {_mb(res.size_bytes)} in fp32): "
+        say(f"exported {q.path} (int8 QDQ, {_mb(q.size_bytes)}, {_mb(res.size_bytes)} in fp32): "
               f"max |int8 - fp32| logit = {q.max_abs_diff:.3f} on the calibration images")
         for note in q.notes:
-            print(f"note: {note}")
+            say(f"note: {note}")
     if validate:
         models = {"fp32": _session_logits(fp32)}
         if q is not None:
@@ -107,7 +117,15 @@ def export_command(bundle: str | os.PathLike[str], fmt: str = "onnx", out: str |
         if "int8" in acc:
             line += (f", int8 accuracy {acc['int8']:.2%} (change {rep['change'] * 100:+.2f} points, "
                      f"same prediction on {rep['agreement']:.2%})")
-        print(line)
+        say(line)
+    return target
+
+
+def export_command(bundle: str | os.PathLike[str], fmt: str = "onnx", out: str | os.PathLike[str] | None = None,
+                   int8: bool = False, calibration: str | os.PathLike[str] | None = None,
+                   validate: str | os.PathLike[str] | None = None) -> int:
+    """The ``convlens export`` verb: export, verify, optionally quantise and validate. Returns 0."""
+    export_bundle(bundle, fmt, out=out, int8=int8, calibration=calibration, validate=validate)
     return 0
 
 
@@ -118,3 +136,7 @@ def _session_logits(model_bytes: bytes) -> Any:
 
     session = make_session(model_bytes)
     return lambda x: session.run([LOGITS_NAME], {INPUT_NAME: x})[0]
+
+
+# `convlens.export(bundle, ...)` is the public verb: this package, when called, runs export_bundle.
+callable_module(__name__, "export_bundle")
