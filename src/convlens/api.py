@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from convlens.data.check import CheckReport, check_dataset
 from convlens.data.decode import DEFAULT_MAX_PIXELS
-from convlens.display import html_table, img_tag
+from convlens.display import html_table, img_tag, shows_progress
 from convlens.errors import BundleError, ConfigError, UserError
 from convlens.evaluate import evaluate_bundle as evaluate
 from convlens.evaluate.result import Evaluation
@@ -52,13 +52,17 @@ HEADLINE = ("best_epoch", "epochs_trained", "val_accuracy", "val_loss", "val_mac
 
 # ----------------------------------------------------------------------------- check
 def check(dir: str | os.PathLike[str], *, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
-          min_side: int = 8, near_duplicates: bool = False, progress: bool = True) -> CheckReport:
+          min_side: int = 8, near_duplicates: bool = False, progress: bool | None = None) -> CheckReport:
     """Fully decode every image of a dataset folder and report what is wrong (``convlens check``).
 
     Nothing is changed; ``report.quarantine(qdir)`` moves the unusable files out (with an undo
     manifest). ``report.findings()`` lists the problems, ``report.to_dict()`` is ``--json``'s
     format, ``report.has_problems`` is the CLI's exit code 1.
     """
+    if progress is None:  # a bar where one can be drawn (terminal; Jupyter with ipywidgets)
+        from rich.console import Console
+
+        progress = shows_progress(Console(stderr=True))
     return check_dataset(dir, workers=workers, max_pixels=max_pixels, min_side=min_side,
                          near_duplicates=near_duplicates, progress=progress)
 

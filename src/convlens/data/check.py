@@ -228,6 +228,11 @@ class CheckReport:
     def exit_code(self) -> int:
         return 1 if self.has_problems else 0
 
+    def __repr__(self) -> str:
+        s = self.to_dict()["summary"]
+        return (f"CheckReport({str(self.root)!r}, {self.layout}: {s['files']} files, {s['usable']} usable, "
+                f"{s['unusable']} unusable, {'problems found' if self.has_problems else 'fine'})")
+
     def _repr_html_(self) -> str:  # Jupyter shows this instead of the repr
         return report_html(self)
 
