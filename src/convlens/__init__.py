@@ -16,22 +16,19 @@ first use, so ``import convlens`` stays instant (no torch).
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from convlens.errors import ConvlensError
 
 __version__ = "0.1.0"
 
-if TYPE_CHECKING:  # pragma: no cover
-    from convlens.api import CheckReport, Evaluation, Run, check, evaluate, export, train
-    from convlens.predict import Classifier
-
 __all__ = ["CheckReport", "ConvlensError", "Evaluation", "Run", "__version__", "check", "evaluate", "export",
            "load", "train"]
 
 # Name -> module that defines it, imported on first access (PEP 562).
-_LAZY = {"check": "convlens.api", "train": "convlens.api", "Run": "convlens.api", "CheckReport": "convlens.api",
-         "Evaluation": "convlens.api"}
+# Nothing else is imported here: submodules import `convlens` for __version__, and type checkers
+# read the names' types from __init__.pyi.
+_LAZY = {name: "convlens.api" for name in ("check", "train", "load", "Run", "CheckReport", "Evaluation")}
 # `evaluate` and `export` are also sub-packages; they are callable and run their verb.
 _CALLABLE_PACKAGES = ("evaluate", "export")
 
@@ -49,9 +46,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
-
-def load(path: Any, device: str = "auto") -> Classifier:
-    """Load a model bundle (``model.convlens``) or an ONNX file as a ready classifier."""
-    from convlens.predict import load as _load
-
-    return _load(path, device=device)
