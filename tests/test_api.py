@@ -147,6 +147,22 @@ def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_
     assert done.load().classes == ["class_0", "class_1"]
 
 
+def test_a_second_ctrl_c_raises_keyboard_interrupt(two_class: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from convlens.engine import trainer
+
+    real_train = trainer.train
+
+    def press_twice(epoch: int, step: int) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: real_train(cfg, on_step=press_twice, **kw))
+    with pytest.raises(KeyboardInterrupt):
+        convlens.train(two_class, **_tiny(tmp_path))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 # ----------------------------------------------------------------------------- check
 @pytest.fixture()
 def dataset_with_a_bad_file(tmp_path: Path) -> Path:
