@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from convlens.bundle import BundleMeta
-from convlens.data.decode import FORMAT_EXTENSIONS
 from convlens.data.preprocess import Preprocessing
+from convlens.data.scan import is_system_file, list_images
 from convlens.errors import BundleError, ConfigError, ImageError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,11 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # One image as the Python API accepts it.
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 - runtime alias on 3.10
-
-# Files a folder walk never offers as images: OS/desktop metadata (also any dot-file).
-SYSTEM_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
-SYSTEM_DIRS = {"__macosx", "$recycle.bin", "system volume information", "@eadir"}
-IMAGE_SUFFIXES = frozenset(s for exts in FORMAT_EXTENSIONS.values() for s in exts)
 
 TTA_MODES = ("flip", "crops")
 CROP_FRACTION = 0.875  # side of each TTA crop relative to the model input
@@ -133,40 +128,13 @@ def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- paths
-def _is_hidden_or_system(p: Path) -> bool:
-    name = p.name
-    return name.startswith(".") or name.startswith("~$") or name.lower() in SYSTEM_FILES
-
-
-def _walk(folder: Path) -> tuple[list[Path], int]:
-    """Image files under ``folder`` (recursive, sorted), and how many other files were passed over.
-
-    Hidden and system files/folders are skipped. In folders a file is offered when its
-    extension is an image one or it has none (content decides later); files the user names
-    directly are always tried, whatever their extension.
-    """
-    found: list[Path] = []
-    ignored = 0
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.lower() not in SYSTEM_DIRS)
-        for name in sorted(files):
-            p = Path(root) / name
-            if _is_hidden_or_system(p):
-                continue
-            suffix = p.suffix.lower()
-            if suffix in IMAGE_SUFFIXES or suffix == "":
-                found.append(p)
-            else:
-                ignored += 1
-    return found, ignored
-
-
 def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], int]:
     """Expand files, folders (recursive) and globs into a sorted, de-duplicated file list.
 
     Globs are expanded here (``*``, ``?``, ``[...]`` and ``**``), so quoted globs work too.
-    Returns ``(files, ignored)`` where ``ignored`` counts non-image files passed over in
-    folders. A path that matches nothing raises :class:`NoMatchError`.
+    Folders are walked by the one scanner (:func:`convlens.data.scan.list_images`); files named
+    directly are always tried. Returns ``(files, ignored)`` where ``ignored`` counts non-image
+    files passed over in folders. A path that matches nothing raises :class:`NoMatchError`.
     """
     out: list[Path] = []
     seen: set[str] = set()
@@ -185,8 +153,8 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], i
             add(p)
             continue
         if p.is_dir():
-            files, n = _walk(p)
-            ignored += n
+            files, passed = list_images(p)
+            ignored += len(passed)
             if not files:
                 raise NoMatchError(f"folder {text!r} holds no image files; pass image files, folders or globs")
             for f in files:
@@ -197,9 +165,9 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], i
         for m in matches:
             mp = Path(m)
             if mp.is_dir():
-                files, n = _walk(mp)
-                ignored += n
-            elif mp.is_file() and not _is_hidden_or_system(mp):
+                files, passed = list_images(mp)
+                ignored += len(passed)
+            elif mp.is_file() and not is_system_file(mp.name):
                 files = [mp]
             else:
                 files = []
