@@ -17,8 +17,9 @@ from PIL import Image
 import convlens
 from convlens.bundle import load_model, save_bundle
 from convlens.cli import main
+from convlens.decision import probabilities
 from convlens.errors import ConfigError, ImageError
-from convlens.predict import Classifier, expand_paths, probabilities, tta_views
+from convlens.predict import Classifier, expand_paths, tta_views
 from tests.explain._bundles import independent_probs, make_bundle, make_meta, make_model, set_logit
 
 

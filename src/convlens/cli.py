@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from convlens import __version__
-from convlens.config import PRESETS, TrainConfig, field_types, suggest
+from convlens.config import EXPLAIN_METHODS, PRESETS, TrainConfig, field_types, suggest
 from convlens.errors import UserError
 
 EPILOG = "Docs: README.md. Add --debug before the verb to see tracebacks."
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("bundle", help="model bundle (model.convlens)")
     s.add_argument("paths", nargs="+", help="image files, folders or globs")
     s.add_argument("--out", default="explain", help="output folder")
-    s.add_argument("--method", default="cam", choices=["cam", "gradcam", "gradcam++"], help="map method")
+    s.add_argument("--method", default="cam", choices=EXPLAIN_METHODS, help="map method")
     s.add_argument("--class", dest="class_name", default=None, help="class to explain (default: predicted)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     s.set_defaults(func=_cmd_explain)

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from convlens.bundle import BundleMeta
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import is_system_file, list_images
+from convlens.decision import decide, probabilities
 from convlens.errors import BundleError, ConfigError, ImageError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -106,25 +107,6 @@ class TorchBackend:
         with torch.inference_mode():
             out = self.model(self.tensor(x))
         return out.float().cpu().numpy().reshape(len(x), -1)
-
-
-def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
-    """Logits ``N x out_units`` -> probabilities ``N x num_classes`` (float64).
-
-    One sigmoid unit gives two classes: ``p1 = sigmoid(z)``, ``p0 = 1 - p1``. The tanh form
-    of the sigmoid and the max-shifted softmax cannot overflow for any logit.
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    z = z.reshape(len(z), -1)
-    if activation == "sigmoid":
-        if z.shape[1] != 1:
-            raise BundleError(f"a sigmoid model must have one output unit. Received: {z.shape[1]} units")
-        p1 = 0.5 * (1.0 + np.tanh(0.5 * z[:, 0]))
-        return np.stack([1.0 - p1, p1], axis=1)
-    if activation != "softmax":
-        raise BundleError(f"output_activation must be 'sigmoid' or 'softmax'. Received: {activation!r}")
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------- paths
@@ -304,9 +286,7 @@ class Classifier:
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """Class indices from probabilities: argmax, or the threshold for a sigmoid model."""
         t = self._threshold(threshold)
-        if t is not None:
-            return (probs[:, 1] >= t).astype(np.int64)
-        return probs.argmax(axis=1)
+        return decide(probs, self.output_activation, 0.5 if t is None else t)
 
     def _threshold(self, threshold: float | None) -> float | None:
         if self.output_activation != "sigmoid":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from convlens.config import EXPLAIN_METHODS, check_choice
 from convlens.errors import ConfigError, ImageError, UserError
 from convlens.explain.figures import overlay
 
@@ -26,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["Explanation", "explain_command", "explain_inputs", "iter_explain", "overlay"]
 
-METHODS = ("cam", "gradcam", "gradcam++")
 GRID_LIMIT = 60  # beyond this grid.png would be unreadable; every image still gets its own PNG
 
 
@@ -51,8 +51,7 @@ class Explanation:
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}. Received: method={method!r}")
+    check_choice("method", method, EXPLAIN_METHODS)
 
 
 def _load_pair(src: Any, clf: Classifier) -> tuple[np.ndarray, np.ndarray]:

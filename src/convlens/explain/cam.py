@@ -50,10 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convlens.config import EXPLAIN_METHODS, check_choice
 from convlens.data.preprocess import Preprocessing
-from convlens.errors import ConfigError, UserError
-
-METHODS = ("cam", "gradcam", "gradcam++")
+from convlens.errors import UserError
 
 
 @dataclass
@@ -169,10 +168,8 @@ def run_method(method: str, model: torch.nn.Module, x: torch.Tensor,
                class_index: int | Sequence[int] | torch.Tensor | None = None,
                threshold: float = 0.5) -> RawMaps:
     """Dispatch ``cam`` / ``gradcam`` / ``gradcam++``."""
-    fns = {"cam": cam, "gradcam": gradcam, "gradcam++": gradcampp}
-    if method not in fns:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}. Received: method={method!r}")
-    return fns[method](model, x, class_index, threshold)
+    fns = dict(zip(EXPLAIN_METHODS, (cam, gradcam, gradcampp), strict=True))
+    return fns[check_choice("method", method, EXPLAIN_METHODS)](model, x, class_index, threshold)
 
 
 # ----------------------------------------------------------------------------- geometry

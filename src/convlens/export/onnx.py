@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from convlens import __version__
+from convlens import __version__, decision
 from convlens.bundle import BundleMeta
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import labelled_files, list_images
@@ -403,11 +403,8 @@ def _metadata_of(model_bytes: bytes) -> str:
 # ----------------------------------------------------------------------------- accuracy
 def decide(logits: np.ndarray, meta: BundleMeta) -> np.ndarray:
     """Predicted class indices from logits, the way ``convlens predict`` decides."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.shape[1] == 1:
-        p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
-        return (p1 >= meta.threshold).astype(np.int64)
-    return logits.argmax(axis=1).astype(np.int64)
+    activation = decision.activation_for(np.shape(logits)[1])
+    return decision.decide(decision.probabilities(logits, activation), activation, meta.threshold)
 
 
 def accuracy_report(folder: str | os.PathLike[str], meta: BundleMeta,

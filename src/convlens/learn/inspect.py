@@ -345,8 +345,8 @@ def inspect_model(model: str | os.PathLike[str], image: str | os.PathLike[str], 
     """
     import torch
 
+    from convlens.decision import probabilities
     from convlens.explain.figures import overlay
-    from convlens.predict import probabilities
 
     if isinstance(max_maps, bool) or not isinstance(max_maps, int) or not 1 <= max_maps <= 512:
         raise ConfigError(f"--max-maps must be an integer from 1 to 512. Received: --max-maps {max_maps!r}")

@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from convlens.config import suggest
+from convlens.decision import OUTPUT_ACTIVATIONS, activation_for
 from convlens.errors import SpecError
 
 Pair = tuple[int, int]
 Shape = tuple  # (C, H, W) for feature maps (H/W may be None when unknown) or (F,) when flat
 
 ACTIVATIONS = ("linear", "relu", "leaky_relu", "elu", "sigmoid", "softmax", "tanh", "gelu", "silu")
-OUTPUT_ACTIVATIONS = ("sigmoid", "softmax")
 # Monotone non-decreasing and exact in floating point: max(f(x)) == f(max(x)) bit for bit, so a
 # max pool may run before them on 4x fewer values (same result, faster).
 _POOL_COMMUTING = ("linear", "relu", "leaky_relu")
@@ -517,11 +517,12 @@ class BuiltLayers:
     shapes: list[Shape]  # output shape of each layer, batch dimension excluded
 
 
-def _fmt_shape(shape: Shape) -> str:
-    if len(shape) == 1:
-        return f"(None, {shape[0]})"
-    c, h, w = shape
-    return f"(None, {h}, {w}, {c})"  # Keras order, as in model.summary()
+def keras_shape(shape: tuple[int, ...]) -> str:
+    """A PyTorch ``(C, H, W)`` (or flat) shape as Keras prints it: ``(None, H, W, C)``."""
+    if len(shape) == 3:
+        c, h, w = shape
+        return f"(None, {h}, {w}, {c})"
+    return "(None, " + ", ".join(str(d) for d in shape) + ")"
 
 
 def _window_out(i: int, spec: dict[str, Any], shape: Shape, kernel: Pair, strides: Pair, dilation: Pair) -> Shape:
@@ -547,7 +548,7 @@ def _need_map(i: int, spec: dict[str, Any], shape: Shape) -> None:
     if len(shape) != 3:
         raise SpecError(f"{_where(i, spec['type'])}: {spec['type']} needs a 4-D input (batch, height, width, "
                         f"channels) but receives a flat tensor; move it before 'flatten' / global pooling. "
-                        f"Received: input shape {_fmt_shape(shape)}")
+                        f"Received: input shape {keras_shape(shape)}")
 
 
 def _build_one(i: int, spec: dict[str, Any], shape: Shape) -> tuple[SpecLayer, Shape]:
@@ -592,7 +593,7 @@ def _build_one(i: int, spec: dict[str, Any], shape: Shape) -> tuple[SpecLayer, S
     if kind == "dense":
         if len(shape) != 1:
             raise SpecError(f"{_where(i, kind)}: dense needs a flat input but receives a 4-D tensor; add a "
-                            f"'flatten' or 'global_avg_pool' layer before it. Received: input shape {_fmt_shape(shape)}")
+                            f"'flatten' or 'global_avg_pool' layer before it. Received: input shape {keras_shape(shape)}")
         if shape[0] is None:
             raise SpecError(f"{_where(i, kind)}: the number of inputs of this dense layer depends on the image "
                             f"size; pass input_size (or use global_avg_pool instead of flatten). "
@@ -631,7 +632,7 @@ def build_layers(layers: Sequence[Any], input_shape: Sequence[int | None], *, fu
         module, shape = _build_one(i, spec, shape)
         if len(shape) == 3 and any(n is not None and n < 1 for n in shape[1:]):
             raise SpecError(f"{_where(i, spec['type'])}: the output would be empty; the input is too small for "
-                            f"this layer. Received: output shape {_fmt_shape(shape)}")
+                            f"this layer. Received: output shape {keras_shape(shape)}")
         modules.append(module)
         specs.append(spec)
         shapes.append(shape)
@@ -709,7 +710,7 @@ class ConvlensModel(nn.Module):
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.out_units = out_units_for(num_classes)
-        self.output_activation = "sigmoid" if self.out_units == 1 else "softmax"
+        self.output_activation = activation_for(self.out_units)
         self.arch: dict[str, Any] = {}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -848,5 +849,5 @@ def _build_model(layers: list[Any], num_classes: int, in_channels: int, hw: tupl
     final = built.shapes[-1]
     if len(final) != 1 or (final[0] is not None and final[0] != out_units):
         raise SpecError(f"the model must end with {out_units} output(s) for {num_classes} classes (for example "
-                        f"global_avg_pool then dense). Received: final output shape {_fmt_shape(final)}")
-    return SpecModel(built, num_classes, in_channels, recorded or ("sigmoid" if out_units == 1 else "softmax"), arch)
+                        f"global_avg_pool then dense). Received: final output shape {keras_shape(final)}")
+    return SpecModel(built, num_classes, in_channels, recorded or activation_for(out_units), arch)

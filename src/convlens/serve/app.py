@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convlens import __version__
+from convlens.config import EXPLAIN_METHODS, check_choice
 from convlens.data.decode import decode
 from convlens.errors import ImageError, UserError
 
@@ -44,7 +45,6 @@ DISPLAY_SIDE = 512  # longest side of the overlay sent back to the page
 ENV_MODEL = "CONVLENS_SERVE_MODEL"
 ENV_MAX_UPLOAD_MB = "CONVLENS_SERVE_MAX_UPLOAD_MB"
 ENV_WORKERS = "CONVLENS_SERVE_WORKERS"
-EXPLAIN_METHODS = ("cam", "gradcam", "gradcam++")
 
 # ImageError.kind -> HTTP status. Unknown kinds are the client's fault too (400).
 STATUS_BY_KIND = {
@@ -391,8 +391,7 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
         t0 = time.perf_counter()
         methods = state.explain_methods
         method = method or (methods[0] if methods else "cam")
-        if method not in EXPLAIN_METHODS:
-            raise UserError(f"method must be one of {', '.join(EXPLAIN_METHODS)}. Received: method={method!r}")
+        check_choice("method", method, EXPLAIN_METHODS)
         if method not in methods:
             raise UserError(f"this {state.kind} model cannot draw {method!r} maps"
                             + (f" (available: {', '.join(methods)})" if methods else
