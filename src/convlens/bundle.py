@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convlens import __version__
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import BundleError
 from convlens.io import atomic_open
+from convlens.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -114,7 +114,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
-    from convlens.explain import explain_command
+    from convlens.explain.command import explain_command
 
     return explain_command(a.bundle, a.paths, out=a.out, method=a.method, class_name=a.class_name,
                            device=a.device)

@@ -312,17 +312,12 @@ def test_onnx_model_serves_predictions_and_cam(onnx_client: Any, client: Any, re
 
 
 def test_onnx_heat_equals_torch_cam(serve_onnx: Path, serve_bundle: Path, real_photo: Path) -> None:
-    from convlens.serve.app import Upload, _onnx_explanation
-
-    app = create_app(serve_onnx)
-    state = app.state.serve
     img = Image.open(real_photo).convert("RGB")
-    up = Upload("x.jpg", img, 0, img.width, img.height, "JPEG", b"")
     for cls in (None, "cats", "dogs"):
-        _, explained, heat = _onnx_explanation(state, up, cls)
+        o = load(serve_onnx).explanations(img, method="cam", class_name=cls)[0]
         e = load(serve_bundle, device="cpu").explanations(img, method="cam", class_name=cls)[0]
-        assert explained == e.explained
-        np.testing.assert_allclose(heat, e.heat, atol=1e-4)
+        assert o.explained == e.explained
+        np.testing.assert_allclose(o.heat, e.heat, atol=1e-4)
 
 
 def test_onnx_without_maps_cannot_explain(serve_bundle: Path, tmp_path: Path) -> None:

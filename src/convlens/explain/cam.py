@@ -164,6 +164,14 @@ def gradcampp(model: torch.nn.Module, x: torch.Tensor,
     return RawMaps(maps, logits, idx)
 
 
+def methods_for(model: torch.nn.Module) -> tuple[str, ...]:
+    """The methods ``model`` supports: the exact CAM needs a global-average-pool + dense head."""
+    if not hasattr(model, "forward_features"):
+        return ()
+    exact = getattr(model, "gap_linear_head", lambda: None)() is not None
+    return EXPLAIN_METHODS if exact else tuple(m for m in EXPLAIN_METHODS if m != "cam")
+
+
 def run_method(method: str, model: torch.nn.Module, x: torch.Tensor,
                class_index: int | Sequence[int] | torch.Tensor | None = None,
                threshold: float = 0.5) -> RawMaps:

@@ -36,7 +36,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convlens import __version__
-from convlens.config import EXPLAIN_METHODS, check_choice
 from convlens.data.decode import decode
 from convlens.errors import ImageError, UserError
 
@@ -152,15 +151,10 @@ class ServeState:
 
     @property
     def explain_methods(self) -> list[str]:
-        backend = self.classifier.backend
-        model = getattr(backend, "model", None)
-        if model is not None:
-            if not hasattr(model, "forward_features"):
-                return []
-            # The exact CAM needs a global-average-pool + dense head; Grad-CAM works on any.
-            exact = getattr(model, "gap_linear_head", lambda: None)() is not None
-            return list(EXPLAIN_METHODS) if exact else ["gradcam", "gradcam++"]
-        return ["cam"] if getattr(backend, "has_cam", False) else []
+        """What the backend declares it can draw (the same rule as ``convlens explain``)."""
+        from convlens.explain import supported_methods
+
+        return list(supported_methods(self.classifier.backend))
 
 
 def _load_classifier(model: Any) -> tuple[Any, str, str]:
@@ -226,28 +220,6 @@ def png_base64(rgb: np.ndarray) -> str:
 def _prediction_json(pred: Any) -> dict[str, Any]:
     return {"label": pred.label, "index": int(pred.index), "probability": float(pred.probability),
             "probabilities": {k: float(v) for k, v in pred.probabilities.items()}}
-
-
-def _onnx_explanation(state: ServeState, up: Upload, class_name: str | None) -> tuple[Any, str, np.ndarray]:
-    """(prediction, explained class, heat at the decoded image's size) from an ONNX model's
-    ``cam`` output, with the same geometry and scaling as :mod:`convlens.explain`."""
-    try:
-        import torch
-
-        from convlens.explain.cam import normalize_heat, upsample_to_original
-    except ImportError as e:  # torch-free install: predictions still work
-        raise UserError("explanations of ONNX models need PyTorch for the map geometry; "
-                        "install torch or serve the .convlens bundle") from e
-    clf = state.classifier
-    prep = clf.preprocessing
-    pred = clf.predict(up.image)[0]
-    idx = clf.class_index(class_name) if class_name is not None else pred.index
-    x = prep.normalize(prep.from_pil(up.image)[None])  # what predict() fed the model
-    _, cam = clf.backend.logits_and_cam(x)
-    raw = cam[0, 0] * (1.0 if idx == 1 else -1.0) if cam.shape[1] == 1 else cam[0, idx]
-    width, height = up.image.size
-    heat = normalize_heat(upsample_to_original(torch.from_numpy(np.ascontiguousarray(raw)), prep, width, height))
-    return pred, clf.classes[idx], heat
 
 
 # ----------------------------------------------------------------------------- app
@@ -391,20 +363,12 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
         t0 = time.perf_counter()
         methods = state.explain_methods
         method = method or (methods[0] if methods else "cam")
-        check_choice("method", method, EXPLAIN_METHODS)
-        if method not in methods:
-            raise UserError(f"this {state.kind} model cannot draw {method!r} maps"
-                            + (f" (available: {', '.join(methods)})" if methods else
-                               "; its head is not global-average-pool + dense, serve the .convlens bundle instead"))
         up = read_upload(file, state)
         t1 = time.perf_counter()
         with state.lock:
-            if state.kind == "onnx":
-                pred, explained, heat = _onnx_explanation(state, up, class_name)
-            else:
-                e = state.classifier.explanations(up.image, method=method, class_name=class_name)[0]
-                pred = state.classifier.predict(up.image)[0]
-                explained, heat = e.explained, e.heat
+            e = state.classifier.explanations(up.image, method=method, class_name=class_name)[0]
+            pred = state.classifier.predict(up.image)[0]
+            explained, heat = e.explained, e.heat
             state.requests += 1
         t2 = time.perf_counter()
         shown = display_image(up, state)
