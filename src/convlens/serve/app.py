@@ -253,8 +253,16 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
             with contextlib.suppress(ImportError):
                 import convlens.explain.cam  # noqa: F401
     app.add_middleware(BodyLimit, max_bytes=state.max_upload_bytes)
+    _add_error_handlers(app, state)
+    _add_page(app)
+    _add_service_routes(app, state)
+    _add_model_routes(app, state)
+    return app
 
-    # ---- errors: every one is JSON with a message --------------------------------------
+
+def _add_error_handlers(app: FastAPI, state: ServeState) -> None:
+    """Every error is JSON with a one-line message, and counted."""
+
     @app.exception_handler(ImageError)
     async def _image_error(request: Request, exc: ImageError) -> JSONResponse:
         state.errors += 1
@@ -293,7 +301,10 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
         state.errors += 1
         return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
 
-    # ---- page ---------------------------------------------------------------------------
+
+
+def _add_page(app: FastAPI) -> None:
+    """``GET /`` and its static files, under a content security policy."""
     static = resources.files("convlens.serve") / "static"
     page = (static / "index.html").read_text(encoding="utf-8")
     app.mount("/static", StaticFiles(packages=[("convlens.serve", "static")]), name="static")
@@ -310,7 +321,11 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
     def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    # ---- API ----------------------------------------------------------------------------
+
+
+def _add_service_routes(app: FastAPI, state: ServeState) -> None:
+    """``GET /health`` and ``GET /model``."""
+
     @app.get("/health", tags=["service"], summary="Liveness: the model is loaded and answering")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": Path(state.source).name, "uptime_s": round(time.time() - state.started, 1),
@@ -332,6 +347,11 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
             "convlens_version": __version__, "explain_methods": state.explain_methods,
             "max_upload_bytes": state.max_upload_bytes, "max_pixels": state.max_pixels,
         }
+
+
+
+def _add_model_routes(app: FastAPI, state: ServeState) -> None:
+    """``POST /predict`` and ``POST /explain``."""
 
     @app.post("/predict", tags=["model"], summary="Classify one image",
               responses={400: {"description": "empty, truncated or corrupt image"},
@@ -377,8 +397,6 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
                 "overlay_png": png, "overlay_size": {"width": shown.shape[1], "height": shown.shape[0]},
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
                 "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
-
-    return app
 
 
 def create_app_from_env() -> FastAPI:
