@@ -21,7 +21,7 @@ from convlens.decision import probabilities
 from convlens.errors import ConfigError, ImageError
 from convlens.inputs import expand_paths, tta_views
 from convlens.predict import Classifier
-from tests.explain._bundles import independent_probs, make_bundle, make_meta, make_model, set_logit
+from tests.bundles import independent_probs, make_bundle, make_meta, make_model, set_logit
 
 
 @pytest.fixture()

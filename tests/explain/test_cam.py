@@ -22,7 +22,7 @@ from convlens.explain.cam import (
     run_method,
     upsample_to_original,
 )
-from tests.explain._bundles import make_model
+from tests.bundles import make_model
 
 
 def _x(seed: int, n: int = 3, size: int = 16, channels: int = 3) -> torch.Tensor:

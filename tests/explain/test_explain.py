@@ -16,7 +16,7 @@ import convlens
 from convlens.bundle import load_model, save_bundle
 from convlens.cli import main
 from convlens.data.decode import decode
-from tests.explain._bundles import make_bundle, make_meta
+from tests.bundles import make_bundle, make_meta
 
 
 @pytest.fixture()

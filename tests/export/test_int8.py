@@ -18,7 +18,7 @@ from convlens.export.onnx import (
     quantize_int8,
 )
 from convlens.export.onnx_backend import OnnxBackend
-from tests.export.bundles import write_images
+from tests.bundles import write_images
 
 
 @pytest.fixture(scope="module")

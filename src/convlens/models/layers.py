@@ -33,9 +33,6 @@ Pair = tuple[int, int]
 Shape = tuple  # (C, H, W) for feature maps (H/W may be None when unknown) or (F,) when flat
 
 ACTIVATIONS = ("linear", "relu", "leaky_relu", "elu", "sigmoid", "softmax", "tanh", "gelu", "silu")
-# Monotone non-decreasing and exact in floating point: max(f(x)) == f(max(x)) bit for bit, so a
-# max pool may run before them on 4x fewer values (same result, faster).
-_POOL_COMMUTING = ("linear", "relu", "leaky_relu")
 
 
 # ----------------------------------------------------------------------------- shape formulas
@@ -127,6 +124,8 @@ def make_activation(name: str | None, slope: float = 0.3, alpha: float = 1.0) ->
     return table[name]()
 
 
+# Monotone non-decreasing and exact in floating point: max(f(x)) == f(max(x)) bit for bit, so a
+# max pool may run before them on 4x fewer values (same result, faster).
 def _commutes_with_max(act: nn.Module) -> bool:
     if isinstance(act, nn.LeakyReLU):
         return act.negative_slope >= 0
