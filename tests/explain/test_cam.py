@@ -104,7 +104,7 @@ def test_gradcampp_matches_closed_form_on_gap_dense() -> None:
 
 
 def _flatten_model(num_classes: int = 2) -> torch.nn.Module:
-    from convlens.models.layers import build_from_spec
+    from convlens.models import build_from_spec
 
     torch.manual_seed(3)
     spec = [{"type": "conv", "filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu"},

@@ -60,7 +60,7 @@ class LayerView:
     @property
     def keras_shape(self) -> str:
         """``(None, H, W, C)`` as ``convlens summary`` prints it."""
-        from convlens.models.summary import keras_shape
+        from convlens.models.shapes import keras_shape
 
         return keras_shape(tuple(self.shape))
 

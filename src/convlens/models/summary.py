@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from convlens.errors import ConfigError, SpecError
-from convlens.models.layers import RF, ConvlensModel, build_from_spec, keras_shape, propagate_rf
+from convlens.models.model import ConvlensModel, build_from_spec
 from convlens.models.registry import (
     _REGISTRY,
     _unknown_model,
@@ -37,6 +37,7 @@ from convlens.models.registry import (
     list_models,
     model_description,
 )
+from convlens.models.shapes import RF, keras_shape, propagate_rf
 
 _SHAPE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
 
