@@ -14,7 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from convlens import __version__
-from convlens.config import EXPLAIN_METHODS, PRESETS, TrainConfig, field_types, suggest
+from convlens.config import (
+    EXPLAIN_METHODS,
+    EXPORT_FORMATS,
+    PRESETS,
+    TrainConfig,
+    field_types,
+    suggest,
+)
 from convlens.errors import UserError
 
 EPILOG = "Docs: README.md. Add --debug before the verb to see tracebacks."
@@ -305,7 +312,7 @@ def _demo_layer_args(s: argparse.ArgumentParser) -> None:
 @_verb("export", "export a bundle to ONNX or TorchScript", _cmd_export)
 def _export_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("bundle", help="model bundle (model.convlens)")
-    s.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="export format")
+    s.add_argument("--format", default="onnx", choices=EXPORT_FORMATS, help="export format")
     s.add_argument("--out", default=None, help="output file (default: beside the bundle)")
     s.add_argument("--int8", action="store_true", help="post-training static int8 quantisation (ONNX)")
     s.add_argument("--calibration", metavar="DIR", default=None, help="images for int8 calibration")

@@ -28,6 +28,7 @@ RESIZE_POLICIES = ("squash", "crop", "pad")
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcam++")
+EXPORT_FORMATS = ("onnx", "torchscript")
 # Augmentation strengths: (low, high, low bound open).
 AUGMENT_RANGES = {"rotation": (0.0, 0.5, False), "crop_scale": (0.0, 1.0, True),
                   "color_jitter": (0.0, 1.0, False), "erasing": (0.0, 1.0, False),
