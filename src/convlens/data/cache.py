@@ -228,26 +228,18 @@ def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[in
     dcache = dataset_cache_dir(cache_root, dataset_root)
     try:
         with _locked(dcache):
-            return _build_locked(entries, dcache, size=size, resize=resize, interpolation=interpolation,
-                                 channels=channels, max_pixels=max_pixels, min_side=min_side,
-                                 workers=workers, progress=progress, t0=t0)
+            # A second pass with 3 channels when a dataset that looked grayscale turns out to hold
+            # a colour image (rare: its check records are kept, so only pixels are redone).
+            for pass_channels in (channels, 3):
+                result = _build_pass(entries, dcache, size=size, resize=resize, interpolation=interpolation,
+                                     channels=pass_channels, max_pixels=max_pixels, min_side=min_side,
+                                     workers=workers, progress=progress, t0=t0)
+                if result is not None:
+                    return result
+            raise AssertionError("a 3-channel cache pass never restarts")  # pragma: no cover
     except PermissionError as e:
         raise DataError(f"cannot write the image cache ({e.strerror}); pass a writable --cache-dir. "
                         f"Received: cache_dir={str(cache_root)!r}") from e
-
-
-def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int], resize: str,
-                  interpolation: str, channels: int, max_pixels: int, min_side: int, workers: int,
-                  progress: bool, t0: float) -> CacheResult:
-    """Build (or reuse) the cache; a second pass with 3 channels when a dataset that looked
-    grayscale turns out to hold a colour image (rare: its records are kept, so only pixels are redone)."""
-    for attempt_channels in (channels, 3):
-        result = _build_pass(entries, dcache, size=size, resize=resize, interpolation=interpolation,
-                             channels=attempt_channels, max_pixels=max_pixels, min_side=min_side,
-                             workers=workers, progress=progress, t0=t0)
-        if result is not None:
-            return result
-    raise AssertionError("a 3-channel cache pass never restarts")  # pragma: no cover
 
 
 def _known_records(entries: list[ImageEntry], files_json: Path, check_params: dict[str, Any],
