@@ -37,3 +37,21 @@ def cat_breeds() -> Path:
 def real_photo() -> Path:
     """One real JPEG photo (a cat)."""
     return _need(SHARED / "cats_and_dogs_filtered" / "train" / "cats" / "cat.0.jpg")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded ``tiny`` two-class bundle (cats, dogs) at 32x32, biases randomised."""
+    from tests.bundles import make_bundle
+
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "model.convlens", random_biases=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_bundle`` exported to fp32 ONNX, once per session (the exporter is slow)."""
+    from convlens.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(tiny_bundle, out)
+    return out

@@ -17,9 +17,11 @@ from PIL import Image
 import convlens
 from convlens.bundle import load_model, save_bundle
 from convlens.cli import main
+from convlens.decision import probabilities
 from convlens.errors import ConfigError, ImageError
-from convlens.predict import Classifier, expand_paths, probabilities, tta_views
-from tests.explain._bundles import independent_probs, make_bundle, make_meta, make_model, set_logit
+from convlens.inputs import expand_paths, tta_views
+from convlens.predict import Classifier
+from tests.bundles import independent_probs, make_bundle, make_meta, make_model, set_logit
 
 
 @pytest.fixture()
@@ -266,7 +268,7 @@ def test_expand_paths_folders_globs_and_hidden_files(tmp_path: Path, photos: lis
     # Duplicates are dropped; a file named directly is tried whatever its extension.
     files, _ = expand_paths([d / "a.jpg", "imgs/a.jpg", d / "notes.txt"])
     assert [f.name for f in files] == ["a.jpg", "notes.txt"]
-    from convlens.predict import NoMatchError
+    from convlens.inputs import NoMatchError
 
     for bad in ("missing.jpg", "imgs/*.gif"):
         with pytest.raises(NoMatchError, match="matches no image"):
@@ -343,8 +345,12 @@ def test_load_dispatches_onnx(tmp_path: Path, photos: list[Path], bundle: Path) 
     torch_preds = convlens.load(bundle, device="cpu").predict(photos[:2])
     for a, b in zip(clf.predict(photos[:2]), torch_preds, strict=True):
         assert abs(a.probabilities["dog"] - b.probabilities["dog"]) < 1e-4
-    with pytest.raises(convlens.errors.UserError, match="ONNX"):
-        clf.explain(photos[0])
+    # An ONNX model with a `cam` output draws the exact CAM, the same map as the bundle; no Grad-CAM.
+    assert clf.backend.explain_methods == ("cam",)
+    np.testing.assert_allclose(clf.explain(photos[0]), convlens.load(bundle, device="cpu").explain(photos[0]),
+                               atol=1e-4)
+    with pytest.raises(convlens.errors.UserError, match="ONNX model cannot draw 'gradcam'"):
+        clf.explain(photos[0], method="gradcam")
     # The ONNX path never needs torch: block it and run the CLI in a fresh interpreter.
     code = ("import sys; sys.modules['torch'] = None\n"
             "from convlens.cli import main\n"

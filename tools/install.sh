@@ -34,11 +34,9 @@ case "$want" in
     cpu)
         if [[ "$have" != "$TORCH_VERSION+cpu" && "$have" != "$TORCH_VERSION" ]]; then
             echo "installing PyTorch $TORCH_VERSION (CPU build)"
-            # A local wheel (find-links) or a mirror may already hold the CPU build; fall back
-            # to PyTorch's own CPU index only when it does not.
-            pip install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null \
-                || pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-                    --extra-index-url https://pypi.org/simple
+            # pip's configured index (or a local wheel, a mirror) stays the main one; PyTorch's
+            # CPU index is only added, for the +cpu build the main index may not hold.
+            pip install -q "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
         fi
         ;;
     cuda)

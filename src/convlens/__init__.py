@@ -19,8 +19,7 @@ import importlib
 from typing import Any
 
 from convlens.errors import ConvlensError
-
-__version__ = "0.1.0"
+from convlens.version import __version__
 
 __all__ = ["CheckReport", "ConvlensError", "Evaluation", "Run", "__version__", "check", "evaluate", "export",
            "load", "train"]

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convlens import __version__
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import BundleError
 from convlens.io import atomic_open
+from convlens.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -132,13 +132,18 @@ def read_meta(path: str | os.PathLike[str]) -> BundleMeta:
         return _read_meta(z, str(path))
 
 
-def _read_meta(z: zipfile.ZipFile, where: str) -> BundleMeta:
+def _member(z: zipfile.ZipFile, name: str, where: str, missing: str) -> bytes:
+    """One file of the bundle; a one-line BundleError when it is missing or damaged."""
     try:
-        raw = z.read("model.json")
+        return z.read(name)
     except KeyError as e:
-        raise BundleError(f"{where} has no model.json; it is not a convlens bundle") from e
+        raise BundleError(f"{where} has no {name}; {missing}") from e
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise BundleError(f"{where} is damaged ({e}); restore it or export it again") from e
+
+
+def _read_meta(z: zipfile.ZipFile, where: str) -> BundleMeta:
+    raw = _member(z, "model.json", where, "it is not a convlens bundle")
     try:
         return BundleMeta.from_json(json.loads(raw), where)
     except json.JSONDecodeError as e:
@@ -153,12 +158,7 @@ def read_weights(path: str | os.PathLike[str]) -> tuple[BundleMeta, dict[str, to
     where = str(path)
     with _open(path) as z:
         meta = _read_meta(z, where)
-        try:
-            blob = z.read("weights.safetensors")
-        except KeyError as e:
-            raise BundleError(f"{where} has no weights.safetensors; it is incomplete") from e
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise BundleError(f"{where} is damaged ({e}); restore it or export it again") from e
+        blob = _member(z, "weights.safetensors", where, "it is incomplete")
     if meta.weights_sha256 and hashlib.sha256(blob).hexdigest() != meta.weights_sha256:
         raise BundleError(f"{where}: weights do not match their recorded SHA-256 (file modified or damaged)")
     try:

@@ -14,7 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from convlens import __version__
-from convlens.config import PRESETS, TrainConfig, field_types, suggest
+from convlens.config import (
+    EXPLAIN_METHODS,
+    EXPORT_FORMATS,
+    PRESETS,
+    TrainConfig,
+    field_types,
+    suggest,
+)
 from convlens.errors import UserError
 
 EPILOG = "Docs: README.md. Add --debug before the verb to see tracebacks."
@@ -114,7 +121,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
-    from convlens.explain import explain_command
+    from convlens.explain.command import explain_command
 
     return explain_command(a.bundle, a.paths, out=a.out, method=a.method, class_name=a.class_name,
                            device=a.device)
@@ -174,23 +181,31 @@ def _add_train_flags(p: argparse.ArgumentParser, with_data: bool = True) -> None
                            if not choices else None, help=f"{help_} (default: {default})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command-line grammar."""
-    p = _Parser(prog="convlens", description=__doc__.splitlines()[0] if __doc__ else None,
-                formatter_class=_Formatter, epilog=EPILOG)
-    p.add_argument("--version", action="version", version=f"convlens {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    p.set_defaults(_verbs=sub.choices)
+def _verb(name: str, help_: str, run: Callable[[argparse.Namespace], int]
+          ) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]]:
+    """Register a verb: the decorated function adds its arguments; ``run`` makes the one library call."""
 
-    s = _add(sub, "summary", "print a model's layers, output shapes, parameters and FLOPs")
+    def register(add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
+        VERBS.append((name, help_, add_arguments, run))
+        return add_arguments
+
+    return register
+
+
+# (name, help, add_arguments, run) in --help order; a new verb is one `_cmd_x` plus one `@_verb` function.
+VERBS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = []
+
+
+@_verb("summary", "print a model's layers, output shapes, parameters and FLOPs", _cmd_summary)
+def _summary_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", nargs="?", help="registry name (see `convlens summary --list`) or a YAML/JSON layer file")
     s.add_argument("--list", action="store_true", help="list the registered models and exit")
     s.add_argument("--input", default="300x300x3", help="input size HxWxC")
     s.add_argument("--classes", type=int, default=2, help="number of classes")
-    s.set_defaults(func=_cmd_summary)
 
-    s = _add(sub, "check", "decode every image of a dataset folder and report problems")
+
+@_verb("check", "decode every image of a dataset folder and report problems", _cmd_check)
+def _check_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir", nargs="?", help="dataset folder (DIR/<class>/... or DIR/train|val/<class>/...)")
     s.add_argument("--json", metavar="REPORT.json", default=None, help="also write the report as JSON")
     s.add_argument("--quarantine", metavar="QDIR", default=None, help="move unusable files into QDIR (undo with --undo)")
@@ -199,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pixels", type=int, default=89_478_485, help="pixel limit (decompression bombs)")
     s.add_argument("--min-side", type=int, default=8, help="smallest usable image side")
     s.add_argument("--near-duplicates", action="store_true", help="also find near duplicates (perceptual hash)")
-    s.set_defaults(func=_cmd_check)
 
-    s = _add(sub, "preview", "write a 3x3 grid of training images (or of augmentations of one)")
+
+@_verb("preview", "write a 3x3 grid of training images (or of augmentations of one)", _cmd_preview)
+def _preview_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir", help="dataset folder")
     s.add_argument("--out", default="grid.png", help="output PNG")
     s.add_argument("--augment", action="store_true", help="9 augmented versions of one image")
@@ -209,29 +225,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=300, help="image size in pixels")
     s.add_argument("--rotation", type=float, default=0.1, help="rotation fraction for --augment")
     s.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip for --augment")
-    s.set_defaults(func=_cmd_preview)
 
-    s = _add(sub, "train", "check, split, cache, train, evaluate and report, in one command")
+
+@_verb("train", "check, split, cache, train, evaluate and report, in one command", _cmd_train)
+def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("data", nargs="?", default=None, help="dataset folder (default: the embedded digits)")
     s.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
     _add_train_flags(s)
-    s.set_defaults(func=_cmd_train)
 
-    s = _add(sub, "lr-find", "plot loss against learning rate and suggest one")
+
+@_verb("lr-find", "plot loss against learning rate and suggest one", _cmd_lr_find)
+def _lr_find_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("data", nargs="?", default=None, help="dataset folder (default: the embedded digits)")
     s.add_argument("--out", default="lr_find.png", help="output plot")
     _add_train_flags(s)
-    s.set_defaults(func=_cmd_lr_find)
 
-    s = _add(sub, "evaluate", "evaluate a model bundle on a labelled folder")
+
+@_verb("evaluate", "evaluate a model bundle on a labelled folder", _cmd_evaluate)
+def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("bundle", help="model bundle (model.convlens)")
     s.add_argument("dir", help="labelled dataset folder")
     s.add_argument("--out", default=None, help="output folder (default: eval/ beside the bundle)")
     s.add_argument("--batch-size", type=int, default=64, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    s.set_defaults(func=_cmd_evaluate)
 
-    s = _add(sub, "predict", "classify images with a bundle or an ONNX model")
+
+@_verb("predict", "classify images with a bundle or an ONNX model", _cmd_predict)
+def _predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", help="model bundle (model.convlens) or model.onnx")
     s.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
     s.add_argument("--top-k", type=int, default=1, help="classes to show per image")
@@ -242,18 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write every probability to preds.csv or preds.json")
     s.add_argument("--batch-size", type=int, default=32, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    s.set_defaults(func=_cmd_predict)
 
-    s = _add(sub, "explain", "draw class activation maps for images")
+
+@_verb("explain", "draw class activation maps for images", _cmd_explain)
+def _explain_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("bundle", help="model bundle (model.convlens)")
     s.add_argument("paths", nargs="+", help="image files, folders or globs")
     s.add_argument("--out", default="explain", help="output folder")
-    s.add_argument("--method", default="cam", choices=["cam", "gradcam", "gradcam++"], help="map method")
+    s.add_argument("--method", default="cam", choices=EXPLAIN_METHODS, help="map method")
     s.add_argument("--class", dest="class_name", default=None, help="class to explain (default: predicted)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    s.set_defaults(func=_cmd_explain)
 
-    s = _add(sub, "inspect", "show every layer's output shape and feature maps for one image (HTML page)")
+
+@_verb("inspect", "show every layer's output shape and feature maps for one image (HTML page)", _cmd_inspect)
+def _inspect_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", help="model bundle (model.convlens), registry name or YAML/JSON layer file "
                                  "(random weights)")
     s.add_argument("image", help="image file")
@@ -261,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-maps", type=int, default=16, help="feature maps shown per layer")
     s.add_argument("--image-size", type=int, default=None,
                    help="input size for a MODEL (default: 128; a bundle uses its own preprocessing)")
-    s.set_defaults(func=_cmd_inspect)
 
-    s = _add(sub, "demo-layer", "apply one building block to a photo and draw input beside output")
+
+@_verb("demo-layer", "apply one building block to a photo and draw input beside output", _cmd_demo_layer)
+def _demo_layer_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("kind", metavar="KIND", help="conv | max_pool | avg_pool | relu | dropout | batch_norm | "
                                                 "upsample | conv_transpose")
     s.add_argument("image", help="image file")
@@ -284,24 +307,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None,
                    help="square input side in pixels, centre-cropped (default: 300; 64 for upsample, conv_transpose)")
     s.add_argument("--seed", type=int, default=0, help="seed for random weights and dropout")
-    s.set_defaults(func=_cmd_demo_layer)
 
-    s = _add(sub, "export", "export a bundle to ONNX or TorchScript")
+
+@_verb("export", "export a bundle to ONNX or TorchScript", _cmd_export)
+def _export_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("bundle", help="model bundle (model.convlens)")
-    s.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help="export format")
+    s.add_argument("--format", default="onnx", choices=EXPORT_FORMATS, help="export format")
     s.add_argument("--out", default=None, help="output file (default: beside the bundle)")
     s.add_argument("--int8", action="store_true", help="post-training static int8 quantisation (ONNX)")
     s.add_argument("--calibration", metavar="DIR", default=None, help="images for int8 calibration")
     s.add_argument("--validate", metavar="DIR", default=None, help="labelled folder to report the accuracy change")
-    s.set_defaults(func=_cmd_export)
 
-    s = _add(sub, "serve", "serve a model over HTTP with a small web page")
+
+@_verb("serve", "serve a model over HTTP with a small web page", _cmd_serve)
+def _serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", help="model bundle (model.convlens) or model.onnx")
     s.add_argument("--host", default="127.0.0.1", help="address to bind")
     s.add_argument("--port", type=int, default=8000, help="port")
     s.add_argument("--workers", type=int, default=1, help="worker processes")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
-    s.set_defaults(func=_cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command-line grammar."""
+    p = _Parser(prog="convlens", description=__doc__.splitlines()[0] if __doc__ else None,
+                formatter_class=_Formatter, epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"convlens {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    p.set_defaults(_verbs=sub.choices)
+    for name, help_, add_arguments, run in VERBS:
+        s = _add(sub, name, help_)
+        add_arguments(s)
+        s.set_defaults(func=run)
     return p
 
 

@@ -21,9 +21,18 @@ from convlens.errors import ConfigError
 
 T = TypeVar("T")
 
+# The one owner of every choice list and range a user can set: argparse help and choices,
+# config validation and the implementations (data/preprocess.py, data/augment.py,
+# engine/optim.py, explain/) import them from here (torch-free, so `--help` stays fast).
 RESIZE_POLICIES = ("squash", "crop", "pad")
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
+EXPLAIN_METHODS = ("cam", "gradcam", "gradcam++")
+EXPORT_FORMATS = ("onnx", "torchscript")
+# Augmentation strengths: (low, high, low bound open).
+AUGMENT_RANGES = {"rotation": (0.0, 0.5, False), "crop_scale": (0.0, 1.0, True),
+                  "color_jitter": (0.0, 1.0, False), "erasing": (0.0, 1.0, False),
+                  "mixup": (0.0, 100.0, False), "cutmix": (0.0, 100.0, False)}
 
 
 @dataclass
@@ -36,7 +45,7 @@ class TrainConfig:
     test_fraction: float = field(default=0.0, metadata={"help": "held-out test fraction when the folder is not pre-split"})
     seed: int = field(default=1337, metadata={"help": "seed for the split, initialisation and augmentation"})
     image_size: int = field(default=112, metadata={"help": "square input size in pixels"})
-    resize: str = field(default="squash", metadata={"help": "resize policy: squash | crop | pad"})
+    resize: str = field(default="squash", metadata={"help": "resize policy: " + " | ".join(RESIZE_POLICIES)})
     channels: int = field(default=0, metadata={"help": "input channels: 0 = auto (1 if every image is grayscale), 1 or 3"})
     cache_dir: str | None = field(default=None, metadata={"help": "decoded-image cache folder (default: user cache dir)"})
     max_pixels: int = field(default=89_478_485, metadata={"help": "images with more pixels are unusable (decompression bombs)"})
@@ -52,12 +61,12 @@ class TrainConfig:
     # --- optimisation ---
     epochs: int = field(default=80, metadata={"help": "training epochs"})
     batch_size: int = field(default=64, metadata={"help": "global batch size"})
-    optimizer: str = field(default="adamw", metadata={"help": "rmsprop | sgd | adam | adamw"})
+    optimizer: str = field(default="adamw", metadata={"help": " | ".join(OPTIMIZERS)})
     lr: float = field(default=5e-3, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum for SGD"})
-    schedule: str = field(default="onecycle", metadata={"help": "learning-rate schedule: constant | cosine | onecycle"})
+    schedule: str = field(default="onecycle", metadata={"help": "learning-rate schedule: " + " | ".join(SCHEDULES)})
     warmup_epochs: float = field(default=1.0, metadata={"help": "linear warm-up length in epochs (constant and cosine)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
     class_weights: str = field(default="none", metadata={"help": "none | auto (inverse class frequency)"})
@@ -230,19 +239,31 @@ def resolve_train_config(
     return cfg
 
 
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, options: typing.Sequence[str]) -> str:
+    """``value`` when it is one of ``options``; else a :class:`ConfigError` with a did-you-mean."""
     if value not in options:
         raise ConfigError(
             f"{key} must be one of {', '.join(options)}. Received: {key}={value!r}.{suggest(value, options)}"
         )
+    return value
+
+
+def check_range(key: str, value: float) -> float:
+    """``value`` as a float when it lies in ``AUGMENT_RANGES[key]``; else a :class:`ConfigError`."""
+    lo, hi, lo_open = AUGMENT_RANGES[key]
+    if not ((lo < value if lo_open else lo <= value) and value <= hi):
+        raise ConfigError(f"{key} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]. Received: {key}={value!r}")
+    return float(value)
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
     """Check ranges and choices; raise :class:`ConfigError` naming the key."""
-    _choice("resize", cfg.resize, RESIZE_POLICIES)
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("schedule", cfg.schedule, SCHEDULES)
-    _choice("class_weights", cfg.class_weights, ("none", "auto"))
+    check_choice("resize", cfg.resize, RESIZE_POLICIES)
+    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    check_choice("schedule", cfg.schedule, SCHEDULES)
+    check_choice("class_weights", cfg.class_weights, ("none", "auto"))
+    for key in AUGMENT_RANGES:
+        check_range(key, getattr(cfg, key))
     if cfg.channels not in (0, 1, 3):
         raise ConfigError(f"channels must be 0 (auto), 1 or 3. Received: channels={cfg.channels}")
     checks = [
@@ -255,11 +276,6 @@ def validate_train_config(cfg: TrainConfig) -> None:
         ("lr", cfg.lr > 0, "> 0"),
         ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
         ("label_smoothing", 0 <= cfg.label_smoothing < 1, "in [0, 1)"),
-        ("rotation", 0 <= cfg.rotation <= 0.5, "in [0, 0.5]"),
-        ("crop_scale", 0 < cfg.crop_scale <= 1, "in (0, 1]"),
-        ("erasing", 0 <= cfg.erasing <= 1, "in [0, 1]"),
-        ("mixup", cfg.mixup >= 0, ">= 0"),
-        ("cutmix", cfg.cutmix >= 0, ">= 0"),
         ("scale", cfg.scale > 0, "> 0"),
         ("max_pixels", cfg.max_pixels > 0, "> 0"),
         ("min_side", cfg.min_side >= 1, ">= 1"),

@@ -13,43 +13,39 @@ resize by the stored policy, then ``(x * scale - mean) / std``. Nothing here re-
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Union
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from convlens.bundle import BundleMeta
-from convlens.data.decode import FORMAT_EXTENSIONS
 from convlens.data.preprocess import Preprocessing
-from convlens.errors import BundleError, ConfigError, ImageError, UserError
+from convlens.decision import decide, probabilities
+from convlens.errors import BundleError, ConfigError, ImageError
+from convlens.inputs import (
+    TTA_MODES,
+    ImageInput,
+    as_list,
+    display,
+    display_base,
+    expand_paths,
+    load_input,
+    name_of,
+    print_skipped,
+    tta_views,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from convlens.explain import Explanation
-
-# One image as the Python API accepts it.
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 - runtime alias on 3.10
-
-# Files a folder walk never offers as images: OS/desktop metadata (also any dot-file).
-SYSTEM_FILES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r"}
-SYSTEM_DIRS = {"__macosx", "$recycle.bin", "system volume information", "@eadir"}
-IMAGE_SUFFIXES = frozenset(s for exts in FORMAT_EXTENSIONS.values() for s in exts)
-
-TTA_MODES = ("flip", "crops")
-CROP_FRACTION = 0.875  # side of each TTA crop relative to the model input
-
-
-class NoMatchError(UserError):
-    """A path argument that names no file, folder or glob match."""
 
 
 # ----------------------------------------------------------------------------- results
@@ -112,141 +108,18 @@ class TorchBackend:
             out = self.model(self.tensor(x))
         return out.float().cpu().numpy().reshape(len(x), -1)
 
+    @property
+    def explain_methods(self) -> tuple[str, ...]:
+        """All three methods with a GAP + dense head; Grad-CAM and Grad-CAM++ on any other."""
+        from convlens.explain.cam import methods_for
 
-def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
-    """Logits ``N x out_units`` -> probabilities ``N x num_classes`` (float64).
+        return methods_for(self.model)
 
-    One sigmoid unit gives two classes: ``p1 = sigmoid(z)``, ``p0 = 1 - p1``. The tanh form
-    of the sigmoid and the max-shifted softmax cannot overflow for any logit.
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    z = z.reshape(len(z), -1)
-    if activation == "sigmoid":
-        if z.shape[1] != 1:
-            raise BundleError(f"a sigmoid model must have one output unit. Received: {z.shape[1]} units")
-        p1 = 0.5 * (1.0 + np.tanh(0.5 * z[:, 0]))
-        return np.stack([1.0 - p1, p1], axis=1)
-    if activation != "softmax":
-        raise BundleError(f"output_activation must be 'sigmoid' or 'softmax'. Received: {activation!r}")
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    def class_maps(self, x: np.ndarray, method: str, class_index: list[int]) -> np.ndarray:
+        """Raw feature-resolution maps ``(N, h, w)`` of ``class_index`` (one per image)."""
+        from convlens.explain.cam import run_method
 
-
-# ----------------------------------------------------------------------------- paths
-def _is_hidden_or_system(p: Path) -> bool:
-    name = p.name
-    return name.startswith(".") or name.startswith("~$") or name.lower() in SYSTEM_FILES
-
-
-def _walk(folder: Path) -> tuple[list[Path], int]:
-    """Image files under ``folder`` (recursive, sorted), and how many other files were passed over.
-
-    Hidden and system files/folders are skipped. In folders a file is offered when its
-    extension is an image one or it has none (content decides later); files the user names
-    directly are always tried, whatever their extension.
-    """
-    found: list[Path] = []
-    ignored = 0
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d.lower() not in SYSTEM_DIRS)
-        for name in sorted(files):
-            p = Path(root) / name
-            if _is_hidden_or_system(p):
-                continue
-            suffix = p.suffix.lower()
-            if suffix in IMAGE_SUFFIXES or suffix == "":
-                found.append(p)
-            else:
-                ignored += 1
-    return found, ignored
-
-
-def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], int]:
-    """Expand files, folders (recursive) and globs into a sorted, de-duplicated file list.
-
-    Globs are expanded here (``*``, ``?``, ``[...]`` and ``**``), so quoted globs work too.
-    Returns ``(files, ignored)`` where ``ignored`` counts non-image files passed over in
-    folders. A path that matches nothing raises :class:`NoMatchError`.
-    """
-    out: list[Path] = []
-    seen: set[str] = set()
-    ignored = 0
-
-    def add(p: Path) -> None:
-        key = os.path.normcase(os.path.abspath(p))
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-
-    for raw in paths:
-        text = os.path.expanduser(os.fspath(raw))
-        p = Path(text)
-        if p.is_file():
-            add(p)
-            continue
-        if p.is_dir():
-            files, n = _walk(p)
-            ignored += n
-            if not files:
-                raise NoMatchError(f"folder {text!r} holds no image files; pass image files, folders or globs")
-            for f in files:
-                add(f)
-            continue
-        matches = sorted(glob.glob(text, recursive=True)) if glob.has_magic(text) else []
-        got = 0
-        for m in matches:
-            mp = Path(m)
-            if mp.is_dir():
-                files, n = _walk(mp)
-                ignored += n
-            elif mp.is_file() and not _is_hidden_or_system(mp):
-                files = [mp]
-            else:
-                files = []
-            for f in files:
-                add(f)
-            got += len(files)
-        if not got:
-            what = "glob" if glob.has_magic(text) else "path"
-            raise NoMatchError(f"{what} {text!r} matches no image file; check the path. Received: {text!r}")
-    return out, ignored
-
-
-# ----------------------------------------------------------------------------- inputs
-def _name_of(src: Any) -> str | None:
-    if isinstance(src, (str, os.PathLike)):
-        return os.fspath(src)
-    return getattr(src, "filename", None) or None
-
-
-def _as_list(x: Any) -> list[Any]:
-    """One input or a sequence of inputs -> a list of single images."""
-    if isinstance(x, (str, os.PathLike, Image.Image)):
-        return [x]
-    if isinstance(x, np.ndarray):
-        # N x H x W x C (C in 1, 3, 4) is a batch of images; anything else is one image.
-        return list(x) if x.ndim == 4 else [x]
-    if isinstance(x, Iterable):
-        return list(x)
-    raise ConfigError(
-        "predict() takes a path, a list of paths, a PIL image or an H x W x 3 uint8 RGB array. "
-        f"Received: {type(x).__name__}"
-    )
-
-
-def _load_input(src: Any, prep: Preprocessing) -> np.ndarray:
-    """One input -> uint8 ``H x W x C`` at the model's size, through the bundle's Preprocessing."""
-    if isinstance(src, (str, os.PathLike)):
-        return prep.load(src)
-    if isinstance(src, Image.Image):
-        # A user's Image.open() result is not yet upright; files go through decode(), which is.
-        return prep.from_pil(ImageOps.exif_transpose(src) or src)
-    if isinstance(src, np.ndarray):
-        return prep.from_array(src)
-    raise ConfigError(
-        "an image must be a path, a PIL image or an H x W x 3 uint8 RGB array. "
-        f"Received: {type(src).__name__}"
-    )
+        return run_method(method, self.model, self.tensor(x), class_index).maps.float().cpu().numpy()
 
 
 def _tta_mode(tta: bool | str) -> str | None:
@@ -257,32 +130,6 @@ def _tta_mode(tta: bool | str) -> str | None:
     if isinstance(tta, str) and tta in TTA_MODES:
         return tta
     raise ConfigError(f"tta must be False, True, 'flip' or 'crops'. Received: tta={tta!r}")
-
-
-def _resize_uint8(img: np.ndarray, size_hw: tuple[int, int], prep: Preprocessing) -> np.ndarray:
-    h, w = size_hw
-    gray = img.shape[2] == 1
-    pil = Image.fromarray(img[:, :, 0] if gray else img, "L" if gray else "RGB")
-    method = Image.Resampling.BILINEAR if prep.interpolation == "bilinear" else Image.Resampling.NEAREST
-    arr = np.asarray(pil.resize((w, h), method), dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-def tta_views(batch: np.ndarray, mode: str, prep: Preprocessing) -> list[np.ndarray]:
-    """Test-time-augmentation views of a uint8 ``N x H x W x C`` batch at the model size.
-
-    ``flip``: the batch and its horizontal mirror. ``crops``: additionally the four corner
-    crops and the centre crop, each ``CROP_FRACTION`` of a side and resized back to the
-    input size with the bundle's interpolation, each with its mirror (12 views in all).
-    """
-    views = [batch]
-    if mode == "crops":
-        n, h, w, _ = batch.shape
-        ch, cw = max(1, round(h * CROP_FRACTION)), max(1, round(w * CROP_FRACTION))
-        for top, left in ((0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw), ((h - ch) // 2, (w - cw) // 2)):
-            crops = batch[:, top:top + ch, left:left + cw]
-            views.append(np.stack([_resize_uint8(c, (h, w), prep) for c in crops]))
-    return views + [np.ascontiguousarray(v[:, :, ::-1]) for v in views]
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -336,9 +183,7 @@ class Classifier:
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """Class indices from probabilities: argmax, or the threshold for a sigmoid model."""
         t = self._threshold(threshold)
-        if t is not None:
-            return (probs[:, 1] >= t).astype(np.int64)
-        return probs.argmax(axis=1)
+        return decide(probs, self.output_activation, 0.5 if t is None else t)
 
     def _threshold(self, threshold: float | None) -> float | None:
         if self.output_activation != "sigmoid":
@@ -390,7 +235,7 @@ class Classifier:
 
         def load(src: Any) -> np.ndarray | ImageError:
             try:
-                return _load_input(src, prep)
+                return load_input(src, prep)
             except ImageError as e:
                 return e
 
@@ -406,7 +251,7 @@ class Classifier:
                 results: list[Prediction | ImageError] = list(loaded)  # type: ignore[arg-type]
                 if good:
                     probs = self.predict_proba(np.stack([loaded[i] for i in good]), tta=tta)
-                    names = [_name_of(chunk[i]) for i in good]
+                    names = [name_of(chunk[i]) for i in good]
                     for i, pred in zip(good, self._predictions(names, probs, top_k, threshold), strict=True):
                         results[i] = pred
                 yield from results
@@ -431,7 +276,7 @@ class Classifier:
         if errors not in ("raise", "skip"):
             raise ConfigError(f"errors must be 'raise' or 'skip'. Received: errors={errors!r}")
         out: list[Prediction] = []
-        for r in self.iter_predict(_as_list(x), top_k=top_k, tta=tta, threshold=threshold,
+        for r in self.iter_predict(as_list(x), top_k=top_k, tta=tta, threshold=threshold,
                                    batch_size=batch_size):
             if isinstance(r, ImageError):
                 if errors == "raise":
@@ -446,14 +291,7 @@ class Classifier:
         """Full explanations (image, heat map, label, probability) for each input."""
         from convlens.explain import explain_inputs
 
-        model = getattr(self.backend, "model", None)
-        if model is None:
-            raise UserError(
-                "explanations need gradients and feature maps, which ONNX models do not expose; "
-                "load the .convlens bundle instead"
-            )
-        return explain_inputs(self, _as_list(x), method=method, class_name=class_name,
-                              threshold=threshold)
+        return explain_inputs(self, as_list(x), method=method, class_name=class_name, threshold=threshold)
 
     def explain(self, x: ImageInput | Sequence[ImageInput], method: str = "cam",
                 class_name: str | None = None) -> np.ndarray | list[np.ndarray]:
@@ -499,34 +337,6 @@ def load(path: str | os.PathLike[str], device: str = "auto") -> Classifier:
 
 
 # ----------------------------------------------------------------------------- command
-def _display(p: str | None, base: str | None = None) -> str:
-    """A short name for tables: relative to ``base`` (or the working folder when inside it)."""
-    if p is None:
-        return "<image>"
-    for root in (base, os.getcwd()) if base else (os.getcwd(),):
-        try:
-            rel = os.path.relpath(p, root)
-        except ValueError:  # another drive on Windows
-            continue
-        if not rel.startswith(".."):
-            return rel
-    return p
-
-
-def display_base(paths: Sequence[str | os.PathLike[str] | None]) -> str | None:
-    """The common folder of ``paths`` when they are not all under the working folder, else None."""
-    real = [os.path.abspath(os.fspath(p)) for p in paths if p is not None]
-    if not real:
-        return None
-    cwd = os.getcwd()
-    if all(not os.path.relpath(p, cwd).startswith("..") for p in real):
-        return None
-    try:
-        return os.path.dirname(real[0]) if len(real) == 1 else os.path.commonpath([os.path.dirname(p) for p in real])
-    except ValueError:  # mixed drives
-        return None
-
-
 def write_predictions(path: str | os.PathLike[str], classes: Sequence[str],
                       results: Sequence[Prediction | ImageError], model: str = "") -> None:
     """Write every input's prediction (all class probabilities) atomically as CSV or JSON.
@@ -558,15 +368,6 @@ def write_predictions(path: str | os.PathLike[str], classes: Sequence[str],
     write_text(p, buf.getvalue())
 
 
-def print_skipped(skipped: Sequence[ImageError], console: Any) -> None:
-    """List unreadable files with their reasons (stderr)."""
-    if not skipped:
-        return
-    console.print(f"[yellow]skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''}:[/]")
-    for e in skipped:
-        console.print(f"  {_display(e.path)}: {e.message}", markup=False, highlight=False)
-
-
 def _print_predictions(preds: Sequence[Prediction], console: Any, top_k: int, out: str | None) -> None:
     """The predictions table; piped, tab-separated lines of every prediction with usable paths."""
     from convlens.display import is_interactive, print_table
@@ -576,7 +377,7 @@ def _print_predictions(preds: Sequence[Prediction], console: Any, top_k: int, ou
     # Piped output keeps every row and paths a program can open (not shortened to a base folder).
     base = display_base([pr.path for pr in preds]) if interactive else None
     limit = 50 if out and interactive else len(preds)  # the file holds everything; keep the terminal readable
-    rows = [[_display(pr.path, base), pr.label, f"{pr.probability:.4f}"]
+    rows = [[display(pr.path, base), pr.label, f"{pr.probability:.4f}"]
             + ([", ".join(f"{c} {p:.3f}" for c, p in pr.top_k)] if top_k > 1 else []) for pr in preds[:limit]]
     print_table(header, rows, console=console, caption=f"paths relative to {base}" if base else None,
                 right=("probability",), fold=("file",))

@@ -83,3 +83,20 @@ def test_clear_errors(tmp_path: Path, case: str) -> None:
 def test_is_system_file() -> None:
     assert is_system_file(".DS_Store") and is_system_file("Thumbs.db") and is_system_file("DESKTOP.INI")
     assert is_system_file("._photo.jpg") and not is_system_file("photo.jpg")
+
+
+def test_list_images_one_rule_set_with_links(tmp_path: Path) -> None:
+    from convlens.data.scan import list_images
+
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "noext", "sub/b.png", "notes.txt", "Thumbs.db", "~$lock.jpg", ".hidden.jpg"):
+        (root / name).write_bytes(b"x")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # walked once, no endless loop
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "c.jpg").write_bytes(b"x")
+    (root / "linked").symlink_to(other, target_is_directory=True)
+    files, ignored = list_images(root)
+    assert [f.relative_to(root).as_posix() for f in files] == ["a.jpg", "noext", "linked/c.jpg", "sub/b.png"]
+    assert [f.name for f in ignored] == ["notes.txt"]

@@ -22,7 +22,7 @@ from convlens.explain.cam import (
     run_method,
     upsample_to_original,
 )
-from tests.explain._bundles import make_model
+from tests.bundles import make_model
 
 
 def _x(seed: int, n: int = 3, size: int = 16, channels: int = 3) -> torch.Tensor:
@@ -104,7 +104,7 @@ def test_gradcampp_matches_closed_form_on_gap_dense() -> None:
 
 
 def _flatten_model(num_classes: int = 2) -> torch.nn.Module:
-    from convlens.models.layers import build_from_spec
+    from convlens.models import build_from_spec
 
     torch.manual_seed(3)
     spec = [{"type": "conv", "filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu"},

@@ -16,7 +16,7 @@ import convlens
 from convlens.bundle import load_model, save_bundle
 from convlens.cli import main
 from convlens.data.decode import decode
-from tests.explain._bundles import make_bundle, make_meta
+from tests.bundles import make_bundle, make_meta
 
 
 @pytest.fixture()
@@ -117,7 +117,7 @@ def test_cli_methods_classes_and_errors(tmp_path: Path, photos: list[Path], bund
 
 def test_cli_cam_on_a_model_without_gap_dense_head(tmp_path: Path, photos: list[Path],
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from convlens.models.layers import build_from_spec
+    from convlens.models import build_from_spec
 
     spec = [{"type": "conv", "filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu"},
             {"type": "max_pool", "pool_size": 4}, {"type": "flatten"}, {"type": "dense"}]

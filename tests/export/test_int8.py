@@ -18,7 +18,7 @@ from convlens.export.onnx import (
     quantize_int8,
 )
 from convlens.export.onnx_backend import OnnxBackend
-from tests.export.bundles import write_images
+from tests.bundles import write_images
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,13 @@ def test_int8_on_real_photos(tiny_bundle: Path, cats_dogs: Path, tmp_path: Path)
     backend = OnnxBackend(tmp_path / "real.int8.onnx")
     assert backend.export_info["calibration_images"] == 8
     assert res.max_abs_diff < 0.1
+
+
+def test_validation_folder_may_be_presplit(tiny_bundle: Path, tmp_path: Path) -> None:
+    """``DIR/train|val/<class>`` validates on the held-out part, as ``evaluate`` does."""
+    for cls, n in (("cats", 2), ("dogs", 3)):
+        write_images(tmp_path / "train" / cls, 4)
+        write_images(tmp_path / "val" / cls, n)
+    (tmp_path / "val" / "cats" / ".DS_Store").write_bytes(b"\0" * 8)
+    rep = accuracy_report(tmp_path, read_meta(tiny_bundle), {"fp32": lambda x: np.full((len(x), 1), 3.0)})
+    assert rep["images"] == 5 and rep["accuracy"]["fp32"] == pytest.approx(3 / 5)

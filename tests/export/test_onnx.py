@@ -14,7 +14,7 @@ from convlens.errors import BundleError, ConfigError
 from convlens.export import default_output, export_command, resolve_output
 from convlens.export.onnx import ExportError, export_onnx, sample_inputs
 from convlens.export.onnx_backend import CAM_NAME, LOGITS_NAME, METADATA_KEY, OnnxBackend
-from tests.export.bundles import make_bundle
+from tests.bundles import make_bundle
 
 
 def _torch_logits(bundle: Path, x: np.ndarray) -> np.ndarray:
@@ -59,7 +59,7 @@ def test_metadata_round_trip(tiny_bundle: Path, tiny_onnx: Path) -> None:
 
 def test_cam_output_is_the_exact_class_activation_map(tmp_path: Path) -> None:
     """For a GAP + dense head, mean(cam) + bias == logits: the maps decompose the logits."""
-    bundle = make_bundle(tmp_path / "m.convlens", classes=("a", "b", "c"), resize="crop")
+    bundle = make_bundle(tmp_path / "m.convlens", classes=("a", "b", "c"), resize="crop", random_biases=True)
     out = tmp_path / "m.onnx"
     res, _ = export_onnx(bundle, out)
     assert res.outputs == [LOGITS_NAME, CAM_NAME]
@@ -80,7 +80,7 @@ def test_model_without_gap_head_exports_logits_only(tmp_path: Path) -> None:
         {"type": "flatten"},
         {"type": "dense"},
     ]
-    bundle = make_bundle(tmp_path / "flat.convlens", layers=layers, size=16, channels=1)
+    bundle = make_bundle(tmp_path / "flat.convlens", layers=layers, size=16, channels=1, random_biases=True)
     out = tmp_path / "flat.onnx"
     res, _ = export_onnx(bundle, out)
     assert res.outputs == [LOGITS_NAME]
@@ -140,7 +140,7 @@ def test_legacy_exporter_fallback(tiny_bundle: Path, tmp_path: Path, monkeypatch
 
 
 def test_export_command_writes_beside_the_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bundle = make_bundle(tmp_path / "run" / "model.convlens")
+    bundle = make_bundle(tmp_path / "run" / "model.convlens", random_biases=True)
     assert export_command(bundle, fmt="onnx") == 0
     out = tmp_path / "run" / "model.onnx"
     assert out.is_file()
@@ -205,7 +205,7 @@ def test_backend_rejects_bad_files(tiny_onnx: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["tutorial_cnn", "resnet8", "mini_xception"])
 def test_every_zoo_model_exports(name: str, tmp_path: Path) -> None:
     """BatchNorm, residual adds and separable convolutions all survive export within 1e-4."""
-    bundle = make_bundle(tmp_path / f"{name}.convlens", model=name, classes=("a", "b", "c"))
+    bundle = make_bundle(tmp_path / f"{name}.convlens", name, ("a", "b", "c"), random_biases=True)
     out = tmp_path / f"{name}.onnx"
     res, _ = export_onnx(bundle, out)
     assert res.max_abs_diff <= 1e-4

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from convlens.predict import load
-from tests.export.bundles import write_images
+from tests.bundles import write_images
 
 BLOCKED = ["torch", "torchvision", "onnx", "onnxscript", "kornia", "sklearn", "safetensors",
            "matplotlib", "fastapi", "scipy"]

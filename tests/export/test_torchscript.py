@@ -12,7 +12,7 @@ from convlens.bundle import load_model
 from convlens.cli import main
 from convlens.export.onnx import ExportError, sample_inputs
 from convlens.export.torchscript import EXTRA_FILE, export_torchscript, load_torchscript_meta
-from tests.export.bundles import make_bundle
+from tests.bundles import make_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torchscript_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    bundle = make_bundle(tmp_path / "m.convlens", classes=("a", "b", "c"))
+    bundle = make_bundle(tmp_path / "m.convlens", classes=("a", "b", "c"), random_biases=True)
     out = tmp_path / "m.pt"
     assert main(["export", str(bundle), "--format", "torchscript", "--out", str(out)]) == 0
     assert "TorchScript" in capsys.readouterr().out
@@ -40,7 +40,7 @@ def test_torchscript_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_torchscript_mismatch_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    bundle = make_bundle(tmp_path / "m.convlens")
+    bundle = make_bundle(tmp_path / "m.convlens", random_biases=True)
     real_load = torch.jit.load
 
     def drifted(*args, **kwargs):  # the saved module answers differently from the model

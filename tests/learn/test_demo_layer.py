@@ -251,3 +251,9 @@ def test_cli_errors_are_one_line_exit_2(args, needle, photo, tmp_path, capsys, m
 def test_errors_are_user_errors() -> None:
     with pytest.raises(UserError):
         resolve_options("conv", {"stride": 99})
+
+
+def test_every_demo_kind_is_a_registered_layer_type() -> None:
+    from convlens.models import LAYER_TYPES
+
+    assert set(KINDS) <= set(LAYER_TYPES)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from convlens.errors import SpecError, UserError
 from convlens.models import LayerStack, build_from_spec
-from convlens.models.layers import Pool, same_padding
+from convlens.models.layers import Pool
+from convlens.models.shapes import same_padding
 from convlens.models.zoo import TUTORIAL_CNN_LAYERS
 
 torch.manual_seed(0)
@@ -358,3 +359,35 @@ def test_receptive_fields_and_names_of_the_tutorial_stack() -> None:
     # r_out = r_in + (k - 1) * jump; jump *= stride.
     assert [r.receptive_field for r in s.rows] == [(3, 3), (4, 4), (8, 8), (10, 10), (18, 18), (22, 22), (38, 38),
                                                    None, None]
+
+
+def test_a_new_layer_type_is_one_registered_class() -> None:
+    """Schema, output shape and builder live on the class: nothing else needs to change."""
+    from typing import Any
+
+    from convlens.models.spec import LAYERS, SpecLayer, number_in, register_layer
+
+    @register_layer
+    class Scale(SpecLayer):
+        kind = "scale_test"
+        schema = {"factor": (2.0, number_in(0.0, 10.0, lo_open=True))}
+
+        def __init__(self, factor: float) -> None:
+            super().__init__()
+            self.factor = factor
+
+        @classmethod
+        def from_spec(cls, spec: dict[str, Any], shape: tuple) -> SpecLayer:
+            return cls(spec["factor"])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.factor
+
+    try:
+        stack = LayerStack([{"type": "scale_test", "factor": 3.0}, {"type": "flatten"}], (1, 2, 2))
+        assert stack.shapes == [(1, 2, 2), (4,)]
+        assert torch.equal(stack(torch.ones(1, 1, 2, 2)), torch.full((1, 4), 3.0))
+        with pytest.raises(SpecError, match=r"layer 0 \(scale_test\): factor must be a number in \(0.0, 10.0\)"):
+            LayerStack([{"type": "scale_test", "factor": 0}], (1, 2, 2))
+    finally:
+        del LAYERS["scale_test"]

@@ -10,22 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.export.bundles import make_bundle
-
-
-@pytest.fixture(scope="session")
-def serve_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("serve") / "model.convlens")
-
-
-@pytest.fixture(scope="session")
-def serve_onnx(serve_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from convlens.export.onnx import export_onnx
-
-    out = tmp_path_factory.mktemp("serve_onnx") / "model.onnx"
-    export_onnx(serve_bundle, out)
-    return out
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,8 +43,8 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def live_server(serve_bundle: Path) -> Iterator[LiveServer]:
+def live_server(tiny_bundle: Path) -> Iterator[LiveServer]:
     from convlens.serve.app import create_app
 
-    with LiveServer(create_app(serve_bundle, max_upload_mb=1)) as server:
+    with LiveServer(create_app(tiny_bundle, max_upload_mb=1)) as server:
         yield server

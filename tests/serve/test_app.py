@@ -17,7 +17,7 @@ from PIL import Image
 from convlens import __version__
 from convlens.predict import load
 from convlens.serve.app import create_app
-from tests.export.bundles import pixel_bomb_png, png_bytes
+from tests.bundles import pixel_bomb_png, png_bytes
 
 
 def _client(app: Any) -> Any:
@@ -28,14 +28,14 @@ def _client(app: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def client(serve_bundle: Path) -> Iterator[Any]:
-    with _client(create_app(serve_bundle, max_upload_mb=1, max_pixels=4_000_000)) as c:
+def client(tiny_bundle: Path) -> Iterator[Any]:
+    with _client(create_app(tiny_bundle, max_upload_mb=1, max_pixels=4_000_000)) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def onnx_client(serve_onnx: Path) -> Iterator[Any]:
-    with _client(create_app(serve_onnx, max_upload_mb=1)) as c:
+def onnx_client(tiny_onnx: Path) -> Iterator[Any]:
+    with _client(create_app(tiny_onnx, max_upload_mb=1)) as c:
         yield c
 
 
@@ -72,7 +72,7 @@ def test_model_info(client: Any) -> None:
     assert body["max_upload_bytes"] == 1024 * 1024
 
 
-def test_predict_real_photo_matches_the_library(client: Any, serve_bundle: Path, real_photo: Path) -> None:
+def test_predict_real_photo_matches_the_library(client: Any, tiny_bundle: Path, real_photo: Path) -> None:
     r = _post(client, "/predict", real_photo.read_bytes(), name="cat.0.jpg")
     assert r.status_code == 200, r.text
     body = r.json()
@@ -82,7 +82,7 @@ def test_predict_real_photo_matches_the_library(client: Any, serve_bundle: Path,
     assert body["latency_ms"] > 0 and body["timings_ms"]["inference"] > 0
     assert body["filename"] == "cat.0.jpg" and body["image"]["format"] == "JPEG"
     # One truth: the server's numbers are exactly what `convlens predict` computes for the file.
-    ref = load(serve_bundle, device="cpu").predict(real_photo)[0]
+    ref = load(tiny_bundle, device="cpu").predict(real_photo)[0]
     assert body["label"] == ref.label
     for c in ("cats", "dogs"):
         assert body["probabilities"][c] == pytest.approx(ref.probabilities[c], abs=1e-6)
@@ -311,25 +311,20 @@ def test_onnx_model_serves_predictions_and_cam(onnx_client: Any, client: Any, re
     _error(_post(onnx_client, "/explain?method=gradcam", data), 400)
 
 
-def test_onnx_heat_equals_torch_cam(serve_onnx: Path, serve_bundle: Path, real_photo: Path) -> None:
-    from convlens.serve.app import Upload, _onnx_explanation
-
-    app = create_app(serve_onnx)
-    state = app.state.serve
+def test_onnx_heat_equals_torch_cam(tiny_onnx: Path, tiny_bundle: Path, real_photo: Path) -> None:
     img = Image.open(real_photo).convert("RGB")
-    up = Upload("x.jpg", img, 0, img.width, img.height, "JPEG", b"")
     for cls in (None, "cats", "dogs"):
-        _, explained, heat = _onnx_explanation(state, up, cls)
-        e = load(serve_bundle, device="cpu").explanations(img, method="cam", class_name=cls)[0]
-        assert explained == e.explained
-        np.testing.assert_allclose(heat, e.heat, atol=1e-4)
+        o = load(tiny_onnx).explanations(img, method="cam", class_name=cls)[0]
+        e = load(tiny_bundle, device="cpu").explanations(img, method="cam", class_name=cls)[0]
+        assert o.explained == e.explained
+        np.testing.assert_allclose(o.heat, e.heat, atol=1e-4)
 
 
-def test_onnx_without_maps_cannot_explain(serve_bundle: Path, tmp_path: Path) -> None:
+def test_onnx_without_maps_cannot_explain(tiny_bundle: Path, tmp_path: Path) -> None:
     from convlens.export.onnx import export_onnx
 
     out = tmp_path / "nocam.onnx"
-    export_onnx(serve_bundle, out, with_cam=False)
+    export_onnx(tiny_bundle, out, with_cam=False)
     with _client(create_app(out)) as c:
         assert c.get("/model").json()["explain_methods"] == []
         body = _error(_post(c, "/explain", png_bytes()), 400)
@@ -338,11 +333,11 @@ def test_onnx_without_maps_cannot_explain(serve_bundle: Path, tmp_path: Path) ->
 
 
 def test_bundle_without_gap_head_explains_with_gradcam(tmp_path: Path) -> None:
-    from tests.export.bundles import make_bundle
+    from tests.bundles import make_bundle
 
     layers = [{"type": "conv", "filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu"},
               {"type": "max_pool", "pool_size": 2}, {"type": "flatten"}, {"type": "dense"}]
-    bundle = make_bundle(tmp_path / "flat.convlens", layers=layers, size=16)
+    bundle = make_bundle(tmp_path / "flat.convlens", layers=layers, size=16, random_biases=True)
     with _client(create_app(bundle)) as c:
         assert c.get("/model").json()["explain_methods"] == ["gradcam", "gradcam++"]
         r = _post(c, "/explain", png_bytes(30, 30))

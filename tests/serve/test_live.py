@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.export.bundles import pixel_bomb_png, png_bytes
+from tests.bundles import pixel_bomb_png, png_bytes
 
 
 def test_concurrent_requests_are_consistent(live_server, real_photo: Path) -> None:

@@ -16,15 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from convlens.config import check_range
 from convlens.errors import ConfigError
-
-
-def _check(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    ok = (lo < value if lo_open else lo <= value) and value <= hi
-    if not ok:
-        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
-        raise ConfigError(f"{name} must be in {bound}. Received: {name}={value}")
-    return float(value)
 
 
 class Augmenter(nn.Module):
@@ -91,10 +84,8 @@ def build_augmentation(*, flip: bool = True, rotation: float = 0.0, crop_scale: 
                        color_jitter: float = 0.0, erasing: float = 0.0,
                        image_size: int | tuple[int, int] = 128) -> Augmenter | None:
     """An :class:`Augmenter`, or ``None`` when every augmentation is off."""
-    rotation = _check("rotation", rotation, 0.0, 0.5)
-    crop_scale = _check("crop_scale", crop_scale, 0.0, 1.0, lo_open=True)
-    color_jitter = _check("color_jitter", color_jitter, 0.0, 1.0)
-    erasing = _check("erasing", erasing, 0.0, 1.0)
+    rotation, crop_scale = check_range("rotation", rotation), check_range("crop_scale", crop_scale)
+    color_jitter, erasing = check_range("color_jitter", color_jitter), check_range("erasing", erasing)
     if not (flip or rotation or crop_scale < 1.0 or color_jitter or erasing):
         return None
     return Augmenter(flip=flip, rotation=rotation, crop_scale=crop_scale, color_jitter=color_jitter,
@@ -109,8 +100,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, mixup_alpha: float = 0.0, cutmix
     ``(N, 1)`` for a sigmoid model); the returned targets are mixed in the same proportion as the
     pixels (for cutmix: the pasted box's exact area).
     """
-    mixup_alpha = _check("mixup", mixup_alpha, 0.0, 100.0)
-    cutmix_alpha = _check("cutmix", cutmix_alpha, 0.0, 100.0)
+    mixup_alpha, cutmix_alpha = check_range("mixup", mixup_alpha), check_range("cutmix", cutmix_alpha)
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return x, y
     if not y.is_floating_point():

@@ -228,21 +228,23 @@ def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[in
     dcache = dataset_cache_dir(cache_root, dataset_root)
     try:
         with _locked(dcache):
-            return _build_locked(entries, dcache, size=size, resize=resize, interpolation=interpolation,
-                                 channels=channels, max_pixels=max_pixels, min_side=min_side,
-                                 workers=workers, progress=progress, t0=t0)
+            # A second pass with 3 channels when a dataset that looked grayscale turns out to hold
+            # a colour image (rare: its check records are kept, so only pixels are redone).
+            for pass_channels in (channels, 3):
+                result = _build_pass(entries, dcache, size=size, resize=resize, interpolation=interpolation,
+                                     channels=pass_channels, max_pixels=max_pixels, min_side=min_side,
+                                     workers=workers, progress=progress, t0=t0)
+                if result is not None:
+                    return result
+            raise AssertionError("a 3-channel cache pass never restarts")  # pragma: no cover
     except PermissionError as e:
         raise DataError(f"cannot write the image cache ({e.strerror}); pass a writable --cache-dir. "
                         f"Received: cache_dir={str(cache_root)!r}") from e
 
 
-def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int], resize: str,
-                  interpolation: str, channels: int, max_pixels: int, min_side: int, workers: int,
-                  progress: bool, t0: float) -> CacheResult:
-    h, w = size
-    stats = _stat(entries)
-    check_params = {"max_pixels": max_pixels, "min_side": min_side, "version": CACHE_VERSION}
-    files_json = dcache / "files.json"
+def _known_records(entries: list[ImageEntry], files_json: Path, check_params: dict[str, Any],
+                   stats: dict[str, tuple[int, int]]) -> dict[str, FileRecord]:
+    """Check results of earlier builds for files that have not changed since."""
     old_files = _read_json(files_json) or {}
     old_recs = old_files.get("files", {}) if old_files.get("check") == check_params else {}
     records: dict[str, FileRecord] = {}
@@ -250,34 +252,83 @@ def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, i
         d = old_recs.get(e.rel)
         if d and (d.get("size"), d.get("mtime_ns")) == stats[e.rel]:
             records[e.rel] = FileRecord.from_dict(d)
-    unknown = [e for e in entries if e.rel not in records]
-    known_usable = [r for r in records.values() if r.usable]
+    return records
 
-    # Channels: decided now when possible; otherwise guessed and confirmed after decoding.
+
+def _channel_guess(channels: int, records: dict[str, FileRecord], unknown: list[ImageEntry]) -> tuple[int | None, int]:
+    """(channels decided now or None, the guess to build with): confirmed after decoding."""
+    known_usable = [r for r in records.values() if r.usable]
     resolved: int | None = channels or None
     if resolved is None:
         if any(not r.grayscale for r in known_usable):
             resolved = 3
         elif not unknown:
             resolved = 1 if known_usable else 3
-    guess = resolved or (1 if known_usable else 3)
+    return resolved, resolved or (1 if known_usable else 3)
 
-    prep = Preprocessing(size=(h, w), channels=guess, resize=resize, interpolation=interpolation)
-    params = pixel_params(prep)
-    px_dir = dcache / f"px-{_key(params)}"
-    index_path = px_dir / "index.json"
+
+def _old_rows(index_path: Path, params: dict[str, Any], records: dict[str, FileRecord],
+              stats: dict[str, tuple[int, int]]) -> tuple[dict[str, Any], np.ndarray | None, dict[str, int]]:
+    """(old index, old array, reusable row per file) of an existing array with the same pixel parameters."""
     old_index = _read_json(index_path) or {}
     old_array: np.ndarray | None = None
     reuse: dict[str, int] = {}
-    if old_index.get("params") == params and (px_dir / str(old_index.get("array", ""))).is_file():
+    if old_index.get("params") == params and (index_path.parent / str(old_index.get("array", ""))).is_file():
         try:
-            old_array = np.load(px_dir / old_index["array"], mmap_mode="r")
+            old_array = np.load(index_path.parent / old_index["array"], mmap_mode="r")
         except (OSError, ValueError):
             old_array = None
         if old_array is not None:
             for rel, (row, sz, mt) in old_index.get("files", {}).items():
                 if rel in records and records[rel].usable and (sz, mt) == stats.get(rel) and row < len(old_array):
                     reuse[rel] = row
+    return old_index, old_array, reuse
+
+
+def _fill(tmp: Path, shape: tuple[int, ...], old_array: np.ndarray | None, reuse: dict[str, int],
+          row_of: dict[str, int], todo: list[ImageEntry], records: dict[str, FileRecord],
+          wparams: dict[str, Any], workers: int, progress: bool) -> bool:
+    """Write reused rows and newly decoded images into a new array; True when a colour image
+    arrived in what looked like a grayscale dataset."""
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    if reuse and old_array is not None:
+        pairs = sorted((row_of[rel], row) for rel, row in reuse.items())
+        for k in range(0, len(pairs), COPY_CHUNK):
+            chunk = np.array(pairs[k:k + COPY_CHUNK])
+            out[chunk[:, 0]] = old_array[chunk[:, 1]]
+    items = [(i, str(e.path), e.rel) for i, e in enumerate(todo)]
+    mismatch = False
+    for i, rec, arr in pmap(functools.partial(_cache_worker, wparams), items, workers=workers,
+                            progress=progress, description="caching images"):
+        e = todo[i]
+        rec.class_name, rec.subset = e.class_name, e.subset
+        records[e.rel] = rec
+        if arr is None:
+            continue
+        if arr.shape[2] == shape[3] or arr.shape[2] == 1:
+            out[row_of[e.rel]] = arr
+        else:
+            mismatch = True
+    out.flush()
+    del out
+    return mismatch
+
+
+def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int], resize: str,
+                interpolation: str, channels: int, max_pixels: int, min_side: int, workers: int,
+                progress: bool, t0: float) -> CacheResult | None:
+    """One build; None when it must start again with 3 channels."""
+    h, w = size
+    stats = _stat(entries)
+    check_params = {"max_pixels": max_pixels, "min_side": min_side, "version": CACHE_VERSION}
+    files_json = dcache / "files.json"
+    records = _known_records(entries, files_json, check_params, stats)
+    unknown = [e for e in entries if e.rel not in records]
+    resolved, guess = _channel_guess(channels, records, unknown)
+    params = pixel_params(Preprocessing(size=(h, w), channels=guess, resize=resize, interpolation=interpolation))
+    px_dir = dcache / f"px-{_key(params)}"
+    index_path = px_dir / "index.json"
+    old_index, old_array, reuse = _old_rows(index_path, params, records, stats)
     todo = unknown + [e for e in entries if e.rel in records and records[e.rel].usable and e.rel not in reuse]
 
     if not todo and old_array is not None:
@@ -297,55 +348,27 @@ def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, i
     _cleanup_stale(px_dir, keep={str(old_index.get("array", ""))})
     name = f"images-{uuid.uuid4().hex[:12]}.npy"
     tmp = px_dir / f".{name}.tmp"
-    shape = (len(candidates), h, w, guess)
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    wparams = {"size": (h, w), "mode": resolved or 0, "resize": resize, "interpolation": interpolation,
+               "max_pixels": max_pixels, "min_side": min_side}
     try:
-        if reuse and old_array is not None:
-            pairs = sorted((row_of[rel], row) for rel, row in reuse.items())
-            for k in range(0, len(pairs), COPY_CHUNK):
-                chunk = np.array(pairs[k:k + COPY_CHUNK])
-                out[chunk[:, 0]] = old_array[chunk[:, 1]]
-        wparams = {"size": (h, w), "mode": resolved or 0, "resize": resize, "interpolation": interpolation,
-                   "max_pixels": max_pixels, "min_side": min_side}
-        items = [(i, str(e.path), e.rel) for i, e in enumerate(todo)]
-        fn = functools.partial(_cache_worker, wparams)
-        mismatch = False
-        for i, rec, arr in pmap(fn, items, workers=workers, progress=progress, description="caching images"):
-            e = todo[i]
-            rec.class_name, rec.subset = e.class_name, e.subset
-            records[e.rel] = rec
-            if arr is None:
-                continue
-            if arr.shape[2] == guess or arr.shape[2] == 1:
-                out[row_of[e.rel]] = arr
-            else:
-                mismatch = True  # a colour image in what looked like a grayscale dataset
-        out.flush()
-        del out
+        mismatch = _fill(tmp, (len(candidates), h, w, guess), old_array, reuse, row_of, todo, records,
+                         wparams, workers, progress)
         usable = [rel for rel in candidates if records[rel].usable]
         final_channels = resolved or (1 if usable and all(records[r].grayscale for r in usable) else 3)
         if mismatch or final_channels > guess:
-            # Rare: a grayscale dataset gained a colour image. Start again with channels known.
             tmp.unlink()
             _write_files_json(files_json, check_params, records, entries)
-            return _build_locked(entries, dcache, size=size, resize=resize, interpolation=interpolation,
-                                 channels=3, max_pixels=max_pixels, min_side=min_side, workers=workers,
-                                 progress=progress, t0=t0)
+            return None
         if final_channels < guess:
             # First build of a grayscale dataset: keep one channel (all three are equal).
-            tmp = _keep_first_channel(tmp, px_dir)
-            provisional_dir = px_dir
-            prep = Preprocessing(size=(h, w), channels=1, resize=resize, interpolation=interpolation)
-            params = pixel_params(prep)
-            px_dir = dcache / f"px-{_key(params)}"
+            provisional = px_dir
+            tmp, px_dir, params = _first_channel_only(tmp, px_dir, dcache, size, resize, interpolation)
             index_path = px_dir / "index.json"
-            px_dir.mkdir(parents=True, exist_ok=True)
-            _cleanup_stale(px_dir, keep=set())
         final = px_dir / name
         os.replace(tmp, final)
         if final_channels < guess:
             with contextlib.suppress(OSError):
-                provisional_dir.rmdir()  # the provisional 3-channel folder, now empty
+                provisional.rmdir()  # the provisional 3-channel folder, now empty
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -357,6 +380,17 @@ def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, i
     _cleanup_stale(px_dir, keep={name})
     return CacheResult(array=array, rows=rows, records=records, channels=final_channels, path=final,
                        decoded=len(todo), reused=len(reuse), seconds=time.perf_counter() - t0)
+
+
+def _first_channel_only(tmp: Path, provisional_dir: Path, dcache: Path, size: tuple[int, int], resize: str,
+                        interpolation: str) -> tuple[Path, Path, dict[str, Any]]:
+    """Move a provisional 3-channel array to its 1-channel folder: (temp file, folder, pixel params)."""
+    tmp = _keep_first_channel(tmp, provisional_dir)
+    params = pixel_params(Preprocessing(size=size, channels=1, resize=resize, interpolation=interpolation))
+    px_dir = dcache / f"px-{_key(params)}"
+    px_dir.mkdir(parents=True, exist_ok=True)
+    _cleanup_stale(px_dir, keep=set())
+    return tmp, px_dir, params
 
 
 def _keep_first_channel(src: Path, px_dir: Path) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -178,8 +177,3 @@ def _report(data: PreparedData, cache: CacheResult) -> None:
     if data.skipped:
         console.print(f"[yellow]{skipped_message(data.skipped)}[/yellow]")
 
-
-def cache_summary(cache: CacheResult) -> dict[str, Any]:
-    """Numbers for logs and benchmarks."""
-    return {"images": int(cache.array.shape[0]), "bytes": cache.nbytes, "decoded": cache.decoded,
-            "reused": cache.reused, "seconds": cache.seconds, "path": str(cache.path)}

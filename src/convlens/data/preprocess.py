@@ -14,10 +14,9 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from convlens.config import RESIZE_POLICIES, check_choice
 from convlens.data.decode import DEFAULT_MAX_PIXELS, decode, to_rgb
 from convlens.errors import ConfigError
-
-RESIZE_POLICIES = ("squash", "crop", "pad")
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,7 @@ class Preprocessing:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if self.resize not in RESIZE_POLICIES:
-            raise ConfigError(f"resize must be one of {', '.join(RESIZE_POLICIES)}. Received: resize={self.resize!r}")
+        check_choice("resize", self.resize, RESIZE_POLICIES)
         if self.channels not in (1, 3):
             raise ConfigError(f"channels must be 1 or 3. Received: channels={self.channels}")
         if self.channel_order != "RGB":

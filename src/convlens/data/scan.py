@@ -9,6 +9,11 @@ Two layouts are recognised:
 Every file that is not a system file is a candidate image: formats are recognised later by
 content (``decode.py``), never by extension, so a PNG named ``.jpg`` is found and a text file
 named ``.jpg`` is reported as "not an image" instead of silently vanishing.
+
+These are the only folder rules in convlens (like Keras's ``index_directory``): training,
+``evaluate``, ``check``, ``predict``/``explain`` folders and ``export``'s calibration and
+validation folders all walk folders with :func:`list_images`/:func:`scan`. Links are followed
+(a link loop is walked once); hidden and system files and folders are passed over silently.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from pathlib import Path
 
 from convlens.errors import DataError
 
-# Files operating systems and tools drop into folders; ignored without a word.
-SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx"})
+# Files and folders operating systems and tools drop into folders; ignored without a word
+# (so is every dot-file and Office's "~$" lock files).
+SYSTEM_FILES = frozenset({".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx",
+                          "$recycle.bin", "system volume information", "@eadir"})
 # Files that are plainly not meant as images (notes, labels, archives): listed as "ignored"
 # rather than reported as broken images. Anything else is decoded and judged by content.
 NON_IMAGE_EXTENSIONS = frozenset({
@@ -36,7 +43,7 @@ SUBSETS = ("train", "val", "test")
 
 def is_system_file(name: str) -> bool:
     """True for hidden files and OS clutter (``.DS_Store``, ``Thumbs.db``, ``desktop.ini``)."""
-    return name.startswith(".") or name.lower() in SYSTEM_FILES
+    return name.startswith((".", "~$")) or name.lower() in SYSTEM_FILES
 
 
 @dataclass(frozen=True)
@@ -86,13 +93,30 @@ def _files(d: Path) -> list[Path]:
         return sorted(Path(e.path) for e in it if e.is_file() and not is_system_file(e.name))
 
 
-def _walk_files(d: Path) -> list[Path]:
-    """Every non-system file under ``d`` (recursively, hidden folders skipped), sorted."""
+def walk_files(d: str | os.PathLike[str]) -> list[Path]:
+    """Every non-system file under ``d`` (recursively, links followed, hidden folders skipped), sorted."""
     out: list[Path] = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree: walk each real folder once
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(n for n in dirnames if not is_system_file(n))
         out.extend(Path(dirpath) / n for n in sorted(filenames) if not is_system_file(n))
     return out
+
+
+def is_candidate(path: str | os.PathLike[str]) -> bool:
+    """False for files plainly not meant as images (notes, labels); content decides the rest."""
+    return Path(path).suffix.lower() not in NON_IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
+    """``(candidates, ignored)`` under ``folder``: the files to decode, and the non-image files passed over."""
+    files = walk_files(folder)
+    return [f for f in files if is_candidate(f)], [f for f in files if not is_candidate(f)]
 
 
 def _find(root: Path, names: tuple[str, ...]) -> list[Path]:
@@ -139,12 +163,36 @@ def scan(root: str | os.PathLike[str]) -> DatasetIndex:
     label_of = {c: i for i, c in enumerate(classes)}
     entries: list[ImageEntry] = []
     for subset, d in groups:
-        for f in _walk_files(d):
+        for f in walk_files(d):
             rel = f.relative_to(root).as_posix()
-            if f.suffix.lower() in NON_IMAGE_EXTENSIONS:
+            if not is_candidate(f):
                 ignored.append(rel)
                 continue
             entries.append(ImageEntry(path=f, rel=rel, label=label_of[d.name], class_name=d.name, subset=subset))
     entries.sort(key=lambda e: e.rel)
     return DatasetIndex(root=root, classes=classes, entries=entries, presplit=presplit,
                         subsets=subsets, ignored=sorted(ignored), loose=sorted(loose))
+
+
+def labelled_files(root: str | os.PathLike[str], classes: list[str]) -> tuple[list[tuple[Path, int]], str]:
+    """``(path, index in classes)`` of a labelled folder's held-out images, and a note on the layout.
+
+    ``DIR/<class>/...`` gives every image; a ``DIR/train|val|test/<class>/...`` layout gives its
+    test images (else its validation images), never the training ones. Class folders that are
+    not in ``classes`` raise :class:`DataError`; classes without a folder just have no images.
+    """
+    index = scan(root)
+    entries, note = index.entries, ""
+    if index.presplit:
+        subset = "test" if "test" in index.subsets else "val"
+        entries = [e for e in entries if e.subset == subset]
+        note = f"{str(root)!r} is split into {'/'.join(index.subsets)}: using its {subset} images"
+    known = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({e.class_name for e in entries} - set(known))
+    if unknown:
+        raise DataError(f"{str(root)!r} has class folders the model does not know: {', '.join(unknown)}; "
+                        f"the model's classes are {', '.join(classes)}")
+    items = [(e.path, known[e.class_name]) for e in entries]
+    if not items:
+        raise DataError(f"no images found in {str(root)!r}; expected DIR/<class>/<image> files")
+    return items, note

@@ -13,10 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from convlens.errors import ConfigError
-
-OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "onecycle")
+from convlens.config import OPTIMIZERS, SCHEDULES, check_choice
 
 # One-cycle shape (as in Smith's one-cycle and torch's OneCycleLR): start at lr / 25, reach the
 # peak after 25% of the steps, anneal with a cosine to lr / (25 * 1e4).
@@ -59,9 +56,7 @@ def build_optimizer(
     behave noticeably differently in the first epochs. ``params`` may be a model (then
     weight decay skips biases and normalisation parameters) or ready parameter groups.
     """
-    name = name.lower()
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}. Received: optimizer={name!r}")
+    name = check_choice("optimizer", name.lower(), OPTIMIZERS)
     groups = param_groups(params, weight_decay) if isinstance(params, nn.Module) else params
     if name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=1e-7, weight_decay=weight_decay,
@@ -90,8 +85,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0)
             return start + (1.0 - start) * step / up
         t = (step - up) / max(1, total_steps - up)
         return end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * t))
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}. Received: schedule={schedule!r}")
+    check_choice("schedule", schedule, SCHEDULES)
     warmup_steps = min(max(0, int(warmup_steps)), total_steps)
     if step < warmup_steps:
         return WARMUP_START + (1.0 - WARMUP_START) * step / warmup_steps

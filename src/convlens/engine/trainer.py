@@ -318,7 +318,6 @@ def prepare_data(cfg: TrainConfig, console: Console,
     """
     from convlens.data.check import skipped_message
     from convlens.data.prepare import prepare_dataset
-    from convlens.errors import DataError
 
     if cfg.data is None:
         from convlens.data.digits import ensure_digits_dataset
@@ -332,11 +331,6 @@ def prepare_data(cfg: TrainConfig, console: Console,
     )
     if prepared.skipped:
         _say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
-    if len(prepared.classes) < 2:
-        raise DataError(f"training needs at least 2 classes; {str(cfg.data)!r} has {len(prepared.classes)}. "
-                        "Put each class's images in its own sub-folder")
-    if len(prepared.train.labels) == 0:
-        raise DataError(f"no training images in {str(cfg.data)!r}; lower val_fraction/test_fraction or add images")
     return cfg, prepared
 
 

@@ -61,24 +61,10 @@ def load_labelled_folder(root: str | os.PathLike[str], meta: BundleMeta, workers
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from convlens.data.scan import scan
+    from convlens.data.scan import labelled_files
 
-    index = scan(root)
-    entries = index.entries
-    note = ""
-    if index.presplit:
-        # A train/val(/test) layout: evaluate the held-out part, never the training images.
-        subset = "test" if "test" in index.subsets else "val"
-        entries = [e for e in entries if e.subset == subset]
-        note = f"{str(root)!r} is split into {'/'.join(index.subsets)}: evaluating its {subset} images"
-    known = {c: i for i, c in enumerate(meta.classes)}
-    unknown = sorted({e.class_name for e in entries} - set(known))
-    if unknown:
-        raise DataError(f"{str(root)!r} has class folders the model does not know: {', '.join(unknown)}; "
-                        f"the model's classes are {', '.join(meta.classes)}")
-    items = [(str(e.path), known[e.class_name]) for e in entries]
-    if not items:
-        raise DataError(f"no images found in {str(root)!r}; expected DIR/<class>/<image> files")
+    found, note = labelled_files(root, meta.classes)
+    items = [(str(p), label) for p, label in found]
     prep = meta.preprocessing
 
     def load(path: str) -> np.ndarray | ImageError:

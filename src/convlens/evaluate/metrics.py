@@ -1,8 +1,8 @@
 """Classification metrics from probabilities, computed with scikit-learn. Torch-free.
 
 Probabilities come from fp32 logits exactly as prediction computes them
-(:func:`probabilities_from_logits` is ``convlens.predict.probabilities``: sigmoid for one unit,
-softmax otherwise), so a file's probability in a report equals what ``convlens predict`` prints.
+(:func:`probabilities_from_logits` is :func:`convlens.decision.probabilities`: sigmoid for one
+unit, softmax otherwise), so a file's probability in a report equals what ``convlens predict`` prints.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from convlens.decision import decide, probabilities
+
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.1))
 
 
@@ -28,23 +30,16 @@ def probabilities_from_logits(logits: np.ndarray, activation: str | None = None)
     """Logits ``(N, 1)`` or ``(N, C)`` -> class probabilities ``(N, num_classes)``.
 
     One unit (two classes): ``p1 = sigmoid(z)``, ``p0 = 1 - p1``; otherwise a softmax. This is
-    prediction's own function (:func:`convlens.predict.probabilities`), so a file's
+    prediction's own function (:func:`convlens.decision.probabilities`), so a file's
     probabilities in an evaluation are exactly those ``convlens predict`` reports.
     """
-    from convlens.predict import probabilities
-
-    z = np.asarray(logits, dtype=np.float32)
-    if z.ndim == 1:
-        z = z[:, None]
-    return probabilities(z, activation or ("sigmoid" if z.shape[1] == 1 else "softmax"))
+    return probabilities(np.asarray(logits, dtype=np.float32), activation)
 
 
 def predict_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Predicted class indices: ``p1 >= threshold`` for two classes, else the argmax."""
     probs = np.asarray(probs)
-    if probs.shape[1] == 2:
-        return (probs[:, 1] >= threshold).astype(np.int64)
-    return probs.argmax(axis=1).astype(np.int64)
+    return decide(probs, "sigmoid" if probs.shape[1] == 2 else "softmax", threshold)
 
 
 def _f(x: Any) -> float | None:

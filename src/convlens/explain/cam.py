@@ -50,10 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convlens.config import EXPLAIN_METHODS, check_choice
 from convlens.data.preprocess import Preprocessing
-from convlens.errors import ConfigError, UserError
-
-METHODS = ("cam", "gradcam", "gradcam++")
+from convlens.errors import UserError
 
 
 @dataclass
@@ -165,14 +164,20 @@ def gradcampp(model: torch.nn.Module, x: torch.Tensor,
     return RawMaps(maps, logits, idx)
 
 
+def methods_for(model: torch.nn.Module) -> tuple[str, ...]:
+    """The methods ``model`` supports: the exact CAM needs a global-average-pool + dense head."""
+    if not hasattr(model, "forward_features"):
+        return ()
+    exact = getattr(model, "gap_linear_head", lambda: None)() is not None
+    return EXPLAIN_METHODS if exact else tuple(m for m in EXPLAIN_METHODS if m != "cam")
+
+
 def run_method(method: str, model: torch.nn.Module, x: torch.Tensor,
                class_index: int | Sequence[int] | torch.Tensor | None = None,
                threshold: float = 0.5) -> RawMaps:
     """Dispatch ``cam`` / ``gradcam`` / ``gradcam++``."""
-    fns = {"cam": cam, "gradcam": gradcam, "gradcam++": gradcampp}
-    if method not in fns:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}. Received: method={method!r}")
-    return fns[method](model, x, class_index, threshold)
+    fns = dict(zip(EXPLAIN_METHODS, (cam, gradcam, gradcampp), strict=True))
+    return fns[check_choice("method", method, EXPLAIN_METHODS)](model, x, class_index, threshold)
 
 
 # ----------------------------------------------------------------------------- geometry

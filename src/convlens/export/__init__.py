@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from convlens.callable_module import callable_module
+from convlens.config import EXPORT_FORMATS as FORMATS
+from convlens.config import check_choice
 from convlens.errors import ConfigError
-
-FORMATS = ("onnx", "torchscript")
 
 
 def default_output(bundle: str | os.PathLike[str], fmt: str, int8: bool = False) -> Path:
@@ -61,8 +61,7 @@ def export_bundle(bundle: str | os.PathLike[str], format: str = "onnx", *, out: 
     fmt = format
     from convlens.bundle import read_meta
 
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(FORMATS)}. Received: format={fmt!r}")
+    check_choice("format", fmt, FORMATS)
     if int8 and fmt != "onnx":
         raise ConfigError(f"--int8 is only available for ONNX; drop it or use --format onnx. Received: format={fmt!r}")
     if int8 and not calibration:

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from convlens import __version__
+from convlens import __version__, decision
 from convlens.bundle import BundleMeta
 from convlens.data.preprocess import Preprocessing
+from convlens.data.scan import labelled_files, list_images
 from convlens.errors import DataError, ImageError, UserError
 from convlens.export.onnx_backend import CAM_NAME, INPUT_NAME, LOGITS_NAME, METADATA_KEY
 from convlens.io import write_bytes
@@ -48,8 +49,6 @@ DEFAULT_ATOL = 1e-4
 # both well inside what onnxruntime >= 1.18 runs.
 LEGACY_OPSET = 18
 MAX_BATCH = 65536
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif",
-                  ".tif", ".tiff", ".mpo"}
 
 
 class ExportError(UserError):
@@ -278,19 +277,11 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
 
 
 # ----------------------------------------------------------------------------- int8
-def list_images(root: str | os.PathLike[str]) -> list[Path]:
-    """Image files under ``root`` (recursive, sorted, hidden files skipped).
-
-    Files are chosen by extension only to skip obvious non-images quickly; every file is still
-    decoded by content, and one that fails is skipped and reported.
-    """
-    base = Path(root)
-    if not base.is_dir():
-        raise DataError(f"image folder {str(base)!r} does not exist or is not a folder. Received: {str(root)!r}")
-    files = [p for p in sorted(base.rglob("*"))
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)
-             and p.suffix.lower() in IMAGE_SUFFIXES]
-    return files
+def calibration_images(root: str | os.PathLike[str]) -> list[Path]:
+    """Candidate images under ``root`` by the one folder scanner's rules (content decides later)."""
+    if not Path(root).is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist or is not a folder. Received: {str(root)!r}")
+    return list_images(root)[0]
 
 
 def _load_images(paths: Sequence[Path], prep: Preprocessing, skipped: list[ImageError]) -> Iterator[tuple[int, np.ndarray]]:
@@ -310,7 +301,7 @@ class ImageFolderReader:
 
     def __init__(self, folder: str | os.PathLike[str], prep: Preprocessing, *,
                  max_images: int = 256, batch_size: int = 16) -> None:
-        paths = list_images(folder)
+        paths = calibration_images(folder)
         if len(paths) > max_images:
             # An even spread over the sorted list keeps every class folder represented.
             idx = np.linspace(0, len(paths) - 1, max_images).round().astype(int)
@@ -410,36 +401,19 @@ def _metadata_of(model_bytes: bytes) -> str:
 
 
 # ----------------------------------------------------------------------------- accuracy
-def labelled_images(root: str | os.PathLike[str], classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """``(path, class index)`` for ``root/<class>/...`` images; class names must be the model's."""
-    base = Path(root)
-    if not base.is_dir():
-        raise DataError(f"validation folder {str(base)!r} does not exist. Received: --validate {str(root)!r}")
-    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = [f.name for f in folders if f.name not in index]
-    if unknown:
-        raise DataError(f"validation folder {str(base)!r} has class folders the model does not know: "
-                        f"{', '.join(unknown)}; its classes are {', '.join(classes)}")
-    if not folders:
-        raise DataError(f"validation folder {str(base)!r} has no class folders; lay it out as DIR/<class>/image.jpg")
-    return [(p, index[f.name]) for f in folders for p in list_images(f)]
-
-
 def decide(logits: np.ndarray, meta: BundleMeta) -> np.ndarray:
     """Predicted class indices from logits, the way ``convlens predict`` decides."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if logits.shape[1] == 1:
-        p1 = 1.0 / (1.0 + np.exp(-logits[:, 0]))
-        return (p1 >= meta.threshold).astype(np.int64)
-    return logits.argmax(axis=1).astype(np.int64)
+    activation = decision.activation_for(np.shape(logits)[1])
+    return decision.decide(decision.probabilities(logits, activation), activation, meta.threshold)
 
 
 def accuracy_report(folder: str | os.PathLike[str], meta: BundleMeta,
                     models: dict[str, Callable[[np.ndarray], np.ndarray]], *,
                     batch_size: int = 32) -> dict[str, Any]:
     """Accuracy of each named ``logits`` function on a labelled folder, and how often they agree."""
-    items = labelled_images(folder, meta.classes)
+    if not Path(folder).is_dir():
+        raise DataError(f"validation folder {str(folder)!r} does not exist. Received: --validate {str(folder)!r}")
+    items, _ = labelled_files(folder, meta.classes)
     prep = meta.preprocessing
     skipped: list[ImageError] = []
     labels: list[int] = []

@@ -86,6 +86,21 @@ class OnnxBackend:
         return CAM_NAME in self.output_names
 
     @property
+    def explain_methods(self) -> tuple[str, ...]:
+        """The class maps this model can draw: the exact CAM when the graph outputs it."""
+        return ("cam",) if self.has_cam else ()
+
+    def class_maps(self, x: np.ndarray, method: str, class_index: list[int]) -> np.ndarray:
+        """Raw CAM ``(N, h, w)`` of ``class_index`` (one per image) from the graph's ``cam`` output."""
+        if method not in self.explain_methods:
+            raise BundleError(f"{self.path.name} cannot draw {method!r} maps; explain with the .convlens bundle")
+        _, cam = self.logits_and_cam(x)
+        idx = np.asarray(class_index, dtype=np.int64)
+        if cam.shape[1] == 1:  # one sigmoid unit: class 0's map is the negative of class 1's
+            return cam[:, 0] * np.where(idx == 1, 1.0, -1.0).astype(np.float32)[:, None, None]
+        return cam[np.arange(len(cam)), idx]
+
+    @property
     def int8(self) -> bool:
         return bool(self.export_info.get("int8", False))
 

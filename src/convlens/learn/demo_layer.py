@@ -40,7 +40,6 @@ from convlens import io as cio
 from convlens.config import suggest
 from convlens.errors import ConfigError, ImageError, SpecError, UserError
 
-KINDS = ("conv", "max_pool", "avg_pool", "relu", "dropout", "batch_norm", "upsample", "conv_transpose")
 NAMED_KERNELS = ("sobel-x", "sobel-y", "sharpen", "box", "edge", "emboss", "random")
 PADDINGS = ("valid", "same")
 MODES = ("nearest", "bilinear")
@@ -70,6 +69,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "upsample": {"factor": 2, "mode": "nearest"},
     "conv_transpose": {"kernel": 3, "stride": 2, "padding": "same", "weights": "box"},
 }
+# The kinds this demo draws: registered layer types (tests/learn checks them against the registry).
+KINDS = tuple(DEFAULTS)
 # Input side in pixels: upsampling doubles it, and single pixels must stay visible in the figure.
 DEFAULT_SIZE = {"upsample": 64, "conv_transpose": 64}
 DEFAULT_SIZE_OTHER = 300
@@ -274,7 +275,7 @@ def build_layer(kind: str, options: Mapping[str, Any], channels: int, hw: tuple[
     """
     import torch
 
-    from convlens.models.layers import build_layers, init_keras_
+    from convlens.models.spec import build_layers, init_keras_
 
     o = resolve_options(kind, options)
     spec = _spec(kind, o, channels)

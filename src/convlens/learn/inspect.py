@@ -60,7 +60,7 @@ class LayerView:
     @property
     def keras_shape(self) -> str:
         """``(None, H, W, C)`` as ``convlens summary`` prints it."""
-        from convlens.models.summary import keras_shape
+        from convlens.models.shapes import keras_shape
 
         return keras_shape(tuple(self.shape))
 
@@ -345,8 +345,8 @@ def inspect_model(model: str | os.PathLike[str], image: str | os.PathLike[str], 
     """
     import torch
 
+    from convlens.decision import probabilities
     from convlens.explain.figures import overlay
-    from convlens.predict import probabilities
 
     if isinstance(max_maps, bool) or not isinstance(max_maps, int) or not 1 <= max_maps <= 512:
         raise ConfigError(f"--max-maps must be an integer from 1 to 512. Received: --max-maps {max_maps!r}")

@@ -1,5 +1,10 @@
 """CNN building blocks, the model zoo and summaries. Never imports ``convlens.data``.
 
+Layout: ``shapes`` (shape formulas, receptive fields), ``spec`` (option checkers, the layer
+registry, reading and building layer lists), ``layers`` (one class per layer type), ``model``
+(``ConvlensModel``, ``SpecModel``, ``build_from_spec``), ``registry`` (named models), ``zoo``,
+``summary``.
+
 Public API: :func:`create`, :func:`list_models`, :func:`register_model`, :func:`build_from_arch`,
 :func:`build_from_spec`, :func:`build_model` (a name, a layer file or a layer list),
 :class:`ConvlensModel` and :func:`summarize`.
@@ -8,22 +13,16 @@ Public API: :func:`create`, :func:`list_models`, :func:`register_model`, :func:`
 from __future__ import annotations
 
 from convlens.models import zoo as _zoo  # noqa: F401  (registers the zoo's models)
-from convlens.models.layers import (
-    LAYER_TYPES,
-    ConvlensModel,
-    LayerStack,
-    SpecModel,
-    build_from_spec,
-    build_layers,
-)
+from convlens.models.layers import LAYER_TYPES
+from convlens.models.model import ConvlensModel, SpecModel, build_from_spec
 from convlens.models.registry import (
     build_from_arch,
     build_model,
     create,
     list_models,
-    load_layer_file,
     register_model,
 )
+from convlens.models.spec import LayerStack, build_layers, load_layer_file
 from convlens.models.summary import Summary, parse_input_shape, print_summary, summarize
 
 __all__ = [

@@ -13,11 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from convlens.config import suggest
 from convlens.errors import SpecError
-from convlens.models.layers import ConvlensModel, build_from_spec, check_classes
+from convlens.models.model import ConvlensModel, build_from_spec, check_classes
+from convlens.models.spec import load_layer_file  # noqa: F401 - the registry reads layer files too (its API)
 
 F = TypeVar("F", bound=Callable[..., ConvlensModel])
 
@@ -86,36 +85,6 @@ def is_layer_file(model: str | os.PathLike[str]) -> bool:
     """True when ``model`` names a layer file rather than a registered model."""
     s = str(model)
     return s not in _REGISTRY and (s.lower().endswith(LAYER_FILE_SUFFIXES) or os.sep in s or Path(s).is_file())
-
-
-def load_layer_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML/JSON layer file: a list of layers, or a mapping with ``layers`` (and ``name``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"model file {str(p)!r} does not exist; pass a registered model "
-                        f"({', '.join(list_models())}) or an existing .yaml/.json layer file")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise SpecError(f"model file {str(p)!r} is not valid JSON (line {e.lineno}: {e.msg}); fix the syntax") from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise SpecError(f"model file {str(p)!r} is not valid YAML{line}; fix the syntax") from e
-    if isinstance(data, list):
-        data = {"layers": data}
-    if not isinstance(data, dict) or "layers" not in data:
-        raise SpecError(f"model file {str(p)!r} must hold a list of layers or a mapping with 'layers:'. "
-                        f"Received: {type(data).__name__}")
-    allowed = ("layers", "name", "description")
-    for key in data:
-        if key not in allowed:
-            raise SpecError(f"model file {str(p)!r}: unknown key {key!r}.{suggest(str(key), allowed)} "
-                            f"Keys: {', '.join(allowed)}. Received: {key}={data[key]!r}")
-    if not isinstance(data["layers"], list) or not data["layers"]:
-        raise SpecError(f"model file {str(p)!r}: 'layers' must be a non-empty list. Received: layers={data['layers']!r}")
-    return data
 
 
 def build_model(model: str | os.PathLike[str] | Sequence[dict[str, Any]], num_classes: int, in_channels: int = 3,

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from convlens.errors import ConfigError, SpecError
-from convlens.models.layers import RF, ConvlensModel, build_from_spec, propagate_rf
+from convlens.models.model import ConvlensModel, build_from_spec
 from convlens.models.registry import (
     _REGISTRY,
     _unknown_model,
@@ -37,6 +37,7 @@ from convlens.models.registry import (
     list_models,
     model_description,
 )
+from convlens.models.shapes import RF, keras_shape, propagate_rf
 
 _SHAPE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
 
@@ -58,13 +59,6 @@ def parse_input_shape(value: str | Sequence[int]) -> tuple[int, int, int]:
                       f"Received: input_shape={value!r}")
 
 
-
-def keras_shape(shape: tuple[int, ...]) -> str:
-    """A PyTorch ``(C, H, W)`` (or flat) shape as Keras prints it: ``(None, H, W, C)``."""
-    if len(shape) == 3:
-        c, h, w = shape
-        return f"(None, {h}, {w}, {c})"
-    return "(None, " + ", ".join(str(d) for d in shape) + ")"
 
 @dataclass
 class LayerRow:

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from convlens.errors import SpecError
-from convlens.models.layers import RF, ConvlensModel, build_from_spec, propagate_rf
+from convlens.models.model import ConvlensModel, build_from_spec
 from convlens.models.registry import register_model
+from convlens.models.shapes import RF, propagate_rf
 
 # The tutorial's model, layer for layer (Keras: Conv2D(..., 3x3, relu, same) + MaxPooling2D(2)).
 TUTORIAL_CNN_LAYERS: list[dict[str, Any]] = [

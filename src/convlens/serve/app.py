@@ -44,7 +44,6 @@ DISPLAY_SIDE = 512  # longest side of the overlay sent back to the page
 ENV_MODEL = "CONVLENS_SERVE_MODEL"
 ENV_MAX_UPLOAD_MB = "CONVLENS_SERVE_MAX_UPLOAD_MB"
 ENV_WORKERS = "CONVLENS_SERVE_WORKERS"
-EXPLAIN_METHODS = ("cam", "gradcam", "gradcam++")
 
 # ImageError.kind -> HTTP status. Unknown kinds are the client's fault too (400).
 STATUS_BY_KIND = {
@@ -152,15 +151,10 @@ class ServeState:
 
     @property
     def explain_methods(self) -> list[str]:
-        backend = self.classifier.backend
-        model = getattr(backend, "model", None)
-        if model is not None:
-            if not hasattr(model, "forward_features"):
-                return []
-            # The exact CAM needs a global-average-pool + dense head; Grad-CAM works on any.
-            exact = getattr(model, "gap_linear_head", lambda: None)() is not None
-            return list(EXPLAIN_METHODS) if exact else ["gradcam", "gradcam++"]
-        return ["cam"] if getattr(backend, "has_cam", False) else []
+        """What the backend declares it can draw (the same rule as ``convlens explain``)."""
+        from convlens.explain import supported_methods
+
+        return list(supported_methods(self.classifier.backend))
 
 
 def _load_classifier(model: Any) -> tuple[Any, str, str]:
@@ -228,28 +222,6 @@ def _prediction_json(pred: Any) -> dict[str, Any]:
             "probabilities": {k: float(v) for k, v in pred.probabilities.items()}}
 
 
-def _onnx_explanation(state: ServeState, up: Upload, class_name: str | None) -> tuple[Any, str, np.ndarray]:
-    """(prediction, explained class, heat at the decoded image's size) from an ONNX model's
-    ``cam`` output, with the same geometry and scaling as :mod:`convlens.explain`."""
-    try:
-        import torch
-
-        from convlens.explain.cam import normalize_heat, upsample_to_original
-    except ImportError as e:  # torch-free install: predictions still work
-        raise UserError("explanations of ONNX models need PyTorch for the map geometry; "
-                        "install torch or serve the .convlens bundle") from e
-    clf = state.classifier
-    prep = clf.preprocessing
-    pred = clf.predict(up.image)[0]
-    idx = clf.class_index(class_name) if class_name is not None else pred.index
-    x = prep.normalize(prep.from_pil(up.image)[None])  # what predict() fed the model
-    _, cam = clf.backend.logits_and_cam(x)
-    raw = cam[0, 0] * (1.0 if idx == 1 else -1.0) if cam.shape[1] == 1 else cam[0, idx]
-    width, height = up.image.size
-    heat = normalize_heat(upsample_to_original(torch.from_numpy(np.ascontiguousarray(raw)), prep, width, height))
-    return pred, clf.classes[idx], heat
-
-
 # ----------------------------------------------------------------------------- app
 def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | None = None) -> FastAPI:
     """Build the app for a bundle path, an ONNX path or an already loaded ``Classifier``.
@@ -281,8 +253,16 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
             with contextlib.suppress(ImportError):
                 import convlens.explain.cam  # noqa: F401
     app.add_middleware(BodyLimit, max_bytes=state.max_upload_bytes)
+    _add_error_handlers(app, state)
+    _add_page(app)
+    _add_service_routes(app, state)
+    _add_model_routes(app, state)
+    return app
 
-    # ---- errors: every one is JSON with a message --------------------------------------
+
+def _add_error_handlers(app: FastAPI, state: ServeState) -> None:
+    """Every error is JSON with a one-line message, and counted."""
+
     @app.exception_handler(ImageError)
     async def _image_error(request: Request, exc: ImageError) -> JSONResponse:
         state.errors += 1
@@ -321,7 +301,10 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
         state.errors += 1
         return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
 
-    # ---- page ---------------------------------------------------------------------------
+
+
+def _add_page(app: FastAPI) -> None:
+    """``GET /`` and its static files, under a content security policy."""
     static = resources.files("convlens.serve") / "static"
     page = (static / "index.html").read_text(encoding="utf-8")
     app.mount("/static", StaticFiles(packages=[("convlens.serve", "static")]), name="static")
@@ -338,7 +321,11 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
     def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    # ---- API ----------------------------------------------------------------------------
+
+
+def _add_service_routes(app: FastAPI, state: ServeState) -> None:
+    """``GET /health`` and ``GET /model``."""
+
     @app.get("/health", tags=["service"], summary="Liveness: the model is loaded and answering")
     def health() -> dict[str, Any]:
         return {"status": "ok", "model": Path(state.source).name, "uptime_s": round(time.time() - state.started, 1),
@@ -360,6 +347,11 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
             "convlens_version": __version__, "explain_methods": state.explain_methods,
             "max_upload_bytes": state.max_upload_bytes, "max_pixels": state.max_pixels,
         }
+
+
+
+def _add_model_routes(app: FastAPI, state: ServeState) -> None:
+    """``POST /predict`` and ``POST /explain``."""
 
     @app.post("/predict", tags=["model"], summary="Classify one image",
               responses={400: {"description": "empty, truncated or corrupt image"},
@@ -391,21 +383,12 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
         t0 = time.perf_counter()
         methods = state.explain_methods
         method = method or (methods[0] if methods else "cam")
-        if method not in EXPLAIN_METHODS:
-            raise UserError(f"method must be one of {', '.join(EXPLAIN_METHODS)}. Received: method={method!r}")
-        if method not in methods:
-            raise UserError(f"this {state.kind} model cannot draw {method!r} maps"
-                            + (f" (available: {', '.join(methods)})" if methods else
-                               "; its head is not global-average-pool + dense, serve the .convlens bundle instead"))
         up = read_upload(file, state)
         t1 = time.perf_counter()
         with state.lock:
-            if state.kind == "onnx":
-                pred, explained, heat = _onnx_explanation(state, up, class_name)
-            else:
-                e = state.classifier.explanations(up.image, method=method, class_name=class_name)[0]
-                pred = state.classifier.predict(up.image)[0]
-                explained, heat = e.explained, e.heat
+            e = state.classifier.explanations(up.image, method=method, class_name=class_name)[0]
+            pred = state.classifier.predict(up.image)[0]
+            explained, heat = e.explained, e.heat
             state.requests += 1
         t2 = time.perf_counter()
         shown = display_image(up, state)
@@ -414,8 +397,6 @@ def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | Non
                 "overlay_png": png, "overlay_size": {"width": shown.shape[1], "height": shown.shape[0]},
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
                 "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
-
-    return app
 
 
 def create_app_from_env() -> FastAPI:
