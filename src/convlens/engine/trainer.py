@@ -653,7 +653,8 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
                         batch_size=cfg.batch_size, config_yaml=config_yaml,
                         title=f"convlens run {run_dir.name}: test set", console=console)
         summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_macro_f1=test["macro"]["f1"])
-    meta.metrics = {**summary, **(extra or {})}
+    summary.update(extra or {})
+    meta.metrics = summary
     bundle_path = save_bundle(run_dir / BUNDLE_NAME, model, meta)
     acc = summary.get("val_accuracy")
     _say(console,

@@ -151,7 +151,7 @@ def finetune(model: Any, cfg: TrainConfig, prepared: Any, dev: runtime.DeviceInf
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum, correct, seen = loss_sum + float(loss) * len(y), correct + correct_count(logits.float(), y), seen + len(y)
+            loss_sum, correct, seen = loss_sum + float(loss.detach()) * len(y), correct + correct_count(logits.detach().float(), y), seen + len(y)
         seconds = time.perf_counter() - t0
         val_loss, val_acc = _validate(model, val_loader, prepared.preprocessing, dev, True, len(prepared.classes))
         row = {"epoch": epoch + 2, "lr": FINETUNE_LR, "train_loss": loss_sum / seen, "train_acc": correct / seen,
@@ -182,9 +182,9 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
     p = backbone.preprocessing
     cfg = replace(cfg, arch=backbone.source.arch, model=backbone.source.arch, image_size=p.size[0], resize=p.resize,
                   scale=p.scale, mean=list(p.mean), std=list(p.std), channels=3)
-    _say(console, f"backbone: {backbone.source.arch} pretrained on ImageNet ({backbone.source.path}); "
-                 f"{p.size[0]}x{p.size[1]} {p.interpolation} centre crop, {threads} threads"
-                 + ("  [--pretrained none trains from scratch]" if cfg.pretrained in ("auto", "efficientnet_lite0") else ""))
+    where = "ImageNet weights from the installed package" if backbone.source.packaged else backbone.source.path
+    _say(console, f"backbone: {backbone.source.arch} ({where}); {p.size[0]}x{p.size[1]} {p.interpolation} "
+                  f"centre crop, {threads} threads" + ("; --pretrained none trains from scratch" if backbone.source.packaged else ""))
     cfg, prepared = prepare_data(cfg, console, pixels={"interpolation": p.interpolation, "crop_fraction": p.crop_fraction})
     records = [prepared.cache.records[q] for q in prepared.train.paths[:2000]]
     if records and all(r.grayscale for r in records):
