@@ -98,7 +98,8 @@ def test_pretrained_run_bundle_and_everything_downstream(tmp_path: Path, lite0_f
     # the report's validation probabilities (fp32 features -> dense layer) are the ones predict computes
     import csv
 
-    rows = list(csv.DictReader(open(result.run_dir / "predictions.csv")))
+    with open(result.run_dir / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
     row = rows[0]
     probs = clf.predict_proba(np.stack([p.load(data / row["path"])]))[0]
     assert abs(float(probs[1]) - float(row[[k for k in row if k.startswith("p_")][1]])) < 1e-4
