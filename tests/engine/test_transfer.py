@@ -150,3 +150,29 @@ def test_real_lite0_on_a_few_dozen_photos(cats_dogs: Path, tmp_path: Path) -> No
     assert transfer.resolve_pretrained(cfg, False).pretrained == "efficientnet_lite0"
     result = transfer.train(cfg)
     assert result.metrics["val_accuracy"] >= 0.9
+
+
+def test_folder_features_cache_by_file_content(tmp_path: Path, lite0_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_dataset(tmp_path / "data", per_class=4, size=32)
+    first = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
+    assert first.features.shape == (8, 1280) and first.features.dtype == np.float32
+    assert sorted(first.paths) == sorted(f"{c}/img_{i:03d}.png" for c in ("class_0", "class_1") for i in range(4))
+    assert set(first.subsets) == {"train", "val"} and first.classes == ["class_0", "class_1"]
+    real = feats.extract_features
+    calls: list[int] = []
+
+    def counting(model: object, images: object, *a: object, **k: object) -> np.ndarray:
+        calls.append(len(images))  # type: ignore[arg-type]
+        return real(model, images, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(feats, "extract_features", counting)
+    again = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
+    assert calls == [] and np.array_equal(again.features, first.features)
+    changed = data / first.paths[0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(changed)
+    third = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
+    assert calls == [1]  # only the changed file is featurised again
+    i = third.paths.index(first.paths[0])
+    assert not np.array_equal(third.features[i], first.features[0])
+    flipped = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", flip=True)
+    assert calls == [1, 8] and flipped.features.shape == (8, 1280)

@@ -65,8 +65,8 @@ def resolve_pretrained(cfg: TrainConfig, model_chosen: bool) -> TrainConfig:
     """
     if cfg.pretrained != "auto":
         return cfg
-    if cfg.data is None or cfg.preset != "default" or model_chosen:
-        return replace(cfg, pretrained="none")
+    if cfg.data is None or cfg.preset != "default" or model_chosen or cfg.nproc > 1:
+        return replace(cfg, pretrained="none")  # --nproc N asks for (distributed) training from scratch
     entries = scan(cfg.data).entries
     sample = entries[:: max(1, len(entries) // SAMPLE_IMAGES)][:SAMPLE_IMAGES]
     sides, gray = [], []
