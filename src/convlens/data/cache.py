@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,11 @@ def dataset_cache_dir(cache_root: Path, dataset_root: Path) -> Path:
 
 def pixel_params(prep: Preprocessing) -> dict[str, Any]:
     """What the cached pixels depend on."""
-    return {"version": CACHE_VERSION, "size": list(prep.size), "resize": prep.resize,
-            "interpolation": prep.interpolation, "channels": prep.channels, "pillow": PIL.__version__}
+    params = {"version": CACHE_VERSION, "size": list(prep.size), "resize": prep.resize,
+              "interpolation": prep.interpolation, "channels": prep.channels, "pillow": PIL.__version__}
+    if prep.resize == "crop" and prep.crop_fraction != 1.0:  # only then: earlier caches keep their keys
+        params["crop_fraction"] = prep.crop_fraction
+    return params
 
 
 class CachedImages:
@@ -173,15 +176,15 @@ def _cache_worker(params: dict[str, Any], item: tuple[int, str, str]) -> tuple[i
     exactly as ``Preprocessing(channels=...).load`` would.
     """
     i, path, rel = item
-    h, w = params["size"]
     mode = params["mode"]
+    prep = Preprocessing(size=params["size"], channels=mode or 3, resize=params["resize"],
+                         interpolation=params["interpolation"], crop_fraction=params["crop_fraction"])
     rec, img = inspect_file(Path(path), rel, max_pixels=params["max_pixels"], min_side=params["min_side"],
-                            draft_size=(w, h), keep_gray=mode != 3)
+                            draft_size=prep.draft_size, keep_gray=mode != 3)
     if img is None:
         return i, rec, None
-    channels = mode or (1 if rec.grayscale else 3)
-    prep = Preprocessing(size=(h, w), channels=channels, resize=params["resize"],
-                         interpolation=params["interpolation"])
+    if not mode and rec.grayscale:
+        prep = replace(prep, channels=1)
     arr = prep.from_pil(img)
     img.close()
     return i, rec, arr
@@ -209,8 +212,8 @@ def _cleanup_stale(px_dir: Path, keep: set[str]) -> None:
 
 
 def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[int, int],
-                resize: str = "squash", interpolation: str = "bilinear", channels: int = 0,
-                max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 8,
+                resize: str = "squash", interpolation: str = "bilinear", crop_fraction: float = 1.0,
+                channels: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 8,
                 cache_dir: str | os.PathLike[str] | None = None, workers: int = 0,
                 progress: bool = True) -> CacheResult:
     """Decode what is not cached yet and return the memory-mapped cache of ``entries``.
@@ -232,7 +235,7 @@ def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[in
             # a colour image (rare: its check records are kept, so only pixels are redone).
             for pass_channels in (channels, 3):
                 result = _build_pass(entries, dcache, size=size, resize=resize, interpolation=interpolation,
-                                     channels=pass_channels, max_pixels=max_pixels, min_side=min_side,
+                                     crop_fraction=crop_fraction, channels=pass_channels, max_pixels=max_pixels, min_side=min_side,
                                      workers=workers, progress=progress, t0=t0)
                 if result is not None:
                     return result
@@ -315,8 +318,8 @@ def _fill(tmp: Path, shape: tuple[int, ...], old_array: np.ndarray | None, reuse
 
 
 def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int], resize: str,
-                interpolation: str, channels: int, max_pixels: int, min_side: int, workers: int,
-                progress: bool, t0: float) -> CacheResult | None:
+                interpolation: str, crop_fraction: float, channels: int, max_pixels: int, min_side: int,
+                workers: int, progress: bool, t0: float) -> CacheResult | None:
     """One build; None when it must start again with 3 channels."""
     h, w = size
     stats = _stat(entries)
@@ -325,7 +328,9 @@ def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int
     records = _known_records(entries, files_json, check_params, stats)
     unknown = [e for e in entries if e.rel not in records]
     resolved, guess = _channel_guess(channels, records, unknown)
-    params = pixel_params(Preprocessing(size=(h, w), channels=guess, resize=resize, interpolation=interpolation))
+    prep = Preprocessing(size=(h, w), channels=guess, resize=resize, interpolation=interpolation,
+                         crop_fraction=crop_fraction)
+    params = pixel_params(prep)
     px_dir = dcache / f"px-{_key(params)}"
     index_path = px_dir / "index.json"
     old_index, old_array, reuse = _old_rows(index_path, params, records, stats)
@@ -349,7 +354,7 @@ def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int
     name = f"images-{uuid.uuid4().hex[:12]}.npy"
     tmp = px_dir / f".{name}.tmp"
     wparams = {"size": (h, w), "mode": resolved or 0, "resize": resize, "interpolation": interpolation,
-               "max_pixels": max_pixels, "min_side": min_side}
+               "crop_fraction": crop_fraction, "max_pixels": max_pixels, "min_side": min_side}
     try:
         mismatch = _fill(tmp, (len(candidates), h, w, guess), old_array, reuse, row_of, todo, records,
                          wparams, workers, progress)
@@ -362,7 +367,7 @@ def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int
         if final_channels < guess:
             # First build of a grayscale dataset: keep one channel (all three are equal).
             provisional = px_dir
-            tmp, px_dir, params = _first_channel_only(tmp, px_dir, dcache, size, resize, interpolation)
+            tmp, px_dir, params = _first_channel_only(tmp, px_dir, dcache, replace(prep, channels=1))
             index_path = px_dir / "index.json"
         final = px_dir / name
         os.replace(tmp, final)
@@ -382,11 +387,11 @@ def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int
                        decoded=len(todo), reused=len(reuse), seconds=time.perf_counter() - t0)
 
 
-def _first_channel_only(tmp: Path, provisional_dir: Path, dcache: Path, size: tuple[int, int], resize: str,
-                        interpolation: str) -> tuple[Path, Path, dict[str, Any]]:
+def _first_channel_only(tmp: Path, provisional_dir: Path, dcache: Path,
+                        prep: Preprocessing) -> tuple[Path, Path, dict[str, Any]]:
     """Move a provisional 3-channel array to its 1-channel folder: (temp file, folder, pixel params)."""
     tmp = _keep_first_channel(tmp, provisional_dir)
-    params = pixel_params(Preprocessing(size=size, channels=1, resize=resize, interpolation=interpolation))
+    params = pixel_params(prep)
     px_dir = dcache / f"px-{_key(params)}"
     px_dir.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(px_dir, keep=set())
