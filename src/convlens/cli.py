@@ -148,6 +148,18 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                          max_upload_mb=a.max_upload_mb)
 
 
+def _cmd_runs(a: argparse.Namespace) -> int:
+    from convlens.engine.runs import runs_command
+
+    return runs_command(a.dir, json_path=a.json)
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from convlens.engine.runs import compare_command
+
+    return compare_command(a.runs, out=a.out)
+
+
 # ----------------------------------------------------------------------------- parsers
 def _add_train_flags(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     """One flag per TrainConfig field; the help shows the default preset's value."""
@@ -216,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
     _add_train_flags(s)
     s.set_defaults(func=_cmd_train)
+
+    s = _add(sub, "runs", "list the run folders: name, date, model, data, best validation accuracy, time")
+    s.add_argument("dir", nargs="?", default="runs", help="folder that holds the run folders")
+    s.add_argument("--json", metavar="RUNS.json", default=None, help="also write the list as JSON")
+    s.set_defaults(func=_cmd_runs)
+
+    s = _add(sub, "compare", "draw runs' curves together and show their configuration differences")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (two or more)")
+    s.add_argument("--out", default="compare", help="output folder (compare.png, compare.html)")
+    s.set_defaults(func=_cmd_compare)
 
     s = _add(sub, "lr-find", "plot loss against learning rate and suggest one")
     s.add_argument("data", nargs="?", default=None, help="dataset folder (default: the embedded digits)")
