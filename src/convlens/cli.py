@@ -148,6 +148,15 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                          max_upload_mb=a.max_upload_mb)
 
 
+def _cmd_audit(a: argparse.Namespace) -> int:
+    from convlens.audit.command import audit_command
+
+    return audit_command(a.dir, json_path=a.json, html_path=a.html, csv_path=a.csv, backbone=a.backbone,
+                         folds=a.folds, similarity=a.similarity, cache_dir=a.cache_dir, workers=a.workers,
+                         top=a.top, quarantine_dir=a.quarantine, kinds=a.kinds, paths=a.paths,
+                         relabel=a.relabel, undo=a.undo)
+
+
 def _cmd_runs(a: argparse.Namespace) -> int:
     from convlens.engine.runs import runs_command
 
@@ -212,6 +221,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-side", type=int, default=8, help="smallest usable image side")
     s.add_argument("--near-duplicates", action="store_true", help="also find near duplicates (perceptual hash)")
     s.set_defaults(func=_cmd_check)
+
+    s = _add(sub, "audit", "find likely label errors, near duplicates and outliers with pretrained features")
+    s.add_argument("dir", nargs="?", help="dataset folder (DIR/<class>/... or DIR/train|val/<class>/...)")
+    s.add_argument("--json", metavar="REPORT.json", default=None, help="also write every finding as JSON")
+    s.add_argument("--html", metavar="AUDIT.html", default=None, help="offline page with thumbnails per finding")
+    s.add_argument("--csv", metavar="FINDINGS.csv", default=None,
+                   help="one row per flagged image; edit it, then --relabel it or --quarantine --paths it")
+    s.add_argument("--backbone", default="efficientnet_lite0", help="pretrained backbone NAME or weight file")
+    s.add_argument("--folds", type=int, default=5, help="cross-validation folds for out-of-sample probabilities")
+    s.add_argument("--similarity", type=float, default=0.95, help="feature cosine similarity of near duplicates")
+    s.add_argument("--top", type=int, default=10, help="rows shown per finding in the terminal")
+    s.add_argument("--cache-dir", default=None, help="decode and feature cache folder (default: user cache dir)")
+    s.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    s.add_argument("--quarantine", metavar="QDIR", default=None, help="move chosen findings into QDIR (undo with --undo)")
+    s.add_argument("--kinds", metavar="KIND,...", default=None, help="with --quarantine: label, duplicate, outlier or all")
+    s.add_argument("--paths", metavar="FILE.csv", default=None, help="with --quarantine: move the files in its path column")
+    s.add_argument("--relabel", metavar="FILE.csv", default=None,
+                   help="move each file (path column) into its new_class folder; writes an undo manifest")
+    s.add_argument("--undo", metavar="MANIFEST", default=None, help="move quarantined or relabelled files back")
+    s.set_defaults(func=_cmd_audit)
 
     s = _add(sub, "preview", "write a 3x3 grid of training images (or of augmentations of one)")
     s.add_argument("dir", help="dataset folder")
