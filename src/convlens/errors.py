@@ -42,3 +42,7 @@ class ImageError(Exception):
         self.path = str(path)
         self.kind = kind
         self.message = message
+
+
+class WeightsError(UserError):
+    """A pretrained weight file that cannot be used (unreadable, truncated, wrong architecture, bad hash)."""

@@ -263,8 +263,7 @@ def _resize_uint8(img: np.ndarray, size_hw: tuple[int, int], prep: Preprocessing
     h, w = size_hw
     gray = img.shape[2] == 1
     pil = Image.fromarray(img[:, :, 0] if gray else img, "L" if gray else "RGB")
-    method = Image.Resampling.BILINEAR if prep.interpolation == "bilinear" else Image.Resampling.NEAREST
-    arr = np.asarray(pil.resize((w, h), method), dtype=np.uint8)
+    arr = np.asarray(pil.resize((w, h), prep.resample), dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,11 @@ def dataset_cache_dir(cache_root: Path, dataset_root: Path) -> Path:
 
 def pixel_params(prep: Preprocessing) -> dict[str, Any]:
     """What the cached pixels depend on."""
-    return {"version": CACHE_VERSION, "size": list(prep.size), "resize": prep.resize,
-            "interpolation": prep.interpolation, "channels": prep.channels, "pillow": PIL.__version__}
+    params = {"version": CACHE_VERSION, "size": list(prep.size), "resize": prep.resize,
+              "interpolation": prep.interpolation, "channels": prep.channels, "pillow": PIL.__version__}
+    if prep.resize == "crop" and prep.crop_fraction != 1.0:  # only then: earlier caches keep their keys
+        params["crop_fraction"] = prep.crop_fraction
+    return params
 
 
 class CachedImages:
@@ -173,15 +176,15 @@ def _cache_worker(params: dict[str, Any], item: tuple[int, str, str]) -> tuple[i
     exactly as ``Preprocessing(channels=...).load`` would.
     """
     i, path, rel = item
-    h, w = params["size"]
     mode = params["mode"]
+    prep = Preprocessing(size=params["size"], channels=mode or 3, resize=params["resize"],
+                         interpolation=params["interpolation"], crop_fraction=params["crop_fraction"])
     rec, img = inspect_file(Path(path), rel, max_pixels=params["max_pixels"], min_side=params["min_side"],
-                            draft_size=(w, h), keep_gray=mode != 3)
+                            draft_size=prep.draft_size, keep_gray=mode != 3)
     if img is None:
         return i, rec, None
-    channels = mode or (1 if rec.grayscale else 3)
-    prep = Preprocessing(size=(h, w), channels=channels, resize=params["resize"],
-                         interpolation=params["interpolation"])
+    if not mode and rec.grayscale:
+        prep = replace(prep, channels=1)
     arr = prep.from_pil(img)
     img.close()
     return i, rec, arr
@@ -209,8 +212,8 @@ def _cleanup_stale(px_dir: Path, keep: set[str]) -> None:
 
 
 def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[int, int],
-                resize: str = "squash", interpolation: str = "bilinear", channels: int = 0,
-                max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 8,
+                resize: str = "squash", interpolation: str = "bilinear", crop_fraction: float = 1.0,
+                channels: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 8,
                 cache_dir: str | os.PathLike[str] | None = None, workers: int = 0,
                 progress: bool = True) -> CacheResult:
     """Decode what is not cached yet and return the memory-mapped cache of ``entries``.
@@ -229,15 +232,15 @@ def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[in
     try:
         with _locked(dcache):
             return _build_locked(entries, dcache, size=size, resize=resize, interpolation=interpolation,
-                                 channels=channels, max_pixels=max_pixels, min_side=min_side,
-                                 workers=workers, progress=progress, t0=t0)
+                                 crop_fraction=crop_fraction, channels=channels, max_pixels=max_pixels,
+                                 min_side=min_side, workers=workers, progress=progress, t0=t0)
     except PermissionError as e:
         raise DataError(f"cannot write the image cache ({e.strerror}); pass a writable --cache-dir. "
                         f"Received: cache_dir={str(cache_root)!r}") from e
 
 
 def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int], resize: str,
-                  interpolation: str, channels: int, max_pixels: int, min_side: int, workers: int,
+                  interpolation: str, crop_fraction: float, channels: int, max_pixels: int, min_side: int, workers: int,
                   progress: bool, t0: float) -> CacheResult:
     h, w = size
     stats = _stat(entries)
@@ -262,7 +265,8 @@ def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, i
             resolved = 1 if known_usable else 3
     guess = resolved or (1 if known_usable else 3)
 
-    prep = Preprocessing(size=(h, w), channels=guess, resize=resize, interpolation=interpolation)
+    prep = Preprocessing(size=(h, w), channels=guess, resize=resize, interpolation=interpolation,
+                         crop_fraction=crop_fraction)
     params = pixel_params(prep)
     px_dir = dcache / f"px-{_key(params)}"
     index_path = px_dir / "index.json"
@@ -306,7 +310,7 @@ def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, i
                 chunk = np.array(pairs[k:k + COPY_CHUNK])
                 out[chunk[:, 0]] = old_array[chunk[:, 1]]
         wparams = {"size": (h, w), "mode": resolved or 0, "resize": resize, "interpolation": interpolation,
-                   "max_pixels": max_pixels, "min_side": min_side}
+                   "crop_fraction": crop_fraction, "max_pixels": max_pixels, "min_side": min_side}
         items = [(i, str(e.path), e.rel) for i, e in enumerate(todo)]
         fn = functools.partial(_cache_worker, wparams)
         mismatch = False
@@ -329,13 +333,13 @@ def _build_locked(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, i
             tmp.unlink()
             _write_files_json(files_json, check_params, records, entries)
             return _build_locked(entries, dcache, size=size, resize=resize, interpolation=interpolation,
-                                 channels=3, max_pixels=max_pixels, min_side=min_side, workers=workers,
+                                 crop_fraction=crop_fraction, channels=3, max_pixels=max_pixels, min_side=min_side, workers=workers,
                                  progress=progress, t0=t0)
         if final_channels < guess:
             # First build of a grayscale dataset: keep one channel (all three are equal).
             tmp = _keep_first_channel(tmp, px_dir)
             provisional_dir = px_dir
-            prep = Preprocessing(size=(h, w), channels=1, resize=resize, interpolation=interpolation)
+            prep = replace(prep, channels=1)
             params = pixel_params(prep)
             px_dir = dcache / f"px-{_key(params)}"
             index_path = px_dir / "index.json"

@@ -86,6 +86,7 @@ def _size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 def prepare_dataset(root: str | os.PathLike[str], *, image_size: int | tuple[int, int],
                     resize: str = "squash", channels: int = 0, scale: float = 1 / 255,
+                    interpolation: str = "bilinear", crop_fraction: float = 1.0,
                     mean: tuple[float, ...] | list[float] = (0.0,), std: tuple[float, ...] | list[float] = (1.0,),
                     val_fraction: float = DEFAULT_VAL_FRACTION, test_fraction: float = 0.0,
                     seed: int = DEFAULT_SEED, cache_dir: str | os.PathLike[str] | None = None,
@@ -101,14 +102,16 @@ def prepare_dataset(root: str | os.PathLike[str], *, image_size: int | tuple[int
     if channels not in (0, 1, 3):
         raise ConfigError(f"channels must be 0 (auto), 1 or 3. Received: channels={channels}")
     # Validate the preprocessing before minutes of decoding.
-    Preprocessing(size=size, channels=channels or 3, resize=resize, scale=scale, mean=tuple(mean), std=tuple(std))
+    Preprocessing(size=size, channels=channels or 3, resize=resize, scale=scale, mean=tuple(mean), std=tuple(std),
+                  interpolation=interpolation, crop_fraction=crop_fraction)
     if any(s == 0 for s in std):
         raise ConfigError(f"std must not contain zeros. Received: std={list(std)}")
     if max_pixels < 1 or min_side < 1:
         raise ConfigError(f"max_pixels and min_side must be positive. Received: max_pixels={max_pixels}, min_side={min_side}")
 
     index = scan(root)
-    cache = build_cache(index.entries, index.root, size=size, resize=resize, channels=channels,
+    cache = build_cache(index.entries, index.root, size=size, resize=resize, interpolation=interpolation,
+                        crop_fraction=crop_fraction, channels=channels,
                         max_pixels=max_pixels, min_side=min_side, cache_dir=cache_dir, workers=workers,
                         progress=progress)
     recs = cache.records
@@ -122,7 +125,8 @@ def prepare_dataset(root: str | os.PathLike[str], *, image_size: int | tuple[int
             raise ConfigError(f"{name} needs 1 or {resolved} values for this {'grayscale' if resolved == 1 else 'RGB'} "
                               f"dataset. Received: {name}={list(v)}")
     prep = Preprocessing(size=size, channels=resolved, resize=resize, scale=scale, mean=tuple(mean),
-                         std=tuple(std), max_pixels=max_pixels)
+                         std=tuple(std), max_pixels=max_pixels, interpolation=interpolation,
+                         crop_fraction=crop_fraction)
 
     subsets = assign_subsets([e.rel for e in usable], [e.class_name for e in usable],
                              [recs[e.rel].sha256 for e in usable], [e.subset for e in usable],

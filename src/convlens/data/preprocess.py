@@ -7,6 +7,7 @@ then scale and normalise. Channel order is always RGB. Torch-free on purpose.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
@@ -18,6 +19,8 @@ from convlens.data.decode import DEFAULT_MAX_PIXELS, decode, to_rgb
 from convlens.errors import ConfigError
 
 RESIZE_POLICIES = ("squash", "crop", "pad")
+INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+                  "nearest": Image.Resampling.NEAREST}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class Preprocessing:
     channel_order: str = "RGB"
     interpolation: str = "bilinear"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # With resize="crop": keep this central fraction of the largest centred box of the target's
+    # aspect (ImageNet evaluation's "resize to 256, centre crop 224" is 0.875).
+    crop_fraction: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -42,6 +48,11 @@ class Preprocessing:
             raise ConfigError(f"channels must be 1 or 3. Received: channels={self.channels}")
         if self.channel_order != "RGB":
             raise ConfigError(f"channel_order must be 'RGB'. Received: channel_order={self.channel_order!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}. "
+                              f"Received: interpolation={self.interpolation!r}")
+        if not 0 < float(self.crop_fraction) <= 1:
+            raise ConfigError(f"crop_fraction must be in (0, 1]. Received: crop_fraction={self.crop_fraction!r}")
         object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -49,10 +60,21 @@ class Preprocessing:
     # ---- uint8 stage -------------------------------------------------------------------
     def load(self, src: str | os.PathLike[str] | IO[bytes], min_side: int = 1) -> np.ndarray:
         """Decode and resize one file to uint8 ``H x W x C``. Raises ``ImageError``."""
-        h, w = self.size
-        img, _ = decode(src, max_pixels=self.max_pixels, min_side=min_side, draft_size=(w, h),
+        img, _ = decode(src, max_pixels=self.max_pixels, min_side=min_side, draft_size=self.draft_size,
                         keep_gray=self.channels == 1)
         return self.from_pil(img)
+
+    @property
+    def resample(self) -> Image.Resampling:
+        """The Pillow resampling filter of ``interpolation``."""
+        return INTERPOLATIONS[self.interpolation]
+
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """(width, height) a JPEG may be draft-decoded down to without losing resolution."""
+        h, w = self.size
+        f = self.crop_fraction if self.resize == "crop" else 1.0
+        return math.ceil(w / f - 1e-6), math.ceil(h / f - 1e-6)
 
     def from_pil(self, img: Image.Image) -> np.ndarray:
         """Resize an (upright) Pillow image to uint8 ``H x W x C``."""
@@ -60,9 +82,14 @@ class Preprocessing:
         if self.channels == 3 and img.mode != "RGB":
             img = img.convert("RGB")
         h, w = self.size
-        method = Image.Resampling.BILINEAR if self.interpolation == "bilinear" else Image.Resampling.NEAREST
+        method = self.resample
         if self.resize == "squash":
             out = img.resize((w, h), method) if img.size != (w, h) else img
+        elif self.resize == "crop" and self.crop_fraction < 1:
+            iw, ih = img.size
+            s = min(iw / w, ih / h) * self.crop_fraction  # source pixels per output pixel
+            box = ((iw - w * s) / 2, (ih - h * s) / 2, (iw + w * s) / 2, (ih + h * s) / 2)
+            out = img.resize((w, h), method, box=box)
         elif self.resize == "crop":
             out = ImageOps.fit(img, (w, h), method)
         else:  # letterbox onto black, centred

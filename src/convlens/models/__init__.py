@@ -7,6 +7,8 @@ Public API: :func:`create`, :func:`list_models`, :func:`register_model`, :func:`
 
 from __future__ import annotations
 
+from convlens.models import efficientnet as _efficientnet  # noqa: F401  (registers efficientnet_lite0-2)
+from convlens.models import resnet as _resnet  # noqa: F401  (registers resnet18/34/50)
 from convlens.models import zoo as _zoo  # noqa: F401  (registers the zoo's models)
 from convlens.models.layers import (
     LAYER_TYPES,

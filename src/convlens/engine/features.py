@@ -1,0 +1,242 @@
+"""Frozen pretrained features: one ``(N, C)`` float32 row per image, computed once and cached.
+
+A feature is the global average of a pretrained backbone's last feature map (what its dense head
+reads), for uint8 images decoded at the backbone's own preprocessing. Rows are cached on disk next
+to the decode cache of the same dataset::
+
+    <cache>/<dataset-key>/feat-<key>/index.json       file content hash -> row, and the array's name
+    <cache>/<dataset-key>/feat-<key>/features-<id>.npy  float32 N x C
+
+``<key>`` covers everything the numbers depend on: the backbone (architecture and weight file
+SHA-256), the pixel parameters, precision, flipping and the format version. Rows are found by
+the image file's SHA-256, so a renamed file is not recomputed, a changed one is, and a second run
+with another head, split or class layout costs a read. The index is written atomically after
+the array, so an interrupted run leaves the previous cache usable.
+
+Typical use (the data audit does this)::
+
+    from convlens.engine.features import folder_features
+    fs = folder_features("photos/")            # FeatureSet: features (N, 1280), labels, paths, classes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from convlens import io as cio
+from convlens import runtime
+from convlens.data.cache import CachedImages, dataset_cache_dir, default_cache_dir, pixel_params
+from convlens.data.loader import to_model_input
+from convlens.data.prepare import prepare_dataset
+from convlens.data.preprocess import Preprocessing
+from convlens.models.layers import ConvlensModel
+from convlens.models.pretrained import PretrainedSource, load_backbone
+
+FEATURES_VERSION = 1
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass
+class Backbone:
+    """A pretrained model (its head still to be fitted), where its weights came from, and the
+    preprocessing its weights expect."""
+
+    model: ConvlensModel
+    source: PretrainedSource
+    preprocessing: Preprocessing
+
+    @property
+    def num_features(self) -> int:
+        return int(self.model.gap_linear_head().in_features)
+
+
+def backbone_preprocessing(source: PretrainedSource, channels: int = 3, max_pixels: int | None = None) -> Preprocessing:
+    """The :class:`Preprocessing` a backbone's weights were trained with."""
+    spec = dict(source.spec)
+    size = int(spec.pop("size"))
+    extra = {"max_pixels": max_pixels} if max_pixels else {}
+    return Preprocessing(size=(size, size), channels=channels, **spec, **extra)
+
+
+def load_pretrained(pretrained: str = DEFAULT_BACKBONE, num_classes: int = 2, arch: str | None = None,
+                    max_pixels: int | None = None) -> Backbone:
+    """Load a packaged (``efficientnet_lite0``) or local (path) backbone for ``num_classes``."""
+    model, source = load_backbone(pretrained, num_classes, arch)
+    return Backbone(model.eval(), source, backbone_preprocessing(source, max_pixels=max_pixels))
+
+
+@torch.inference_mode()
+def extract_features(model: ConvlensModel, images: Any, prep: Preprocessing, *, batch_size: int = 64,
+                     precision: str = "bf16", flip: bool = False, device: str = "cpu",
+                     progress: Any = None) -> np.ndarray:
+    """Pooled features ``(N, C)`` float32 of uint8 ``N x H x W x C`` images (array or cache rows).
+
+    ``precision`` ``bf16`` runs under autocast where the device supports it (1.7x faster on
+    AVX-512 CPUs), else fp32. ``flip`` mirrors every image first. ``progress(done)`` is called
+    after each batch.
+    """
+    dev = runtime.resolve_device(device, precision)
+    model = model.eval().to(dev.device, memory_format=torch.channels_last)
+    n = len(images)
+    out = np.zeros((n, int(model.gap_linear_head().in_features)), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev.device)
+        if flip:
+            x = x.flip(2)  # NHWC: the width axis
+        x = to_model_input(x, prep, channels_last=True)
+        if prep.channels == 1 and model.in_channels == 3:
+            x = x.expand(-1, 3, -1, -1)  # grayscale into an RGB backbone: replicate the channel
+        ctx = torch.autocast(dev.type, dtype=dev.amp_dtype) if dev.amp_dtype else contextlib.nullcontext()
+        with ctx:
+            f = model.forward_features(x)
+        out[start:start + len(x)] = f.float().mean(dim=(2, 3)).cpu().numpy()
+        if progress is not None:
+            progress(min(start + batch_size, n))
+    return out
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def feature_params(source: PretrainedSource, prep: Preprocessing, precision: str, flip: bool) -> dict[str, Any]:
+    """What cached features depend on (their cache key)."""
+    return {"version": FEATURES_VERSION, "arch": source.arch, "weights_sha256": source.sha256,
+            "pixels": pixel_params(prep), "scale": prep.scale, "mean": list(prep.mean), "std": list(prep.std),
+            "precision": precision, "flip": bool(flip), "torch": torch.__version__.split("+")[0]}
+
+
+def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], dataset_root: str | Path, *,
+                    prep: Preprocessing | None = None, cache_dir: str | Path | None = None,
+                    precision: str = "bf16", flip: bool = False, batch_size: int = 64,
+                    progress: Any = None) -> np.ndarray:
+    """Features of ``images`` (uint8 rows whose files have SHA-256 ``hashes``), from the on-disk
+    cache of ``dataset_root`` where present; the missing rows are computed and added."""
+    prep = prep or backbone.preprocessing
+    root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir().resolve()
+    fdir = dataset_cache_dir(root, Path(dataset_root).resolve()) / f"feat-{_key(feature_params(backbone.source, prep, precision, flip))}"
+    index_path = fdir / "index.json"
+    old = _read_index(index_path)
+    old_rows: dict[str, int] = old.get("rows", {}) if old else {}
+    old_array = np.load(fdir / old["array"], mmap_mode="r") if old and (fdir / old["array"]).is_file() else None
+    todo = [i for i, h in enumerate(hashes) if old_array is None or h not in old_rows]
+    fresh = np.zeros((0, backbone.num_features), np.float32)
+    if todo:
+        fresh = extract_features(backbone.model, _Rows(images, todo), prep, batch_size=batch_size,
+                                 precision=precision, flip=flip, progress=progress)
+    out = np.zeros((len(hashes), backbone.num_features), np.float32)
+    new_of = {hashes[i]: k for k, i in enumerate(todo)}
+    for i, h in enumerate(hashes):
+        out[i] = fresh[new_of[h]] if h in new_of else old_array[old_rows[h]]  # type: ignore[index]
+    if todo:
+        _write_cache(fdir, index_path, old_rows, old_array, new_of, fresh)
+    return out
+
+
+class _Rows:
+    """A lazy view of selected rows of an array-like (reads only a batch at a time)."""
+
+    def __init__(self, images: Any, rows: list[int]) -> None:
+        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        return np.asarray(self.images[self.rows[s]])
+
+
+def _read_index(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # missing or damaged: recomputed, never fatal
+
+
+def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_array: np.ndarray | None,
+                 new_of: dict[str, int], fresh: np.ndarray) -> None:
+    """Old rows + new rows into a new array, then the index (the commit point); best effort."""
+    keep = {h: r for h, r in old_rows.items() if old_array is not None and r < len(old_array) and h not in new_of}
+    merged = np.concatenate([old_array[list(keep.values())] if keep else fresh[:0], fresh])  # type: ignore[index]
+    rows = {h: i for i, h in enumerate([*keep, *new_of])}
+    try:
+        fdir.mkdir(parents=True, exist_ok=True)
+        name = f"features-{uuid.uuid4().hex[:12]}.npy"
+        buf = _npy_bytes(merged)
+        cio.write_bytes(fdir / name, buf)
+        cio.write_json(index_path, {"array": name, "shape": list(merged.shape), "rows": rows})
+        for p in fdir.glob("features-*.npy"):
+            if p.name != name:
+                with contextlib.suppress(OSError):
+                    p.unlink()  # our own superseded arrays
+    except OSError:
+        pass  # a read-only cache folder: the features were computed and are returned anyway
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    np.save(b, a)
+    return b.getvalue()
+
+
+@dataclass
+class FeatureSet:
+    """Features of every usable image of a class-folder dataset, with labels and paths."""
+
+    features: np.ndarray  # float32 N x C
+    labels: np.ndarray  # int64 N
+    paths: list[str]  # relative to root
+    subsets: list[str]  # train / val / test, as training would split them
+    classes: list[str]
+    root: Path
+    preprocessing: Preprocessing
+    source: PretrainedSource
+    skipped: list[Any] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def subset_hashes(prepared: Any, paths: Sequence[str]) -> list[str]:
+    """The file SHA-256 of each relative path of a prepared dataset (the feature cache's row key)."""
+    return [prepared.cache.records[p].sha256 for p in paths]
+
+
+def folder_features(root: str | Path, pretrained: str = DEFAULT_BACKBONE, *, arch: str | None = None,
+                    cache_dir: str | Path | None = None, workers: int = 0, precision: str = "bf16",
+                    flip: bool = False, progress: bool = False, val_fraction: float = 0.2,
+                    seed: int = 1337) -> FeatureSet:
+    """Decode (cached) and featurise (cached) every usable image under ``root``.
+
+    ``subsets`` tells which images training with the same ``val_fraction``/``seed`` would hold
+    out; the features of all are returned.
+    """
+    backbone = load_pretrained(pretrained, 2, arch)
+    p = backbone.preprocessing
+    t0 = time.perf_counter()
+    prepared = prepare_dataset(root, image_size=p.size, resize=p.resize, channels=3, scale=p.scale, mean=p.mean,
+                               std=p.std, interpolation=p.interpolation, crop_fraction=p.crop_fraction,
+                               val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, workers=workers,
+                               progress=progress)
+    t1 = time.perf_counter()
+    parts = [s for s in (prepared.train, prepared.val, prepared.test) if s is not None and len(s)]
+    paths = [q for s in parts for q in s.paths]
+    rows = np.array([prepared.cache.rows[q] for q in paths], dtype=np.int64)
+    images = CachedImages(prepared.cache.array, rows)
+    feats = cached_features(backbone, images, subset_hashes(prepared, paths), prepared.root,
+                            prep=prepared.preprocessing, cache_dir=cache_dir, precision=precision, flip=flip)
+    return FeatureSet(features=feats, labels=np.concatenate([s.labels for s in parts]), paths=paths,
+                      subsets=[s.name for s in parts for _ in s.paths], classes=list(prepared.classes),
+                      root=prepared.root, preprocessing=prepared.preprocessing, source=backbone.source,
+                      skipped=list(prepared.skipped),
+                      seconds={"decode": t1 - t0, "features": time.perf_counter() - t1})
