@@ -228,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--html", metavar="AUDIT.html", default=None, help="offline page with thumbnails per finding")
     s.add_argument("--csv", metavar="FINDINGS.csv", default=None,
                    help="one row per flagged image; edit it, then --relabel it or --quarantine --paths it")
-    s.add_argument("--backbone", default="efficientnet_lite0", help="pretrained backbone NAME or weight file")
-    s.add_argument("--folds", type=int, default=5, help="cross-validation folds for out-of-sample probabilities")
-    s.add_argument("--similarity", type=float, default=0.95, help="feature cosine similarity of near duplicates")
+    s.add_argument("--backbone", default=None, help="pretrained backbone NAME or weight file (default: efficientnet_lite0)")
+    s.add_argument("--folds", type=int, default=None, help="cross-validation folds for out-of-sample probabilities (default: 5)")
+    s.add_argument("--similarity", type=float, default=None,
+                   help="feature cosine similarity of near duplicates (default: 0.92)")
     s.add_argument("--top", type=int, default=10, help="rows shown per finding in the terminal")
     s.add_argument("--cache-dir", default=None, help="decode and feature cache folder (default: user cache dir)")
     s.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")

@@ -41,12 +41,13 @@ def _check_options(dir: str | None, quarantine_dir: str | None, kinds: list[str]
 
 
 def audit_command(dir: str | None, *, json_path: str | None = None, html_path: str | None = None,
-                  csv_path: str | None = None, backbone: str = DEFAULT_BACKBONE, folds: int = DEFAULT_FOLDS,
-                  similarity: float = DEFAULT_DUPLICATE_SIMILARITY, cache_dir: str | None = None,
+                  csv_path: str | None = None, backbone: str | None = None, folds: int | None = None,
+                  similarity: float | None = None, cache_dir: str | None = None,
                   workers: int = 0, top: int = 10, quarantine_dir: str | None = None, kinds: str | None = None,
                   paths: str | None = None, relabel: str | None = None, undo: str | None = None,
                   features_fn: Any = None) -> int:
-    """``convlens audit``. Returns 0 (no findings), 1 (findings); raises UserError (exit 2)."""
+    """``convlens audit``. Returns 0 (no findings), 1 (findings); raises UserError (exit 2).
+    ``None`` options take the library defaults."""
     from rich.console import Console
 
     from convlens import io as cio
@@ -70,7 +71,9 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
         manifest, n = act.quarantine_listed(dir, paths, quarantine_dir)
         console.print(f"moved {n} listed file(s) to {quarantine_dir}; undo with `convlens audit --undo {manifest}`")
         return 0
-    report = audit_dataset(dir, backbone=backbone, folds=folds, similarity=similarity, cache_dir=cache_dir,
+    report = audit_dataset(dir, backbone=backbone or DEFAULT_BACKBONE, folds=folds or DEFAULT_FOLDS,
+                           similarity=DEFAULT_DUPLICATE_SIMILARITY if similarity is None else similarity,
+                           cache_dir=cache_dir,
                            workers=workers, progress=console.is_terminal, features_fn=features_fn)
     output.print_report(report, console, top=top)
     for path, write in ((json_path, lambda p: cio.write_json(p, report.to_dict())),
