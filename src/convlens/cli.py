@@ -89,7 +89,7 @@ def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from convlens.engine.trainer import train_command
+    from convlens.engine.transfer import train_command
 
     return train_command(_train_overrides(a), config_file=a.config, resume=a.resume)
 

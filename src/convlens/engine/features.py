@@ -77,7 +77,6 @@ def load_pretrained(pretrained: str = DEFAULT_BACKBONE, num_classes: int = 2, ar
     return Backbone(model.eval(), source, backbone_preprocessing(source, max_pixels=max_pixels))
 
 
-@torch.inference_mode()
 def extract_features(model: ConvlensModel, images: Any, prep: Preprocessing, *, batch_size: int = 64,
                      precision: str = "bf16", flip: bool = False, device: str = "cpu",
                      progress: Any = None) -> np.ndarray:
@@ -88,7 +87,14 @@ def extract_features(model: ConvlensModel, images: Any, prep: Preprocessing, *, 
     after each batch.
     """
     dev = runtime.resolve_device(device, precision)
+    # Moved outside inference mode: the parameters stay ordinary tensors (fine-tuning may follow).
     model = model.eval().to(dev.device, memory_format=torch.channels_last)
+    with torch.inference_mode():
+        return _extract(model, images, prep, dev, batch_size, flip, progress)
+
+
+def _extract(model: ConvlensModel, images: Any, prep: Preprocessing, dev: runtime.DeviceInfo, batch_size: int,
+             flip: bool, progress: Any) -> np.ndarray:
     n = len(images)
     out = np.zeros((n, int(model.gap_linear_head().in_features)), dtype=np.float32)
     for start in range(0, n, batch_size):

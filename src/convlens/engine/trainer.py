@@ -308,12 +308,13 @@ def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
 
 
 # ----------------------------------------------------------------------------- train
-def prepare_data(cfg: TrainConfig, console: Console,
-                 split_file: str | Path | None = None) -> tuple[TrainConfig, Any]:
+def prepare_data(cfg: TrainConfig, console: Console, split_file: str | Path | None = None,
+                 pixels: dict[str, Any] | None = None) -> tuple[TrainConfig, Any]:
     """Check, split and cache ``cfg.data`` (the embedded digits when None); report skipped files.
 
     Returns the config with ``data`` resolved to a folder, and the ``PreparedData``.
-    ``split_file``: reuse the split of an earlier run (``split.csv``).
+    ``split_file``: reuse the split of an earlier run (``split.csv``). ``pixels``: further
+    ``prepare_dataset`` pixel options (a pretrained backbone's interpolation and crop fraction).
     """
     from convlens.data.check import skipped_message
     from convlens.data.prepare import prepare_dataset
@@ -328,6 +329,7 @@ def prepare_data(cfg: TrainConfig, console: Console,
         mean=tuple(cfg.mean), std=tuple(cfg.std), val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction, seed=cfg.seed, cache_dir=cfg.cache_dir, workers=cfg.workers,
         max_pixels=cfg.max_pixels, min_side=cfg.min_side, progress=console.is_terminal, split_file=split_file,
+        **(pixels or {}),
     )
     if prepared.skipped:
         _say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
@@ -620,8 +622,12 @@ def _fresh_partial() -> dict[str, Any]:
 
 def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir: Path,
                history: list[dict[str, Any]], best: dict[str, Any], device: str, curves: bytes,
-               console: Console) -> RunResult:
-    """Evaluate the (best) model on the validation set, write the bundle and the report."""
+               console: Console, val_logits: Any = None, extra: dict[str, Any] | None = None) -> RunResult:
+    """Evaluate the (best) model on the validation set, write the bundle and the report.
+
+    ``val_logits``: the model's validation logits when already computed (the pretrained path's
+    fp32 features through the dense layer); ``extra``: more entries for the bundle's metrics.
+    """
     from convlens.bundle import BundleMeta, save_bundle
     from convlens.evaluate import evaluate
 
@@ -637,7 +643,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
         metrics = evaluate(model, meta, prepared.val, out_dir=run_dir, device=device,
                            batch_size=cfg.batch_size, history=history, curves=curves, config_yaml=config_yaml,
                            title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}",
-                           console=console)
+                           console=console, logits=val_logits)
         summary.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"],
                        val_macro_f1=metrics["macro"]["f1"], val_roc_auc=metrics.get("roc_auc"))
     else:
@@ -652,6 +658,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
                         batch_size=cfg.batch_size, config_yaml=config_yaml,
                         title=f"convlens run {run_dir.name}: test set", console=console)
         summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_macro_f1=test["macro"]["f1"])
+    summary.update(extra or {})
     meta.metrics = summary
     bundle_path = save_bundle(run_dir / BUNDLE_NAME, model, meta)
     acc = summary.get("val_accuracy")

