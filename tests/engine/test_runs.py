@@ -39,6 +39,21 @@ def test_runs_lists_each_run_with_its_best_epoch(two_runs: Path) -> None:
     assert runs[0].row()["epochs"] == "2/2" and runs[1].row()["epochs"] == "3/3"
 
 
+def test_a_run_without_metrics_csv_is_listed_from_its_bundle(two_runs: Path, tmp_path: Path) -> None:
+    """Runs that fit a linear head write no metrics.csv: the bundle's metrics stand in."""
+    import shutil
+
+    from convlens.bundle import read_meta
+
+    copy = tmp_path / "head-only"
+    shutil.copytree(two_runs / "first", copy)
+    (copy / "metrics.csv").unlink()
+    row = read_run(copy).row()
+    meta = read_meta(copy / "model.convlens").metrics
+    assert row["best_val_acc"] == meta["val_accuracy"] and row["best_epoch"] == meta["best_epoch"]
+    assert row["status"] == "finished"
+
+
 def test_runs_verb_prints_tab_separated_lines_when_piped(two_runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["runs", str(two_runs)]) == 0
     lines = capsys.readouterr().out.splitlines()

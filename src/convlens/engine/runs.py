@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import html
 import json
 import math
@@ -55,13 +56,31 @@ class RunInfo:
             return None
         return max(rows, key=lambda r: (r["val_acc"], -(r.get("val_loss") or 0.0)))
 
+    @functools.cached_property
+    def summary(self) -> dict[str, Any]:
+        """The bundle's metrics (what runs without ``metrics.csv``, e.g. a fitted linear head, have)."""
+        if not self.finished:
+            return {}
+        from convlens.bundle import read_meta
+        from convlens.errors import UserError
+
+        try:
+            return dict(read_meta(self.path / BUNDLE_NAME).metrics or {})
+        except (UserError, OSError, ValueError):
+            return {}  # a damaged bundle: list the run with what metrics.csv says
+
     @property
     def seconds(self) -> float:
-        return float(sum(r.get("seconds") or 0.0 for r in self.history))
+        if self.history:
+            return float(sum(r.get("seconds") or 0.0 for r in self.history))
+        stages = self.summary.get("seconds")
+        return float(sum(v for v in stages.values() if isinstance(v, (int, float)))) if isinstance(stages, dict) else 0.0
 
     def row(self) -> dict[str, Any]:
         """One line of ``convlens runs`` as plain data (the ``--json`` format)."""
         best = self.best
+        if best is None and self.summary.get("val_accuracy") is not None:
+            best = {"val_acc": self.summary["val_accuracy"], "epoch": self.summary.get("best_epoch") or 0}
         planned = self.config.get("epochs")
         return {
             "name": self.name, "path": str(self.path),
