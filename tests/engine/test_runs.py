@@ -105,3 +105,26 @@ def test_tensorboard_missing_is_one_clear_error(monkeypatch: pytest.MonkeyPatch,
     assert code == 2
     assert "tensorboard package" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()  # failed before decoding anything
+
+
+def test_pretrained_runs_write_metrics_and_tensorboard_too(tmp_path: Path) -> None:
+    """The linear-head path (what photo datasets get by default) is listed, compared and logged."""
+    import torch
+    from safetensors.torch import save_file
+
+    from convlens.config import resolve_train_config
+    from convlens.engine import transfer
+    from convlens.models import create
+
+    torch.manual_seed(0)
+    weights = tmp_path / "lite0.safetensors"  # random weights: only the plumbing is under test
+    save_file({k: v for k, v in create("efficientnet_lite0", 2).state_dict().items() if not k.startswith("head.")},
+              str(weights))
+    data = make_dataset(tmp_path / "data", per_class=6, size=40)
+    cfg = resolve_train_config(None, None, {
+        "data": str(data), "cache_dir": str(tmp_path / "cache"), "project": str(tmp_path / "runs"), "workers": 1,
+        "threads": 1, "val_fraction": 0.25, "pretrained": str(weights), "tensorboard": True, "name": "head"})
+    result = transfer.train(cfg)
+    row = read_run(result.run_dir).row()
+    assert row["best_val_acc"] == pytest.approx(result.metrics["val_accuracy"]) and row["epochs"].startswith("1/")
+    assert list(result.run_dir.glob("events.out.tfevents.*"))
