@@ -154,9 +154,14 @@ def test_real_lite0_on_a_few_dozen_photos(cats_dogs: Path, tmp_path: Path) -> No
 
 def test_folder_features_cache_by_file_content(tmp_path: Path, lite0_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_dataset(tmp_path / "data", per_class=4, size=32)
+    (data / "class_0" / "img_000.png").rename(data / "class_0" / "img_009.png")  # sorts last, so a
+    dup = (data / "class_1" / "img_000.png").read_bytes()  # duplicate comes first in the cache
+    (data / "class_0" / "img_000.png").write_bytes(dup)
     first = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
-    assert first.features.shape == (8, 1280) and first.features.dtype == np.float32
-    assert sorted(first.paths) == sorted(f"{c}/img_{i:03d}.png" for c in ("class_0", "class_1") for i in range(4))
+    assert first.features.shape == (9, 1280) and first.features.dtype == np.float32
+    assert len(set(first.paths)) == 9
+    i0, i1 = first.paths.index("class_0/img_000.png"), first.paths.index("class_1/img_000.png")
+    assert np.array_equal(first.features[i0], first.features[i1])  # same content, same row
     assert set(first.subsets) == {"train", "val"} and first.classes == ["class_0", "class_1"]
     real = feats.extract_features
     calls: list[int] = []
@@ -167,12 +172,12 @@ def test_folder_features_cache_by_file_content(tmp_path: Path, lite0_file: Path,
 
     monkeypatch.setattr(feats, "extract_features", counting)
     again = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
-    assert calls == [] and np.array_equal(again.features, first.features)
-    changed = data / first.paths[0]
+    assert calls == [] and np.array_equal(again.features, first.features)  # every row where it belongs
+    changed = data / "class_0" / "img_001.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(changed)
     third = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", val_fraction=0.25)
     assert calls == [1]  # only the changed file is featurised again
-    i = third.paths.index(first.paths[0])
-    assert not np.array_equal(third.features[i], first.features[0])
+    i = first.paths.index("class_0/img_001.png")
+    assert not np.array_equal(third.features[third.paths.index("class_0/img_001.png")], first.features[i])
     flipped = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", flip=True)
-    assert calls == [1, 8] and flipped.features.shape == (8, 1280)
+    assert calls == [1, 8] and flipped.features.shape == (9, 1280)  # 8 distinct contents

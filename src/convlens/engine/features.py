@@ -44,7 +44,7 @@ from convlens.data.preprocess import Preprocessing
 from convlens.models.layers import ConvlensModel
 from convlens.models.pretrained import PretrainedSource, load_backbone
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2  # 2: rows of duplicate files were misaligned in version 1 caches
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
@@ -137,16 +137,18 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
     old = _read_index(index_path)
     old_rows: dict[str, int] = old.get("rows", {}) if old else {}
     old_array = np.load(fdir / old["array"], mmap_mode="r") if old and (fdir / old["array"]).is_file() else None
-    todo = [i for i, h in enumerate(hashes) if old_array is None or h not in old_rows]
+    # One computation per distinct file content (duplicate files share a row).
+    first = {h: i for i, h in reversed(list(enumerate(hashes)))}
+    missing = [h for h in dict.fromkeys(hashes) if old_array is None or h not in old_rows]
     fresh = np.zeros((0, backbone.num_features), np.float32)
-    if todo:
-        fresh = extract_features(backbone.model, _Rows(images, todo), prep, batch_size=batch_size,
-                                 precision=precision, flip=flip, progress=progress)
+    if missing:
+        fresh = extract_features(backbone.model, _Rows(images, [first[h] for h in missing]), prep,
+                                 batch_size=batch_size, precision=precision, flip=flip, progress=progress)
     out = np.zeros((len(hashes), backbone.num_features), np.float32)
-    new_of = {hashes[i]: k for k, i in enumerate(todo)}
+    new_of = {h: k for k, h in enumerate(missing)}  # hash -> row of fresh, in fresh's order
     for i, h in enumerate(hashes):
         out[i] = fresh[new_of[h]] if h in new_of else old_array[old_rows[h]]  # type: ignore[index]
-    if todo:
+    if missing:
         _write_cache(fdir, index_path, old_rows, old_array, new_of, fresh)
     return out
 

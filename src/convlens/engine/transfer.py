@@ -53,7 +53,7 @@ from convlens.errors import ConfigError, ImageError
 from convlens.io import write_text
 from convlens.models.pretrained import load_backbone
 
-HEAD_L2 = 0.1  # L2 penalty on the standardised head weights: best or tied on both datasets (docs/benchmarks.md)
+HEAD_L2 = 1.0  # L2 on the standardised head weights: best or tied on both datasets (docs/benchmarks.md)
 HEAD_MAX_ITER = 100
 FINETUNE_LR = 1e-4  # AdamW, cosine: ~1/50 of a from-scratch learning rate
 SAMPLE_IMAGES = 24  # images decoded to decide whether a dataset is photos
