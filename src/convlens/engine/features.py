@@ -177,9 +177,7 @@ def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_arr
                  new_of: dict[str, int], fresh: np.ndarray) -> None:
     """Old rows + new rows into a new array, then the index (the commit point); best effort."""
     keep = {h: r for h, r in old_rows.items() if old_array is not None and r < len(old_array) and h not in new_of}
-    # One row per distinct hash, in new_of's order: copies of a file (same hash) share one row.
-    merged = np.concatenate([old_array[list(keep.values())] if keep else fresh[:0],  # type: ignore[index]
-                             fresh[list(new_of.values())]])
+    merged = np.concatenate([old_array[list(keep.values())] if keep else fresh[:0], fresh])  # type: ignore[index]
     rows = {h: i for i, h in enumerate([*keep, *new_of])}
     try:
         fdir.mkdir(parents=True, exist_ok=True)
