@@ -155,6 +155,27 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                          max_upload_mb=a.max_upload_mb)
 
 
+def _cmd_audit(a: argparse.Namespace) -> int:
+    from convlens.audit.command import audit_command
+
+    return audit_command(a.dir, json_path=a.json, html_path=a.html, csv_path=a.csv, backbone=a.backbone,
+                         folds=a.folds, similarity=a.similarity, cache_dir=a.cache_dir, workers=a.workers,
+                         top=a.top, quarantine_dir=a.quarantine, kinds=a.kinds, paths=a.paths,
+                         relabel=a.relabel, undo=a.undo)
+
+
+def _cmd_runs(a: argparse.Namespace) -> int:
+    from convlens.engine.runs import runs_command
+
+    return runs_command(a.dir, json_path=a.json)
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from convlens.engine.runs import compare_command
+
+    return compare_command(a.runs, out=a.out)
+
+
 # ----------------------------------------------------------------------------- parsers
 def _add_train_flags(p: argparse.ArgumentParser, with_data: bool = True) -> None:
     """One flag per TrainConfig field; the help shows the default preset's value."""
@@ -216,6 +237,28 @@ def _check_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--near-duplicates", action="store_true", help="also find near duplicates (perceptual hash)")
 
 
+@_verb("audit", "find likely label errors, near duplicates and outliers with pretrained features", _cmd_audit)
+def _audit_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("dir", nargs="?", help="dataset folder (DIR/<class>/... or DIR/train|val/<class>/...)")
+    s.add_argument("--json", metavar="REPORT.json", default=None, help="also write every finding as JSON")
+    s.add_argument("--html", metavar="AUDIT.html", default=None, help="offline page with thumbnails per finding")
+    s.add_argument("--csv", metavar="FINDINGS.csv", default=None,
+                   help="one row per flagged image; edit it, then --relabel it or --quarantine --paths it")
+    s.add_argument("--backbone", default=None, help="pretrained backbone NAME or weight file (default: efficientnet_lite0)")
+    s.add_argument("--folds", type=int, default=None, help="cross-validation folds for out-of-sample probabilities (default: 5)")
+    s.add_argument("--similarity", type=float, default=None,
+                   help="feature cosine similarity of near duplicates (default: 0.92)")
+    s.add_argument("--top", type=int, default=10, help="rows shown per finding in the terminal")
+    s.add_argument("--cache-dir", default=None, help="decode and feature cache folder (default: user cache dir)")
+    s.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    s.add_argument("--quarantine", metavar="QDIR", default=None, help="move chosen findings into QDIR (undo with --undo)")
+    s.add_argument("--kinds", metavar="KIND,...", default=None, help="with --quarantine: label, duplicate, outlier or all")
+    s.add_argument("--paths", metavar="FILE.csv", default=None, help="with --quarantine: move the files in its path column")
+    s.add_argument("--relabel", metavar="FILE.csv", default=None,
+                   help="move each file (path column) into its new_class folder; writes an undo manifest")
+    s.add_argument("--undo", metavar="MANIFEST", default=None, help="move quarantined or relabelled files back")
+
+
 @_verb("preview", "write a 3x3 grid of training images (or of augmentations of one)", _cmd_preview)
 def _preview_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("dir", help="dataset folder")
@@ -232,6 +275,18 @@ def _train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("data", nargs="?", default=None, help="dataset folder (default: the embedded digits)")
     s.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue a run from its last checkpoint")
     _add_train_flags(s)
+
+
+@_verb("runs", "list the run folders: name, date, model, data, best validation accuracy, time", _cmd_runs)
+def _runs_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("dir", nargs="?", default="runs", help="folder that holds the run folders")
+    s.add_argument("--json", metavar="RUNS.json", default=None, help="also write the list as JSON")
+
+
+@_verb("compare", "draw runs' curves together and show their configuration differences", _cmd_compare)
+def _compare_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("runs", nargs="+", metavar="RUN", help="run folders (two or more)")
+    s.add_argument("--out", default="compare", help="output folder (compare.png, compare.html)")
 
 
 @_verb("lr-find", "plot loss against learning rate and suggest one", _cmd_lr_find)

@@ -94,6 +94,7 @@ class TrainConfig:
     project: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     name: str = field(default="train", metadata={"help": "run folder name (name-2, name-3, ... if it exists)"})
     exist_ok: bool = field(default=False, metadata={"help": "reuse an existing run folder"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard event files to the run folder (needs the tensorboard package)"})
     preset: str = field(default="default", metadata={"help": "recipe to start from: default | tutorial | quick"})
 
 

@@ -490,41 +490,93 @@ def quarantine(report: CheckReport, qdir: str | os.PathLike[str]) -> Path:
 
     All-or-nothing pre-flight: if any destination already exists nothing is moved.
     """
-    root = report.root
+    return quarantine_files(report.root, [{"path": r.rel, "kind": r.kind, "message": r.message, "size": r.size,
+                                           "sha256": r.sha256} for r in report.unusable], qdir)
+
+
+def quarantine_files(root: str | os.PathLike[str], files: list[dict[str, Any]],
+                     qdir: str | os.PathLike[str], flag: str = "--quarantine") -> Path:
+    """Move ``files`` (dicts with ``path`` relative to ``root`` and any JSON-safe details, e.g.
+    ``kind`` and ``message``) into ``qdir`` at the same relative paths; return the manifest
+    that :func:`undo_quarantine` reads. Used by ``check`` (unusable files) and ``audit``
+    (chosen findings). All-or-nothing pre-flight: if any destination exists nothing is moved."""
+    root = Path(root).resolve()
     qdir = Path(qdir).expanduser().resolve()
     if _inside(qdir, root):
-        raise DataError(f"the quarantine folder must be outside the dataset folder {root}. Received: --quarantine {str(qdir)!r}")
+        raise DataError(f"the quarantine folder must be outside the dataset folder {root}. Received: {flag} {str(qdir)!r}")
     manifest = qdir / MANIFEST_NAME
     old: dict[str, Any] = {}
     if manifest.exists():
         old = _read_manifest(manifest)
         if old["dataset"] != str(root):
             raise DataError(f"{qdir} already holds files quarantined from {old['dataset']}; choose another folder. "
-                            f"Received: --quarantine {str(qdir)!r}")
-    bad = report.unusable
-    clashes = [r.rel for r in bad if (qdir / r.rel).exists() or (qdir / r.rel).is_symlink()]
+                            f"Received: {flag} {str(qdir)!r}")
+    _check_relative(root, [f["path"] for f in files], flag)
+    clashes = [f["path"] for f in files if (qdir / f["path"]).exists() or (qdir / f["path"]).is_symlink()]
     if clashes:
         raise DataError(f"{len(clashes)} file(s) already exist in the quarantine folder and would be overwritten "
-                        f"(e.g. {clashes[0]}); nothing was moved. Received: --quarantine {str(qdir)!r}")
-    entries = [{"path": r.rel, "kind": r.kind, "message": r.message, "size": r.size, "sha256": r.sha256}
-               for r in bad]
+                        f"(e.g. {clashes[0]}); nothing was moved. Received: {flag} {str(qdir)!r}")
     data = {
         "version": 1,
         "dataset": str(root),
         "quarantine": str(qdir),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": old.get("files", []) + entries,
+        "files": old.get("files", []) + list(files),
     }
     # The manifest is written first: if the process dies mid-way, --undo still knows every file.
     cio.write_json(manifest, data)
-    for r in bad:
+    _move_all(root, [(f["path"], qdir / f["path"]) for f in files], f"{flag} {str(qdir)!r}")
+    return manifest
+
+
+def _check_relative(root: Path, rels: list[str], flag: str) -> None:
+    """Every path must name a file inside ``root`` (no ``..``, no absolute paths)."""
+    for rel in rels:
+        if Path(rel).is_absolute() or not _inside((root / rel).resolve(), root) or rel in ("", "."):
+            raise DataError(f"{rel!r} is not a file inside the dataset folder {root}; paths are relative to it. "
+                            f"Received: {flag}")
+
+
+def _move_all(root: Path, moves: list[tuple[str, Path]], received: str) -> None:
+    for rel, dst in moves:
         try:
-            _move_no_clobber(root / r.rel, qdir / r.rel)
+            _move_no_clobber(root / rel, dst)
         except FileNotFoundError:
-            continue  # vanished since the check: nothing to move, --undo skips it
+            continue  # vanished since the scan: nothing to move, --undo skips it
         except PermissionError as e:
-            raise DataError(f"cannot move {r.rel}: permission denied (is the dataset read-only?). "
-                            f"Received: --quarantine {str(qdir)!r}") from e
+            raise DataError(f"cannot move {rel}: permission denied (is the dataset read-only?). "
+                            f"Received: {received}") from e
+
+
+def relabel_files(root: str | os.PathLike[str], moves: list[dict[str, Any]],
+                  manifest: str | os.PathLike[str]) -> Path:
+    """Move files between class folders inside ``root``: each dict has ``path`` (where the file
+    is) and ``to`` (where it goes), both relative to ``root``, plus any details. Writes the
+    manifest (a new file; never replaced) before moving; :func:`undo_quarantine` moves them back.
+    All-or-nothing pre-flight: if any destination exists nothing is moved."""
+    root = Path(root).resolve()
+    manifest = Path(manifest).expanduser()
+    _check_relative(root, [m["path"] for m in moves] + [m["to"] for m in moves], "--relabel")
+    missing = [m["path"] for m in moves if not (root / m["path"]).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} file(s) to relabel are not in the dataset (e.g. {missing[0]}); "
+                        f"nothing was moved. Received: --relabel")
+    targets = [m["to"] for m in moves]
+    clashes = [t for t in targets if (root / t).exists() or (root / t).is_symlink()]
+    if clashes or len(set(targets)) != len(targets):
+        example = clashes[0] if clashes else next(t for t in targets if targets.count(t) > 1)
+        raise DataError(f"relabelling would overwrite {example}; rename it first; nothing was moved. "
+                        f"Received: --relabel")
+    data = {"version": 1, "action": "relabel", "dataset": str(root), "quarantine": None,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": list(moves)}
+    try:
+        with open(manifest, "x", encoding="utf-8") as f:  # exclusive: an old manifest is never replaced
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except FileExistsError as e:
+        raise DataError(f"the manifest {manifest} exists already; choose another name. Received: --relabel") from e
+    _move_all(root, [(m["path"], root / m["to"]) for m in moves], "--relabel")
     return manifest
 
 
@@ -541,7 +593,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def undo_quarantine(manifest_path: str | os.PathLike[str]) -> list[str]:
-    """Move every quarantined file back to where it was; return their relative paths.
+    """Move every quarantined (or relabelled) file back to where it was; return their relative paths.
 
     Refuses (and moves nothing) when any original location is occupied again.
     """
@@ -550,15 +602,21 @@ def undo_quarantine(manifest_path: str | os.PathLike[str]) -> list[str]:
         manifest = manifest / MANIFEST_NAME
     data = _read_manifest(manifest)
     root, qdir = Path(data["dataset"]), Path(data.get("quarantine") or manifest.parent)
-    todo = [f for f in data["files"] if (qdir / f["path"]).exists()]
+
+    def where(f: dict[str, Any]) -> Path:  # a relabelled file sits at "to" inside the dataset
+        return root / f["to"] if f.get("to") else qdir / f["path"]
+
+    todo = [f for f in data["files"] if where(f).exists()]
     clashes = [f["path"] for f in todo if (root / f["path"]).exists()]
     if clashes:
         raise DataError(f"{len(clashes)} original location(s) hold a file again (e.g. {clashes[0]}); move them "
                         f"away first; nothing was restored. Received: --undo {str(manifest)!r}")
     restored = []
     for f in todo:
-        _move_no_clobber(qdir / f["path"], root / f["path"])
+        _move_no_clobber(where(f), root / f["path"])
         restored.append(f["path"])
+        if f.get("to"):
+            continue
         # Remove now-empty folders we created in the quarantine folder (never anything else).
         d = (qdir / f["path"]).parent
         while d != qdir and _inside(d, qdir):

@@ -49,7 +49,7 @@ from convlens.config import (
     to_dict,
 )
 from convlens.display import shows_progress
-from convlens.engine import distributed
+from convlens.engine import distributed, tensorboard
 from convlens.engine.checkpoint import (
     BEST,
     CHECKPOINT_DIR,
@@ -71,7 +71,7 @@ BUNDLE_NAME = "model.convlens"
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]
 # Fields that do not change the result; everything else must match to resume a run.
 RESUME_MUTABLE = {"epochs", "patience", "device", "precision", "threads", "workers", "cache_dir", "nproc",
-                  "project", "name", "exist_ok", "channels_last", "preset"}
+                  "project", "name", "exist_ok", "channels_last", "preset", "tensorboard"}
 # The embedded digits are 8x8: train them small, unflipped and uncropped (a mirrored 2 is not a 2,
 # a cropped 8 may be a 0), for 10 epochs, so `convlens train` shows the pipeline in about a minute.
 DIGITS_DEFAULTS = {"image_size": 32, "flip": False, "crop_scale": 1.0, "epochs": 10}
@@ -365,6 +365,8 @@ class Trainer:
             raise ConfigError(f"nproc > 1 runs one process per rank: use `convlens train --nproc {cfg.nproc}` "
                               f"or torchrun. Received: nproc={cfg.nproc}")
         self.console = dist.console(console or Console())
+        if cfg.tensorboard and dist.is_main:
+            tensorboard.require()  # before minutes of decoding
         runtime.tune_allocator()
         self.threads = runtime.configure_threads(cfg.threads or dist.default_threads())
         self.dev = dev = dist.start(runtime.resolve_device(cfg.device, cfg.precision))
@@ -440,6 +442,7 @@ class Trainer:
         self.mid_epoch_rng: dict[str, Any] | None = None
         if state is not None:
             self._restore(state)
+        self.tb = tensorboard.open_writer(run_dir, self.start_epoch) if cfg.tensorboard and dist.is_main else None
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("finished") and (self.run_dir / BUNDLE_NAME).is_file():
@@ -499,6 +502,7 @@ class Trainer:
                     _say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
                                        f"(best epoch {self.best['epoch']})")
                     break
+        tensorboard.close(self.tb)
 
         self.dist.barrier()  # every rank has trained; rank 0 alone evaluates and writes
         if not self.dist.is_main:
@@ -581,6 +585,7 @@ class Trainer:
             "img_per_s": p["seen"] / max(p["seconds"], 1e-9), "seconds": seconds,
         }
         self.history.append(row)
+        tensorboard.log_epoch(self.tb, row)
         improved = _is_better(row, self.best)
         if improved:
             self.best.update(epoch=epoch + 1, val_acc=val_acc, val_loss=val_loss, train_loss=row["train_loss"],

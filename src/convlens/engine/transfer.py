@@ -29,6 +29,7 @@ from convlens.config import PRESETS, TrainConfig, auto_backbone, dump_yaml, read
 from convlens.data.decode import decode
 from convlens.data.scan import scan
 from convlens.data.split import write_split_csv
+from convlens.engine import tensorboard
 from convlens.engine.features import Backbone, cached_features, load_pretrained, subset_hashes
 from convlens.engine.optim import build_optimizer, build_scheduler
 from convlens.engine.trainer import (
@@ -36,6 +37,7 @@ from convlens.engine.trainer import (
     StepFunction,
     _say,
     _validate,
+    _write_metrics_csv,
     class_weights,
     classification_loss,
     command_config,
@@ -174,6 +176,8 @@ def _subset_features(backbone: Backbone, prepared: Any, subset: Any, cfg: TrainC
 def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResult:
     """``convlens train`` with ``cfg.pretrained`` a backbone name or weight file (see the module doc)."""
     console = console or Console()
+    if cfg.tensorboard:
+        tensorboard.require()  # before minutes of decoding
     t = {"start": time.perf_counter()}
     runtime.tune_allocator()
     threads = runtime.configure_threads(cfg.threads or None)
@@ -221,6 +225,9 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
         history += finetune(model, cfg, prepared, dev, console, weights)
         val_logits = None  # the backbone changed: evaluate runs the whole model
     t["finetune"] = time.perf_counter()
+    _write_metrics_csv(run_dir / "metrics.csv", history)  # what `convlens runs` and `compare` read
+    if cfg.tensorboard:
+        tensorboard.write_history(run_dir, history)
     best = {"epoch": len(history)}
     timing = {"decode": t["decode"] - t["start"], "features": t["features"] - t["decode"],
               "head": t["head"] - t["features"], "finetune": t["finetune"] - t["head"]}

@@ -16,6 +16,11 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def png_bytes(fig: Figure) -> bytes:
+    """Any figure as PNG bytes, drawn like the report's (for other pages: compare, audit)."""
+    return _png(fig)
+
+
 def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
     """Loss and accuracy per epoch (train and validation) from ``metrics.csv`` rows."""
     fig = Figure(figsize=(10, 3.8))

@@ -40,6 +40,23 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A table in the report's style (cells escaped; floats to 4 digits)."""
+    return _table(header, rows)
+
+
+def html_page(title: str, body: Sequence[str], subtitle: str = "", css: str = "") -> str:
+    """A self-contained page in the report's style around trusted HTML ``body`` parts."""
+    return "\n".join([
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}{css}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='sub'>{html.escape(subtitle)}</p>" if subtitle else "",
+        *body,
+        f"<p class='sub'>convlens {html.escape(__version__)}</p></body></html>",
+    ])
+
+
 def render_report(
     *,
     title: str,

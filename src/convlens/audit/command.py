@@ -1,0 +1,95 @@
+"""The ``convlens audit`` verb: audit, write the chosen outputs, act when asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from convlens.audit import DEFAULT_BACKBONE, KINDS, audit_dataset
+from convlens.audit.findings import DEFAULT_DUPLICATE_SIMILARITY, DEFAULT_FOLDS
+from convlens.errors import ConfigError
+
+
+def parse_kinds(text: str | None) -> list[str]:
+    """``"label,outlier"`` -> ``["label", "outlier"]``; ``all`` is every kind."""
+    if not text:
+        return []
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    if kinds == ["all"]:
+        return list(KINDS)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ConfigError(f"--kinds takes {', '.join(KINDS)} or all, separated by commas. Received: --kinds {text!r}")
+    return kinds
+
+
+def _check_options(dir: str | None, quarantine_dir: str | None, kinds: list[str], paths: str | None,
+                   relabel: str | None, undo: str | None) -> None:
+    if undo and (quarantine_dir or relabel or paths or kinds):
+        raise ConfigError(f"--undo runs alone; drop the other actions. Received: --undo {undo!r}")
+    if relabel and (quarantine_dir or paths or kinds):
+        raise ConfigError(f"use either --relabel or --quarantine, not both. Received: --relabel {relabel!r}")
+    if quarantine_dir and not (kinds or paths):
+        raise ConfigError("--quarantine needs what to move: --kinds label,duplicate,outlier (or all) or --paths "
+                          f"FILE.csv. Received: --quarantine {quarantine_dir!r}")
+    if quarantine_dir and kinds and paths:
+        raise ConfigError(f"use either --kinds or --paths with --quarantine, not both. Received: --paths {paths!r}")
+    if (kinds or paths) and not quarantine_dir:
+        raise ConfigError("--kinds and --paths choose what --quarantine QDIR moves; add --quarantine QDIR")
+    if not dir and not undo:
+        raise ConfigError("audit needs a dataset folder: `convlens audit DIR`. Received: DIR=None")
+
+
+def audit_command(dir: str | None, *, json_path: str | None = None, html_path: str | None = None,
+                  csv_path: str | None = None, backbone: str | None = None, folds: int | None = None,
+                  similarity: float | None = None, cache_dir: str | None = None,
+                  workers: int = 0, top: int = 10, quarantine_dir: str | None = None, kinds: str | None = None,
+                  paths: str | None = None, relabel: str | None = None, undo: str | None = None,
+                  features_fn: Any = None) -> int:
+    """``convlens audit``. Returns 0 (no findings), 1 (findings); raises UserError (exit 2).
+    ``None`` options take the library defaults."""
+    from rich.console import Console
+
+    from convlens import io as cio
+    from convlens.audit import act, output
+    from convlens.data.check import undo_quarantine
+
+    console = Console()
+    chosen = parse_kinds(kinds)
+    _check_options(dir, quarantine_dir, chosen, paths, relabel, undo)
+    if undo:
+        restored = undo_quarantine(undo)
+        console.print(f"restored {len(restored)} file(s) to their original places")
+        return 0
+    assert dir is not None
+    if relabel:
+        manifest, n = act.relabel_from_csv(dir, relabel)
+        console.print(f"moved {n} file(s) to their new class folders"
+                      + (f"; undo with `convlens audit --undo {manifest}`" if manifest else ""))
+        return 0
+    if paths and quarantine_dir:
+        manifest, n = act.quarantine_listed(dir, paths, quarantine_dir)
+        console.print(f"moved {n} listed file(s) to {quarantine_dir}; undo with `convlens audit --undo {manifest}`")
+        return 0
+    report = audit_dataset(dir, backbone=backbone or DEFAULT_BACKBONE, folds=folds or DEFAULT_FOLDS,
+                           similarity=DEFAULT_DUPLICATE_SIMILARITY if similarity is None else similarity,
+                           cache_dir=cache_dir,
+                           workers=workers, progress=console.is_terminal, features_fn=features_fn)
+    output.print_report(report, console, top=top)
+    for path, write in ((json_path, lambda p: cio.write_json(p, report.to_dict())),
+                        (csv_path, lambda p: cio.write_text(p, output.findings_csv(report))),
+                        (html_path, lambda p: cio.write_text(p, output.render_page(report)))):
+        if path:
+            write(path)
+            console.print(f"written: {path}")
+    if quarantine_dir:
+        from convlens.data.check import quarantine_files
+
+        files = report.chosen(chosen)
+        if files:
+            manifest = quarantine_files(report.root, files, quarantine_dir)
+            console.print(f"moved {len(files)} file(s) ({', '.join(chosen)}) to {Path(quarantine_dir)}; "
+                          f"undo with `convlens audit --undo {manifest}`")
+        else:
+            console.print(f"no {', '.join(chosen)} findings: nothing moved")
+    return report.exit_code
