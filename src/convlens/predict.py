@@ -327,6 +327,8 @@ class Classifier:
                 f"(use predict() for images of any size). Received: shape={x.shape}"
             )
         mode = _tta_mode(tta)
+        if mode == "flip" and self.meta.flip_average:
+            mode = None  # the model already averages each image with its mirror
         views = tta_views(x, mode, self.preprocessing) if mode else [x]
         probs = [probabilities(self.backend.logits(self.preprocessing.normalize(v)), self.output_activation)
                  for v in views]

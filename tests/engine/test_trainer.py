@@ -29,6 +29,7 @@ from convlens.engine.trainer import (
 )
 from convlens.errors import ConfigError
 from convlens.evaluate import LabelledImages, evaluate
+from convlens.models.tta import FlipAveraged, unwrap
 from tests.engine.helpers import make_dataset, tiny_config
 
 RUN_FILES = ["config.yaml", "split.csv", "metrics.csv", "curves.png", "checkpoints/last.pt",
@@ -77,7 +78,8 @@ def test_two_classes_end_to_end(two_class: Path, tmp_path: Path) -> None:
     assert model.out_units == 1 and meta.preprocessing.size == (16, 16) and meta.preprocessing.channels == 3
     assert meta.config["model"] == "tiny" and meta.metrics["best_epoch"] in (1, 2)
     best = load_checkpoint(run / "checkpoints" / "best.pt")
-    for k, v in model.state_dict().items():
+    assert meta.flip_average and isinstance(model, FlipAveraged)  # the default: recorded and applied
+    for k, v in unwrap(model).state_dict().items():
         assert torch.equal(v, best["model"][k].float() if v.is_floating_point() else best["model"][k]), k
     # The reloaded bundle, fed the validation files decoded as prediction decodes them,
     # reproduces the run's metrics.json.
