@@ -232,3 +232,31 @@ def test_cli_train_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and needle in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_accuracy_is_what_predict_gives(two_class: Path, tmp_path: Path) -> None:
+    """The default recipe's centre crop and flip average are in the bundle: `convlens predict` on
+    the validation files gives the report's probabilities and accuracy."""
+    from convlens.cli import main
+
+    cfg = tiny_config(two_class, tmp_path, crop_margin=0.25, flip_average=True)
+    result = train(cfg, console=_quiet())
+    run = result.run_dir
+    _, meta = load_model(result.bundle_path)
+    assert meta.flip_average and meta.preprocessing.decode_size == (20, 20) and meta.preprocessing.size == (16, 16)
+    with open(run / "predictions.csv", newline="") as f:
+        report = {r["path"]: r for r in csv.DictReader(f)}
+    out = tmp_path / "pred.csv"
+    val = _split(run, "val")
+    code = main(["predict", str(result.bundle_path), *[str(two_class / r["path"]) for r in val], "--out", str(out)])
+    assert code == 0
+    with open(out, newline="") as f:
+        predicted = {Path(r["path"]).relative_to(two_class).as_posix(): r for r in csv.DictReader(f)}
+    assert set(predicted) == set(report) == {r["path"] for r in val}
+    correct = 0
+    for path, row in report.items():
+        for c in meta.classes:
+            assert float(predicted[path][f"p_{c}"]) == pytest.approx(float(row[f"p_{c}"]), abs=1e-5)
+        correct += predicted[path]["label"] == row["true"]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert correct / len(report) == saved["accuracy"] == meta.metrics["val_accuracy"]
