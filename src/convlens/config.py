@@ -64,7 +64,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
     class_weights: str = field(default="none", metadata={"help": "none | auto (inverse class frequency)"})
     patience: int = field(default=0, metadata={"help": "early stopping after N epochs without improvement (0 = off)"})
-    val_every: int = field(default=1, metadata={"help": "validate every N epochs (and always the last)"})
+    val_every: int = field(default=4, metadata={"help": "validate every N epochs, and always the last (validation costs about a tenth of an epoch)"})
     progressive: float = field(default=0.0, metadata={"help": "progressive resizing: train this fraction of the epochs at 3/4 of image_size (0 = off)"})
     # --- augmentation (on the training device, whole batches) ---
     flip: bool = field(default=True, metadata={"help": "random horizontal flip"})
@@ -109,6 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "crop_scale": 1.0,
         "crop_margin": 0.0,
         "flip_average": False,
+        "val_every": 1,
         "optimizer": "rmsprop",
         "lr": 1e-3,
         "weight_decay": 0.0,
@@ -121,7 +122,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
     },
     # A few seconds on a laptop: for smoke tests and the first look at a dataset.
-    "quick": {"model": "tiny", "image_size": 32, "epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3},
+    "quick": {"model": "tiny", "image_size": 32, "epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3,
+              "val_every": 1},
 }
 
 

@@ -260,3 +260,10 @@ def test_report_accuracy_is_what_predict_gives(two_class: Path, tmp_path: Path) 
         correct += predicted[path]["label"] == row["true"]
     saved = json.loads((run / "metrics.json").read_text())
     assert correct / len(report) == saved["accuracy"] == meta.metrics["val_accuracy"]
+
+
+def test_val_every_validates_every_nth_and_the_last_epoch(two_class: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(two_class, tmp_path, epochs=3, val_every=2), console=_quiet())
+    rows = _metrics_rows(result.run_dir)
+    assert [bool(r["val_acc"]) for r in rows] == [False, True, True]
+    assert result.metrics["best_epoch"] in (2, 3)
