@@ -320,6 +320,7 @@ class Classifier:
             raise ConfigError(f"predict_proba takes uint8 images (0-255). Received: dtype={x.dtype}")
         if x.ndim == 3:
             x = x[None]
+        x = self.preprocessing.center_crop(x)  # images at the bundle's decode size: its centre crop
         h, w = self.preprocessing.size
         if x.ndim != 4 or x.shape[1:] != (h, w, self.preprocessing.channels):
             raise ConfigError(
