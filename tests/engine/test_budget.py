@@ -84,3 +84,25 @@ def test_time_budget_run_completes_its_schedule(tmp_path: Path) -> None:
     assert result.metrics["time_budget"]["epochs"] == plan["epochs"]
     assert "time budget 20s" in out.file.getvalue()
     assert "time budget 20s" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_measure_speed_leaves_the_model_untouched(name: str) -> None:
+    import torch
+
+    from convlens.engine.optim import build_optimizer
+    from convlens.models import create
+
+    torch.manual_seed(0)
+    model = create("tiny", 2, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer(model, name, 0.01, 1e-4)
+    batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 2, (4,)))] * 2
+
+    def step(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0])[:, 0], batch[1].float())
+
+    speed = budget.measure_speed(model, opt, step, batches, lambda m, b: m(b[0]), batches, warmup=1, timed=2)
+    assert speed.step_s > 0 and speed.val_batch_s > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not opt.state  # the run's optimiser never stepped

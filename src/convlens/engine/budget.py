@@ -11,6 +11,7 @@ validation, plus the final evaluation into what is left of the budget. Without a
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -88,7 +89,8 @@ def measure_speed(model: Any, optimizer: Any, step: Callable[[Any, Any], Any], t
     import torch
 
     probe = copy.deepcopy(model)
-    opt = type(optimizer)(probe.parameters(), **optimizer.defaults)
+    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold keys its __init__ refuses
+    opt = type(optimizer)(probe.parameters(), **{k: v for k, v in optimizer.defaults.items() if k in accepted})
     batches = _cycle(train_batches, warmup + timed)
     probe.train()
     t0 = 0.0
