@@ -210,7 +210,7 @@ class StepFunction:
                 x = x.permute(0, 3, 1, 2).float()
             x, targets = mix_batch(x, targets, self.cfg.mixup, self.cfg.cutmix, mix_gen)
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
-            x = progressive_resize(x if self.augment is not None else x.permute(0, 3, 1, 2).float(), self.input_size)
+            x = progressive_resize(x.permute(0, 3, 1, 2).float() if x.dtype == torch.uint8 else x, self.input_size)
         inputs = to_model_input(x, self.prep, channels_last=self.cfg.channels_last)
         with _autocast(self.dev):
             logits = self.model(inputs)
@@ -512,12 +512,12 @@ class Trainer:
                            + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
         _say(self.console, f"run folder: {self.run_dir}")
         stopped_early = False
-        # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
-        # resumes from the last epoch's checkpoint.
         if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
-            on_step = _chain(on_step, budget.LongRunNotice(
+            on_step = _chain(on_step, budget.LongRunNotice(  # a long run without --time says so
                 cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
                 lambda m: _say(self.console, f"[yellow]note:[/yellow] {m}")))
+        # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
+        # resumes from the last epoch's checkpoint.
         with _StopOnSigint(enabled=not self.dist.enabled) as stop:
             for epoch in range(self.start_epoch, cfg.epochs):
                 self._train_epoch(epoch, stop, on_step)
