@@ -85,7 +85,7 @@ RESUME_MUTABLE = {"epochs", "time", "patience", "device", "precision", "threads"
 # without resized crops (a cropped 8 may be a 0; the 2-pixel random shifts of the crop margin
 # help), validated every epoch, for 10 epochs: `convlens train` shows the pipeline in a minute.
 DIGITS_DEFAULTS = {"image_size": 32, "flip": False, "flip_average": False, "crop_scale": 1.0, "epochs": 10,
-                   "val_every": 1}
+                   "val_every": 1, "progressive": 0.0}
 
 
 class TrainingInterrupted(Exception):
