@@ -47,7 +47,7 @@ def test_train_help_states_preset_defaults(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--lr LR peak learning rate (default: 0.005)" in out
+    assert "--lr LR peak learning rate (default: 0.2)" in out
     assert "--flip, --no-flip" in out
 
 

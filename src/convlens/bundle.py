@@ -45,6 +45,9 @@ class BundleMeta:
     versions: dict[str, str] = field(default_factory=dict)
     weights_sha256: str = ""
     created: str = ""
+    # The model's answer is the average of the logits of the image and its mirror (the training
+    # report measured it so); load_model wraps the model accordingly (convlens.models.tta).
+    flip_average: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +67,7 @@ class BundleMeta:
             "versions": self.versions,
             "weights_sha256": self.weights_sha256,
             "created": self.created,
+            "flip_average": self.flip_average,
         }
 
     @classmethod
@@ -84,6 +88,7 @@ class BundleMeta:
                 versions=dict(d.get("versions") or {}),
                 weights_sha256=str(d.get("weights_sha256", "")),
                 created=str(d.get("created", "")),
+                flip_average=bool(d.get("flip_average", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where} has an invalid model.json ({e}); re-export the bundle") from e
@@ -98,7 +103,9 @@ def save_bundle(
     import torch
     from safetensors.torch import save
 
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    from convlens.models.tta import unwrap
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     state = {k: (v.float() if v.is_floating_point() and v.dtype != torch.float32 else v) for k, v in state.items()}
     weights = save(state)
     meta.weights_sha256 = hashlib.sha256(weights).hexdigest()
@@ -169,8 +176,12 @@ def read_weights(path: str | os.PathLike[str]) -> tuple[BundleMeta, dict[str, to
 
 
 def load_model(path: str | os.PathLike[str], device: str = "cpu") -> tuple[torch.nn.Module, BundleMeta]:
-    """Rebuild the model of a bundle with its weights, in eval mode on ``device``."""
+    """Rebuild the model of a bundle with its weights, in eval mode on ``device``.
+
+    A bundle with ``flip_average`` gives the flip-averaged model (what its report measured).
+    """
     from convlens.models import build_from_arch
+    from convlens.models.tta import flip_averaged
 
     meta, state = read_weights(path)
     model = build_from_arch(meta.arch)
@@ -179,4 +190,6 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> tuple[torch
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise BundleError(f"{path}: weights do not fit the architecture in model.json ({first})") from e
+    if meta.flip_average:
+        model = flip_averaged(model)
     return model.to(device).eval(), meta

@@ -167,6 +167,7 @@ class Classifier:
             raise ConfigError(f"predict_proba takes uint8 images (0-255). Received: dtype={x.dtype}")
         if x.ndim == 3:
             x = x[None]
+        x = self.preprocessing.center_crop(x)  # images at the bundle's decode size: its centre crop
         h, w = self.preprocessing.size
         if x.ndim != 4 or x.shape[1:] != (h, w, self.preprocessing.channels):
             raise ConfigError(
@@ -174,6 +175,8 @@ class Classifier:
                 f"(use predict() for images of any size). Received: shape={x.shape}"
             )
         mode = _tta_mode(tta)
+        if mode == "flip" and self.meta.flip_average:
+            mode = None  # the model already averages each image with its mirror
         views = tta_views(x, mode, self.preprocessing) if mode else [x]
         probs = [probabilities(self.backend.logits(self.preprocessing.normalize(v)), self.output_activation)
                  for v in views]

@@ -36,7 +36,7 @@ from tests.engine.helpers import make_dataset, tiny_config
 REPO = Path(__file__).resolve().parents[2]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo launch is tested on POSIX")
 # What both the one- and the two-process runs use: see the module docstring for why.
-EXACT = {"precision": "fp32", "flip": False, "crop_scale": 1.0, "device": "cpu", "threads": 1, "seed": 5}
+EXACT = {"precision": "fp32", "flip": False, "crop_scale": 1.0, "crop_margin": 0.0, "device": "cpu", "threads": 1, "seed": 5}
 
 
 def _env() -> dict[str, str]:
@@ -166,7 +166,7 @@ def _metrics(run: Path) -> list[dict[str, str]]:
 @posix_only
 def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
     common = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
-              "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--device", "cpu", "--threads", "1", "--seed", "5",
+              "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--crop-margin", "0", "--device", "cpu", "--threads", "1", "--seed", "5",
               "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs")]
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", "--name", "ddp",

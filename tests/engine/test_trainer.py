@@ -29,6 +29,7 @@ from convlens.engine.trainer import (
 )
 from convlens.errors import ConfigError
 from convlens.evaluate import LabelledImages, evaluate
+from convlens.models.tta import FlipAveraged, unwrap
 from tests.engine.helpers import make_dataset, tiny_config
 
 RUN_FILES = ["config.yaml", "split.csv", "metrics.csv", "curves.png", "checkpoints/last.pt",
@@ -77,7 +78,8 @@ def test_two_classes_end_to_end(two_class: Path, tmp_path: Path) -> None:
     assert model.out_units == 1 and meta.preprocessing.size == (16, 16) and meta.preprocessing.channels == 3
     assert meta.config["model"] == "tiny" and meta.metrics["best_epoch"] in (1, 2)
     best = load_checkpoint(run / "checkpoints" / "best.pt")
-    for k, v in model.state_dict().items():
+    assert meta.flip_average and isinstance(model, FlipAveraged)  # the default: recorded and applied
+    for k, v in unwrap(model).state_dict().items():
         assert torch.equal(v, best["model"][k].float() if v.is_floating_point() else best["model"][k]), k
     # The reloaded bundle, fed the validation files decoded as prediction decodes them,
     # reproduces the run's metrics.json.
@@ -230,3 +232,38 @@ def test_cli_train_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and needle in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_report_accuracy_is_what_predict_gives(two_class: Path, tmp_path: Path) -> None:
+    """The default recipe's centre crop and flip average are in the bundle: `convlens predict` on
+    the validation files gives the report's probabilities and accuracy."""
+    from convlens.cli import main
+
+    cfg = tiny_config(two_class, tmp_path, crop_margin=0.25, flip_average=True)
+    result = train(cfg, console=_quiet())
+    run = result.run_dir
+    _, meta = load_model(result.bundle_path)
+    assert meta.flip_average and meta.preprocessing.decode_size == (20, 20) and meta.preprocessing.size == (16, 16)
+    with open(run / "predictions.csv", newline="") as f:
+        report = {r["path"]: r for r in csv.DictReader(f)}
+    out = tmp_path / "pred.csv"
+    val = _split(run, "val")
+    code = main(["predict", str(result.bundle_path), *[str(two_class / r["path"]) for r in val], "--out", str(out)])
+    assert code == 0
+    with open(out, newline="") as f:
+        predicted = {Path(r["path"]).relative_to(two_class).as_posix(): r for r in csv.DictReader(f)}
+    assert set(predicted) == set(report) == {r["path"] for r in val}
+    correct = 0
+    for path, row in report.items():
+        for c in meta.classes:
+            assert float(predicted[path][f"p_{c}"]) == pytest.approx(float(row[f"p_{c}"]), abs=1e-5)
+        correct += predicted[path]["label"] == row["true"]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert correct / len(report) == saved["accuracy"] == meta.metrics["val_accuracy"]
+
+
+def test_val_every_validates_every_nth_and_the_last_epoch(two_class: Path, tmp_path: Path) -> None:
+    result = train(tiny_config(two_class, tmp_path, epochs=3, val_every=2), console=_quiet())
+    rows = _metrics_rows(result.run_dir)
+    assert [bool(r["val_acc"]) for r in rows] == [False, True, True]
+    assert result.metrics["best_epoch"] in (2, 3)

@@ -64,6 +64,8 @@ class Augmenter(nn.Module):
         if x.ndim != 4 or x.dtype != torch.uint8:
             raise ConfigError(f"augmentation expects a uint8 N x H x W x C batch. Received: dtype={x.dtype}, shape={tuple(x.shape)}")
         n = x.shape[0]
+        if self.crop is None and tuple(x.shape[1:3]) != self.image_size:
+            x = random_crop(x, self.image_size)
         if self.flip:
             mask = (torch.rand(n) < 0.5).to(x.device).view(n, 1, 1, 1)
             x = torch.where(mask, x.flip(2), x)
@@ -80,13 +82,32 @@ class Augmenter(nn.Module):
         return out
 
 
+def random_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An independent random ``size`` crop of each image of an ``N x H x W x C`` batch (any dtype),
+    drawn from the global RNG (the augmenter forks it). One gather, no per-image loop."""
+    n, h, w = x.shape[:3]
+    ch, cw = size
+    if ch > h or cw > w:
+        raise ConfigError(f"random crop {size} is larger than the batch's images {(h, w)}. Received: shape={tuple(x.shape)}")
+    top = torch.randint(0, h - ch + 1, (n, 1), device=x.device)
+    left = torch.randint(0, w - cw + 1, (n, 1), device=x.device)
+    rows = (top + torch.arange(ch, device=x.device))[:, :, None]  # N x ch x 1
+    cols = (left + torch.arange(cw, device=x.device))[:, None, :]  # N x 1 x cw
+    return x[torch.arange(n, device=x.device)[:, None, None], rows, cols]
+
+
 def build_augmentation(*, flip: bool = True, rotation: float = 0.0, crop_scale: float = 1.0,
                        color_jitter: float = 0.0, erasing: float = 0.0,
-                       image_size: int | tuple[int, int] = 128) -> Augmenter | None:
-    """An :class:`Augmenter`, or ``None`` when every augmentation is off."""
+                       image_size: int | tuple[int, int] = 128, random_crops: bool = False) -> Augmenter | None:
+    """An :class:`Augmenter`, or ``None`` when every augmentation is off.
+
+    Batches larger than ``image_size`` (a ``decode_size`` cache) get a random ``image_size`` crop
+    per image (``random_crops`` keeps the augmenter even when nothing else is on), unless the
+    random resized crop (``crop_scale < 1``) already makes ``image_size`` images.
+    """
     rotation, crop_scale = check_range("rotation", rotation), check_range("crop_scale", crop_scale)
     color_jitter, erasing = check_range("color_jitter", color_jitter), check_range("erasing", erasing)
-    if not (flip or rotation or crop_scale < 1.0 or color_jitter or erasing):
+    if not (flip or rotation or crop_scale < 1.0 or color_jitter or erasing or random_crops):
         return None
     return Augmenter(flip=flip, rotation=rotation, crop_scale=crop_scale, color_jitter=color_jitter,
                      erasing=erasing, image_size=image_size)

@@ -95,6 +95,8 @@ def _layout(x: torch.Tensor, channels: int) -> str:
 def to_model_input(x: torch.Tensor | np.ndarray, prep: Preprocessing, channels_last: bool = True) -> torch.Tensor:
     """uint8 (or 0-255 float) NHWC/NCHW batch -> float32 NCHW ``(x * scale - mean) / std``.
 
+    A batch at the preprocessing's ``decode_size`` is centre-cropped to its ``size`` first.
+
     The torch twin of :meth:`Preprocessing.normalize`. ``channels_last`` returns the tensor in
     ``torch.channels_last`` memory format (faster convolutions on CPU and GPU).
     """
@@ -107,6 +109,7 @@ def to_model_input(x: torch.Tensor | np.ndarray, prep: Preprocessing, channels_l
     c = prep.channels
     if _layout(x, c) == "nchw":
         x = x.permute(0, 2, 3, 1)  # work in NHWC: per-channel constants broadcast on the last axis
+    x = prep.center_crop(x)  # a batch at decode_size (evaluation): its centre crop is the input
     # Convert the contiguous NHWC block in one pass, then scale in place: 3-5x faster than
     # converting a permuted view. The final NCHW permute of NHWC memory *is* channels_last.
     # copy=True: a float input (e.g. the augmenter's output) must not be scaled in place.

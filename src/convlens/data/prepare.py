@@ -90,26 +90,31 @@ def prepare_dataset(root: str | os.PathLike[str], *, image_size: int | tuple[int
                     val_fraction: float = DEFAULT_VAL_FRACTION, test_fraction: float = 0.0,
                     seed: int = DEFAULT_SEED, cache_dir: str | os.PathLike[str] | None = None,
                     workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 8,
-                    progress: bool = True, split_file: str | os.PathLike[str] | None = None) -> PreparedData:
+                    progress: bool = True, split_file: str | os.PathLike[str] | None = None,
+                    decode_size: int | tuple[int, int] | None = None) -> PreparedData:
     """Scan ``root``, decode every image once into the cache, split, and return the subsets.
+
+    ``decode_size``: cache the images at this (larger) size; the model input is the
+    ``image_size`` crop of it (random in training, centred elsewhere; see :class:`Preprocessing`).
 
     ``split_file`` reuses a ``split.csv`` from an earlier run (files it does not list are
     assigned by hash as usual).
     """
     size = _size(image_size)
+    decoded = _size(decode_size) if decode_size else size
     check_fractions(val_fraction, test_fraction)
     if channels not in (0, 1, 3):
         raise ConfigError(f"channels must be 0 (auto), 1 or 3. Received: channels={channels}")
     # Validate the preprocessing before minutes of decoding.
     Preprocessing(size=size, channels=channels or 3, resize=resize, scale=scale, mean=tuple(mean), std=tuple(std),
-                  interpolation=interpolation, crop_fraction=crop_fraction)
+                  interpolation=interpolation, crop_fraction=crop_fraction, decode_size=decoded)
     if any(s == 0 for s in std):
         raise ConfigError(f"std must not contain zeros. Received: std={list(std)}")
     if max_pixels < 1 or min_side < 1:
         raise ConfigError(f"max_pixels and min_side must be positive. Received: max_pixels={max_pixels}, min_side={min_side}")
 
     index = scan(root)
-    cache = build_cache(index.entries, index.root, size=size, resize=resize, interpolation=interpolation,
+    cache = build_cache(index.entries, index.root, size=decoded, resize=resize, interpolation=interpolation,
                         crop_fraction=crop_fraction, channels=channels,
                         max_pixels=max_pixels, min_side=min_side, cache_dir=cache_dir, workers=workers,
                         progress=progress)
@@ -125,7 +130,7 @@ def prepare_dataset(root: str | os.PathLike[str], *, image_size: int | tuple[int
                               f"dataset. Received: {name}={list(v)}")
     prep = Preprocessing(size=size, channels=resolved, resize=resize, scale=scale, mean=tuple(mean),
                          std=tuple(std), max_pixels=max_pixels, interpolation=interpolation,
-                         crop_fraction=crop_fraction)
+                         crop_fraction=crop_fraction, decode_size=decoded)
 
     subsets = assign_subsets([e.rel for e in usable], [e.class_name for e in usable],
                              [recs[e.rel].sha256 for e in usable], [e.subset for e in usable],

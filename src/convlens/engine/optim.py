@@ -111,3 +111,23 @@ def build_scheduler(
         return lr_factor(schedule, step, total, warmup)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# Progressive resizing (fastai): the first ``fraction`` of the epochs train at this share of the
+# input size, on the downscaled random crops: cheaper steps while the model learns coarse shapes.
+PROGRESSIVE_SCALE = 0.75
+
+
+def progressive_size(image_size: int, fraction: float, epoch: int, epochs: int) -> tuple[int, int] | None:
+    """The training input size of ``epoch`` (0-based), or ``None`` for the full ``image_size``."""
+    if fraction <= 0 or epoch >= round(fraction * epochs):
+        return None
+    side = max(8, int(round(image_size * PROGRESSIVE_SCALE / 8)) * 8)
+    return (side, side)
+
+
+def progressive_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Downscale a float NCHW batch (0-255) to ``size`` with antialiasing."""
+    import torch.nn.functional as F
+
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -21,8 +21,10 @@ with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
+import json
 import math
 import signal
 import threading
@@ -43,13 +45,15 @@ from convlens.config import (
     PRESETS,
     TrainConfig,
     build,
+    decode_size,
     dump_yaml,
+    parse_duration,
     read_config_file,
     resolve_train_config,
     to_dict,
 )
 from convlens.display import shows_progress
-from convlens.engine import distributed, tensorboard
+from convlens.engine import budget, distributed, tensorboard
 from convlens.engine.checkpoint import (
     BEST,
     CHECKPOINT_DIR,
@@ -63,18 +67,26 @@ from convlens.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from convlens.engine.optim import build_optimizer, build_scheduler
+from convlens.engine.ema import ModelEma
+from convlens.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    progressive_resize,
+    progressive_size,
+)
 from convlens.errors import ConfigError
 from convlens.io import write_bytes, write_text
 
 BUNDLE_NAME = "model.convlens"
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]
 # Fields that do not change the result; everything else must match to resume a run.
-RESUME_MUTABLE = {"epochs", "patience", "device", "precision", "threads", "workers", "cache_dir", "nproc",
+RESUME_MUTABLE = {"epochs", "time", "patience", "device", "precision", "threads", "workers", "cache_dir", "nproc",
                   "project", "name", "exist_ok", "channels_last", "preset", "tensorboard"}
-# The embedded digits are 8x8: train them small, unflipped and uncropped (a mirrored 2 is not a 2,
-# a cropped 8 may be a 0), for 10 epochs, so `convlens train` shows the pipeline in about a minute.
-DIGITS_DEFAULTS = {"image_size": 32, "flip": False, "crop_scale": 1.0, "epochs": 10}
+# The embedded digits are 8x8: train them small, never mirrored (a mirrored 2 is not a 2) and
+# without resized crops (a cropped 8 may be a 0; the 2-pixel random shifts of the crop margin
+# help), validated every epoch, for 10 epochs: `convlens train` shows the pipeline in a minute.
+DIGITS_DEFAULTS = {"image_size": 32, "flip": False, "flip_average": False, "crop_scale": 1.0, "epochs": 10,
+                   "val_every": 1, "progressive": 0.0}
 
 
 class TrainingInterrupted(Exception):
@@ -180,8 +192,9 @@ class StepFunction:
         self.num_classes, self.weights = num_classes, weights
         self.augment = build_augmentation(flip=cfg.flip, rotation=cfg.rotation, crop_scale=cfg.crop_scale,
                                           color_jitter=cfg.color_jitter, erasing=cfg.erasing,
-                                          image_size=cfg.image_size)
+                                          image_size=cfg.image_size, random_crops=cfg.crop_margin > 0)
         self.mixing = cfg.mixup > 0 or cfg.cutmix > 0
+        self.input_size: tuple[int, int] | None = None  # progressive resizing: this epoch's size
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, aug_gen: torch.Generator | None = None,
                  mix_gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +210,8 @@ class StepFunction:
             if self.augment is None:  # mixing works on float NCHW
                 x = x.permute(0, 3, 1, 2).float()
             x, targets = mix_batch(x, targets, self.cfg.mixup, self.cfg.cutmix, mix_gen)
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            x = progressive_resize(x.permute(0, 3, 1, 2).float() if x.dtype == torch.uint8 else x, self.input_size)
         inputs = to_model_input(x, self.prep, channels_last=self.cfg.channels_last)
         with _autocast(self.dev):
             logits = self.model(inputs)
@@ -329,7 +344,7 @@ def prepare_data(cfg: TrainConfig, console: Console, split_file: str | Path | No
         mean=tuple(cfg.mean), std=tuple(cfg.std), val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction, seed=cfg.seed, cache_dir=cfg.cache_dir, workers=cfg.workers,
         max_pixels=cfg.max_pixels, min_side=cfg.min_side, progress=shows_progress(console), split_file=split_file,
-        **(pixels or {}),
+        decode_size=decode_size(cfg), **(pixels or {}),
     )
     if prepared.skipped:
         _say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
@@ -359,6 +374,7 @@ class Trainer:
         from convlens.data.loader import BatchLoader
         from convlens.data.split import write_split_csv
 
+        self.t0 = time.perf_counter()  # --time counts from here: data preparation is part of the run
         # torchrun's environment (one process without it); only rank 0 prints and writes files.
         self.dist = dist = distributed.from_env()
         if cfg.nproc > 1 and not distributed.under_torchrun():
@@ -432,6 +448,8 @@ class Trainer:
         gen_device = dev.device if dev.type == "cuda" else "cpu"
         self.aug_gen = torch.Generator(device=gen_device)
         self.mix_gen = torch.Generator(device=gen_device)
+        self.plan = self._plan_time() if cfg.time and state is None else None
+        self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
 
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": None, "val_acc": None, "val_loss": None, "train_loss": None,
@@ -453,6 +471,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
         self.history = list(state["history"])
         self.best = dict(state["best"])
         self.start_epoch, self.skip_steps = int(state["epoch"]), int(state["step_in_epoch"])
@@ -478,6 +498,7 @@ class Trainer:
             "config": to_dict(self.cfg), "classes": self.classes, "arch": self.model.arch,
             "preprocessing": self.prep.to_dict(), "history": self.history, "best": self.best,
             "partial": dict(self.partial),
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def fit(self, on_step: Callable[[int, int], None] | None = None) -> RunResult:
@@ -490,6 +511,10 @@ class Trainer:
                            + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
         _say(self.console, f"run folder: {self.run_dir}")
         stopped_early = False
+        if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
+            on_step = _chain(on_step, budget.LongRunNotice(  # a long run without --time says so
+                cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
+                lambda m: _say(self.console, f"[yellow]note:[/yellow] {m}")))
         # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
         # resumes from the last epoch's checkpoint.
         with _StopOnSigint(enabled=not self.dist.enabled) as stop:
@@ -512,12 +537,56 @@ class Trainer:
         curves = curves_png(self.history)
         write_bytes(self.run_dir / "curves.png", curves)
         if self.best_weights is not None:
-            self.model.load_state_dict(self.best_weights)
-        model = self.model.to(memory_format=torch.contiguous_format).eval()
+            self.eval_model.load_state_dict(self.best_weights)
+        model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
         result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
-                            curves, self.console)
+                            curves, self.console, self.plan)
         result.stopped_early = stopped_early
+        if self.plan is not None:
+            self.plan.used_s = time.perf_counter() - self.t0
+            write_text(self.run_dir / "budget.json", json.dumps(self.plan.to_dict(), indent=2))
+            _say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
+                               f"{cfg.epochs} epochs in {budget.format_seconds(self.plan.used_s)}")
+            result.metrics["time_budget"] = self.plan.to_dict()
         return result
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, best-epoch selection and the bundle use: the EMA weights with --ema."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _plan_time(self) -> budget.Plan:
+        """``--time``: measure the speed on a few steps, then fix the epochs and the schedule."""
+        from convlens.data.loader import to_model_input
+
+        cfg, dev = self.cfg, self.dev
+
+        def step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            fn = copy.copy(self.step_fn)
+            fn.model = model
+            return fn(batch[0], batch[1].to(dev.device), torch.Generator().manual_seed(0))[0]
+
+        def validate(model: torch.nn.Module, batch: Any) -> None:
+            with _autocast(dev):
+                model(to_model_input(batch[0].to(dev.device), self.prep, channels_last=cfg.channels_last))
+
+        self.train_loader.set_epoch(0)
+        speed = budget.measure_speed(self.model, self.optimizer, step, self.train_loader, validate, self.val_loader)
+        val_batches = len(self.val_loader) if self.val_loader is not None else 0
+        epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches / cfg.val_every)
+        finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1)
+        limit = parse_duration(cfg.time)
+        spent = time.perf_counter() - self.t0
+        epochs = self.dist.broadcast(budget.plan_epochs(limit, spent, epoch_s, finish_s))  # ranks agree
+        plan = budget.Plan(budget_s=limit, epochs=epochs, epoch_s=epoch_s, finish_s=finish_s, spent_before_s=spent,
+                           estimate_s=budget.estimate_seconds(epochs, epoch_s, finish_s, spent))
+        self.cfg = replace(cfg, epochs=epochs)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, epochs, self.steps_per_epoch, cfg.warmup_epochs)
+        if self.dist.is_main:
+            write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+        _say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "
+                           f"(estimated {budget.format_seconds(plan.estimate_s)} in all)")
+        return plan
 
     def _train_epoch(self, epoch: int, stop: _StopOnSigint, on_step: Callable[[int, int], None] | None) -> None:
         cfg = self.cfg
@@ -534,6 +603,7 @@ class Trainer:
             self.mix_gen.manual_seed(epoch_seed(cfg.seed, epoch, 2 + r))
             self.partial = _fresh_partial()
         skip, self.skip_steps = self.skip_steps, 0
+        self.step_fn.input_size = progressive_size(cfg.image_size, cfg.progressive, epoch, cfg.epochs)
         p = self.partial
         self.model.train()
         t_start = time.perf_counter() - p["seconds"]
@@ -555,6 +625,8 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.model)
                 p["loss_sum"] += float(loss.detach()) * len(y)
                 p["correct"] += correct_count(logits.detach().float(), y)
                 p["seen"] += len(y)
@@ -574,8 +646,11 @@ class Trainer:
         p = self.dist.sum_values(self.partial, ("loss_sum", "correct", "seen"))  # over all ranks
         t_validate = time.perf_counter()
         self.dist.sync_buffers(self.model)  # evaluate with the batch-norm statistics rank 0 saves
-        val_loss, val_acc = _validate(self.model, self.val_loader, self.prep, self.dev, cfg.channels_last,
-                                      len(self.classes), reduce=self.dist.sum)
+        # --val-every N: validate every Nth epoch and the last (validation is ~10% of an epoch).
+        skip = self.val_loader is not None and (epoch + 1) % cfg.val_every != 0 and epoch + 1 != cfg.epochs
+        val_loss, val_acc = (None, None) if skip else _validate(
+            self.eval_model, self.val_loader, self.prep, self.dev, cfg.channels_last, len(self.classes),
+            reduce=self.dist.sum)
         seconds = p["seconds"] + time.perf_counter() - t_validate
         seen = max(p["seen"], 1)
         row = {
@@ -586,12 +661,12 @@ class Trainer:
         }
         self.history.append(row)
         tensorboard.log_epoch(self.tb, row)
-        improved = _is_better(row, self.best)
+        improved = not skip and _is_better(row, self.best)
         if improved:
             self.best.update(epoch=epoch + 1, val_acc=val_acc, val_loss=val_loss, train_loss=row["train_loss"],
                              bad_epochs=0)
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        else:
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.eval_model.state_dict().items()}
+        elif not skip:
             self.best["bad_epochs"] = int(self.best["bad_epochs"]) + 1
         stopped_early = cfg.patience > 0 and self.best["bad_epochs"] >= cfg.patience
         finished = stopped_early or epoch + 1 == cfg.epochs
@@ -610,6 +685,15 @@ class Trainer:
         return stopped_early
 
 
+def _chain(*hooks: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+    """One ``on_step`` hook calling each given hook in turn."""
+    def call(epoch: int, step: int) -> None:
+        for hook in hooks:
+            if hook is not None:
+                hook(epoch, step)
+    return call
+
+
 def _fresh_partial() -> dict[str, Any]:
     """Running sums of the current epoch (saved in mid-epoch checkpoints)."""
     return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
@@ -617,19 +701,25 @@ def _fresh_partial() -> dict[str, Any]:
 
 def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir: Path,
                history: list[dict[str, Any]], best: dict[str, Any], device: str, curves: bytes,
-               console: Console, val_logits: Any = None, extra: dict[str, Any] | None = None) -> RunResult:
+               console: Console, val_logits: Any = None, extra: dict[str, Any] | None = None,
+               plan: Any = None) -> RunResult:
     """Evaluate the (best) model on the validation set, write the bundle and the report.
 
     ``val_logits``: the model's validation logits when already computed (the pretrained path's
-    fp32 features through the dense layer); ``extra``: more entries for the bundle's metrics.
+    fp32 features through the dense layer); ``extra``: more entries for the bundle's metrics;
+    ``plan``: the ``--time`` budget plan, named in the report.
     """
     from convlens.bundle import BundleMeta, save_bundle
     from convlens.evaluate import evaluate
+    from convlens.models.tta import flip_averaged
 
     config_yaml = dump_yaml(cfg)
     meta = BundleMeta(arch=model.arch, classes=list(prepared.classes), preprocessing=prepared.preprocessing,
                       output_activation=model.output_activation, config=to_dict(cfg),
-                      versions={"convlens": __version__, "torch": torch.__version__})
+                      versions={"convlens": __version__, "torch": torch.__version__},
+                      flip_average=cfg.flip_average)
+    # What the bundle will compute (load_model wraps it the same way): the report measures that.
+    model = flip_averaged(model) if cfg.flip_average else model
     has_val = prepared.val is not None and len(prepared.val.labels) > 0
     metrics: dict[str, Any] = {}
     summary = {"best_epoch": best.get("epoch"), "epochs_trained": len(history),
@@ -637,7 +727,8 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     if has_val:
         metrics = evaluate(model, meta, prepared.val, out_dir=run_dir, device=device,
                            batch_size=cfg.batch_size, history=history, curves=curves, config_yaml=config_yaml,
-                           title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}",
+                           title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}"
+                           + (f"; time budget {cfg.time}: {cfg.epochs} epochs" if plan is not None else ""),
                            console=console, logits=val_logits)
         summary.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"],
                        val_macro_f1=metrics["macro"]["f1"], val_roc_auc=metrics.get("roc_auc"))

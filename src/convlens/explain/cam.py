@@ -189,6 +189,8 @@ def input_window(prep: Preprocessing, width: int, height: int) -> tuple[tuple[fl
     original photo the model saw and where it lies in the model input. Mirrors Pillow's
     ``resize`` (squash), ``ImageOps.fit`` (crop, centred) and ``ImageOps.pad`` (pad, centred).
     """
+    if prep.decode_size is not None:
+        return _cropped_window(prep, width, height)
     h, w = prep.size
     if prep.resize == "squash":
         return (0.0, 0.0, float(width), float(height)), (0, 0, w, h)
@@ -214,6 +216,22 @@ def input_window(prep: Preprocessing, width: int, height: int) -> tuple[tuple[fl
     return (0.0, 0.0, float(width), float(height)), (x0, y0, x0 + nw, y0 + nh)
 
 
+def _cropped_window(prep: Preprocessing, width: int, height: int) -> tuple[tuple[float, float, float, float],
+                                                                          tuple[int, int, int, int]]:
+    """:func:`input_window` for a ``decode_size`` bundle: the window of the image resized to
+    ``decode_size``, intersected with the centre crop that is the model input."""
+    from dataclasses import replace
+
+    (ol, ot, or_, ob), (il, it, ir, ib) = input_window(replace(prep, size=prep.resized_size, decode_size=None),
+                                                       width, height)
+    top, left = prep.crop_offset()
+    h, w = prep.size
+    cl, ct, cr, cb = max(il, left), max(it, top), min(ir, left + w), min(ib, top + h)
+    sx, sy = (or_ - ol) / max(1, ir - il), (ob - ot) / max(1, ib - it)  # resized -> original pixels
+    orig = (ol + (cl - il) * sx, ot + (ct - it) * sy, ol + (cr - il) * sx, ot + (cb - it) * sy)
+    return orig, (cl - left, ct - top, cr - left, cb - top)
+
+
 def _resize(m: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(m[None, None].float(), size=size_hw, mode="bilinear", align_corners=False)[0, 0]
 
@@ -227,6 +245,14 @@ def upsample_to_original(raw: torch.Tensor, prep: Preprocessing, width: int, hei
     """
     h, w = prep.size
     orig_box, in_box = input_window(prep, width, height)
+    if prep.decode_size is not None:  # a centre crop: the input's window, placed over the photo
+        x0, y0, x1, y1 = in_box
+        left, top, right, bottom = orig_box
+        l_, t_ = round(left), round(top)
+        cw, ch = max(1, min(width - l_, round(right) - l_)), max(1, min(height - t_, round(bottom) - t_))
+        out = torch.zeros((height, width), dtype=raw.dtype, device=raw.device)
+        out[t_:t_ + ch, l_:l_ + cw] = _resize(_resize(raw, (h, w))[y0:y1, x0:x1], (ch, cw))
+        return out
     if prep.resize == "squash":
         return _resize(raw, (height, width))
     if prep.resize == "pad":

@@ -228,3 +228,64 @@ class MiniXception(_ZooModel):
 def mini_xception(num_classes: int, in_channels: int = 3, width: float = 0.5, dropout: float = 0.25) -> ConvlensModel:
     """Depthwise-separable residual CNN like Keras's from-scratch example (width 1.0 = its widths)."""
     return MiniXception(num_classes, in_channels, width, dropout)
+
+
+# ----------------------------------------------------------------------------- vgg10
+class ConvStage(nn.Module):
+    """Two 3x3 conv-BN-ReLU layers, then an optional 2x2 max pool (applied before the last ReLU:
+    the same output, a quarter of the ReLU work)."""
+
+    def __init__(self, cin: int, cout: int, pool: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.pool(self.bn2(self.conv2(x))))
+
+    def receptive_field(self, rf: RF) -> RF | None:
+        return propagate_rf(self.pool, propagate_rf(self.conv2, propagate_rf(self.conv1, rf)))
+
+
+class VGG10(_ZooModel):
+    """A plain VGG-style network with batch norm: a 3x3/2 stem and four stages of two 3x3 convs."""
+
+    feature_units = (("stem", "conv_bn_relu"), ("stage1", "conv_stage"), ("stage2", "conv_stage"),
+                     ("stage3", "conv_stage"), ("stage4", "conv_stage"))
+
+    def __init__(self, num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128, 256),
+                 stem_width: int = 32, dropout: float = 0.0) -> None:
+        super().__init__(num_classes, in_channels)
+        if len(widths) != 4 or any(int(w) < 1 for w in widths) or int(stem_width) < 1:
+            raise SpecError(f"vgg10 needs four positive widths and a positive stem_width. "
+                            f"Received: widths={widths!r}, stem_width={stem_width!r}")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise SpecError(f"vgg10 dropout must be in [0, 1). Received: dropout={dropout!r}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem_width, 3, 2, 1, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU(),
+        )
+        chans = [int(stem_width), *[int(w) for w in widths]]
+        # Pools after the first three stages: input / 16 at the last feature map (8x8 at 128 px).
+        self.stage1 = ConvStage(chans[0], chans[1], pool=True)
+        self.stage2 = ConvStage(chans[1], chans[2], pool=True)
+        self.stage3 = ConvStage(chans[2], chans[3], pool=True)
+        self.stage4 = ConvStage(chans[3], chans[4], pool=False)
+        self.head = GapDenseHead(chans[4], self.out_units, dropout)
+        _init_conv_bn(self)
+
+
+@register_model
+def vgg10(num_classes: int, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128, 256),
+          stem_width: int = 32, dropout: float = 0.0) -> ConvlensModel:
+    """A plain VGG-style CNN with batch norm (3x3/2 stem + 4 x two 3x3 convs, GAP, dense): the default.
+
+    Nine 3x3 convolutions, max pools after the first three stages. With SGD Nesterov one-cycle
+    and random 128 px crops of 144 px images it reached ~90% on cats_and_dogs_filtered in under
+    4 minutes on a 2-core CPU (docs/benchmarks.md), 9 points above resnet8's recipe.
+    """
+    return VGG10(num_classes, in_channels, tuple(widths), stem_width, dropout)

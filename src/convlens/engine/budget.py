@@ -1,0 +1,163 @@
+"""``--time BUDGET``: choose the number of epochs so the whole run fits a wall-clock budget.
+
+The learning-rate schedule (warm-up, then decay to its end) is a function of the total number
+of steps, so the epochs must be known before training starts: the trainer measures the speed
+of a few real training steps and validation batches on a throw-away copy of the model
+(:func:`measure_speed`), and :func:`plan_epochs` fits the epochs, each followed by its
+validation, plus the final evaluation into what is left of the budget. Without a budget,
+:func:`estimate_seconds` gives the expected duration so long runs can say so up front.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# The final evaluation runs the validation set once per view and then writes figures, the
+# report and the bundle; this covers the latter on a 2-core CPU (measured ~2-4 s).
+FINISH_OVERHEAD_S = 5.0
+# Per-epoch bookkeeping besides the steps: checkpoint writes, metrics.csv, the loader's shuffle.
+EPOCH_OVERHEAD_S = 0.3
+# Plan for a little less than the budget: speed drifts (turbo, other processes) and the runs
+# must end within +10% of it.
+SAFETY = 0.97
+# Print the estimate when a run without --time is expected to take longer than this.
+LONG_RUN_S = 600.0
+
+
+@dataclass
+class Speed:
+    """Measured seconds per training step and per validation batch."""
+
+    step_s: float
+    val_batch_s: float
+
+
+@dataclass
+class Plan:
+    """What ``--time`` decided; saved as ``budget.json`` in the run folder."""
+
+    budget_s: float
+    epochs: int
+    epoch_s: float
+    finish_s: float
+    spent_before_s: float
+    estimate_s: float
+    used_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def epoch_seconds(speed: Speed, steps_per_epoch: int, val_batches: int) -> float:
+    """Expected seconds of one epoch: its training steps, its validation and the bookkeeping."""
+    return steps_per_epoch * speed.step_s + val_batches * speed.val_batch_s + EPOCH_OVERHEAD_S
+
+
+def finish_seconds(speed: Speed, val_batches: int, views: int) -> float:
+    """Expected seconds of the final evaluation (``views`` = 2 with flip averaging) and writing."""
+    return views * val_batches * speed.val_batch_s + FINISH_OVERHEAD_S
+
+
+def plan_epochs(budget_s: float, spent_s: float, epoch_s: float, finish_s: float) -> int:
+    """The most epochs (at least 1) such that ``spent + epochs * epoch_s + finish`` fits the budget."""
+    if budget_s <= 0 or epoch_s <= 0:
+        raise ValueError(f"budget and epoch time must be positive. Received: budget_s={budget_s}, epoch_s={epoch_s}")
+    left = budget_s * SAFETY - spent_s - finish_s
+    return max(1, math.floor(left / epoch_s))
+
+
+def estimate_seconds(epochs: int, epoch_s: float, finish_s: float, spent_s: float = 0.0) -> float:
+    """Expected wall time of a run of ``epochs``."""
+    return spent_s + epochs * epoch_s + finish_s
+
+
+def measure_speed(model: Any, optimizer: Any, step: Callable[[Any, Any], Any], train_batches: Any,
+                  validate_batch: Callable[[Any, Any], Any], val_batches: Any, warmup: int = 2,
+                  timed: int = 6) -> Speed:
+    """Time ``timed`` training steps (after ``warmup`` untimed ones) and as many validation
+    batches, on copies of ``model`` and ``optimizer`` so the run itself starts untouched.
+
+    ``step(model, batch)`` returns the loss; ``validate_batch(model, batch)`` runs inference.
+    ``train_batches``/``val_batches`` are iterables of batches (cycled if short).
+    """
+    import torch
+
+    probe = copy.deepcopy(model)
+    accepted = inspect.signature(type(optimizer)).parameters  # AdamW's defaults hold keys its __init__ refuses
+    opt = type(optimizer)(probe.parameters(), **{k: v for k, v in optimizer.defaults.items() if k in accepted})
+    batches = _cycle(train_batches, warmup + timed)
+    probe.train()
+    t0 = 0.0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        loss = step(probe, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        float(loss.detach())  # wait for the step, as the training loop does
+    step_s = (time.perf_counter() - t0) / timed
+    probe.eval()
+    vals = _cycle(val_batches, 1 + timed) if val_batches is not None else []
+    t0 = 0.0
+    with torch.inference_mode():
+        for i, batch in enumerate(vals):
+            if i == 1:
+                t0 = time.perf_counter()
+            validate_batch(probe, batch)
+    val_s = (time.perf_counter() - t0) / timed if vals else 0.0
+    return Speed(step_s=step_s, val_batch_s=val_s)
+
+
+def _cycle(batches: Any, n: int) -> list[Any]:
+    out: list[Any] = []
+    while len(out) < n:
+        before = len(out)
+        for b in batches:
+            out.append(b)
+            if len(out) == n:
+                break
+        if len(out) == before:  # empty iterable
+            break
+    return out
+
+
+class LongRunNotice:
+    """An ``on_step`` hook for runs without ``--time``: after the first ``probe_steps`` steps it
+    estimates the whole run and, when it exceeds :data:`LONG_RUN_S`, calls ``say`` once."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, val_share: float, say: Callable[[str], None],
+                 probe_steps: int = 8) -> None:
+        self.epochs, self.steps_per_epoch, self.val_share = epochs, steps_per_epoch, val_share
+        self.say, self.probe_steps = say, min(probe_steps, max(1, steps_per_epoch - 1))
+        self.t0: float | None = None
+        self.done = False
+
+    def __call__(self, epoch: int, step: int) -> None:
+        if self.done:
+            return
+        if self.t0 is None:  # the first step carries one-off costs: time from its end
+            self.t0, self.first = time.perf_counter(), step
+            return
+        if step - self.first < self.probe_steps:
+            return
+        self.done = True
+        step_s = (time.perf_counter() - self.t0) / (step - self.first)
+        total = self.epochs * (self.steps_per_epoch * step_s * (1.0 + self.val_share) + EPOCH_OVERHEAD_S)
+        if total > LONG_RUN_S:
+            self.say(f"estimated training time {format_seconds(total)} for {self.epochs} epochs; "
+                     f"--time BUDGET (e.g. --time 10m) chooses the epochs to fit a budget")
+
+
+def format_seconds(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``5400`` -> ``1h30m``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s // 60 % 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -1,0 +1,108 @@
+"""``--time``: the budget arithmetic, and a budgeted run on tiny data that completes its schedule."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from convlens.config import parse_duration
+from convlens.engine import budget
+from convlens.engine.optim import ONECYCLE_DIV, ONECYCLE_FINAL_DIV
+from convlens.engine.trainer import train
+from convlens.errors import ConfigError
+from tests.engine.helpers import make_dataset, tiny_config
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("5m", 300), ("1h", 3600), ("1h30m", 5400),
+                                          ("2.5m", 150), ("45", 45), (" 10M ", 600)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5 minutes", "0s", "-5m", "1d"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="time"):
+        parse_duration(text)
+
+
+def test_plan_fits_the_budget_with_the_final_evaluation() -> None:
+    speed = budget.Speed(step_s=0.2, val_batch_s=0.05)
+    epoch_s = budget.epoch_seconds(speed, steps_per_epoch=32, val_batches=16)
+    assert epoch_s == pytest.approx(32 * 0.2 + 16 * 0.05 + budget.EPOCH_OVERHEAD_S)
+    finish_s = budget.finish_seconds(speed, val_batches=16, views=2)
+    assert finish_s == pytest.approx(2 * 16 * 0.05 + budget.FINISH_OVERHEAD_S)
+    spent = 10.0
+    epochs = budget.plan_epochs(240.0, spent, epoch_s, finish_s)
+    # The largest number of epochs whose estimate stays within the (safety-reduced) budget.
+    assert budget.estimate_seconds(epochs, epoch_s, finish_s, spent) <= 240.0 * budget.SAFETY
+    assert budget.estimate_seconds(epochs + 1, epoch_s, finish_s, spent) > 240.0 * budget.SAFETY
+    assert epochs == int((240.0 * budget.SAFETY - spent - finish_s) // epoch_s)
+    # Twice the budget, about twice the epochs; a budget too small still trains one epoch.
+    assert budget.plan_epochs(480.0, spent, epoch_s, finish_s) >= 2 * epochs
+    assert budget.plan_epochs(5.0, spent, epoch_s, finish_s) == 1
+    with pytest.raises(ValueError):
+        budget.plan_epochs(0.0, 0.0, epoch_s, finish_s)
+
+
+def test_long_run_notice_says_once_only_when_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter(range(0, 10_000, 2))  # every perf_counter call: 2 s later
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: float(next(clock)))
+    said: list[str] = []
+    notice = budget.LongRunNotice(epochs=100, steps_per_epoch=50, val_share=0.0, say=said.append, probe_steps=4)
+    for step in range(10):
+        notice(0, step)
+    assert len(said) == 1 and "--time" in said[0] and "estimated training time" in said[0]
+    quiet: list[str] = []
+    short = budget.LongRunNotice(epochs=1, steps_per_epoch=50, val_share=0.0, say=quiet.append, probe_steps=4)
+    for step in range(10):
+        short(0, step)
+    assert quiet == []
+    assert budget.format_seconds(75) == "1m15s" and budget.format_seconds(5400) == "1h30m"
+
+
+def test_time_budget_run_completes_its_schedule(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "ds", classes=2, per_class=12)
+    cfg = tiny_config(data, tmp_path, time="20s", epochs=1000, optimizer="sgd", lr=0.1, schedule="onecycle")
+    out = Console(file=io.StringIO(), width=200)
+    result = train(cfg, console=out)
+    run = result.run_dir
+    plan = json.loads((run / "budget.json").read_text())
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # The epochs were chosen from the budget (not the 1000 asked for), recorded, and all trained.
+    assert 1 <= plan["epochs"] < 1000 and saved["epochs"] == plan["epochs"] == len(rows)
+    assert saved["time"] == "20s" and plan["budget_s"] == 20.0 and plan["used_s"] > 0
+    # The one-cycle schedule ran to its end: the last step's learning rate is the final one.
+    assert float(rows[-1]["lr"]) == pytest.approx(0.1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV), rel=1e-6)
+    assert result.metrics["time_budget"]["epochs"] == plan["epochs"]
+    assert "time budget 20s" in out.file.getvalue()
+    assert "time budget 20s" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "rmsprop"])
+def test_measure_speed_leaves_the_model_untouched(name: str) -> None:
+    import torch
+
+    from convlens.engine.optim import build_optimizer
+    from convlens.models import create
+
+    torch.manual_seed(0)
+    model = create("tiny", 2, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer(model, name, 0.01, 1e-4)
+    batches = [(torch.randn(4, 3, 16, 16), torch.randint(0, 2, (4,)))] * 2
+
+    def step(m: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(m(batch[0])[:, 0], batch[1].float())
+
+    speed = budget.measure_speed(model, opt, step, batches, lambda m, b: m(b[0]), batches, warmup=1, timed=2)
+    assert speed.step_s > 0 and speed.val_batch_s > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not opt.state  # the run's optimiser never stepped
