@@ -540,7 +540,7 @@ class Trainer:
             self.eval_model.load_state_dict(self.best_weights)
         model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
         result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
-                            curves, self.console, self.plan)
+                            curves, self.console, plan=self.plan)
         result.stopped_early = stopped_early
         if self.plan is not None:
             self.plan.used_s = time.perf_counter() - self.t0

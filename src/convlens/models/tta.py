@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from convlens.models.layers import ConvlensModel
+from convlens.models.model import ConvlensModel
 
 
 class FlipAveraged(ConvlensModel):
