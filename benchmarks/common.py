@@ -9,6 +9,7 @@ computes every ratio from the numbers of this one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,43 @@ def run_worker(script: str | Path, name: str, args: Sequence[str], timeout: floa
             return json.loads(line[len(RESULT_PREFIX):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+
+
+BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def busy_load(n: int, max_seconds: float = 900.0) -> Iterator[None]:
+    """``n`` busy-loop processes (one busy core each) while the block runs.
+
+    Each loop also stops by itself after ``max_seconds``, so nothing keeps spinning if the
+    benchmark dies. ``n = 0`` is the idle machine.
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=max_seconds)])
+             for _ in range(max(0, n))]
+    try:
+        time.sleep(0.5 if procs else 0.0)  # let them start spinning before anything is timed
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def run_idle_and_busy(script: str | Path, name: str, args: Sequence[str], busy: int,
+                      timeout: float | None = None) -> dict[str, Any]:
+    """:func:`run_worker` on the idle machine; with ``busy`` > 0 also under that many busy
+    loops (the busy run's result under the key ``"busy"``)."""
+    result = run_worker(script, name, args, timeout=timeout)
+    if busy > 0 and "error" not in result:
+        with busy_load(busy):
+            result["busy"] = run_worker(script, name, args, timeout=timeout)
+    return result
+
+
+def add_busy_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="also run every contestant with N busy-loop processes keeping N cores busy")
 
 
 def have(module: str) -> bool:

@@ -108,27 +108,39 @@ def load_labelled_folder(root: str | os.PathLike[str], meta: BundleMeta, workers
 
 
 def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64,
-                   device: str = "cpu") -> np.ndarray:
-    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images (no autocast)."""
+                   device: str = "cpu", precision: str = "auto") -> np.ndarray:
+    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images, through the
+    forward pass and precision ``convlens predict`` uses (:func:`convlens.runtime.model_logits`)."""
     import torch
 
+    from convlens import runtime
     from convlens.data.loader import to_model_input
 
+    dev = runtime.inference_device(device, precision)
+    channels_last = dev.type in ("cpu", "cuda")  # as predict's TorchBackend
+    # The caller's model keeps its layout (a bundle is saved from contiguous weights).
+    restore = channels_last and all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
     model.eval()
     outs = []
-    with torch.inference_mode():
+    try:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
-            outs.append(model(to_model_input(x, prep, channels_last=False)).float().cpu().numpy())
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev.device)
+            x = to_model_input(x, prep, channels_last=channels_last)
+            outs.append(runtime.model_logits(model, x, dev).cpu().numpy())
+    finally:
+        if restore:
+            model.to(memory_format=torch.contiguous_format)
     if not outs:
         return np.zeros((0, 1), dtype=np.float32)
     return np.concatenate(outs).astype(np.float32)
 
 
 def predict_probabilities(model: torch.nn.Module, meta: BundleMeta, images: Any, batch_size: int = 64,
-                          device: str = "cpu") -> np.ndarray:
+                          device: str = "cpu", precision: str = "auto") -> np.ndarray:
     """Class probabilities ``(N, num_classes)`` for uint8 images, as ``convlens predict`` computes them."""
-    logits = predict_logits(model, images, meta.preprocessing, batch_size, device)
+    logits = predict_logits(model, images, meta.preprocessing, batch_size, device, precision)
     return probabilities_from_logits(logits, meta.output_activation)
 
 
@@ -181,6 +193,7 @@ def evaluate(
     title: str = "convlens evaluation",
     subtitle: str = "",
     console: Console | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (a subset with ``images``/``labels``/``paths``, or a folder).
 
@@ -199,7 +212,7 @@ def evaluate(
     skipped = list(getattr(data, "skipped", []) or [])
     labels = np.asarray(data.labels, dtype=np.int64)
     classes = list(meta.classes)
-    probs = predict_probabilities(model, meta, data.images, batch_size, device)
+    probs = predict_probabilities(model, meta, data.images, batch_size, device, precision)
     metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
     pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
     paths = list(data.paths)
@@ -250,7 +263,7 @@ def evaluate(
 
 
 def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: int = 64,
-                     device: str = "auto") -> int:
+                     device: str = "auto", precision: str = "auto") -> int:
     """``convlens evaluate BUNDLE DIR``: metrics, figures and report.html in ``out``."""
     import yaml
     from rich.console import Console
@@ -260,7 +273,7 @@ def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: 
 
     runtime.tune_allocator()
     runtime.configure_threads()
-    dev = runtime.resolve_device(device, "fp32")
+    dev = runtime.inference_device(device, precision)
     model, meta = load_model(bundle, device=dev.device)
     console = Console()
     data = load_labelled_folder(dir, meta)
@@ -274,6 +287,7 @@ def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: 
     out_dir = Path(out) if out else (bundle_path if bundle_path.is_dir() else bundle_path.parent) / "eval"
 
     metrics = evaluate(model, meta, data, out_dir=out_dir, batch_size=batch_size, device=dev.device,
+                       precision=precision,
                        config_yaml=yaml.safe_dump(meta.config, sort_keys=False) if meta.config else None,
                        title=f"convlens evaluation of {bundle_path.name}", subtitle=f"on {dir}")
     acc = metrics["accuracy"]
