@@ -263,6 +263,26 @@ def keras_tutorial_model(size: int, augment: bool = False) -> Any:
     return keras.Sequential(blocks)
 
 
+def keras_resnet8(size: int, widths: tuple[int, ...] = (48, 96, 192), stem: int = 32) -> Any:
+    """convlens's ``resnet8`` written in Keras: 3x3/2 conv-BN-ReLU stem, three stride-2 basic
+    blocks (conv-BN-ReLU, conv-BN, + 1x1/2 conv-BN shortcut, ReLU), GAP, Dense(1, sigmoid)."""
+    import keras
+    from keras import layers
+
+    def conv_bn(x: Any, filters: int, kernel: int, stride: int) -> Any:
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False)(x)
+        return layers.BatchNormalization()(x)
+
+    inputs = keras.Input((size, size, 3))
+    x = layers.ReLU()(conv_bn(inputs, stem, 3, 2))
+    for w in widths:
+        y = layers.ReLU()(conv_bn(x, w, 3, 2))
+        y = conv_bn(y, w, 3, 1)
+        x = layers.ReLU()(layers.Add()([y, conv_bn(x, w, 1, 2)]))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(1, activation="sigmoid", dtype="float32")(x))
+
+
 def setup_tensorflow(threads: int, precision: str = "fp32") -> Any:
     """Import TensorFlow with ``threads`` intra-op threads and the Keras precision policy."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -34,6 +34,8 @@ CONTESTANTS = {
 
 def parse_args(argv: list[str] | None = None) -> Any:
     p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--model", default="tutorial_cnn", choices=["tutorial_cnn", "resnet8"],
+                   help="tutorial_cnn (the tutorial preset) or resnet8 (the default preset's model, same in Keras)")
     p.add_argument("--image-size", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repeat")
@@ -66,13 +68,15 @@ def torch_worker(args: Any, precision: str) -> dict[str, Any]:
     from convlens.engine.optim import build_optimizer
     from convlens.engine.trainer import StepFunction, correct_count, make_model
 
-    cfg = resolve_train_config("tutorial", None, {
+    preset = "tutorial" if args.model == "tutorial_cnn" else "default"
+    cfg = resolve_train_config(preset, None, {
         "image_size": args.image_size, "batch_size": args.batch_size, "device": "cpu", "precision": precision,
         "flip": bool(args.augment), "rotation": 0.1 if args.augment else 0.0, "threads": threads,
+        "crop_scale": 1.0, "model": args.model,
     })
     dev = runtime.resolve_device(cfg.device, cfg.precision)
     torch.manual_seed(0)
-    model = make_model(cfg.model, 2, 3, cfg.image_size).to(dev.device)
+    model = make_model(cfg.model, 2, 3, cfg.image_size, cfg.model_args).to(dev.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -120,8 +124,13 @@ def keras_worker(args: Any, precision: str) -> dict[str, Any]:
     tf = common.setup_tensorflow(common.threads_of(args), precision)
     import keras
 
-    model = common.keras_tutorial_model(args.image_size, augment=args.augment)
-    model.compile(loss="binary_crossentropy", optimizer=keras.optimizers.RMSprop(1e-3), metrics=["accuracy"])
+    if args.model == "resnet8":  # the default preset's recipe: AdamW, weight decay 5e-4
+        model = common.keras_resnet8(args.image_size)
+        optimizer: Any = keras.optimizers.AdamW(5e-3, weight_decay=5e-4)
+    else:
+        model = common.keras_tutorial_model(args.image_size, augment=args.augment)
+        optimizer = keras.optimizers.RMSprop(1e-3)
+    model.compile(loss="binary_crossentropy", optimizer=optimizer, metrics=["accuracy"])
     batches = [(tf.constant(x.astype(np.float32)), tf.constant(y.astype(np.float32)[:, None]))
                for x, y in _batches(args)]
 
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.busy:
         headers += [f"img/s, {args.busy} core(s) busy", "kept"]
     body = common.table([*headers, "notes"], rows)
-    notes = [f"tutorial_cnn, {args.image_size} px, batch {args.batch_size}, {args.steps} steps per repeat, "
+    notes = [f"{args.model}, {args.image_size} px, batch {args.batch_size}, {args.steps} steps per repeat, "
              f"median of {args.repeats} repeats after {args.warmup_steps} warm-up steps; "
              f"augmentation: {'RandomFlip + RandomRotation(0.1)' if args.augment else 'none'}"]
     if "convlens" in rate and best_keras:
