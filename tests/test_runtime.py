@@ -118,3 +118,18 @@ def test_busy_elsewhere_measures_other_processes() -> None:
     sum(i * i for i in range(300_000))  # our own work is not counted as someone else's
     others = gov.busy_elsewhere()
     assert others is not None and others >= 0.0
+
+
+def test_first_conv_runs_in_fp32_under_autocast_only() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
+    x = torch.rand(2, 3, 8, 8)
+    exact = model[0](x).detach()
+    runtime.first_conv_in_fp32(model)
+    runtime.first_conv_in_fp32(model)  # idempotent: wrapped once
+    with torch.no_grad():
+        torch.testing.assert_close(model[0](x), exact)  # no autocast: untouched
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first, second = model[0](x), model(x)
+    assert first.dtype == torch.bfloat16 and second.dtype == torch.bfloat16
+    torch.testing.assert_close(first, exact.to(torch.bfloat16))  # fp32 arithmetic, rounded once

@@ -162,8 +162,38 @@ def model_logits(model: Any, x: Any, dev: DeviceInfo) -> Any:
     """The one inference forward pass: inference mode, ``dev``'s precision, float32 logits."""
     import torch
 
+    if dev.amp_dtype is not None:
+        first_conv_in_fp32(model)
     with torch.inference_mode(), autocast(dev):
         return model(x).float()
+
+
+def first_conv_in_fp32(model: Any) -> None:
+    """Under autocast, run ``model``'s first convolution in fp32 and hand bf16 on (idempotent).
+
+    bf16 keeps 8 significant bits: rounding the normalised input pixels (k/255) was the
+    largest part of bf16's error. On a resnet8 trained on cats_and_dogs_filtered the largest
+    probability difference against fp32 fell from 8.3e-3 to 2.6e-3 and label flips from 5 to
+    1 in 1000 validation photos; the first convolution has 3 input channels, so it costs little.
+    """
+    import torch
+
+    if getattr(model, "_convlens_fp32_first_conv", False):
+        return
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    model._convlens_fp32_first_conv = True
+    if conv is None:
+        return
+    inner = conv.forward
+
+    def forward(x: Any) -> Any:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind):
+            return inner(x)
+        with torch.autocast(kind, enabled=False):
+            return inner(x.float()).to(torch.get_autocast_dtype(kind))
+
+    conv.forward = forward
 
 
 def usable_cores() -> int:
