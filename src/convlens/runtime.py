@@ -258,6 +258,7 @@ class ThreadGovernor:
 
     def __init__(self, max_threads: int, adaptive: bool = True, interval: float = 1.0) -> None:
         self.max_threads = max(1, int(max_threads))
+        self.cores = max(self.max_threads, usable_cores())
         self.threads = self.max_threads
         self.interval = interval
         self.adaptive = adaptive and self.max_threads > 1 and _cpu_jiffies() is not None
@@ -286,7 +287,8 @@ class ThreadGovernor:
         self.reset()
         if others is None:
             return self.threads
-        free = self.max_threads - int(others + (1.0 - self.TAKEN))
+        # Free cores of all usable ones: DDP siblings on this machine count as others too.
+        free = self.cores - int(others + (1.0 - self.TAKEN))
         threads = min(self.max_threads, max(1, free))
         if threads != self.threads:
             import torch
