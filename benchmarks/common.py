@@ -9,6 +9,7 @@ computes every ratio from the numbers of this one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,43 @@ def run_worker(script: str | Path, name: str, args: Sequence[str], timeout: floa
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
+BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def busy_load(n: int, max_seconds: float = 900.0) -> Iterator[None]:
+    """``n`` busy-loop processes (one busy core each) while the block runs.
+
+    Each loop also stops by itself after ``max_seconds``, so nothing keeps spinning if the
+    benchmark dies. ``n = 0`` is the idle machine.
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=max_seconds)])
+             for _ in range(max(0, n))]
+    try:
+        time.sleep(0.5 if procs else 0.0)  # let them start spinning before anything is timed
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def run_idle_and_busy(script: str | Path, name: str, args: Sequence[str], busy: int,
+                      timeout: float | None = None) -> dict[str, Any]:
+    """:func:`run_worker` on the idle machine; with ``busy`` > 0 also under that many busy
+    loops (the busy run's result under the key ``"busy"``)."""
+    result = run_worker(script, name, args, timeout=timeout)
+    if busy > 0 and "error" not in result:
+        with busy_load(busy):
+            result["busy"] = run_worker(script, name, args, timeout=timeout)
+    return result
+
+
+def add_busy_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="also run every contestant with N busy-loop processes keeping N cores busy")
+
+
 def have(module: str) -> bool:
     """Whether ``module`` can be imported (without importing it)."""
     import importlib.util
@@ -223,6 +261,26 @@ def keras_tutorial_model(size: int, augment: bool = False) -> Any:
     blocks += [layers.Conv2D(128, 3, activation="relu", padding="same"), layers.GlobalAveragePooling2D(),
                layers.Dense(1, activation="sigmoid", dtype="float32")]
     return keras.Sequential(blocks)
+
+
+def keras_resnet8(size: int, widths: tuple[int, ...] = (48, 96, 192), stem: int = 32) -> Any:
+    """convlens's ``resnet8`` written in Keras: 3x3/2 conv-BN-ReLU stem, three stride-2 basic
+    blocks (conv-BN-ReLU, conv-BN, + 1x1/2 conv-BN shortcut, ReLU), GAP, Dense(1, sigmoid)."""
+    import keras
+    from keras import layers
+
+    def conv_bn(x: Any, filters: int, kernel: int, stride: int) -> Any:
+        x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False)(x)
+        return layers.BatchNormalization()(x)
+
+    inputs = keras.Input((size, size, 3))
+    x = layers.ReLU()(conv_bn(inputs, stem, 3, 2))
+    for w in widths:
+        y = layers.ReLU()(conv_bn(x, w, 3, 2))
+        y = conv_bn(y, w, 3, 1)
+        x = layers.ReLU()(layers.Add()([y, conv_bn(x, w, 1, 2)]))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(1, activation="sigmoid", dtype="float32")(x))
 
 
 def setup_tensorflow(threads: int, precision: str = "fp32") -> Any:

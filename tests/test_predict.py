@@ -20,7 +20,7 @@ from convlens.cli import main
 from convlens.decision import probabilities
 from convlens.errors import ConfigError, ImageError
 from convlens.inputs import expand_paths, tta_views
-from convlens.predict import Classifier
+from convlens.predict import Classifier, TorchBackend
 from tests.bundles import independent_probs, make_bundle, make_meta, make_model, set_logit
 
 
@@ -55,7 +55,7 @@ def test_probabilities_sigmoid_and_softmax_are_stable() -> None:
 def test_predict_equals_independent_computation(which: str, photos: list[Path], request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(which)
     model, meta = load_model(path, "cpu")
-    clf = convlens.load(path, device="cpu")
+    clf = convlens.load(path, device="cpu", precision="fp32")
     preds = clf.predict(photos, batch_size=2)
     assert [p.path for p in preds] == [str(p) for p in photos]
     for pred, photo in zip(preds, photos, strict=True):
@@ -67,7 +67,9 @@ def test_predict_equals_independent_computation(which: str, photos: list[Path], 
         assert pred.label == meta.classes[pred.index] and pred.probability == pred.probabilities[pred.label]
 
 
-def test_predict_equals_evaluation(tmp_path: Path, photos: list[Path], bundle: Path) -> None:
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp32"])
+def test_predict_equals_evaluation(tmp_path: Path, photos: list[Path], bundle: Path, precision: str) -> None:
+    """The report's numbers are predict's numbers: one forward pass, one precision rule."""
     evaluate = pytest.importorskip("convlens.evaluate")
     from convlens.evaluate.metrics import probabilities_from_logits
 
@@ -78,14 +80,30 @@ def test_predict_equals_evaluation(tmp_path: Path, photos: list[Path], bundle: P
     model, meta = load_model(bundle, "cpu")
     meta.classes = ["cats", "dogs"]  # the folder's class names
     data = evaluate.load_labelled_folder(root, meta)
-    eval_probs = probabilities_from_logits(evaluate.predict_logits(model, data.images, meta.preprocessing),
-                                           meta.output_activation)
-    clf = Classifier.from_model(model, meta, device="cpu")
+    eval_probs = probabilities_from_logits(
+        evaluate.predict_logits(model, data.images, meta.preprocessing, precision=precision), meta.output_activation)
+    clf = Classifier(meta, TorchBackend(model, "cpu", precision))
     preds = {p.path: p for p in clf.predict(data.paths)}
     assert len(preds) == len(photos)
     for path, row in zip(data.paths, eval_probs, strict=True):
         got = [preds[path].probabilities[c] for c in meta.classes]
         np.testing.assert_allclose(got, row, rtol=0, atol=2e-6)
+
+
+def test_bf16_probabilities_stay_close_to_fp32(photos: list[Path], bundle3: Path) -> None:
+    fp32 = convlens.load(bundle3, device="cpu", precision="fp32")
+    bf16 = convlens.load(bundle3, device="cpu", precision="bf16")
+    assert (fp32.backend.precision, bf16.backend.precision) == ("fp32", "bf16")
+    a = np.array([list(p.probabilities.values()) for p in fp32.predict(photos)])
+    b = np.array([list(p.probabilities.values()) for p in bf16.predict(photos)])
+    assert 0 < np.abs(a - b).max() <= 1e-2  # bf16 really ran, and moved probabilities by little
+
+
+def test_precision_option_is_checked(tmp_path: Path, real_photo: Path, bundle: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", str(bundle), str(real_photo), "--precision", "fp16"]) == 2
+    assert "Received: precision='fp16'" in capsys.readouterr().err
+    assert main(["predict", str(bundle), str(real_photo), "--precision", "fp32"]) == 0
 
 
 # ----------------------------------------------------------------------------- formats
@@ -342,7 +360,7 @@ def test_load_dispatches_onnx(tmp_path: Path, photos: list[Path], bundle: Path) 
     onnx.export_onnx(bundle, path)
     clf = convlens.load(path)
     assert type(clf.backend).__name__ == "OnnxBackend" and clf.classes == ["cat", "dog"]
-    torch_preds = convlens.load(bundle, device="cpu").predict(photos[:2])
+    torch_preds = convlens.load(bundle, device="cpu", precision="fp32").predict(photos[:2])  # ONNX runs fp32
     for a, b in zip(clf.predict(photos[:2]), torch_preds, strict=True):
         assert abs(a.probabilities["dog"] - b.probabilities["dog"]) < 1e-4
     # An ONNX model with a `cam` output draws the exact CAM, the same map as the bundle; no Grad-CAM.
@@ -351,6 +369,8 @@ def test_load_dispatches_onnx(tmp_path: Path, photos: list[Path], bundle: Path) 
                                atol=1e-4)
     with pytest.raises(convlens.errors.UserError, match="ONNX model cannot draw 'gradcam'"):
         clf.explain(photos[0], method="gradcam")
+    with pytest.raises(ConfigError, match="ONNX models run in fp32"):
+        convlens.load(path, precision="bf16")
     # The ONNX path never needs torch: block it and run the CLI in a fresh interpreter.
     code = ("import sys; sys.modules['torch'] = None\n"
             "from convlens.cli import main\n"

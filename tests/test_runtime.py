@@ -41,3 +41,110 @@ def test_bad_device_or_precision(device, precision, message) -> None:
 def test_cuda_without_gpu_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU is available; use --device cpu"):
         runtime.resolve_device("cuda")
+
+
+# ----------------------------------------------------------------------------- inference precision
+@pytest.mark.parametrize("native", [True, False])
+def test_inference_auto_is_bf16_only_on_native_hardware(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: native)
+    assert runtime.inference_device("cpu", "auto").precision == ("bf16" if native else "fp32")
+    assert runtime.inference_device("cpu", "fp32").precision == "fp32"
+    assert runtime.inference_device("cpu", "BF16").precision == "bf16"
+
+
+def test_inference_precision_refuses_fp16() -> None:
+    with pytest.raises(ConfigError, match=r"auto, bf16 or fp32. Received: precision='fp16'"):
+        runtime.inference_device("cpu", "fp16")
+
+
+def test_model_logits_is_float32_without_grad() -> None:
+    model = torch.nn.Linear(4, 2)
+    out = runtime.model_logits(model, torch.ones(3, 4), runtime.inference_device("cpu", "bf16"))
+    assert out.dtype == torch.float32 and not out.requires_grad
+    exact = runtime.model_logits(model, torch.ones(3, 4), runtime.inference_device("cpu", "fp32"))
+    torch.testing.assert_close(exact, model(torch.ones(3, 4)).detach())
+    assert (out - exact).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------- threads
+def test_usable_cores_follow_affinity_and_cgroup_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: None)
+    assert runtime.usable_cores() == 4
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 1.5)  # docker --cpus 1.5
+    assert runtime.usable_cores() == 2
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 0.5)
+    assert runtime.usable_cores() == 1
+
+
+def test_cgroup_quota_files(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    real = runtime.Path
+
+    def fake(path: str):
+        return cpu_max if path == "/sys/fs/cgroup/cpu.max" else real(tmp_path / "absent")
+    monkeypatch.setattr(runtime, "Path", fake)
+    cpu_max.write_text("150000 100000\n")
+    assert runtime._cgroup_quota() == 1.5
+    cpu_max.write_text("max 100000\n")
+    assert runtime._cgroup_quota() is None
+
+
+def test_governor_gives_up_a_core_another_program_takes_and_takes_it_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        gov = runtime.ThreadGovernor(2, interval=0.0)
+        if not gov.adaptive:
+            pytest.skip("no /proc/stat here")
+        gov.cores = 2
+        load = iter([0.1, 0.5, 1.0, 0.2, 0.0])  # cores' worth of CPU other processes used per window
+        monkeypatch.setattr(gov, "busy_elsewhere", lambda: next(load))
+        seen = [gov.update() for _ in range(5)]
+        assert seen == [2, 1, 1, 2, 2] and gov.changes == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_governor_counts_ddp_siblings_against_all_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = torch.get_num_threads()
+    try:
+        gov = runtime.ThreadGovernor(8, interval=0.0)  # one of 2 processes on a 16-core machine
+        if not gov.adaptive:
+            pytest.skip("no /proc/stat here")
+        gov.cores = 16
+        load = iter([8.0, 9.0])  # the sibling's 8 threads; then another program takes a core
+        monkeypatch.setattr(gov, "busy_elsewhere", lambda: next(load))
+        assert [gov.update(), gov.update()] == [8, 7]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_governor_leaves_a_fixed_thread_count_alone() -> None:
+    gov = runtime.ThreadGovernor(2, adaptive=False, interval=0.0)
+    assert not gov.adaptive and gov.update() == 2 and gov.changes == 0
+    assert not runtime.ThreadGovernor(1).adaptive  # one thread cannot go lower
+
+
+def test_busy_elsewhere_measures_other_processes() -> None:
+    gov = runtime.ThreadGovernor(2, interval=0.0)
+    if not gov.adaptive:
+        pytest.skip("no /proc/stat here")
+    sum(i * i for i in range(300_000))  # our own work is not counted as someone else's
+    others = gov.busy_elsewhere()
+    assert others is not None and others >= 0.0
+
+
+def test_first_conv_runs_in_fp32_under_autocast_only() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
+    x = torch.rand(2, 3, 8, 8)
+    exact = model[0](x).detach()
+    runtime.first_conv_in_fp32(model)
+    runtime.first_conv_in_fp32(model)  # idempotent: wrapped once
+    with torch.no_grad():
+        torch.testing.assert_close(model[0](x), exact)  # no autocast: untouched
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            first, second = model[0](x), model(x)
+    assert first.dtype == torch.bfloat16 and second.dtype == torch.bfloat16
+    torch.testing.assert_close(first, exact.to(torch.bfloat16))  # fp32 arithmetic, rounded once

@@ -59,6 +59,11 @@ def _add(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter, epilog=EPILOG)
 
 
+def _add_inference_precision(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--precision", default="auto", metavar="{auto,bf16,fp32}",
+                   help="auto: bf16 where the CPU or GPU computes it natively (AVX512-BF16/AMX), else fp32")
+
+
 # ----------------------------------------------------------------------------- verbs
 def _cmd_summary(a: argparse.Namespace) -> int:
     from convlens.models.summary import print_model_list, print_summary
@@ -110,14 +115,16 @@ def _cmd_lr_find(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from convlens.evaluate import evaluate_command
 
-    return evaluate_command(a.bundle, a.dir, out=a.out, batch_size=a.batch_size, device=a.device)
+    return evaluate_command(a.bundle, a.dir, out=a.out, batch_size=a.batch_size, device=a.device,
+                            precision=a.precision)
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
     from convlens.predict import predict_command
 
     return predict_command(a.model, a.paths, top_k=a.top_k, tta="crops" if a.tta_crops else a.tta,
-                           threshold=a.threshold, out=a.out, batch_size=a.batch_size, device=a.device)
+                           threshold=a.threshold, out=a.out, batch_size=a.batch_size, device=a.device,
+                           precision=a.precision)
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
@@ -303,6 +310,7 @@ def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default=None, help="output folder (default: eval/ beside the bundle)")
     s.add_argument("--batch-size", type=int, default=64, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    _add_inference_precision(s)
 
 
 @_verb("predict", "classify images with a bundle or an ONNX model", _cmd_predict)
@@ -317,6 +325,7 @@ def _predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default=None, help="write every probability to preds.csv or preds.json")
     s.add_argument("--batch-size", type=int, default=32, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    _add_inference_precision(s)
 
 
 @_verb("explain", "draw class activation maps for images", _cmd_explain)

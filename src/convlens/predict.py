@@ -80,14 +80,17 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """Runs a ``ConvlensModel`` in fp32 (exact probabilities: no autocast) on ``device``."""
+    """Runs a ``ConvlensModel`` on ``device`` in ``precision`` (``auto``: bf16 where the hardware
+    has it natively, else fp32; see :func:`convlens.runtime.inference_device`)."""
 
-    def __init__(self, model: torch.nn.Module, device: str = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "auto") -> None:
         import torch
 
-        from convlens.runtime import resolve_device
+        from convlens.runtime import inference_device
 
-        self.device = resolve_device(device).device
+        self.dev = inference_device(device, precision)
+        self.device = self.dev.device
+        self.precision = self.dev.precision
         self.model = model.to(self.device).eval()
         # channels_last is 1.3-1.8x faster for convolutions on these CPUs (DEVELOPERS.md).
         self.channels_last = self.device.split(":")[0] in ("cpu", "cuda")
@@ -102,11 +105,9 @@ class TorchBackend:
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        import torch
+        from convlens.runtime import model_logits
 
-        with torch.inference_mode():
-            out = self.model(self.tensor(x))
-        return out.float().cpu().numpy().reshape(len(x), -1)
+        return model_logits(self.model, self.tensor(x), self.dev).cpu().numpy().reshape(len(x), -1)
 
     @property
     def explain_methods(self) -> tuple[str, ...]:
@@ -323,12 +324,18 @@ def _check_positive(**values: int) -> None:
 
 
 # ----------------------------------------------------------------------------- loading
-def load(path: str | os.PathLike[str], device: str = "auto") -> Classifier:
-    """Load a model bundle (``.convlens``, or a folder holding ``model.convlens``) or an ONNX file."""
+def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "auto") -> Classifier:
+    """Load a model bundle (``.convlens``, or a folder holding ``model.convlens``) or an ONNX file.
+
+    ``precision``: ``auto`` (bf16 where the hardware has it natively), ``bf16`` or ``fp32``;
+    ONNX models run in fp32.
+    """
     p = Path(os.path.expanduser(os.fspath(path)))
     if p.suffix.lower() == ".onnx":
         if not p.is_file():
             raise BundleError(f"ONNX model {str(p)!r} does not exist; check the path")
+        if str(precision).lower() == "bf16":
+            raise ConfigError(f"ONNX models run in fp32; use --precision auto or fp32. Received: precision={precision!r}")
         from convlens.export.onnx_backend import OnnxBackend
 
         backend = OnnxBackend(p)
@@ -336,7 +343,7 @@ def load(path: str | os.PathLike[str], device: str = "auto") -> Classifier:
     from convlens.bundle import load_model
 
     model, meta = load_model(p, device="cpu")
-    return Classifier(meta, TorchBackend(model, device))
+    return Classifier(meta, TorchBackend(model, device, precision))
 
 
 # ----------------------------------------------------------------------------- command
@@ -397,6 +404,7 @@ def predict_command(
     out: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
+    precision: str = "auto",
 ) -> int:
     """``convlens predict``: table on stdout, skipped files on stderr, optional CSV/JSON.
 
@@ -418,7 +426,7 @@ def predict_command(
         raise ConfigError(f"--out must end in .csv or .json. Received: out={out!r}")
     files, ignored = expand_paths(paths)
     tune_allocator()
-    clf = load(model, device=device)
+    clf = load(model, device=device, precision=precision)
     clf._threshold(threshold)
     stdout, stderr = Console(), Console(stderr=True)
 

@@ -197,6 +197,53 @@ def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
     assert elapsed < 120, f"two-process run took {elapsed:.0f} s"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@posix_only
+def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
+    """Two torchrun nodes (``--nnodes 2``, one process each) meeting by c10d rendezvous on
+    127.0.0.1, as two machines would, end with the weights and metrics of one process."""
+    port = _free_port()
+    args = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
+            "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--device", "cpu", "--threads", "1",
+            "--seed", "5", "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs"), "--name", "nodes"]
+    nodes = []
+    for node in (0, 1):  # node 0 hosts the rendezvous store, as the first machine would
+        cmd = [sys.executable, "-m", "convlens.engine.distributed", "--nnodes=2", "--nproc-per-node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=convlens-two-nodes",
+               f"--rdzv-conf=is_host={'true' if node == 0 else 'false'},join_timeout=60", "--max-restarts=0",
+               "-m", "convlens", "train", str(data), *args]
+        cwd = tmp_path / f"node{node}"  # each "machine" starts in its own folder
+        cwd.mkdir()
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                                      cwd=cwd))
+    try:
+        outputs = [p.communicate(timeout=240) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    for p, (out, err) in zip(nodes, outputs, strict=True):
+        assert p.returncode == 0, out[-2000:] + err[-3000:]
+    assert "2 processes" in outputs[0][0] + outputs[1][0]
+    run = tmp_path / "runs" / "nodes"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["nodes"] and (run / "model.convlens").is_file()
+    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=Console(file=io.StringIO()))
+    a = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for ra, rb in zip(_metrics(run), _metrics(single.run_dir), strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-4, abs=1e-5), key
+
+
 FAILING_WORKER = textwrap.dedent("""
     import os, sys
     from pathlib import Path

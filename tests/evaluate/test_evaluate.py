@@ -62,7 +62,7 @@ def test_folder_probabilities_equal_a_direct_forward_pass(trained: tuple[Path, P
     bundle, data = trained
     model, meta = load_model(bundle)
     out = tmp_path / "out"
-    metrics = evaluate(model, meta, data, out_dir=out)
+    metrics = evaluate(model, meta, data, out_dir=out, precision="fp32")
     with open(out / "predictions.csv", newline="") as f:
         rows = {Path(r["path"]).relative_to(data).as_posix(): r for r in csv.DictReader(f)}
     assert len(rows) == metrics["num_samples"] == 30

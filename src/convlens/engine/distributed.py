@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from convlens.errors import ConfigError
+from convlens.runtime import usable_cores
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -71,14 +72,6 @@ def timeout_seconds() -> float:
 def under_torchrun() -> bool:
     """True inside a process started by torchrun (its rank variables are set)."""
     return all(os.environ.get(k) for k in TORCHRUN_ENV)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import io
@@ -29,7 +28,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -250,13 +249,7 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
-@contextlib.contextmanager
-def _autocast(dev: runtime.DeviceInfo) -> Iterator[None]:
-    if dev.amp_dtype is None:
-        yield
-    else:
-        with torch.autocast(device_type=dev.type, dtype=dev.amp_dtype):
-            yield
+_autocast = runtime.autocast
 
 
 def _say(console: Console, message: str) -> None:
@@ -385,6 +378,8 @@ class Trainer:
             tensorboard.require()  # before minutes of decoding
         runtime.tune_allocator()
         self.threads = runtime.configure_threads(cfg.threads or dist.default_threads())
+        # threads=0 (auto): follow the cores other programs leave free, re-checked every second.
+        self.governor = runtime.ThreadGovernor(self.threads, adaptive=not cfg.threads)
         self.dev = dev = dist.start(runtime.resolve_device(cfg.device, cfg.precision))
         batch_size = dist.per_process_batch(cfg.batch_size)  # batch_size is the global batch
         cfg = replace(cfg, nproc=dist.world_size)
@@ -607,6 +602,7 @@ class Trainer:
         p = self.partial
         self.model.train()
         t_start = time.perf_counter() - p["seconds"]
+        self.governor.reset()
         columns = (TextColumn("[bold]epoch {task.fields[ep]}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True, disable=not shows_progress(self.console)) as bar:
@@ -615,6 +611,7 @@ class Trainer:
             for step, (x, y) in enumerate(self.train_loader):
                 if step < skip:  # the same order as before the interruption: skip what was done
                     continue
+                self.governor.update()
                 y = y.to(self.dev.device, non_blocking=True)
                 loss, logits = self.step_fn(x, y, self.aug_gen, self.mix_gen)
                 if not torch.isfinite(loss):

@@ -96,27 +96,39 @@ def load_labelled_folder(root: str | os.PathLike[str], meta: BundleMeta, workers
 
 
 def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64,
-                   device: str = "cpu") -> np.ndarray:
-    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images (no autocast)."""
+                   device: str = "cpu", precision: str = "auto") -> np.ndarray:
+    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images, through the
+    forward pass and precision ``convlens predict`` uses (:func:`convlens.runtime.model_logits`)."""
     import torch
 
+    from convlens import runtime
     from convlens.data.loader import to_model_input
 
+    dev = runtime.inference_device(device, precision)
+    channels_last = dev.type in ("cpu", "cuda")  # as predict's TorchBackend
+    # The caller's model keeps its layout (a bundle is saved from contiguous weights).
+    restore = channels_last and all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
     model.eval()
     outs = []
-    with torch.inference_mode():
+    try:
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
-            outs.append(model(to_model_input(x, prep, channels_last=False)).float().cpu().numpy())
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev.device)
+            x = to_model_input(x, prep, channels_last=channels_last)
+            outs.append(runtime.model_logits(model, x, dev).cpu().numpy())
+    finally:
+        if restore:
+            model.to(memory_format=torch.contiguous_format)
     if not outs:
         return np.zeros((0, 1), dtype=np.float32)
     return np.concatenate(outs).astype(np.float32)
 
 
 def predict_probabilities(model: torch.nn.Module, meta: BundleMeta, images: Any, batch_size: int = 64,
-                          device: str = "cpu") -> np.ndarray:
+                          device: str = "cpu", precision: str = "auto") -> np.ndarray:
     """Class probabilities ``(N, num_classes)`` for uint8 images, as ``convlens predict`` computes them."""
-    logits = predict_logits(model, images, meta.preprocessing, batch_size, device)
+    logits = predict_logits(model, images, meta.preprocessing, batch_size, device, precision)
     return probabilities_from_logits(logits, meta.output_activation)
 
 
@@ -170,6 +182,7 @@ def evaluate(
     subtitle: str = "",
     console: Console | None = None,
     logits: np.ndarray | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (a subset with ``images``/``labels``/``paths``, or a folder).
 
@@ -189,7 +202,7 @@ def evaluate(
     skipped = list(getattr(data, "skipped", []) or [])
     labels = np.asarray(data.labels, dtype=np.int64)
     classes = list(meta.classes)
-    probs = (predict_probabilities(model, meta, data.images, batch_size, device) if logits is None
+    probs = (predict_probabilities(model, meta, data.images, batch_size, device, precision) if logits is None
              else probabilities_from_logits(np.asarray(logits, dtype=np.float32), meta.output_activation))
     metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
     pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
@@ -242,7 +255,7 @@ def evaluate(
 
 def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str], *,
                     out: str | os.PathLike[str] | None = None, batch_size: int = 64, device: str = "auto",
-                    console: Console | None = None) -> Evaluation:
+                    precision: str = "auto", console: Console | None = None) -> Evaluation:
     """Evaluate a model bundle on a labelled folder; write metrics, figures and ``report.html``.
 
     This is ``convlens.evaluate(bundle, dir)`` and what ``convlens evaluate`` runs. ``out``
@@ -258,7 +271,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
 
     runtime.tune_allocator()
     runtime.configure_threads()
-    dev = runtime.resolve_device(device, "fp32")
+    dev = runtime.inference_device(device, precision)
     model, meta = load_model(bundle, device=dev.device)
     console = console or Console()
     data = load_labelled_folder(dir, meta)
@@ -271,6 +284,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
     bundle_path = Path(bundle)
     out_dir = Path(out) if out else (bundle_path if bundle_path.is_dir() else bundle_path.parent) / "eval"
     metrics = evaluate(model, meta, data, out_dir=out_dir, batch_size=batch_size, device=dev.device,
+                       precision=precision,
                        config_yaml=yaml.safe_dump(meta.config, sort_keys=False) if meta.config else None,
                        title=f"convlens evaluation of {bundle_path.name}", subtitle=f"on {dir}")
     return Evaluation(bundle=bundle_path, data=Path(dir), dir=out_dir, metrics=metrics,
@@ -278,12 +292,13 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
 
 
 def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: int = 64,
-                     device: str = "auto") -> int:
+                     device: str = "auto", precision: str = "auto") -> int:
     """``convlens evaluate BUNDLE DIR``: metrics, figures and report.html in ``out``."""
     from rich.console import Console
 
     console = Console()
-    ev = evaluate_bundle(bundle, dir, out=out, batch_size=batch_size, device=device, console=console)
+    ev = evaluate_bundle(bundle, dir, out=out, batch_size=batch_size, device=device, precision=precision,
+                         console=console)
     metrics = ev.metrics
     acc = metrics["accuracy"]
     line = f"accuracy {acc:.4f}  macro F1 {metrics['macro']['f1']:.4f}  log loss {metrics['loss']:.4f}"

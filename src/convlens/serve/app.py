@@ -409,5 +409,7 @@ def create_app_from_env() -> FastAPI:
     workers = max(1, int(os.environ.get(ENV_WORKERS, "1")))
     if workers > 1 and "torch" in sys.modules:
         # N processes each using every core would fight over them: share the cores out.
-        sys.modules["torch"].set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        from convlens.runtime import usable_cores
+
+        sys.modules["torch"].set_num_threads(max(1, usable_cores() // workers))
     return app
