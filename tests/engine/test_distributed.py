@@ -211,7 +211,7 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
     127.0.0.1, as two machines would, end with the weights and metrics of one process."""
     port = _free_port()
     args = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
-            "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--device", "cpu", "--threads", "1",
+            "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--crop-margin", "0", "--device", "cpu", "--threads", "1",
             "--seed", "5", "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs"), "--name", "nodes"]
     nodes = []
     for node in (0, 1):  # node 0 hosts the rendezvous store, as the first machine would
