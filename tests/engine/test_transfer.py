@@ -95,7 +95,7 @@ def test_pretrained_run_bundle_and_everything_downstream(tmp_path: Path, lite0_f
     p = clf.preprocessing
     assert (p.size, p.interpolation, p.crop_fraction, p.scale, p.mean) == ((224, 224), "bicubic", 0.875, 1 / 127.5, (1.0,))
     img = str(next((data / "class_0").iterdir()))
-    # the report's validation probabilities (fp32 features -> dense layer) are the ones predict computes
+    # the report evaluates the whole model through the inference path predict uses: same probabilities
     import csv
 
     with open(result.run_dir / "predictions.csv") as f:

@@ -698,12 +698,11 @@ def _fresh_partial() -> dict[str, Any]:
 
 def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir: Path,
                history: list[dict[str, Any]], best: dict[str, Any], device: str, curves: bytes,
-               console: Console, val_logits: Any = None, extra: dict[str, Any] | None = None,
+               console: Console, extra: dict[str, Any] | None = None,
                plan: Any = None) -> RunResult:
     """Evaluate the (best) model on the validation set, write the bundle and the report.
 
-    ``val_logits``: the model's validation logits when already computed (the pretrained path's
-    fp32 features through the dense layer); ``extra``: more entries for the bundle's metrics;
+    ``extra``: more entries for the bundle's metrics;
     ``plan``: the ``--time`` budget plan, named in the report.
     """
     from convlens.bundle import BundleMeta, save_bundle
@@ -726,7 +725,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
                            batch_size=cfg.batch_size, history=history, curves=curves, config_yaml=config_yaml,
                            title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}"
                            + (f"; time budget {cfg.time}: {cfg.epochs} epochs" if plan is not None else ""),
-                           console=console, logits=val_logits)
+                           console=console)
         summary.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"],
                        val_macro_f1=metrics["macro"]["f1"], val_roc_auc=metrics.get("roc_auc"))
     else:

@@ -5,8 +5,8 @@ The fast path of ``convlens train DIR --pretrained NAME|PATH``:
 1. decode once into the cache at the backbone's own preprocessing (size, crop, interpolation,
    scaling: all stored in the bundle);
 2. extract frozen features once (:mod:`convlens.engine.features`, cached on disk by file hash):
-   training images in bf16, validation/test images in fp32 so the report's probabilities are the
-   ones ``predict`` computes;
+   in bf16 (the validation features only score the head on the way; the report evaluates the
+   whole model through the inference path ``predict`` uses);
 3. fit the dense head (GAP -> dense, so the exact CAM works) by full-batch L-BFGS on the
    features, with the run's class weights and label smoothing, and write it into the model;
 4. optionally fine-tune the last blocks for ``finetune_epochs`` (bf16, channels_last, a lower
@@ -209,7 +209,7 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
         train_x = np.concatenate([train_x, _subset_features(backbone, prepared, prepared.train, cfg, "bf16", True)])
         train_y = np.concatenate([train_y, train_y])
     has_val = len(prepared.val) > 0
-    val_x = _subset_features(backbone, prepared, prepared.val, cfg, "fp32") if has_val else None
+    val_x = _subset_features(backbone, prepared, prepared.val, cfg, "bf16") if has_val else None
     t["features"] = time.perf_counter()
     weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
     w, b = fit_linear_head(train_x, train_y, num_classes, weights=weights, label_smoothing=cfg.label_smoothing)
@@ -221,10 +221,8 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
     history = [_head_row(model, train_x, train_y, val_x, prepared, t["head"] - t["features"])]
     _say(console, f"linear head on {len(train_y)} feature rows: train_acc {history[0]['train_acc']:.4f}"
                  + (f"  val_acc {history[0]['val_acc']:.4f}" if has_val else "") + f"  {t['head'] - t['features']:.1f}s")
-    val_logits = _logits(model, val_x) if has_val else None
     if cfg.finetune_epochs:
         history += finetune(model, cfg, prepared, dev, console, weights)
-        val_logits = None  # the backbone changed: evaluate runs the whole model
     t["finetune"] = time.perf_counter()
     _write_metrics_csv(run_dir / "metrics.csv", history)  # what `convlens runs` and `compare` read
     if cfg.tensorboard:
@@ -237,12 +235,12 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
     curves = curves_png(history)
     model = model.to(memory_format=torch.contiguous_format).eval()
     result = finish_run(model, cfg, prepared, run_dir, history, best, dev.device, curves, console,
-                        val_logits=val_logits, extra={"pretrained": backbone.source.to_dict(), "seconds": timing})
+                        extra={"pretrained": backbone.source.to_dict(), "seconds": timing})
     return result
 
 
 def _logits(model: Any, features: np.ndarray) -> np.ndarray:
-    """The model's logits from pooled features: its dense layer, in fp32 (what ``predict`` computes)."""
+    """The model's logits from pooled features: its dense layer, in fp32."""
     with torch.no_grad():
         return model.gap_linear_head()(torch.from_numpy(features)).numpy()
 

@@ -181,7 +181,6 @@ def evaluate(
     title: str = "convlens evaluation",
     subtitle: str = "",
     console: Console | None = None,
-    logits: np.ndarray | None = None,
     precision: str = "auto",
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (a subset with ``images``/``labels``/``paths``, or a folder).
@@ -190,8 +189,7 @@ def evaluate(
     ``confusion_matrix.png``, ``calibration.png``,
     ``worst_mistakes.png``, ``roc.png`` (two classes) and a self-contained ``report.html``.
     Returns the metrics dict (see :func:`compute_metrics`) plus ``worst_mistakes`` (path, true
-    and predicted class with probabilities) and ``skipped`` (unusable files). ``logits``: the
-    model's logits for ``data`` when the caller already has them (not recomputed).
+    and predicted class with probabilities) and ``skipped`` (unusable files).
     """
     from convlens.evaluate import plots
     from convlens.evaluate.report import render_report
@@ -202,8 +200,7 @@ def evaluate(
     skipped = list(getattr(data, "skipped", []) or [])
     labels = np.asarray(data.labels, dtype=np.int64)
     classes = list(meta.classes)
-    probs = (predict_probabilities(model, meta, data.images, batch_size, device, precision) if logits is None
-             else probabilities_from_logits(np.asarray(logits, dtype=np.float32), meta.output_activation))
+    probs = predict_probabilities(model, meta, data.images, batch_size, device, precision)
     metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
     pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
     paths = list(data.paths)
