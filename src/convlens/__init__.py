@@ -21,15 +21,15 @@ from typing import Any
 from convlens.errors import ConvlensError
 from convlens.version import __version__
 
-__all__ = ["CheckReport", "ConvlensError", "Evaluation", "Run", "__version__", "check", "evaluate", "export",
-           "load", "train"]
+__all__ = ["AuditReport", "CheckReport", "ConvlensError", "Evaluation", "Run", "__version__", "audit", "check",
+           "evaluate", "export", "load", "train"]
 
 # Name -> module that defines it, imported on first access (PEP 562).
 # Nothing else is imported here: submodules import `convlens` for __version__, and type checkers
 # read the names' types from __init__.pyi.
-_LAZY = {name: "convlens.api" for name in ("check", "train", "load", "Run", "CheckReport", "Evaluation")}
-# `evaluate` and `export` are also sub-packages; they are callable and run their verb.
-_CALLABLE_PACKAGES = ("evaluate", "export")
+_LAZY = {name: "convlens.api" for name in ("check", "train", "load", "AuditReport", "Run", "CheckReport", "Evaluation")}
+# `audit`, `evaluate` and `export` are also sub-packages; they are callable and run their verb.
+_CALLABLE_PACKAGES = ("audit", "evaluate", "export")
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,7 @@
 ``convlens evaluate BUNDLE DIR``          ``convlens.evaluate(bundle, dir) -> Evaluation``
 ``convlens export BUNDLE --format onnx``  ``convlens.export(bundle, format="onnx") -> Path``
 ``convlens predict BUNDLE PATH...``       ``convlens.load(bundle).predict(paths)``
+``convlens audit DIR``                    ``convlens.audit(dir) -> AuditReport``
 ========================================  =====================================================
 
 The CLI runs the same functions. Options of ``train`` are the configuration keys
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convlens.audit import AuditReport, audit
 from convlens.data.check import CheckReport, check_dataset
 from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.display import html_table, img_tag, shows_progress
@@ -40,10 +42,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from convlens.predict import Classifier
 
-# The coordinator wires the verbs still to come here (issue 15's `audit` -> an AuditReport, `runs`
-# and `compare` over Run.from_dir): each is a function that returns an object with _repr_html_,
-# added to __all__ and to the lazy names of convlens/__init__.py.
-__all__ = ["CheckReport", "Evaluation", "Run", "check", "evaluate", "export", "load", "read_history", "train"]
+# A new verb: a function here that returns an object with _repr_html_, added to __all__ and to the
+# lazy names of convlens/__init__.py (and its types to __init__.pyi).
+__all__ = ["AuditReport", "CheckReport", "Evaluation", "Run", "audit", "check", "evaluate", "export", "load",
+           "read_history", "train"]
 
 # Headline numbers of a run, in display order (the bundle's metrics summary keys).
 HEADLINE = ("best_epoch", "epochs_trained", "val_accuracy", "val_loss", "val_macro_f1", "val_roc_auc",

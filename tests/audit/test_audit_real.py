@@ -52,3 +52,24 @@ def test_planted_label_errors_rank_at_the_top(mislabeled: tuple[Path, set[str], 
     # a second audit reads the cached features: the same ranking
     again = audit_dataset(root, cache_dir=str(cache), workers=1)
     assert [r["path"] for r in again.label_issues()] == [r["path"] for r in issues]
+
+
+def test_python_api_audit_quarantines_and_undoes(mislabeled: tuple[Path, set[str], Path], tmp_path: Path) -> None:
+    """``convlens.audit(dir)`` is the CLI's audit; its report moves chosen findings out with an
+    undo manifest, and the undo puts every file back byte for byte."""
+    import convlens
+    from convlens.data.check import undo_quarantine
+
+    src, _, cache = mislabeled
+    root = tmp_path / "pets"
+    shutil.copytree(src, root)  # the module's copy stays untouched for the other tests
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*.jpg")}
+    report = convlens.audit(root, cache_dir=str(cache), workers=1, progress=False)
+    assert isinstance(report, convlens.AuditReport) and report.label_issues()
+    assert "<iframe" in report._repr_html_()
+    manifest = report.quarantine(tmp_path / "q", kinds=("label",))
+    assert manifest is not None and manifest.is_file()
+    flagged = {Path(r["path"]) for r in report.label_issues()}
+    assert not any((root / p).exists() for p in flagged) and all((tmp_path / "q" / p).is_file() for p in flagged)
+    undo_quarantine(manifest)
+    assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*.jpg")} == before

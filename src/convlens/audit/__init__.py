@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from convlens.audit.findings import DEFAULT_DUPLICATE_SIMILARITY, DEFAULT_FOLDS, Findings, find_all
+from convlens.callable_module import callable_module
 from convlens.errors import ConfigError, DataError
 
 KINDS = ("label", "duplicate", "outlier")
@@ -95,6 +96,22 @@ class AuditReport:
             "exit_code": self.exit_code,
         }
 
+    def quarantine(self, qdir: str | os.PathLike[str], kinds: Sequence[str] = ("label",)) -> Path | None:
+        """Move the findings of ``kinds`` into ``qdir`` (``convlens audit --quarantine QDIR
+        --kinds ...``); return the undo manifest, or None when nothing was chosen."""
+        from convlens.data.check import quarantine_files
+
+        files = self.chosen(list(kinds))
+        return quarantine_files(self.root, files, qdir) if files else None
+
+    def _repr_html_(self) -> str:  # Jupyter: the offline page, isolated in a frame
+        import html
+
+        from convlens.audit.output import render_page
+
+        return (f"<iframe srcdoc=\"{html.escape(render_page(self))}\" "
+                "style='width:100%;height:640px;border:0'></iframe>")
+
     def chosen(self, kinds: list[str]) -> list[dict[str, Any]]:
         """Files to move for ``kinds``: flagged label errors and outliers, and every member of a
         near-duplicate group but its first. Each: ``path``, ``kind``, ``message``."""
@@ -143,3 +160,27 @@ def audit_dataset(root: str | os.PathLike[str], *, backbone: str = DEFAULT_BACKB
                        labels=np.asarray(fs.labels), subsets=list(getattr(fs, "subsets", [""] * len(fs.paths))),
                        findings=findings, backbone=str(backbone), skipped=list(fs.skipped), seconds=seconds,
                        params={"folds": findings.folds, "similarity": similarity, "seed": seed})
+
+
+def audit(dir: str | os.PathLike[str], *, backbone: str = DEFAULT_BACKBONE, folds: int = DEFAULT_FOLDS,
+          similarity: float = DEFAULT_DUPLICATE_SIMILARITY, cache_dir: str | None = None, workers: int = 0,
+          progress: bool | None = None) -> AuditReport:
+    """Find likely label errors, near duplicates and outliers with pretrained features
+    (``convlens audit``).
+
+    Nothing is changed: ``report.label_issues()``, ``near_duplicates()`` and ``outliers()`` list
+    the findings, ``report.quarantine(qdir, kinds=("label",))`` moves chosen ones out (with an undo
+    manifest), ``report.to_dict()`` is ``--json``'s format.
+    """
+    if progress is None:
+        from rich.console import Console
+
+        from convlens.display import shows_progress
+
+        progress = shows_progress(Console(stderr=True))
+    return audit_dataset(dir, backbone=backbone, folds=folds, similarity=similarity, cache_dir=cache_dir,
+                         workers=workers, progress=progress)
+
+
+# `convlens.audit(dir)` is the public verb: this package, when called, runs audit().
+callable_module(__name__, "audit")
