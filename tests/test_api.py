@@ -121,7 +121,7 @@ def test_history_frame(finished: convlens.Run, monkeypatch: pytest.MonkeyPatch) 
 
 def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from convlens.engine import trainer
+    from convlens.engine import trainer, transfer
 
     real_train = trainer.train
 
@@ -130,9 +130,9 @@ def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_
             if (epoch, step) == (1, 0):  # in the second epoch, as a person would
                 os.kill(os.getpid(), signal.SIGINT)
 
-        return real_train(cfg, on_step=press, **kwargs)
+        return real_train(cfg, **{**kwargs, "on_step": press})
 
-    monkeypatch.setattr(trainer, "train", train_and_press_ctrl_c)
+    monkeypatch.setattr(transfer, "train_from_scratch", train_and_press_ctrl_c)
     run = convlens.train(two_class, **_tiny(tmp_path))
     assert run.interrupted and run.status == "interrupted"
     assert run.checkpoint == run.dir / "checkpoints" / "last.pt" and run.checkpoint.is_file()
@@ -141,7 +141,7 @@ def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_
     with pytest.raises(convlens.ConvlensError, match="interrupted"):
         run.load()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
-    monkeypatch.setattr(trainer, "train", real_train)
+    monkeypatch.setattr(transfer, "train_from_scratch", real_train)
     done = run.resume(console=_quiet())
     assert done.dir == run.dir and done.status == "finished" and [r["epoch"] for r in done.history] == [1, 2]
     assert done.load().classes == ["class_0", "class_1"]
@@ -149,7 +149,7 @@ def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_
 
 def test_a_second_ctrl_c_raises_keyboard_interrupt(two_class: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from convlens.engine import trainer
+    from convlens.engine import trainer, transfer
 
     real_train = trainer.train
 
@@ -157,7 +157,7 @@ def test_a_second_ctrl_c_raises_keyboard_interrupt(two_class: Path, tmp_path: Pa
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: real_train(cfg, on_step=press_twice, **kw))
+    monkeypatch.setattr(transfer, "train_from_scratch", lambda cfg, **kw: real_train(cfg, **{**kw, "on_step": press_twice}))
     with pytest.raises(KeyboardInterrupt):
         convlens.train(two_class, **_tiny(tmp_path))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -224,3 +224,27 @@ def test_predict_prints_tab_separated_lines_when_piped(finished: convlens.Run, t
     for path, label, p, top in rows:
         assert Path(path).is_file() and label in ("class_0", "class_1") and 0.5 <= float(p) <= 1.0
         assert top.startswith(label)
+
+
+def test_train_chooses_the_backbone_as_the_cli_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Colour photos with the default preset take the pretrained path from Python too; naming a
+    model (or ``pretrained="none"``) keeps training from scratch."""
+    from convlens.engine import transfer
+
+    photos = make_dataset(tmp_path / "photos", classes=2, per_class=6, size=96)
+    chosen: list[str] = []
+
+    class Chosen(Exception):
+        pass
+
+    def record(cfg: Any, console: Any = None) -> None:
+        chosen.append(cfg.pretrained)
+        raise Chosen
+
+    monkeypatch.setattr(transfer, "train_transfer", record)
+    opts = {"cache_dir": str(tmp_path / "cache"), "project": str(tmp_path / "runs"), "console": _quiet()}
+    with pytest.raises(Chosen):
+        convlens.train(photos, **opts)
+    assert chosen == ["efficientnet_lite0"]
+    run = convlens.train(photos, model="tiny", image_size=16, epochs=1, workers=1, threads=1, **opts)
+    assert run.config["pretrained"] == "none" and chosen == ["efficientnet_lite0"]

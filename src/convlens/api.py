@@ -232,8 +232,8 @@ def train(
     """
     from rich.console import Console
 
+    from convlens.engine import trainer, transfer
     from convlens.engine.trainer import TrainingInterrupted, train_config
-    from convlens.engine.trainer import train as run_training
 
     overrides = {k: v for k, v in {"data": dir, "preset": preset, **options}.items() if v is not None}
     if "data" in overrides:
@@ -241,7 +241,11 @@ def train(
     resume_dir = resume.dir if isinstance(resume, Run) else resume
     cfg = train_config(overrides, config, resume_dir)
     try:
-        result = run_training(cfg, resume=resume_dir, console=console or Console())
+        if resume_dir:  # only from-scratch runs have checkpoints
+            result = trainer.train(cfg, resume=resume_dir, console=console or Console())
+        else:  # the CLI's rule: pretrained (auto) for photo folders unless a model was named; see README
+            chosen = transfer.model_chosen(overrides, os.fspath(config) if config else None, cfg.preset)
+            result = transfer.train(cfg, console=console or Console(), model_chosen=chosen)
     except TrainingInterrupted as e:
         (console or Console(stderr=True)).print(
             f"[yellow]interrupted[/yellow]; checkpoint saved to {e.checkpoint}. "

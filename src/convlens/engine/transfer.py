@@ -261,6 +261,13 @@ def _head_row(model: Any, train_x: np.ndarray, train_y: np.ndarray, val_x: np.nd
 
 
 # ----------------------------------------------------------------------------- entry points
+def model_chosen(overrides: dict[str, Any], config_file: str | None, preset: str) -> bool:
+    """Whether the user named a model (a flag or keyword, the config file, or the preset): then
+    ``pretrained: auto`` keeps it and trains from scratch."""
+    keys = set(overrides) | set(read_config_file(config_file) if config_file else {}) | set(PRESETS[preset])
+    return "model" in keys
+
+
 def train(cfg: TrainConfig, resume: Any = None, console: Console | None = None, model_chosen: bool = False,
           on_step: Any = None) -> RunResult:
     """Train from ``cfg``: pretrained (``cfg.pretrained``: auto resolved here) or from scratch."""
@@ -280,8 +287,7 @@ def train_command(overrides: dict[str, Any], config_file: str | None = None, res
     """``convlens train``: the pretrained path when chosen, else the from-scratch trainer's command."""
     if resume is None:
         cfg = command_config(overrides, config_file)
-        chosen = set(overrides) | set(read_config_file(config_file) if config_file else {}) | set(PRESETS[cfg.preset])
-        cfg = resolve_pretrained(cfg, "model" in chosen)
+        cfg = resolve_pretrained(cfg, model_chosen(overrides, config_file, cfg.preset))
         if cfg.pretrained != "none":
             train(cfg)
             return 0
