@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -67,12 +66,18 @@ from convlens.engine.checkpoint import (
     set_rng_state,
 )
 from convlens.engine.ema import ModelEma
-from convlens.engine.optim import (
-    build_optimizer,
-    build_scheduler,
-    progressive_resize,
-    progressive_size,
+from convlens.engine.factory import (
+    classification_loss,
+    correct_count,
+    create_generators,
+    create_loaders,
+    create_model,
+    create_optimizer,
+    create_scheduler,
+    create_step,
+    soft_targets,
 )
+from convlens.engine.optim import progressive_size
 from convlens.errors import ConfigError
 from convlens.io import write_bytes, write_text
 
@@ -129,98 +134,6 @@ def make_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path
             continue
         return candidate
     raise ConfigError(f"no free run folder name for {name!r} in {str(parent)!r}; choose another --name")
-
-
-def make_model(spec: str, num_classes: int, in_channels: int, image_size: int,
-               model_args: dict[str, Any] | None = None) -> Any:
-    """A registry name (with ``model_args``), or a YAML/JSON layer-list file (models' ``build_model``)."""
-    from convlens.models.registry import build_model
-
-    return build_model(spec, num_classes, in_channels, input_size=image_size, **(model_args or {}))
-
-
-def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
-    """``auto``: inverse class frequency, scaled so the average sample weight is 1."""
-    if mode == "none":
-        return None
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    w = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 1.0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def soft_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """One-hot float targets ``(N, C)``."""
-    return F.one_hot(y, num_classes).float()
-
-
-def classification_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Mean loss for (soft) targets ``(N, C)``.
-
-    One logit (two classes): binary cross-entropy on ``p(class 1)``, as the tutorial's sigmoid
-    unit; class weights weigh the positive and negative terms. More logits: cross-entropy.
-    Label smoothing moves ``ls`` of each target's mass evenly onto all classes.
-    """
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        t = targets[:, 1]
-        if label_smoothing:
-            t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
-        z = logits[:, 0]
-        if weights is None:
-            return F.binary_cross_entropy_with_logits(z, t)
-        w0, w1 = weights[0], weights[1]
-        # weight * [pos_weight * t * log s + (1 - t) * log(1 - s)] = w1 * pos-term + w0 * neg-term
-        return F.binary_cross_entropy_with_logits(z, t, weight=w0.expand_as(z), pos_weight=w1 / w0)
-    return F.cross_entropy(logits, targets, weight=weights, label_smoothing=label_smoothing)
-
-
-class StepFunction:
-    """One training forward pass: uint8 batch -> device -> augmentation -> mixing -> model input
-    -> autocast forward -> loss. Shared by the trainer and the learning-rate finder."""
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, prep: Any, dev: runtime.DeviceInfo,
-                 num_classes: int, weights: torch.Tensor | None) -> None:
-        from convlens.data.augment import build_augmentation
-
-        self.model, self.cfg, self.prep, self.dev = model, cfg, prep, dev
-        self.num_classes, self.weights = num_classes, weights
-        self.augment = build_augmentation(flip=cfg.flip, rotation=cfg.rotation, crop_scale=cfg.crop_scale,
-                                          color_jitter=cfg.color_jitter, erasing=cfg.erasing,
-                                          image_size=cfg.image_size, random_crops=cfg.crop_margin > 0)
-        self.mixing = cfg.mixup > 0 or cfg.cutmix > 0
-        self.input_size: tuple[int, int] | None = None  # progressive resizing: this epoch's size
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, aug_gen: torch.Generator | None = None,
-                 mix_gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(loss, logits)`` for a uint8 NHWC batch ``x`` and labels ``y`` (on the device)."""
-        from convlens.data.augment import mix_batch
-        from convlens.data.loader import to_model_input
-
-        x = x.to(self.dev.device, non_blocking=True)
-        targets = soft_targets(y, self.num_classes)
-        if self.augment is not None:
-            x = self.augment(x, generator=aug_gen)
-        if self.mixing:
-            if self.augment is None:  # mixing works on float NCHW
-                x = x.permute(0, 3, 1, 2).float()
-            x, targets = mix_batch(x, targets, self.cfg.mixup, self.cfg.cutmix, mix_gen)
-        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
-            x = progressive_resize(x.permute(0, 3, 1, 2).float() if x.dtype == torch.uint8 else x, self.input_size)
-        inputs = to_model_input(x, self.prep, channels_last=self.cfg.channels_last)
-        with _autocast(self.dev):
-            logits = self.model(inputs)
-        return classification_loss(logits, targets, self.weights, self.cfg.label_smoothing), logits
-
-
-def correct_count(logits: torch.Tensor, y: torch.Tensor) -> int:
-    """Correct predictions (threshold 0.5 for one logit, argmax otherwise)."""
-    pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
-    return int((pred == y).sum())
 
 
 class _StopOnSigint:
@@ -364,7 +277,6 @@ class Trainer:
     """One training run: set-up (or restore), the epoch loop, checkpoints, and the finish."""
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None) -> None:
-        from convlens.data.loader import BatchLoader
         from convlens.data.split import write_split_csv
 
         self.t0 = time.perf_counter()  # --time counts from here: data preparation is part of the run
@@ -413,36 +325,20 @@ class Trainer:
             write_text(run_dir / "config.yaml", dump_yaml(cfg))
             write_split_csv(run_dir / "split.csv", self.prepared.split_rows)
 
-        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
         num_classes = len(self.classes)
-        model = make_model(cfg.model, num_classes, self.prep.channels, cfg.image_size,
-                           cfg.model_args).to(dev.device)
-        self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-        train_set, val_set = self.prepared.train, self.prepared.val
-        self.n_train = len(train_set.labels)
-        self.n_val = len(val_set.labels) if val_set is not None else 0
-        # A one-image last batch breaks BatchNorm's batch statistics: drop it in that case only.
-        drop_last = self.n_train > cfg.batch_size and self.n_train % cfg.batch_size == 1
-        pin = dev.type == "cuda"
-        self.train_loader = BatchLoader(train_set, batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last,
-                                        pin_memory=pin, rank=dist.rank, world_size=dist.world_size)
-        self.val_loader = (BatchLoader(val_set, batch_size, shuffle=False, seed=cfg.seed, pin_memory=pin,
-                                       rank=dist.rank, world_size=dist.world_size, even=False)
-                           if self.n_val else None)
+        self.model = create_model(cfg, num_classes, self.prep.channels, dev)
+        self.n_train = len(self.prepared.train.labels)
+        self.n_val = len(self.prepared.val.labels) if self.prepared.val is not None else 0
+        self.train_loader, self.val_loader = create_loaders(cfg, self.prepared, dev, batch_size, dist.rank,
+                                                            dist.world_size)
         self.steps_per_epoch = len(self.train_loader)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
-                                         cfg.nesterov)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
-                                         cfg.warmup_epochs)
+        self.optimizer = create_optimizer(self.model, cfg)
+        self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.use_scaler = dev.type == "cuda" and dev.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
-        weights = class_weights(train_set.labels, num_classes, cfg.class_weights)
-        self.step_fn = StepFunction(dist.wrap(self.model, dev), cfg, self.prep, dev, num_classes,
-                                    None if weights is None else weights.to(dev.device))
-        gen_device = dev.device if dev.type == "cuda" else "cpu"
-        self.aug_gen = torch.Generator(device=gen_device)
-        self.mix_gen = torch.Generator(device=gen_device)
+        self.step_fn = create_step(dist.wrap(self.model, dev), cfg, self.prepared, dev)
+        self.aug_gen, self.mix_gen = create_generators(dev)
         self.plan = self._plan_time() if cfg.time and state is None else None
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
 
@@ -576,7 +472,7 @@ class Trainer:
         plan = budget.Plan(budget_s=limit, epochs=epochs, epoch_s=epoch_s, finish_s=finish_s, spent_before_s=spent,
                            estimate_s=budget.estimate_seconds(epochs, epoch_s, finish_s, spent))
         self.cfg = replace(cfg, epochs=epochs)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, epochs, self.steps_per_epoch, cfg.warmup_epochs)
+        self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch, epochs)
         if self.dist.is_main:
             write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
         _say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "

@@ -30,22 +30,24 @@ from convlens.data.decode import decode
 from convlens.data.scan import scan
 from convlens.data.split import write_split_csv
 from convlens.engine import tensorboard
+from convlens.engine.factory import (
+    StepFunction,
+    class_weights,
+    classification_loss,
+    correct_count,
+    soft_targets,
+)
 from convlens.engine.features import Backbone, cached_features, load_pretrained, subset_hashes
 from convlens.engine.optim import build_optimizer, build_scheduler
 from convlens.engine.trainer import (
     RunResult,
-    StepFunction,
     _say,
     _validate,
     _write_metrics_csv,
-    class_weights,
-    classification_loss,
     command_config,
-    correct_count,
     finish_run,
     make_run_dir,
     prepare_data,
-    soft_targets,
 )
 from convlens.engine.trainer import train as train_from_scratch
 from convlens.engine.trainer import train_command as train_from_scratch_command
