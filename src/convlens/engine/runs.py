@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from convlens import display
-from convlens.engine.trainer import BUNDLE_NAME, METRIC_FIELDS
+from convlens.engine.run_folder import BUNDLE_NAME, METRIC_FIELDS
 from convlens.errors import DataError
 
 CONFIG_NAME = "config.yaml"

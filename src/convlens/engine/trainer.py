@@ -21,15 +21,13 @@ with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +36,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from convlens import __version__, runtime
+from convlens import runtime
 from convlens.config import (
     PRESETS,
     TrainConfig,
-    build,
     decode_size,
     dump_yaml,
     parse_duration,
@@ -59,8 +56,6 @@ from convlens.engine.checkpoint import (
     CheckpointError,
     checkpoint_bytes,
     load_checkpoint,
-    remove_stale_temporaries,
-    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -78,14 +73,18 @@ from convlens.engine.factory import (
     soft_targets,
 )
 from convlens.engine.optim import progressive_size
+from convlens.engine.resume import open_run, resume_config
+from convlens.engine.run_folder import (
+    BUNDLE_NAME,
+    RunResult,
+    finish_run,
+    make_run_dir,
+    say,
+    write_metrics_csv,
+)
 from convlens.errors import ConfigError
 from convlens.io import write_bytes, write_text
 
-BUNDLE_NAME = "model.convlens"
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]
-# Fields that do not change the result; everything else must match to resume a run.
-RESUME_MUTABLE = {"epochs", "time", "patience", "device", "precision", "threads", "workers", "cache_dir", "nproc",
-                  "project", "name", "exist_ok", "channels_last", "preset", "tensorboard"}
 # The embedded digits are 8x8: train them small, never mirrored (a mirrored 2 is not a 2) and
 # without resized crops (a cropped 8 may be a 0; the 2-pixel random shifts of the crop margin
 # help), validated every epoch, for 10 epochs: `convlens train` shows the pipeline in a minute.
@@ -102,38 +101,10 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
-@dataclass
-class RunResult:
-    """What a finished training run produced."""
-
-    run_dir: Path
-    bundle_path: Path | None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    stopped_early: bool = False
-
-
 # ----------------------------------------------------------------------------- helpers
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A well-mixed 63-bit seed for one RNG stream of one epoch (numpy's SeedSequence)."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(stream)]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def make_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
-    """``project/name``; if it exists, the first free ``name-2``, ``name-3``... (race-free mkdir)."""
-    parent = Path(project)
-    parent.mkdir(parents=True, exist_ok=True)
-    if exist_ok:
-        (parent / name).mkdir(exist_ok=True)
-        return parent / name
-    for i in range(1, 100_000):
-        candidate = parent / (name if i == 1 else f"{name}-{i}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise ConfigError(f"no free run folder name for {name!r} in {str(parent)!r}; choose another --name")
 
 
 class _StopOnSigint:
@@ -165,11 +136,6 @@ class _StopOnSigint:
 _autocast = runtime.autocast
 
 
-def _say(console: Console, message: str) -> None:
-    # soft_wrap: a long epoch line stays one line in logs instead of wrapping at 80 columns.
-    console.print(message, soft_wrap=True, highlight=False)
-
-
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -177,15 +143,6 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 def _eta(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
-    write_text(path, buf.getvalue())
 
 
 @torch.inference_mode()
@@ -253,7 +210,7 @@ def prepare_data(cfg: TrainConfig, console: Console, split_file: str | Path | No
         decode_size=decode_size(cfg), **(pixels or {}),
     )
     if prepared.skipped:
-        _say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
+        say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
     return cfg, prepared
 
 
@@ -266,7 +223,7 @@ def train(
     """Prepare ``cfg.data``, train, evaluate on the validation set and write the run folder.
 
     ``resume``: a run folder (or checkpoint) to continue; ``cfg`` must then match the run's
-    saved configuration except for :data:`RESUME_MUTABLE` keys. ``on_step(epoch, step)`` is
+    saved configuration except for :data:`convlens.engine.resume.RESUME_MUTABLE` keys. ``on_step(epoch, step)`` is
     called after every optimisation step (0-based). Raises :class:`TrainingInterrupted` after
     writing a checkpoint when Ctrl-C is pressed.
     """
@@ -296,19 +253,12 @@ class Trainer:
         batch_size = dist.per_process_batch(cfg.batch_size)  # batch_size is the global batch
         cfg = replace(cfg, nproc=dist.world_size)
         if dev.note:
-            _say(self.console, f"[yellow]note:[/yellow] {dev.note}")
+            say(self.console, f"[yellow]note:[/yellow] {dev.note}")
 
         state: dict[str, Any] | None = None
         split_file: Path | None = None
         if resume is not None:
-            ckpt_path = resolve_checkpoint(resume)
-            state = load_checkpoint(ckpt_path)
-            _check_resumable(cfg, state, ckpt_path)
-            run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == CHECKPOINT_DIR else ckpt_path.parent
-            if dist.is_main:
-                remove_stale_temporaries(ckpt_path.parent)
-            # The run's own split, even if files were added to the folder since.
-            split_file = run_dir / "split.csv" if (run_dir / "split.csv").is_file() else None
+            state, run_dir, split_file = open_run(resume, cfg, dist.is_main)
         with dist.main_first():  # rank 0 builds the cache; the others then read it
             cfg, self.prepared = prepare_data(cfg, self.console, split_file=split_file)
         self.cfg = cfg
@@ -376,7 +326,7 @@ class Trainer:
         if self.best.get("epoch") is not None and best_file.is_file():
             self.best_weights = load_checkpoint(best_file)["model"]
         where = f", step {self.skip_steps + 1}" if self.skip_steps else ""
-        _say(self.console, f"resuming {self.run_dir} at epoch {self.start_epoch + 1}{where}")
+        say(self.console, f"resuming {self.run_dir} at epoch {self.start_epoch + 1}{where}")
 
     def snapshot(self, epoch_done: int, step_in_epoch: int, finished: bool = False) -> dict[str, Any]:
         """Everything a checkpoint holds, as state_dicts and plain data."""
@@ -396,16 +346,16 @@ class Trainer:
         """Train the remaining epochs, then evaluate the best weights and write the bundle."""
         cfg, dev = self.cfg, self.dev
         precision = str(dev.amp_dtype).replace("torch.", "") if dev.amp_dtype else "fp32"
-        _say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
+        say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
                            f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
                            f"{dev.device} {precision}, {self.threads} threads"
                            + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
-        _say(self.console, f"run folder: {self.run_dir}")
+        say(self.console, f"run folder: {self.run_dir}")
         stopped_early = False
         if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
             on_step = _chain(on_step, budget.LongRunNotice(  # a long run without --time says so
                 cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
-                lambda m: _say(self.console, f"[yellow]note:[/yellow] {m}")))
+                lambda m: say(self.console, f"[yellow]note:[/yellow] {m}")))
         # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
         # resumes from the last epoch's checkpoint.
         with _StopOnSigint(enabled=not self.dist.enabled) as stop:
@@ -415,7 +365,7 @@ class Trainer:
                 if stop.requested:
                     raise TrainingInterrupted(self.run_dir, self.ckpt_dir / LAST)
                 if stopped_early:
-                    _say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
+                    say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
                                        f"(best epoch {self.best['epoch']})")
                     break
         tensorboard.close(self.tb)
@@ -436,7 +386,7 @@ class Trainer:
         if self.plan is not None:
             self.plan.used_s = time.perf_counter() - self.t0
             write_text(self.run_dir / "budget.json", json.dumps(self.plan.to_dict(), indent=2))
-            _say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
+            say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
                                f"{cfg.epochs} epochs in {budget.format_seconds(self.plan.used_s)}")
             result.metrics["time_budget"] = self.plan.to_dict()
         return result
@@ -475,7 +425,7 @@ class Trainer:
         self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch, epochs)
         if self.dist.is_main:
             write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-        _say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "
+        say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "
                            f"(estimated {budget.format_seconds(plan.estimate_s)} in all)")
         return plan
 
@@ -568,10 +518,10 @@ class Trainer:
             save_checkpoint(self.ckpt_dir / LAST, data)
             if improved:
                 save_checkpoint(self.ckpt_dir / BEST, data)
-            _write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
         recent = [r["seconds"] for r in self.history[-3:]]
         left = f"  left {_eta(float(np.mean(recent)) * (cfg.epochs - epoch - 1))}" if not finished else ""
-        _say(self.console,
+        say(self.console,
              f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  acc {_fmt(row['train_acc'])}  "
              f"val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc)}  {row['img_per_s']:.0f} img/s  "
              f"{seconds:.1f}s{left}" + ("  *" if improved else ""))
@@ -590,93 +540,6 @@ def _chain(*hooks: Callable[[int, int], None] | None) -> Callable[[int, int], No
 def _fresh_partial() -> dict[str, Any]:
     """Running sums of the current epoch (saved in mid-epoch checkpoints)."""
     return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-
-
-def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir: Path,
-               history: list[dict[str, Any]], best: dict[str, Any], device: str, curves: bytes,
-               console: Console, extra: dict[str, Any] | None = None,
-               plan: Any = None) -> RunResult:
-    """Evaluate the (best) model on the validation set, write the bundle and the report.
-
-    ``extra``: more entries for the bundle's metrics;
-    ``plan``: the ``--time`` budget plan, named in the report.
-    """
-    from convlens.bundle import BundleMeta, save_bundle
-    from convlens.evaluate import evaluate
-    from convlens.models.tta import flip_averaged
-
-    config_yaml = dump_yaml(cfg)
-    meta = BundleMeta(arch=model.arch, classes=list(prepared.classes), preprocessing=prepared.preprocessing,
-                      output_activation=model.output_activation, config=to_dict(cfg),
-                      versions={"convlens": __version__, "torch": torch.__version__},
-                      flip_average=cfg.flip_average)
-    # What the bundle will compute (load_model wraps it the same way): the report measures that.
-    model = flip_averaged(model) if cfg.flip_average else model
-    has_val = prepared.val is not None and len(prepared.val.labels) > 0
-    metrics: dict[str, Any] = {}
-    summary = {"best_epoch": best.get("epoch"), "epochs_trained": len(history),
-               "train_loss": history[-1]["train_loss"] if history else None}
-    if has_val:
-        metrics = evaluate(model, meta, prepared.val, out_dir=run_dir, device=device,
-                           batch_size=cfg.batch_size, history=history, curves=curves, config_yaml=config_yaml,
-                           title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}"
-                           + (f"; time budget {cfg.time}: {cfg.epochs} epochs" if plan is not None else ""),
-                           console=console)
-        summary.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"],
-                       val_macro_f1=metrics["macro"]["f1"], val_roc_auc=metrics.get("roc_auc"))
-    else:
-        from convlens.evaluate.report import render_report
-
-        write_text(run_dir / "report.html", render_report(
-            title=f"convlens run {run_dir.name}", metrics={"classes": list(prepared.classes)},
-            figures={"curves": curves}, history=history, config_yaml=config_yaml,
-            notes=["No validation set (val_fraction=0): nothing was evaluated."]))
-    if prepared.test is not None and len(prepared.test.labels) > 0:
-        test = evaluate(model, meta, prepared.test, out_dir=run_dir / "test", device=device,
-                        batch_size=cfg.batch_size, config_yaml=config_yaml,
-                        title=f"convlens run {run_dir.name}: test set", console=console)
-        summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_macro_f1=test["macro"]["f1"])
-    summary.update(extra or {})
-    meta.metrics = summary
-    bundle_path = save_bundle(run_dir / BUNDLE_NAME, model, meta)
-    acc = summary.get("val_accuracy")
-    _say(console,
-        f"[bold green]done[/bold green]: best epoch {summary['best_epoch']}"
-        + (f", validation accuracy {acc:.4f}" if acc is not None else "")
-        + f"\n  run folder: {run_dir}\n  bundle:     {bundle_path}\n  report:     {run_dir / 'report.html'}"
-    )
-    return RunResult(run_dir=run_dir, bundle_path=bundle_path, metrics=summary, history=history)
-
-
-def _check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None:
-    saved = state.get("config") or {}
-    for key, value in to_dict(cfg).items():
-        if key in RESUME_MUTABLE or key not in saved:
-            continue
-        if key == "data" and value is None:
-            continue
-        if saved[key] != value:
-            raise CheckpointError(f"cannot change {key} when resuming {str(path)!r} "
-                                  f"(run: {saved[key]!r}). Received: {key}={value!r}")
-
-
-def resume_config(resume: str | Path, overrides: dict[str, Any] | None) -> TrainConfig:
-    """The saved configuration of a run, with the resume-safe ``overrides`` applied."""
-    state = load_checkpoint(resolve_checkpoint(resume))
-    saved = {k: v for k, v in (state.get("config") or {}).items()}
-    overrides = dict(overrides or {})
-    for key, value in overrides.items():
-        k = key.replace("-", "_")
-        if k not in RESUME_MUTABLE and k in saved:
-            cur = build(TrainConfig, {k: value})
-            if getattr(cur, k) != saved[k]:
-                raise ConfigError(f"cannot change {k} when resuming; only {', '.join(sorted(RESUME_MUTABLE))} "
-                                  f"may change. Received: {k}={value!r}")
-    cfg = build(TrainConfig, saved, {k: v for k, v in overrides.items() if k.replace('-', '_') in RESUME_MUTABLE})
-    from convlens.config import validate_train_config
-
-    validate_train_config(cfg)
-    return cfg
 
 
 def command_config(overrides: dict[str, Any], config_file: str | Path | None) -> TrainConfig:
