@@ -27,7 +27,7 @@ from convlens.engine.factory import (
 )
 from convlens.engine.trainer import command_config, epoch_seed, prepare_data
 from convlens.errors import ConfigError
-from convlens.io import write_bytes
+from convlens.files import write_bytes
 
 
 @dataclass

@@ -17,7 +17,7 @@ from rich.console import Console
 from convlens import __version__
 from convlens.config import TrainConfig, dump_yaml, to_dict
 from convlens.errors import ConfigError
-from convlens.io import write_text
+from convlens.files import write_text
 
 BUNDLE_NAME = "model.convlens"
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]

@@ -83,7 +83,7 @@ from convlens.engine.run_folder import (
     write_metrics_csv,
 )
 from convlens.errors import ConfigError
-from convlens.io import write_bytes, write_text
+from convlens.files import write_bytes, write_text
 
 # The embedded digits are 8x8: train them small, never mirrored (a mirrored 2 is not a 2) and
 # without resized crops (a cropped 8 may be a 0; the 2-pixel random shifts of the crop margin

@@ -44,7 +44,7 @@ from convlens.engine.trainer import _validate, command_config, prepare_data
 from convlens.engine.trainer import train as train_from_scratch
 from convlens.engine.trainer import train_command as train_from_scratch_command
 from convlens.errors import ConfigError, ImageError
-from convlens.io import write_text
+from convlens.files import write_text
 from convlens.models.pretrained import load_backbone
 
 HEAD_L2 = 1.0  # L2 on the standardised head weights: best or tied on both datasets (docs/benchmarks.md)

@@ -211,7 +211,7 @@ def evaluate(
     and predicted class with probabilities) and ``skipped`` (unusable files).
     """
     from convlens.evaluate.report import render_report
-    from convlens.io import write_bytes, write_json, write_text
+    from convlens.files import write_bytes, write_json, write_text
 
     if isinstance(data, (str, os.PathLike)):
         data = load_labelled_folder(data, meta)
