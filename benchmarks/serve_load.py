@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"load": load, "malformed": abuse, "healthy_after": healthy, "model": str(model.name),
               "cpu_count": os.cpu_count()}
     if a.json:
-        from convlens.io import write_json
+        from convlens.files import write_json
 
         write_json(a.json, result)
     return 0 if load["errors"] == 0 and abuse["not_4xx"] == 0 and healthy else 1

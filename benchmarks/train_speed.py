@@ -3,7 +3,7 @@
 Both sides train the same architecture (Conv 16/32/64/128 3x3 same + ReLU + MaxPool 2, GAP,
 Dense(1), binary cross-entropy, RMSprop 1e-3) on the same in-memory batches of random uint8
 images (seeded: identical bytes on both sides). convlens runs its own training step
-(``convlens.engine.trainer.StepFunction``: uint8 batch -> [augmentation] -> model input ->
+(``convlens.engine.factory.StepFunction``: uint8 batch -> [augmentation] -> model input ->
 autocast forward -> loss, then backward and the optimiser step, exactly as ``convlens train``'s
 loop); Keras runs ``model.train_on_batch`` on float32 tensors (what ``image_dataset_from_directory``
 yields). ``--augment`` adds the tutorial's RandomFlip + RandomRotation(0.1) on both sides.
@@ -65,8 +65,8 @@ def torch_worker(args: Any, precision: str) -> dict[str, Any]:
 
     from convlens.config import resolve_train_config
     from convlens.data.preprocess import Preprocessing
+    from convlens.engine.factory import StepFunction, correct_count, make_model
     from convlens.engine.optim import build_optimizer
-    from convlens.engine.trainer import StepFunction, correct_count, make_model
 
     preset = "tutorial" if args.model == "tutorial_cnn" else "default"
     cfg = resolve_train_config(preset, None, {

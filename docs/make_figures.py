@@ -137,7 +137,7 @@ def shrink_png(path: Path, limit: int = MAX_BYTES) -> int:
 
     if path.suffix.lower() != ".png" or path.stat().st_size <= limit:
         return path.stat().st_size
-    from convlens.io import write_bytes
+    from convlens.files import write_bytes
 
     img = Image.open(path).convert("RGB")
     scale = 1.0

@@ -106,7 +106,7 @@ def test_model_args_from_flag_text_and_file(tmp_path) -> None:
 
 
 def test_model_args_reach_the_model() -> None:
-    from convlens.engine.trainer import make_model
+    from convlens.engine.factory import make_model
     from convlens.errors import SpecError
 
     narrow = make_model("resnet8", 2, 3, 32, {"widths": [8, 16, 32], "stem_width": 8})

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import BundleError
-from convlens.io import atomic_open
+from convlens.files import atomic_open
 from convlens.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover

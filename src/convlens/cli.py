@@ -135,7 +135,7 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from convlens.learn.inspect import inspect_command
+    from convlens.learn.layer_page import inspect_command
 
     return inspect_command(a.model, a.image, out=a.out, max_maps=a.max_maps, image_size=a.image_size)
 

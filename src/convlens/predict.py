@@ -353,7 +353,7 @@ def write_predictions(path: str | os.PathLike[str], classes: Sequence[str],
 
     Unreadable files appear too, with an empty label and their error, so each input has a row.
     """
-    from convlens.io import write_json, write_text
+    from convlens.files import write_json, write_text
 
     p = Path(path)
     fmt = p.suffix.lower()

@@ -29,7 +29,8 @@ from convlens.data.loader import BatchLoader
 from convlens.engine import distributed
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.distributed import Dist
-from convlens.engine.trainer import make_model, train
+from convlens.engine.factory import make_model
+from convlens.engine.trainer import train
 from convlens.errors import ConfigError
 from tests.engine.helpers import make_dataset, tiny_config
 
@@ -248,7 +249,8 @@ FAILING_WORKER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from convlens.engine import distributed
-    from convlens.engine.trainer import make_model, train
+    from convlens.engine.factory import make_model
+    from convlens.engine.trainer import train
     from tests.engine.helpers import tiny_config
 
     data, tmp = Path(sys.argv[1]), Path(sys.argv[2])

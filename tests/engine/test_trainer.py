@@ -17,14 +17,13 @@ from rich.console import Console
 from convlens.bundle import load_model
 from convlens.config import TrainConfig
 from convlens.engine.checkpoint import load_checkpoint
+from convlens.engine.factory import class_weights, classification_loss
+from convlens.engine.resume import resume_config
+from convlens.engine.run_folder import make_run_dir
 from convlens.engine.trainer import (
     TrainingInterrupted,
     _is_better,
-    class_weights,
-    classification_loss,
     command_config,
-    make_run_dir,
-    resume_config,
     train,
 )
 from convlens.errors import ConfigError

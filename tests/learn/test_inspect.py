@@ -14,7 +14,7 @@ from PIL import Image
 from convlens.bundle import BundleMeta, load_model, save_bundle
 from convlens.cli import main
 from convlens.data.preprocess import Preprocessing
-from convlens.learn.inspect import inspect_model, kernel_tiles, top_channels
+from convlens.learn.layer_page import inspect_model, kernel_tiles, top_channels
 from convlens.models import create, summarize
 
 

@@ -50,7 +50,7 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
     ``None`` options take the library defaults."""
     from rich.console import Console
 
-    from convlens import io as cio
+    from convlens import files as cio
     from convlens.audit import act, output
     from convlens.data.check import undo_quarantine
 

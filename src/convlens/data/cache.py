@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import PIL
 
-from convlens import io as cio
+from convlens import files as cio
 from convlens.data.check import FileRecord, inspect_file, record_dict
 from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.data.parallel import pmap

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from convlens import io as cio
+from convlens import files as cio
 from convlens.data.decode import DEFAULT_MAX_PIXELS, ImageInfo, decode
 from convlens.data.parallel import pmap, resolve_workers
 from convlens.data.scan import DatasetIndex, ImageEntry, scan

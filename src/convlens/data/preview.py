@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convlens import io as cio
+from convlens import files as cio
 from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import scan

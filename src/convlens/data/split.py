@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from convlens import io as cio
+from convlens import files as cio
 from convlens.errors import ConfigError, DataError
 
 DEFAULT_SEED = 1337

@@ -2,7 +2,7 @@
 
 A checkpoint never holds a pickled module or object: model, optimizer, scheduler and scaler
 state_dicts, RNG states as tensors and lists, the resolved config as a dict. It is written
-with ``torch.save`` to a temporary file that is renamed over the old one (``convlens.io``),
+with ``torch.save`` to a temporary file that is renamed over the old one (``convlens.files``),
 so a kill -9 at any moment leaves the previous checkpoint or the new one, never half a file,
 and it is read back with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from convlens.errors import UserError
-from convlens.io import write_bytes
+from convlens.files import write_bytes
 
 FORMAT = "convlens-checkpoint"
 FORMAT_VERSION = 1

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from convlens import io as cio
+from convlens import files as cio
 from convlens import runtime
 from convlens.data.cache import CachedImages, dataset_cache_dir, default_cache_dir, pixel_params
 from convlens.data.loader import to_model_input

@@ -14,22 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from convlens import runtime
 from convlens.config import TrainConfig
-from convlens.engine.optim import build_optimizer
-from convlens.engine.trainer import (
-    StepFunction,
-    class_weights,
-    command_config,
-    epoch_seed,
-    make_model,
-    prepare_data,
+from convlens.engine.factory import (
+    create_generators,
+    create_loaders,
+    create_model,
+    create_optimizer,
+    create_step,
 )
+from convlens.engine.trainer import command_config, epoch_seed, prepare_data
 from convlens.errors import ConfigError
-from convlens.io import write_bytes
+from convlens.files import write_bytes
 
 
 @dataclass
@@ -95,27 +93,19 @@ def lr_find(
         raise ConfigError(f"lr-find needs 0 < start_lr < end_lr. Received: start_lr={start_lr}, end_lr={end_lr}")
     if steps < 5:
         raise ConfigError(f"lr-find needs at least 5 steps. Received: steps={steps}")
-    from convlens.data.loader import BatchLoader
-
     console = console or Console()
     runtime.tune_allocator()
     runtime.configure_threads(cfg.threads)
     dev = runtime.resolve_device(cfg.device, cfg.precision)
     cfg, prepared = prepare_data(cfg, console)
-    num_classes = len(prepared.classes)
-    prep = prepared.preprocessing
-    torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model, num_classes, prep.channels, cfg.image_size, cfg.model_args).to(dev.device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = create_model(cfg, len(prepared.classes), prepared.preprocessing.channels, dev)
     model.train()
-    optimizer = build_optimizer(model, cfg.optimizer, start_lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
-    weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
-    step_fn = StepFunction(model, cfg, prep, dev, num_classes, None if weights is None else weights.to(dev.device))
-    loader = BatchLoader(prepared.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    gen_device = dev.device if dev.type == "cuda" else "cpu"
-    aug_gen = torch.Generator(device=gen_device).manual_seed(epoch_seed(cfg.seed, 0, 1))
-    mix_gen = torch.Generator(device=gen_device).manual_seed(epoch_seed(cfg.seed, 0, 2))
+    optimizer = create_optimizer(model, cfg, lr=start_lr)
+    step_fn = create_step(model, cfg, prepared, dev)
+    loader, _ = create_loaders(cfg, prepared, dev)
+    aug_gen, mix_gen = create_generators(dev)
+    aug_gen.manual_seed(epoch_seed(cfg.seed, 0, 1))
+    mix_gen.manual_seed(epoch_seed(cfg.seed, 0, 2))
 
     ratio = end_lr / start_lr
     lrs: list[float] = []

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from convlens import display
-from convlens.engine.trainer import BUNDLE_NAME, METRIC_FIELDS
+from convlens.engine.run_folder import BUNDLE_NAME, METRIC_FIELDS
 from convlens.errors import DataError
 
 CONFIG_NAME = "config.yaml"
@@ -173,7 +173,7 @@ def print_table(rows: list[dict[str, Any]], columns: tuple[str, ...], title: str
 
 def runs_command(root: str = "runs", json_path: str | None = None) -> int:
     """``convlens runs [DIR]``: one line per run folder."""
-    from convlens.io import write_json
+    from convlens.files import write_json
 
     rows = [r.row() for r in find_runs(root)]
     if json_path:
@@ -261,7 +261,7 @@ def compare_html(runs: list[RunInfo], png: bytes, diffs: dict[str, list[Any]]) -
 
 def compare_command(paths: list[str], out: str = "compare") -> int:
     """``convlens compare RUN RUN...``: writes ``OUT/compare.png`` and ``OUT/compare.html``."""
-    from convlens.io import write_bytes, write_text
+    from convlens.files import write_bytes, write_text
 
     if len(paths) < 2:
         raise DataError(f"compare needs at least two run folders. Received: {' '.join(paths) or 'none'}")

@@ -21,29 +21,25 @@ with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from convlens import __version__, runtime
+from convlens import runtime
 from convlens.config import (
     PRESETS,
     TrainConfig,
-    build,
     decode_size,
     dump_yaml,
     parse_duration,
@@ -60,27 +56,35 @@ from convlens.engine.checkpoint import (
     CheckpointError,
     checkpoint_bytes,
     load_checkpoint,
-    remove_stale_temporaries,
-    resolve_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from convlens.engine.ema import ModelEma
-from convlens.engine.optim import (
-    build_optimizer,
-    build_scheduler,
-    progressive_resize,
-    progressive_size,
+from convlens.engine.factory import (
+    classification_loss,
+    correct_count,
+    create_generators,
+    create_loaders,
+    create_model,
+    create_optimizer,
+    create_scheduler,
+    create_step,
+    soft_targets,
+)
+from convlens.engine.optim import progressive_size
+from convlens.engine.resume import open_run, resume_config
+from convlens.engine.run_folder import (
+    BUNDLE_NAME,
+    RunResult,
+    finish_run,
+    make_run_dir,
+    say,
+    write_metrics_csv,
 )
 from convlens.errors import ConfigError
-from convlens.io import write_bytes, write_text
+from convlens.files import write_bytes, write_text
 
-BUNDLE_NAME = "model.convlens"
-METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]
-# Fields that do not change the result; everything else must match to resume a run.
-RESUME_MUTABLE = {"epochs", "time", "patience", "device", "precision", "threads", "workers", "cache_dir", "nproc",
-                  "project", "name", "exist_ok", "channels_last", "preset", "tensorboard"}
 # The embedded digits are 8x8: train them small, never mirrored (a mirrored 2 is not a 2) and
 # without resized crops (a cropped 8 may be a 0; the 2-pixel random shifts of the crop margin
 # help), validated every epoch, for 10 epochs: `convlens train` shows the pipeline in a minute.
@@ -97,130 +101,10 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
-@dataclass
-class RunResult:
-    """What a finished training run produced."""
-
-    run_dir: Path
-    bundle_path: Path | None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    stopped_early: bool = False
-
-
 # ----------------------------------------------------------------------------- helpers
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A well-mixed 63-bit seed for one RNG stream of one epoch (numpy's SeedSequence)."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(stream)]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def make_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
-    """``project/name``; if it exists, the first free ``name-2``, ``name-3``... (race-free mkdir)."""
-    parent = Path(project)
-    parent.mkdir(parents=True, exist_ok=True)
-    if exist_ok:
-        (parent / name).mkdir(exist_ok=True)
-        return parent / name
-    for i in range(1, 100_000):
-        candidate = parent / (name if i == 1 else f"{name}-{i}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise ConfigError(f"no free run folder name for {name!r} in {str(parent)!r}; choose another --name")
-
-
-def make_model(spec: str, num_classes: int, in_channels: int, image_size: int,
-               model_args: dict[str, Any] | None = None) -> Any:
-    """A registry name (with ``model_args``), or a YAML/JSON layer-list file (models' ``build_model``)."""
-    from convlens.models.registry import build_model
-
-    return build_model(spec, num_classes, in_channels, input_size=image_size, **(model_args or {}))
-
-
-def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
-    """``auto``: inverse class frequency, scaled so the average sample weight is 1."""
-    if mode == "none":
-        return None
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
-    w = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 1.0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
-def soft_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """One-hot float targets ``(N, C)``."""
-    return F.one_hot(y, num_classes).float()
-
-
-def classification_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    weights: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """Mean loss for (soft) targets ``(N, C)``.
-
-    One logit (two classes): binary cross-entropy on ``p(class 1)``, as the tutorial's sigmoid
-    unit; class weights weigh the positive and negative terms. More logits: cross-entropy.
-    Label smoothing moves ``ls`` of each target's mass evenly onto all classes.
-    """
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        t = targets[:, 1]
-        if label_smoothing:
-            t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
-        z = logits[:, 0]
-        if weights is None:
-            return F.binary_cross_entropy_with_logits(z, t)
-        w0, w1 = weights[0], weights[1]
-        # weight * [pos_weight * t * log s + (1 - t) * log(1 - s)] = w1 * pos-term + w0 * neg-term
-        return F.binary_cross_entropy_with_logits(z, t, weight=w0.expand_as(z), pos_weight=w1 / w0)
-    return F.cross_entropy(logits, targets, weight=weights, label_smoothing=label_smoothing)
-
-
-class StepFunction:
-    """One training forward pass: uint8 batch -> device -> augmentation -> mixing -> model input
-    -> autocast forward -> loss. Shared by the trainer and the learning-rate finder."""
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, prep: Any, dev: runtime.DeviceInfo,
-                 num_classes: int, weights: torch.Tensor | None) -> None:
-        from convlens.data.augment import build_augmentation
-
-        self.model, self.cfg, self.prep, self.dev = model, cfg, prep, dev
-        self.num_classes, self.weights = num_classes, weights
-        self.augment = build_augmentation(flip=cfg.flip, rotation=cfg.rotation, crop_scale=cfg.crop_scale,
-                                          color_jitter=cfg.color_jitter, erasing=cfg.erasing,
-                                          image_size=cfg.image_size, random_crops=cfg.crop_margin > 0)
-        self.mixing = cfg.mixup > 0 or cfg.cutmix > 0
-        self.input_size: tuple[int, int] | None = None  # progressive resizing: this epoch's size
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, aug_gen: torch.Generator | None = None,
-                 mix_gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(loss, logits)`` for a uint8 NHWC batch ``x`` and labels ``y`` (on the device)."""
-        from convlens.data.augment import mix_batch
-        from convlens.data.loader import to_model_input
-
-        x = x.to(self.dev.device, non_blocking=True)
-        targets = soft_targets(y, self.num_classes)
-        if self.augment is not None:
-            x = self.augment(x, generator=aug_gen)
-        if self.mixing:
-            if self.augment is None:  # mixing works on float NCHW
-                x = x.permute(0, 3, 1, 2).float()
-            x, targets = mix_batch(x, targets, self.cfg.mixup, self.cfg.cutmix, mix_gen)
-        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
-            x = progressive_resize(x.permute(0, 3, 1, 2).float() if x.dtype == torch.uint8 else x, self.input_size)
-        inputs = to_model_input(x, self.prep, channels_last=self.cfg.channels_last)
-        with _autocast(self.dev):
-            logits = self.model(inputs)
-        return classification_loss(logits, targets, self.weights, self.cfg.label_smoothing), logits
-
-
-def correct_count(logits: torch.Tensor, y: torch.Tensor) -> int:
-    """Correct predictions (threshold 0.5 for one logit, argmax otherwise)."""
-    pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
-    return int((pred == y).sum())
 
 
 class _StopOnSigint:
@@ -252,11 +136,6 @@ class _StopOnSigint:
 _autocast = runtime.autocast
 
 
-def _say(console: Console, message: str) -> None:
-    # soft_wrap: a long epoch line stays one line in logs instead of wrapping at 80 columns.
-    console.print(message, soft_wrap=True, highlight=False)
-
-
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -264,15 +143,6 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 def _eta(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
-    write_text(path, buf.getvalue())
 
 
 @torch.inference_mode()
@@ -340,7 +210,7 @@ def prepare_data(cfg: TrainConfig, console: Console, split_file: str | Path | No
         decode_size=decode_size(cfg), **(pixels or {}),
     )
     if prepared.skipped:
-        _say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
+        say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
     return cfg, prepared
 
 
@@ -353,7 +223,7 @@ def train(
     """Prepare ``cfg.data``, train, evaluate on the validation set and write the run folder.
 
     ``resume``: a run folder (or checkpoint) to continue; ``cfg`` must then match the run's
-    saved configuration except for :data:`RESUME_MUTABLE` keys. ``on_step(epoch, step)`` is
+    saved configuration except for :data:`convlens.engine.resume.RESUME_MUTABLE` keys. ``on_step(epoch, step)`` is
     called after every optimisation step (0-based). Raises :class:`TrainingInterrupted` after
     writing a checkpoint when Ctrl-C is pressed.
     """
@@ -364,7 +234,6 @@ class Trainer:
     """One training run: set-up (or restore), the epoch loop, checkpoints, and the finish."""
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None) -> None:
-        from convlens.data.loader import BatchLoader
         from convlens.data.split import write_split_csv
 
         self.t0 = time.perf_counter()  # --time counts from here: data preparation is part of the run
@@ -384,19 +253,12 @@ class Trainer:
         batch_size = dist.per_process_batch(cfg.batch_size)  # batch_size is the global batch
         cfg = replace(cfg, nproc=dist.world_size)
         if dev.note:
-            _say(self.console, f"[yellow]note:[/yellow] {dev.note}")
+            say(self.console, f"[yellow]note:[/yellow] {dev.note}")
 
         state: dict[str, Any] | None = None
         split_file: Path | None = None
         if resume is not None:
-            ckpt_path = resolve_checkpoint(resume)
-            state = load_checkpoint(ckpt_path)
-            _check_resumable(cfg, state, ckpt_path)
-            run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == CHECKPOINT_DIR else ckpt_path.parent
-            if dist.is_main:
-                remove_stale_temporaries(ckpt_path.parent)
-            # The run's own split, even if files were added to the folder since.
-            split_file = run_dir / "split.csv" if (run_dir / "split.csv").is_file() else None
+            state, run_dir, split_file = open_run(resume, cfg, dist.is_main)
         with dist.main_first():  # rank 0 builds the cache; the others then read it
             cfg, self.prepared = prepare_data(cfg, self.console, split_file=split_file)
         self.cfg = cfg
@@ -413,36 +275,20 @@ class Trainer:
             write_text(run_dir / "config.yaml", dump_yaml(cfg))
             write_split_csv(run_dir / "split.csv", self.prepared.split_rows)
 
-        torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
         num_classes = len(self.classes)
-        model = make_model(cfg.model, num_classes, self.prep.channels, cfg.image_size,
-                           cfg.model_args).to(dev.device)
-        self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-        train_set, val_set = self.prepared.train, self.prepared.val
-        self.n_train = len(train_set.labels)
-        self.n_val = len(val_set.labels) if val_set is not None else 0
-        # A one-image last batch breaks BatchNorm's batch statistics: drop it in that case only.
-        drop_last = self.n_train > cfg.batch_size and self.n_train % cfg.batch_size == 1
-        pin = dev.type == "cuda"
-        self.train_loader = BatchLoader(train_set, batch_size, shuffle=True, seed=cfg.seed, drop_last=drop_last,
-                                        pin_memory=pin, rank=dist.rank, world_size=dist.world_size)
-        self.val_loader = (BatchLoader(val_set, batch_size, shuffle=False, seed=cfg.seed, pin_memory=pin,
-                                       rank=dist.rank, world_size=dist.world_size, even=False)
-                           if self.n_val else None)
+        self.model = create_model(cfg, num_classes, self.prep.channels, dev)
+        self.n_train = len(self.prepared.train.labels)
+        self.n_val = len(self.prepared.val.labels) if self.prepared.val is not None else 0
+        self.train_loader, self.val_loader = create_loaders(cfg, self.prepared, dev, batch_size, dist.rank,
+                                                            dist.world_size)
         self.steps_per_epoch = len(self.train_loader)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
-                                         cfg.nesterov)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.epochs, self.steps_per_epoch,
-                                         cfg.warmup_epochs)
+        self.optimizer = create_optimizer(self.model, cfg)
+        self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.use_scaler = dev.type == "cuda" and dev.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
-        weights = class_weights(train_set.labels, num_classes, cfg.class_weights)
-        self.step_fn = StepFunction(dist.wrap(self.model, dev), cfg, self.prep, dev, num_classes,
-                                    None if weights is None else weights.to(dev.device))
-        gen_device = dev.device if dev.type == "cuda" else "cpu"
-        self.aug_gen = torch.Generator(device=gen_device)
-        self.mix_gen = torch.Generator(device=gen_device)
+        self.step_fn = create_step(dist.wrap(self.model, dev), cfg, self.prepared, dev)
+        self.aug_gen, self.mix_gen = create_generators(dev)
         self.plan = self._plan_time() if cfg.time and state is None else None
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
 
@@ -480,7 +326,7 @@ class Trainer:
         if self.best.get("epoch") is not None and best_file.is_file():
             self.best_weights = load_checkpoint(best_file)["model"]
         where = f", step {self.skip_steps + 1}" if self.skip_steps else ""
-        _say(self.console, f"resuming {self.run_dir} at epoch {self.start_epoch + 1}{where}")
+        say(self.console, f"resuming {self.run_dir} at epoch {self.start_epoch + 1}{where}")
 
     def snapshot(self, epoch_done: int, step_in_epoch: int, finished: bool = False) -> dict[str, Any]:
         """Everything a checkpoint holds, as state_dicts and plain data."""
@@ -500,16 +346,16 @@ class Trainer:
         """Train the remaining epochs, then evaluate the best weights and write the bundle."""
         cfg, dev = self.cfg, self.dev
         precision = str(dev.amp_dtype).replace("torch.", "") if dev.amp_dtype else "fp32"
-        _say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
+        say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
                            f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
                            f"{dev.device} {precision}, {self.threads} threads"
                            + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
-        _say(self.console, f"run folder: {self.run_dir}")
+        say(self.console, f"run folder: {self.run_dir}")
         stopped_early = False
         if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
             on_step = _chain(on_step, budget.LongRunNotice(  # a long run without --time says so
                 cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
-                lambda m: _say(self.console, f"[yellow]note:[/yellow] {m}")))
+                lambda m: say(self.console, f"[yellow]note:[/yellow] {m}")))
         # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
         # resumes from the last epoch's checkpoint.
         with _StopOnSigint(enabled=not self.dist.enabled) as stop:
@@ -519,7 +365,7 @@ class Trainer:
                 if stop.requested:
                     raise TrainingInterrupted(self.run_dir, self.ckpt_dir / LAST)
                 if stopped_early:
-                    _say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
+                    say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
                                        f"(best epoch {self.best['epoch']})")
                     break
         tensorboard.close(self.tb)
@@ -540,7 +386,7 @@ class Trainer:
         if self.plan is not None:
             self.plan.used_s = time.perf_counter() - self.t0
             write_text(self.run_dir / "budget.json", json.dumps(self.plan.to_dict(), indent=2))
-            _say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
+            say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
                                f"{cfg.epochs} epochs in {budget.format_seconds(self.plan.used_s)}")
             result.metrics["time_budget"] = self.plan.to_dict()
         return result
@@ -576,10 +422,10 @@ class Trainer:
         plan = budget.Plan(budget_s=limit, epochs=epochs, epoch_s=epoch_s, finish_s=finish_s, spent_before_s=spent,
                            estimate_s=budget.estimate_seconds(epochs, epoch_s, finish_s, spent))
         self.cfg = replace(cfg, epochs=epochs)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, epochs, self.steps_per_epoch, cfg.warmup_epochs)
+        self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch, epochs)
         if self.dist.is_main:
             write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
-        _say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "
+        say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "
                            f"(estimated {budget.format_seconds(plan.estimate_s)} in all)")
         return plan
 
@@ -672,10 +518,10 @@ class Trainer:
             save_checkpoint(self.ckpt_dir / LAST, data)
             if improved:
                 save_checkpoint(self.ckpt_dir / BEST, data)
-            _write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
         recent = [r["seconds"] for r in self.history[-3:]]
         left = f"  left {_eta(float(np.mean(recent)) * (cfg.epochs - epoch - 1))}" if not finished else ""
-        _say(self.console,
+        say(self.console,
              f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  acc {_fmt(row['train_acc'])}  "
              f"val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc)}  {row['img_per_s']:.0f} img/s  "
              f"{seconds:.1f}s{left}" + ("  *" if improved else ""))
@@ -694,93 +540,6 @@ def _chain(*hooks: Callable[[int, int], None] | None) -> Callable[[int, int], No
 def _fresh_partial() -> dict[str, Any]:
     """Running sums of the current epoch (saved in mid-epoch checkpoints)."""
     return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-
-
-def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir: Path,
-               history: list[dict[str, Any]], best: dict[str, Any], device: str, curves: bytes,
-               console: Console, extra: dict[str, Any] | None = None,
-               plan: Any = None) -> RunResult:
-    """Evaluate the (best) model on the validation set, write the bundle and the report.
-
-    ``extra``: more entries for the bundle's metrics;
-    ``plan``: the ``--time`` budget plan, named in the report.
-    """
-    from convlens.bundle import BundleMeta, save_bundle
-    from convlens.evaluate import evaluate
-    from convlens.models.tta import flip_averaged
-
-    config_yaml = dump_yaml(cfg)
-    meta = BundleMeta(arch=model.arch, classes=list(prepared.classes), preprocessing=prepared.preprocessing,
-                      output_activation=model.output_activation, config=to_dict(cfg),
-                      versions={"convlens": __version__, "torch": torch.__version__},
-                      flip_average=cfg.flip_average)
-    # What the bundle will compute (load_model wraps it the same way): the report measures that.
-    model = flip_averaged(model) if cfg.flip_average else model
-    has_val = prepared.val is not None and len(prepared.val.labels) > 0
-    metrics: dict[str, Any] = {}
-    summary = {"best_epoch": best.get("epoch"), "epochs_trained": len(history),
-               "train_loss": history[-1]["train_loss"] if history else None}
-    if has_val:
-        metrics = evaluate(model, meta, prepared.val, out_dir=run_dir, device=device,
-                           batch_size=cfg.batch_size, history=history, curves=curves, config_yaml=config_yaml,
-                           title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}"
-                           + (f"; time budget {cfg.time}: {cfg.epochs} epochs" if plan is not None else ""),
-                           console=console)
-        summary.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"],
-                       val_macro_f1=metrics["macro"]["f1"], val_roc_auc=metrics.get("roc_auc"))
-    else:
-        from convlens.evaluate.report import render_report
-
-        write_text(run_dir / "report.html", render_report(
-            title=f"convlens run {run_dir.name}", metrics={"classes": list(prepared.classes)},
-            figures={"curves": curves}, history=history, config_yaml=config_yaml,
-            notes=["No validation set (val_fraction=0): nothing was evaluated."]))
-    if prepared.test is not None and len(prepared.test.labels) > 0:
-        test = evaluate(model, meta, prepared.test, out_dir=run_dir / "test", device=device,
-                        batch_size=cfg.batch_size, config_yaml=config_yaml,
-                        title=f"convlens run {run_dir.name}: test set", console=console)
-        summary.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_macro_f1=test["macro"]["f1"])
-    summary.update(extra or {})
-    meta.metrics = summary
-    bundle_path = save_bundle(run_dir / BUNDLE_NAME, model, meta)
-    acc = summary.get("val_accuracy")
-    _say(console,
-        f"[bold green]done[/bold green]: best epoch {summary['best_epoch']}"
-        + (f", validation accuracy {acc:.4f}" if acc is not None else "")
-        + f"\n  run folder: {run_dir}\n  bundle:     {bundle_path}\n  report:     {run_dir / 'report.html'}"
-    )
-    return RunResult(run_dir=run_dir, bundle_path=bundle_path, metrics=summary, history=history)
-
-
-def _check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None:
-    saved = state.get("config") or {}
-    for key, value in to_dict(cfg).items():
-        if key in RESUME_MUTABLE or key not in saved:
-            continue
-        if key == "data" and value is None:
-            continue
-        if saved[key] != value:
-            raise CheckpointError(f"cannot change {key} when resuming {str(path)!r} "
-                                  f"(run: {saved[key]!r}). Received: {key}={value!r}")
-
-
-def resume_config(resume: str | Path, overrides: dict[str, Any] | None) -> TrainConfig:
-    """The saved configuration of a run, with the resume-safe ``overrides`` applied."""
-    state = load_checkpoint(resolve_checkpoint(resume))
-    saved = {k: v for k, v in (state.get("config") or {}).items()}
-    overrides = dict(overrides or {})
-    for key, value in overrides.items():
-        k = key.replace("-", "_")
-        if k not in RESUME_MUTABLE and k in saved:
-            cur = build(TrainConfig, {k: value})
-            if getattr(cur, k) != saved[k]:
-                raise ConfigError(f"cannot change {k} when resuming; only {', '.join(sorted(RESUME_MUTABLE))} "
-                                  f"may change. Received: {k}={value!r}")
-    cfg = build(TrainConfig, saved, {k: v for k, v in overrides.items() if k.replace('-', '_') in RESUME_MUTABLE})
-    from convlens.config import validate_train_config
-
-    validate_train_config(cfg)
-    return cfg
 
 
 def command_config(overrides: dict[str, Any], config_file: str | Path | None) -> TrainConfig:

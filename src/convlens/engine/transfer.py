@@ -11,7 +11,7 @@ The fast path of ``convlens train DIR --pretrained NAME|PATH``:
    features, with the run's class weights and label smoothing, and write it into the model;
 4. optionally fine-tune the last blocks for ``finetune_epochs`` (bf16, channels_last, a lower
    learning rate, batch-norm statistics frozen);
-5. the usual evaluation, report and bundle (:func:`convlens.engine.trainer.finish_run`).
+5. the usual evaluation, report and bundle (:func:`convlens.engine.run_folder.finish_run`).
 """
 
 from __future__ import annotations
@@ -30,27 +30,21 @@ from convlens.data.decode import decode
 from convlens.data.scan import scan
 from convlens.data.split import write_split_csv
 from convlens.engine import tensorboard
-from convlens.engine.features import Backbone, cached_features, load_pretrained, subset_hashes
-from convlens.engine.optim import build_optimizer, build_scheduler
-from convlens.engine.trainer import (
-    RunResult,
+from convlens.engine.factory import (
     StepFunction,
-    _say,
-    _validate,
-    _write_metrics_csv,
     class_weights,
     classification_loss,
-    command_config,
     correct_count,
-    finish_run,
-    make_run_dir,
-    prepare_data,
     soft_targets,
 )
+from convlens.engine.features import Backbone, cached_features, load_pretrained, subset_hashes
+from convlens.engine.optim import build_optimizer, build_scheduler
+from convlens.engine.run_folder import RunResult, finish_run, make_run_dir, say, write_metrics_csv
+from convlens.engine.trainer import _validate, command_config, prepare_data
 from convlens.engine.trainer import train as train_from_scratch
 from convlens.engine.trainer import train_command as train_from_scratch_command
 from convlens.errors import ConfigError, ImageError
-from convlens.io import write_text
+from convlens.files import write_text
 from convlens.models.pretrained import load_backbone
 
 HEAD_L2 = 1.0  # L2 on the standardised head weights: best or tied on both datasets (docs/benchmarks.md)
@@ -159,7 +153,7 @@ def finetune(model: Any, cfg: TrainConfig, prepared: Any, dev: runtime.DeviceInf
         row = {"epoch": epoch + 2, "lr": FINETUNE_LR, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                "val_loss": val_loss, "val_acc": val_acc, "img_per_s": seen / seconds, "seconds": seconds}
         history.append(row)
-        _say(console, f"fine-tune {epoch + 1}/{cfg.finetune_epochs}  loss {row['train_loss']:.4f}  "
+        say(console, f"fine-tune {epoch + 1}/{cfg.finetune_epochs}  loss {row['train_loss']:.4f}  "
                      f"val_acc {val_acc if val_acc is None else f'{val_acc:.4f}'}  {row['img_per_s']:.0f} img/s  {seconds:.1f}s")
     for p in model.parameters():
         p.requires_grad_(True)
@@ -188,12 +182,12 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
                   scale=p.scale, mean=list(p.mean), std=list(p.std), channels=3,
                   crop_margin=0.0, flip_average=False)  # the from-scratch recipe's crop and flip averaging
     where = "ImageNet weights from the installed package" if backbone.source.packaged else backbone.source.path
-    _say(console, f"backbone: {backbone.source.arch} ({where}); {p.size[0]}x{p.size[1]} {p.interpolation} "
+    say(console, f"backbone: {backbone.source.arch} ({where}); {p.size[0]}x{p.size[1]} {p.interpolation} "
                   f"centre crop, {threads} threads" + ("; --pretrained none trains from scratch" if backbone.source.packaged else ""))
     cfg, prepared = prepare_data(cfg, console, pixels={"interpolation": p.interpolation, "crop_fraction": p.crop_fraction})
     records = [prepared.cache.records[q] for q in prepared.train.paths[:2000]]
     if records and all(r.grayscale for r in records):
-        _say(console, "note: grayscale images: the channel is replicated 3x for the RGB backbone")
+        say(console, "note: grayscale images: the channel is replicated 3x for the RGB backbone")
     t["decode"] = time.perf_counter()
     num_classes = len(prepared.classes)
     model, _ = load_backbone(backbone.source.path, num_classes, backbone.source.arch)
@@ -201,7 +195,7 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
     run_dir = make_run_dir(cfg.project, cfg.name, cfg.exist_ok)
     write_text(run_dir / "config.yaml", dump_yaml(cfg))
     write_split_csv(run_dir / "split.csv", prepared.split_rows)
-    _say(console, f"run folder: {run_dir}")
+    say(console, f"run folder: {run_dir}")
 
     train_x = _subset_features(backbone, prepared, prepared.train, cfg, "bf16")
     train_y = prepared.train.labels
@@ -219,12 +213,12 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
         fc.bias.copy_(b)
     t["head"] = time.perf_counter()
     history = [_head_row(model, train_x, train_y, val_x, prepared, t["head"] - t["features"])]
-    _say(console, f"linear head on {len(train_y)} feature rows: train_acc {history[0]['train_acc']:.4f}"
+    say(console, f"linear head on {len(train_y)} feature rows: train_acc {history[0]['train_acc']:.4f}"
                  + (f"  val_acc {history[0]['val_acc']:.4f}" if has_val else "") + f"  {t['head'] - t['features']:.1f}s")
     if cfg.finetune_epochs:
         history += finetune(model, cfg, prepared, dev, console, weights)
     t["finetune"] = time.perf_counter()
-    _write_metrics_csv(run_dir / "metrics.csv", history)  # what `convlens runs` and `compare` read
+    write_metrics_csv(run_dir / "metrics.csv", history)  # what `convlens runs` and `compare` read
     if cfg.tensorboard:
         tensorboard.write_history(run_dir, history)
     best = {"epoch": len(history)}

@@ -167,6 +167,25 @@ def _caption(classes: Sequence[str], true: int, probs: np.ndarray, pred: int, pa
     return (f"{name}\ntrue {classes[true]} ({probs[true]:.2f})\npred {classes[pred]} ({probs[pred]:.2f})")
 
 
+def _figures(metrics: dict[str, Any], images: Any, labels: np.ndarray, probs: np.ndarray, pred: np.ndarray,
+             paths: list[str], classes: list[str], worst: list[int], unsure: list[int]) -> dict[str, bytes]:
+    """The report's figures (PNG bytes): confusion, calibration, ROC (two classes), the galleries."""
+    from convlens.evaluate import plots
+
+    if not len(labels):
+        return {}
+    figures = {"confusion": plots.confusion_png(metrics["confusion_matrix"], classes),
+               "calibration": plots.calibration_png(metrics["calibration"])}
+    if metrics.get("roc"):
+        figures["roc"] = plots.roc_png(metrics["roc"], metrics.get("roc_auc"), classes[1])
+    figures["mistakes"] = plots.gallery_png(
+        [images[i] for i in worst], [_caption(classes, labels[i], probs[i], pred[i], paths[i]) for i in worst])
+    if unsure:
+        figures["uncertain"] = plots.gallery_png(
+            [images[i] for i in unsure], [_caption(classes, labels[i], probs[i], pred[i], paths[i]) for i in unsure])
+    return figures
+
+
 def evaluate(
     model: torch.nn.Module,
     meta: BundleMeta,
@@ -191,9 +210,8 @@ def evaluate(
     Returns the metrics dict (see :func:`compute_metrics`) plus ``worst_mistakes`` (path, true
     and predicted class with probabilities) and ``skipped`` (unusable files).
     """
-    from convlens.evaluate import plots
     from convlens.evaluate.report import render_report
-    from convlens.io import write_bytes, write_json, write_text
+    from convlens.files import write_bytes, write_json, write_text
 
     if isinstance(data, (str, os.PathLike)):
         data = load_labelled_folder(data, meta)
@@ -216,19 +234,9 @@ def evaluate(
         return metrics
 
     out = Path(out_dir)
-    figures: dict[str, bytes] = {}
+    figures = _figures(metrics, data.images, labels, probs, pred, paths, classes, worst, unsure)
     if curves is not None:
-        figures["curves"] = curves
-    if len(labels):
-        figures["confusion"] = plots.confusion_png(metrics["confusion_matrix"], classes)
-        figures["calibration"] = plots.calibration_png(metrics["calibration"])
-        if metrics.get("roc"):
-            figures["roc"] = plots.roc_png(metrics["roc"], metrics.get("roc_auc"), classes[1])
-        figures["mistakes"] = plots.gallery_png(
-            [data.images[i] for i in worst], [_caption(classes, labels[i], probs[i], pred[i], paths[i]) for i in worst])
-        if unsure:
-            figures["uncertain"] = plots.gallery_png(
-                [data.images[i] for i in unsure], [_caption(classes, labels[i], probs[i], pred[i], paths[i]) for i in unsure])
+        figures = {"curves": curves, **figures}
     files = {"confusion": "confusion_matrix.png", "calibration": "calibration.png", "roc": "roc.png",
              "mistakes": "worst_mistakes.png", "uncertain": "least_confident.png"}
     for key, name in files.items():

@@ -57,6 +57,42 @@ def html_page(title: str, body: Sequence[str], subtitle: str = "", css: str = ""
     ])
 
 
+def _training_section(figures: dict[str, bytes], history: Sequence[dict[str, Any]] | None) -> list[str]:
+    """"Training": the curves and one table row per epoch."""
+    if "curves" not in figures and not history:
+        return []
+    parts = ["<h2>Training</h2>"]
+    if "curves" in figures:
+        parts.append(img_tag(figures["curves"], "loss and accuracy per epoch"))
+    if history:
+        keys = [k for k in history[0] if k != "epoch"]
+        parts.append(_table(["epoch", *keys], [[r.get("epoch"), *(r.get(k) for k in keys)] for r in history]))
+    return parts
+
+
+def _class_sections(metrics: dict[str, Any]) -> list[str]:
+    """"Per class" (with the macro and weighted averages) and, for two classes, "Decision threshold"."""
+    parts = []
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        parts.append("<h2>Per class</h2>")
+        rows = [[c, m["precision"], m["recall"], m["f1"], m["support"]] for c, m in per_class.items()]
+        for avg in ("macro", "weighted"):
+            m = metrics.get(avg) or {}
+            if m:
+                rows.append([f"{avg} average", m["precision"], m["recall"], m["f1"], metrics.get("num_samples")])
+        parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
+    if metrics.get("thresholds"):
+        classes = metrics.get("classes", ["0", "1"])
+        parts.append(f"<h2>Decision threshold (positive class: {html.escape(str(classes[1]))})</h2>")
+        parts.append(f"<p>The model predicts {html.escape(str(classes[1]))} when its probability is at least "
+                     f"the threshold (used: {_fmt(metrics.get('threshold'), 2)}).</p>")
+        parts.append(_table(["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"],
+                            [[t["threshold"], t["precision"], t["recall"], t["f1"], t["accuracy"], t["positives"]]
+                             for t in metrics["thresholds"]]))
+    return parts
+
+
 def render_report(
     *,
     title: str,
@@ -95,32 +131,8 @@ def render_report(
         f"<div class='card'><b>{_fmt(v)}</b><span>{html.escape(k)}</span></div>" for k, v in cards
         if v is not None) + "</div>")
 
-    if "curves" in figures or history:
-        parts.append("<h2>Training</h2>")
-        if "curves" in figures:
-            parts.append(img_tag(figures["curves"], "loss and accuracy per epoch"))
-        if history:
-            keys = [k for k in history[0] if k != "epoch"]
-            parts.append(_table(["epoch", *keys], [[r.get("epoch"), *(r.get(k) for k in keys)] for r in history]))
-
-    per_class = metrics.get("per_class") or {}
-    if per_class:
-        parts.append("<h2>Per class</h2>")
-        rows = [[c, m["precision"], m["recall"], m["f1"], m["support"]] for c, m in per_class.items()]
-        for avg in ("macro", "weighted"):
-            m = metrics.get(avg) or {}
-            if m:
-                rows.append([f"{avg} average", m["precision"], m["recall"], m["f1"], metrics.get("num_samples")])
-        parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
-
-    if metrics.get("thresholds"):
-        classes = metrics.get("classes", ["0", "1"])
-        parts.append(f"<h2>Decision threshold (positive class: {html.escape(str(classes[1]))})</h2>")
-        parts.append(f"<p>The model predicts {html.escape(str(classes[1]))} when its probability is at least "
-                     f"the threshold (used: {_fmt(metrics.get('threshold'), 2)}).</p>")
-        parts.append(_table(["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"],
-                            [[t["threshold"], t["precision"], t["recall"], t["f1"], t["accuracy"], t["positives"]]
-                             for t in metrics["thresholds"]]))
+    parts.extend(_training_section(figures, history))
+    parts.extend(_class_sections(metrics))
 
     figs = [(k, alt) for k, alt in (("confusion", "confusion matrix"), ("roc", "ROC curve"),
                                     ("calibration", "calibration plot")) if k in figures]

@@ -34,8 +34,8 @@ def explain_command(bundle: str, paths: Sequence[str], out: str = "explain", met
     from rich.table import Table
 
     from convlens.explain.figures import figure_png, grid_png, make_panel, write_png
+    from convlens.files import write_json
     from convlens.inputs import display, display_base, expand_paths, print_skipped
-    from convlens.io import write_json
     from convlens.predict import load
 
     check_method(method)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from convlens.io import write_bytes
+from convlens.files import write_bytes
 
 DEFAULT_CMAP = "jet"  # the colour map of the tutorial's (and Zhou et al.'s) figures
 DEFAULT_ALPHA = 0.5

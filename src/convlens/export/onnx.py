@@ -38,7 +38,7 @@ from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import labelled_files, list_images
 from convlens.errors import DataError, ImageError, UserError
 from convlens.export.onnx_backend import CAM_NAME, INPUT_NAME, LOGITS_NAME, METADATA_KEY
-from convlens.io import write_bytes
+from convlens.files import write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx

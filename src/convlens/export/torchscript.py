@@ -23,7 +23,7 @@ import numpy as np
 
 from convlens import __version__
 from convlens.export.onnx import DEFAULT_ATOL, ExportError, ExportResult, sample_inputs
-from convlens.io import write_bytes
+from convlens.files import write_bytes
 
 EXTRA_FILE = "convlens.json"
 

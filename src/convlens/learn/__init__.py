@@ -17,7 +17,7 @@ from convlens.learn.demo_layer import (
            arithmetic,
            demo_layer,
 )
-from convlens.learn.inspect import InspectResult, LayerView, inspect_model
+from convlens.learn.layer_page import InspectResult, LayerView, inspect_model
 
 __all__ = ["KINDS", "NAMED_KERNELS", "DemoResult", "InspectResult", "LayerView", "apply_layer", "arithmetic",
            "demo_layer", "inspect_model"]

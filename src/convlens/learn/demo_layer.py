@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from convlens import io as cio
+from convlens import files as cio
 from convlens.config import suggest
 from convlens.errors import ConfigError, ImageError, SpecError, UserError
 

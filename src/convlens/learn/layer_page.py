@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from convlens import io as cio
+from convlens import files as cio
 from convlens.errors import ConfigError, ImageError, UserError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convlens.io import atomic_open, write_json, write_text
+from convlens.files import atomic_open, write_json, write_text
 
 
 def test_atomic_write_replaces_whole_file(tmp_path) -> None:
