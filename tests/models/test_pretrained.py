@@ -91,7 +91,7 @@ def test_bad_weight_files_raise_one_line(tmp_path: Path) -> None:
     cases = {
         "truncated.pth": "truncated or damaged", "truncated.safetensors": "truncated or damaged",
         "list.pth": "not a state_dict", "module.pth": "pickled code is never loaded",
-        "text.pth": "truncated or damaged", "shape.pth": "does not match any known architecture",
+        "text.pth": "not a PyTorch weight file", "shape.pth": "does not match any known architecture",
         "missing.pth": "does not exist",
     }
     for name, message in cases.items():

@@ -159,6 +159,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{str(p)!r} is not a readable safetensors file (truncated or damaged?): "
                                f"{str(e).splitlines()[0][:120]}") from e
+    with open(p, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip (or, long ago, a pickle)
+        raise WeightsError(f"{str(p)!r} is not a PyTorch weight file (neither torch.save's zip nor a pickle); "
+                           f"pass a state_dict saved with torch.save, or a .safetensors file")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
