@@ -148,3 +148,20 @@ def test_first_conv_runs_in_fp32_under_autocast_only() -> None:
             first, second = model[0](x), model(x)
     assert first.dtype == torch.bfloat16 and second.dtype == torch.bfloat16
     torch.testing.assert_close(first, exact.to(torch.bfloat16))  # fp32 arithmetic, rounded once
+
+
+def test_first_conv_stays_bf16_for_inputs_bf16_holds_exactly() -> None:
+    """0-255 pixels (the tutorial's scale) are exact in bf16: the first convolution then runs in
+    bf16 like the rest; inputs bf16 would round still get the fp32 convolution."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    pixels = torch.randint(0, 256, (2, 3, 8, 8)).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(pixels)  # autocast's own bf16 convolution
+    fractions = pixels / 255
+    with torch.no_grad():
+        exact = model(fractions)  # fp32
+    runtime.first_conv_in_fp32(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(pixels), plain)
+        torch.testing.assert_close(model(fractions), exact.to(torch.bfloat16))  # fp32, rounded once
