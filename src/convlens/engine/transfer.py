@@ -180,7 +180,8 @@ def train_transfer(cfg: TrainConfig, console: Console | None = None) -> RunResul
     p = backbone.preprocessing
     cfg = replace(cfg, arch=backbone.source.arch, model=backbone.source.arch, image_size=p.size[0], resize=p.resize,
                   scale=p.scale, mean=list(p.mean), std=list(p.std), channels=3,
-                  crop_margin=0.0, flip_average=False)  # the from-scratch recipe's crop and flip averaging
+                  crop_margin=0.0, flip_average=False,  # the from-scratch recipe's crop and flip averaging
+                  epochs=1 + cfg.finetune_epochs)  # what runs: the head fit, then any fine-tuning epochs
     where = "ImageNet weights from the installed package" if backbone.source.packaged else backbone.source.path
     say(console, f"backbone: {backbone.source.arch} ({where}); {p.size[0]}x{p.size[1]} {p.interpolation} "
                   f"centre crop, {threads} threads" + ("; --pretrained none trains from scratch" if backbone.source.packaged else ""))
