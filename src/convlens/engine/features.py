@@ -104,8 +104,7 @@ def _extract(model: ConvlensModel, images: Any, prep: Preprocessing, dev: runtim
         x = to_model_input(x, prep, channels_last=True)
         if prep.channels == 1 and model.in_channels == 3:
             x = x.expand(-1, 3, -1, -1)  # grayscale into an RGB backbone: replicate the channel
-        ctx = torch.autocast(dev.type, dtype=dev.amp_dtype) if dev.amp_dtype else contextlib.nullcontext()
-        with ctx:
+        with runtime.autocast(dev):
             f = model.forward_features(x)
         out[start:start + len(x)] = f.float().mean(dim=(2, 3)).cpu().numpy()
         if progress is not None:

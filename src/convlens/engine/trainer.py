@@ -133,8 +133,6 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
-_autocast = runtime.autocast
-
 
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
@@ -162,7 +160,7 @@ def _validate(model: torch.nn.Module, loader: Any, prep: Any, dev: runtime.Devic
     for x, y in loader:
         x = x.to(dev.device, non_blocking=True)
         y = y.to(dev.device, non_blocking=True)
-        with _autocast(dev):
+        with runtime.autocast(dev):
             logits = model(to_model_input(x, prep, channels_last=channels_last))
         logits = logits.float()
         loss = classification_loss(logits, soft_targets(y, num_classes))
@@ -408,7 +406,7 @@ class Trainer:
             return fn(batch[0], batch[1].to(dev.device), torch.Generator().manual_seed(0))[0]
 
         def validate(model: torch.nn.Module, batch: Any) -> None:
-            with _autocast(dev):
+            with runtime.autocast(dev):
                 model(to_model_input(batch[0].to(dev.device), self.prep, channels_last=cfg.channels_last))
 
         self.train_loader.set_epoch(0)
