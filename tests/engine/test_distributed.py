@@ -181,21 +181,27 @@ def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
     assert (ddp_run / "model.convlens").is_file() and (ddp_run / "report.html").is_file()
     assert "nproc: 2" in (ddp_run / "config.yaml").read_text()
 
-    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=Console(file=io.StringIO()))
-    a = load_checkpoint(ddp_run / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    a = _assert_matches_one_process(ddp_run, data, tmp_path)
     # Trained weights, not two untouched initialisations.
     torch.manual_seed(EXACT["seed"])
     init = make_model("tiny", 2, 3, 16).state_dict()
     assert max(float((a[k].float() - init[k].float()).abs().max()) for k in a) > 1e-3
-    # Metrics are reduced over both ranks: the same sums as one process over the same samples.
-    for ra, rb in zip(_metrics(ddp_run), _metrics(single.run_dir), strict=True):
+    assert elapsed < 120, f"two-process run took {elapsed:.0f} s"
+
+
+def _assert_matches_one_process(run_dir: Path, data: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
+    """A distributed run's final weights and metrics equal one process's on the same data (the
+    metrics are reduced over the ranks: the same sums over the same samples); returns its weights."""
+    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=Console(file=io.StringIO()))
+    a = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    for ra, rb in zip(_metrics(run_dir), _metrics(single.run_dir), strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-4, abs=1e-5), key
-    assert elapsed < 120, f"two-process run took {elapsed:.0f} s"
+    return a
 
 
 def _free_port() -> int:
@@ -234,15 +240,7 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
     assert "2 processes" in outputs[0][0] + outputs[1][0]
     run = tmp_path / "runs" / "nodes"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["nodes"] and (run / "model.convlens").is_file()
-    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=Console(file=io.StringIO()))
-    a = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    for ra, rb in zip(_metrics(run), _metrics(single.run_dir), strict=True):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-4, abs=1e-5), key
+    _assert_matches_one_process(run, data, tmp_path)
 
 
 FAILING_WORKER = textwrap.dedent("""
