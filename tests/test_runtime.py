@@ -165,3 +165,30 @@ def test_first_conv_stays_bf16_for_inputs_bf16_holds_exactly() -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(pixels), plain)
         torch.testing.assert_close(model(fractions), exact.to(torch.bfloat16))  # fp32, rounded once
+
+
+def test_exact_in_bf16_reads_the_low_bits() -> None:
+    pixels = torch.randint(0, 256, (2, 3, 5, 7)).float()
+    assert runtime.exact_in_bf16(pixels)
+    assert runtime.exact_in_bf16(pixels.contiguous(memory_format=torch.channels_last))
+    assert runtime.exact_in_bf16(pixels[:, :, 1:, ::2])  # a strided view is copied, not misread
+    assert not runtime.exact_in_bf16(pixels / 255)
+    nearly = pixels.clone()
+    nearly[1, 2, 4, 6] = 257.0  # one value bf16 would round (9 significant bits)
+    assert not runtime.exact_in_bf16(nearly.contiguous(memory_format=torch.channels_last))
+
+
+def test_model_logits_feeds_exact_inputs_as_bf16() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
+    dev = runtime.resolve_device("cpu", "bf16")
+    if dev.amp_dtype != torch.bfloat16:
+        pytest.skip("bf16 inference is not native on this CPU")
+    pixels = torch.randint(0, 256, (2, 3, 8, 8)).float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(pixels).float()
+    assert torch.equal(runtime.model_logits(model, pixels, dev), plain)  # same bf16 arithmetic
+    fractions = pixels / 255
+    with torch.no_grad():
+        exact = model(fractions)
+    torch.testing.assert_close(runtime.model_logits(model, fractions, dev), exact.to(torch.bfloat16).float())

@@ -18,6 +18,7 @@ from torch import nn
 
 from convlens.config import suggest
 from convlens.errors import SpecError
+from convlens.models.pooling import max_pool2d
 from convlens.models.shapes import (
     RF,
     Pair,
@@ -262,9 +263,9 @@ class Pool(SpecLayer):
         (t, b), (left, r) = pads
         if self.mode == "max":
             if t == b and left == r:  # torch pads with -inf itself: padding never wins
-                y = F.max_pool2d(x, k, s, (t, left))
+                y = max_pool2d(x, k, s, (t, left))
             else:
-                y = F.max_pool2d(F.pad(x, (left, r, t, b), value=float("-inf")), k, s)
+                y = max_pool2d(F.pad(x, (left, r, t, b), value=float("-inf")), k, s)
         elif t == b and left == r:
             y = F.avg_pool2d(x, k, s, (t, left), count_include_pad=False)
         else:

@@ -15,6 +15,7 @@ from torch import nn
 
 from convlens.errors import SpecError
 from convlens.models.model import ConvlensModel, build_from_spec
+from convlens.models.pooling import MaxPool2d
 from convlens.models.registry import register_model
 from convlens.models.shapes import RF, propagate_rf
 
@@ -241,7 +242,7 @@ class ConvStage(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.pool = MaxPool2d(2) if pool else nn.Identity()
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
