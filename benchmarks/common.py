@@ -283,6 +283,27 @@ def keras_resnet8(size: int, widths: tuple[int, ...] = (48, 96, 192), stem: int 
     return keras.Model(inputs, layers.Dense(1, activation="sigmoid", dtype="float32")(x))
 
 
+def keras_vgg10(size: int, widths: tuple[int, ...] = (32, 64, 128, 256), stem: int = 32) -> Any:
+    """convlens's ``vgg10`` (the from-scratch default) written in Keras: 3x3/2 conv-BN-ReLU stem,
+    four stages of two 3x3 conv-BN-ReLU with a 2x2 max pool after the first three, GAP,
+    Dense(1, sigmoid)."""
+    import keras
+    from keras import layers
+
+    def conv_bn_relu(x: Any, filters: int, stride: int = 1) -> Any:
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
+        return layers.ReLU()(layers.BatchNormalization()(x))
+
+    inputs = keras.Input((size, size, 3))
+    x = conv_bn_relu(inputs, stem, 2)
+    for i, w in enumerate(widths):
+        x = conv_bn_relu(conv_bn_relu(x, w), w)
+        if i < len(widths) - 1:
+            x = layers.MaxPooling2D(2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, layers.Dense(1, activation="sigmoid", dtype="float32")(x))
+
+
 def setup_tensorflow(threads: int, precision: str = "fp32") -> Any:
     """Import TensorFlow with ``threads`` intra-op threads and the Keras precision policy."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -34,8 +34,9 @@ CONTESTANTS = {
 
 def parse_args(argv: list[str] | None = None) -> Any:
     p = common.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--model", default="tutorial_cnn", choices=["tutorial_cnn", "resnet8"],
-                   help="tutorial_cnn (the tutorial preset) or resnet8 (the default preset's model, same in Keras)")
+    p.add_argument("--model", default="tutorial_cnn", choices=["tutorial_cnn", "resnet8", "vgg10"],
+                   help="tutorial_cnn (the tutorial preset), vgg10 (the from-scratch default) or resnet8 (the "
+                        "earlier default); the same network in Keras")
     p.add_argument("--image-size", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="training steps per timed repeat")
@@ -72,7 +73,8 @@ def torch_worker(args: Any, precision: str) -> dict[str, Any]:
     cfg = resolve_train_config(preset, None, {
         "image_size": args.image_size, "batch_size": args.batch_size, "device": "cpu", "precision": precision,
         "flip": bool(args.augment), "rotation": 0.1 if args.augment else 0.0, "threads": threads,
-        "crop_scale": 1.0, "model": args.model,
+        "crop_scale": 1.0, "crop_margin": 0.0, "model": args.model,
+        **({"optimizer": "adamw", "lr": 5e-3} if args.model == "resnet8" else {}),  # as its Keras twin
     })
     dev = runtime.resolve_device(cfg.device, cfg.precision)
     torch.manual_seed(0)
@@ -124,9 +126,12 @@ def keras_worker(args: Any, precision: str) -> dict[str, Any]:
     tf = common.setup_tensorflow(common.threads_of(args), precision)
     import keras
 
-    if args.model == "resnet8":  # the default preset's recipe: AdamW, weight decay 5e-4
+    if args.model == "resnet8":  # the earlier default recipe: AdamW, weight decay 5e-4
         model = common.keras_resnet8(args.image_size)
         optimizer: Any = keras.optimizers.AdamW(5e-3, weight_decay=5e-4)
+    elif args.model == "vgg10":  # the from-scratch default: SGD Nesterov momentum 0.9, weight decay 5e-4
+        model = common.keras_vgg10(args.image_size)
+        optimizer = keras.optimizers.SGD(0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
     else:
         model = common.keras_tutorial_model(args.image_size, augment=args.augment)
         optimizer = keras.optimizers.RMSprop(1e-3)

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from convlens.config import parse_duration
 from convlens.engine import budget
-from convlens.engine.optim import ONECYCLE_DIV, ONECYCLE_FINAL_DIV
+from convlens.engine.optim import ONECYCLE_DIV, ONECYCLE_FINAL_DIV, progressive_epochs
 from convlens.engine.trainer import train
 from convlens.errors import ConfigError
 from tests.engine.helpers import make_dataset, tiny_config
@@ -48,6 +48,21 @@ def test_plan_fits_the_budget_with_the_final_evaluation() -> None:
     assert budget.plan_epochs(5.0, spent, epoch_s, finish_s) == 1
     with pytest.raises(ValueError):
         budget.plan_epochs(0.0, 0.0, epoch_s, finish_s)
+
+
+def test_plan_counts_progressive_epochs_at_their_own_cost() -> None:
+    """With progressive resizing the first half of the epochs are cheaper: the plan fits more."""
+    epoch_s, small_s, finish_s, spent = 6.0, 3.0, 8.0, 10.0
+    plain = budget.plan_epochs(600.0, spent, epoch_s, finish_s)
+    epochs = budget.plan_epochs(600.0, spent, epoch_s, finish_s, small_s, 0.5)
+    small = progressive_epochs(0.5, epochs)
+    assert small == round(epochs / 2)
+    estimate = budget.estimate_seconds(epochs, epoch_s, finish_s, spent, small_s, 0.5)
+    assert estimate == pytest.approx(spent + small * small_s + (epochs - small) * epoch_s + finish_s)
+    assert estimate <= 600.0 * budget.SAFETY < budget.estimate_seconds(epochs + 1, epoch_s, finish_s, spent, small_s, 0.5)
+    assert epochs > 1.3 * plain  # ~4/3: half the epochs at half the cost
+    # Without the smaller size's cost the progressive fraction changes nothing.
+    assert budget.plan_epochs(600.0, spent, epoch_s, finish_s, None, 0.5) == plain
 
 
 def test_long_run_notice_says_once_only_when_long(monkeypatch: pytest.MonkeyPatch) -> None:

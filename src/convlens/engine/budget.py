@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from convlens.engine.optim import progressive_epochs
+
 # The final evaluation runs the validation set once per view and then writes figures, the
 # report and the bundle; this covers the latter on a 2-core CPU (measured ~2-4 s).
 FINISH_OVERHEAD_S = 5.0
@@ -49,6 +51,7 @@ class Plan:
     spent_before_s: float
     estimate_s: float
     used_s: float | None = None
+    small_epoch_s: float | None = None  # with progressive resizing: an epoch at the smaller size
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -64,17 +67,26 @@ def finish_seconds(speed: Speed, val_batches: int, views: int) -> float:
     return views * val_batches * speed.val_batch_s + FINISH_OVERHEAD_S
 
 
-def plan_epochs(budget_s: float, spent_s: float, epoch_s: float, finish_s: float) -> int:
-    """The most epochs (at least 1) such that ``spent + epochs * epoch_s + finish`` fits the budget."""
+def plan_epochs(budget_s: float, spent_s: float, epoch_s: float, finish_s: float,
+                small_epoch_s: float | None = None, progressive: float = 0.0) -> int:
+    """The most epochs (at least 1) whose :func:`estimate_seconds` fits the budget (with
+    progressive resizing, the first ``progressive`` of them cost ``small_epoch_s`` each)."""
     if budget_s <= 0 or epoch_s <= 0:
         raise ValueError(f"budget and epoch time must be positive. Received: budget_s={budget_s}, epoch_s={epoch_s}")
-    left = budget_s * SAFETY - spent_s - finish_s
-    return max(1, math.floor(left / epoch_s))
+    limit = budget_s * SAFETY
+    cheapest = min(epoch_s, small_epoch_s or epoch_s)
+    epochs = max(1, math.floor((limit - spent_s - finish_s) / cheapest))  # an upper bound, then down
+    while epochs > 1 and estimate_seconds(epochs, epoch_s, finish_s, spent_s, small_epoch_s, progressive) > limit:
+        epochs -= 1
+    return epochs
 
 
-def estimate_seconds(epochs: int, epoch_s: float, finish_s: float, spent_s: float = 0.0) -> float:
-    """Expected wall time of a run of ``epochs``."""
-    return spent_s + epochs * epoch_s + finish_s
+def estimate_seconds(epochs: int, epoch_s: float, finish_s: float, spent_s: float = 0.0,
+                     small_epoch_s: float | None = None, progressive: float = 0.0) -> float:
+    """Expected wall time of a run of ``epochs`` (the first ``progressive`` of them at
+    ``small_epoch_s`` when given)."""
+    small = progressive_epochs(progressive, epochs) if small_epoch_s is not None else 0
+    return spent_s + small * (small_epoch_s or 0.0) + (epochs - small) * epoch_s + finish_s
 
 
 def measure_speed(model: Any, optimizer: Any, step: Callable[[Any, Any], Any], train_batches: Any,

@@ -118,10 +118,18 @@ def build_scheduler(
 PROGRESSIVE_SCALE = 0.75
 
 
+def progressive_epochs(fraction: float, epochs: int) -> int:
+    """How many of ``epochs`` (the first ones) progressive resizing trains at the smaller size."""
+    return min(epochs, round(fraction * epochs)) if fraction > 0 else 0
+
+
 def progressive_size(image_size: int, fraction: float, epoch: int, epochs: int) -> tuple[int, int] | None:
     """The training input size of ``epoch`` (0-based), or ``None`` for the full ``image_size``."""
-    if fraction <= 0 or epoch >= round(fraction * epochs):
-        return None
+    return None if epoch >= progressive_epochs(fraction, epochs) else progressive_side(image_size)
+
+
+def progressive_side(image_size: int) -> tuple[int, int]:
+    """The smaller training size of progressive resizing: 3/4 of ``image_size``, a multiple of 8."""
     side = max(8, int(round(image_size * PROGRESSIVE_SCALE / 8)) * 8)
     return (side, side)
 

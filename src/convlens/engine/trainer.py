@@ -72,7 +72,7 @@ from convlens.engine.factory import (
     create_step,
     soft_targets,
 )
-from convlens.engine.optim import progressive_size
+from convlens.engine.optim import progressive_side, progressive_size
 from convlens.engine.resume import open_run, resume_config
 from convlens.engine.run_folder import (
     BUNDLE_NAME,
@@ -400,25 +400,34 @@ class Trainer:
 
         cfg, dev = self.cfg, self.dev
 
-        def step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-            fn = copy.copy(self.step_fn)
-            fn.model = model
-            return fn(batch[0], batch[1].to(dev.device), torch.Generator().manual_seed(0))[0]
+        def step_at(size: tuple[int, int] | None) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+            def step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+                fn = copy.copy(self.step_fn)
+                fn.model, fn.input_size = model, size
+                return fn(batch[0], batch[1].to(dev.device), torch.Generator().manual_seed(0))[0]
+            return step
 
         def validate(model: torch.nn.Module, batch: Any) -> None:
             with runtime.autocast(dev):
                 model(to_model_input(batch[0].to(dev.device), self.prep, channels_last=cfg.channels_last))
 
         self.train_loader.set_epoch(0)
-        speed = budget.measure_speed(self.model, self.optimizer, step, self.train_loader, validate, self.val_loader)
+        speed = budget.measure_speed(self.model, self.optimizer, step_at(None), self.train_loader, validate,
+                                     self.val_loader)
         val_batches = len(self.val_loader) if self.val_loader is not None else 0
         epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches / cfg.val_every)
+        small_s = None  # progressive resizing: its epochs at the smaller size cost less (measured too)
+        if cfg.progressive > 0:
+            small = budget.measure_speed(self.model, self.optimizer, step_at(progressive_side(cfg.image_size)),
+                                         self.train_loader, validate, None)
+            small_s = epoch_s - self.steps_per_epoch * (speed.step_s - small.step_s)
         finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1)
         limit = parse_duration(cfg.time)
         spent = time.perf_counter() - self.t0
-        epochs = self.dist.broadcast(budget.plan_epochs(limit, spent, epoch_s, finish_s))  # ranks agree
+        times = (epoch_s, finish_s, spent, small_s, cfg.progressive)
+        epochs = self.dist.broadcast(budget.plan_epochs(limit, spent, epoch_s, finish_s, small_s, cfg.progressive))
         plan = budget.Plan(budget_s=limit, epochs=epochs, epoch_s=epoch_s, finish_s=finish_s, spent_before_s=spent,
-                           estimate_s=budget.estimate_seconds(epochs, epoch_s, finish_s, spent))
+                           estimate_s=budget.estimate_seconds(epochs, *times), small_epoch_s=small_s)
         self.cfg = replace(cfg, epochs=epochs)
         self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch, epochs)
         if self.dist.is_main:
