@@ -129,8 +129,8 @@ def backbone_config(cfg: TrainConfig) -> tuple[TrainConfig, Backbone]:
                    time=None), backbone
 
 
-def prepare(cfg: TrainConfig, console: Console, split_file: Path | None = None,
-            backbone: Backbone | None = None) -> tuple[TrainConfig, Any]:
+def prepare_data_for(cfg: TrainConfig, console: Console, split_file: Path | None = None,
+                     backbone: Backbone | None = None) -> tuple[TrainConfig, Any]:
     """:func:`prepare_data` for ``cfg`` (from :func:`backbone_config` when pretrained): at the
     backbone's interpolation and crop fraction."""
     if backbone is None and cfg.pretrained not in ("none", "auto"):
@@ -158,7 +158,7 @@ class FineTuner(Trainer):
         say(self.console, f"backbone: {source.arch} ({where}); {p.size[0]}x{p.size[1]} {p.interpolation} "
                           f"centre crop, {self.threads} threads"
                           + ("; --pretrained none trains from scratch" if source.packaged else ""))
-        cfg, prepared = prepare(cfg, self.console, split_file, self.backbone)
+        cfg, prepared = prepare_data_for(cfg, self.console, split_file, self.backbone)
         records = [prepared.cache.records[q] for q in prepared.train.paths[:2000]]
         if records and all(r.grayscale for r in records):
             say(self.console, "note: grayscale images: the channel is replicated 3x for the RGB backbone")
@@ -185,7 +185,8 @@ class FineTuner(Trainer):
             fc.weight.copy_(weight)
             fc.bias.copy_(bias)
         self.marks["head"] = time.perf_counter()
-        say(self.console, f"linear head on {row.pop('rows')} feature rows: train_acc {row['train_acc']:.4f}"
+        rows = self.n_train * (2 if self.cfg.head_flip else 1)
+        say(self.console, f"linear head on {rows} feature rows: train_acc {row['train_acc']:.4f}"
                           + (f"  val_acc {row['val_acc']:.4f}" if row["val_acc"] is not None else "")
                           + f"  {row['seconds']:.1f}s")
         self.start_epoch = 1
@@ -207,18 +208,17 @@ class FineTuner(Trainer):
         w, b = fit_linear_head(train_x, train_y, num_classes, weights=weights, label_smoothing=cfg.label_smoothing)
         seconds = time.perf_counter() - t
 
-        def loss_acc(x: np.ndarray, y: np.ndarray, training: bool) -> tuple[float, float]:
+        def loss_acc(x: np.ndarray, y: np.ndarray, *loss_options: Any) -> tuple[float, float]:
             logits = torch.from_numpy(x) @ w.T + b  # the model's dense layer on pooled features
             yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
-            # training: the objective the fine-tuning epochs report (weights, smoothing); else plain
-            loss = classification_loss(logits, soft_targets(yt, num_classes), *((weights, cfg.label_smoothing)
-                                                                                if training else ()))
+            loss = classification_loss(logits, soft_targets(yt, num_classes), *loss_options)
             return float(loss), correct_count(logits, yt) / len(y)
 
-        tl, ta = loss_acc(train_x, train_y, True)
-        vl, va = loss_acc(val_x, prepared.val.labels, False) if val_x is not None else (None, None)
+        # Training: the loss the fine-tuning epochs report (class weights, smoothing); validation: plain.
+        tl, ta = loss_acc(train_x, train_y, weights, cfg.label_smoothing)
+        vl, va = loss_acc(val_x, prepared.val.labels) if val_x is not None else (None, None)
         return w, b, {"epoch": 1, "lr": 0.0, "train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va,
-                      "img_per_s": len(train_y) / max(seconds, 1e-9), "seconds": seconds, "rows": len(train_y)}
+                      "img_per_s": len(train_y) / max(seconds, 1e-9), "seconds": seconds}
 
     def extra_metrics(self) -> dict[str, Any]:
         m, now = self.marks, time.perf_counter()
@@ -270,7 +270,7 @@ def train_command(overrides: dict[str, Any], config_file: str | None = None, res
         cfg = replace(cfg, nproc=1)
     if distributed.should_launch(cfg.nproc):
         distributed.preflight(cfg.nproc, cfg.batch_size, cfg.device, cfg.precision)  # fail before starting
-        prepare(cfg, Console())  # check and cache once, before N processes start
+        prepare_data_for(cfg, Console())  # check and cache once, before N processes start
         return distributed.launch(cfg.nproc, distributed.cli_arguments(overrides, config_file, resume))
     try:
         train(cfg, resume=resume)
