@@ -195,7 +195,7 @@ class FineTuner(Trainer):
     def _fit_head(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """The head's weight and bias fitted on (cached) features, and its history row."""
         cfg, prepared = self.cfg, self.prepared
-        backbone = replace(self.backbone, model=self.model)
+        backbone = self.backbone  # its own copy of the weights on the CPU: the model to train stays on its device
         train_x = _features(backbone, prepared, prepared.train, cfg)
         train_y = prepared.train.labels
         if cfg.head_flip:
