@@ -237,11 +237,11 @@ def test_train_chooses_the_backbone_as_the_cli_does(tmp_path: Path, monkeypatch:
     class Chosen(Exception):
         pass
 
-    def record(cfg: Any, console: Any = None) -> None:
+    def record(cfg: Any) -> None:
         chosen.append(cfg.pretrained)
         raise Chosen
 
-    monkeypatch.setattr(transfer, "train_transfer", record)
+    monkeypatch.setattr(transfer, "backbone_config", record)
     opts = {"cache_dir": str(tmp_path / "cache"), "project": str(tmp_path / "runs"), "console": _quiet()}
     with pytest.raises(Chosen):
         convlens.train(photos, **opts)

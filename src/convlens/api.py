@@ -232,7 +232,7 @@ def train(
     """
     from rich.console import Console
 
-    from convlens.engine import trainer, transfer
+    from convlens.engine import transfer
     from convlens.engine.trainer import TrainingInterrupted, train_config
 
     overrides = {k: v for k, v in {"data": dir, "preset": preset, **options}.items() if v is not None}
@@ -241,11 +241,9 @@ def train(
     resume_dir = resume.dir if isinstance(resume, Run) else resume
     cfg = train_config(overrides, config, resume_dir)
     try:
-        if resume_dir:  # only from-scratch runs have checkpoints
-            result = trainer.train(cfg, resume=resume_dir, console=console or Console())
-        else:  # the CLI's rule: pretrained (auto) for photo folders unless a model was named; see README
-            chosen = transfer.model_chosen(overrides, os.fspath(config) if config else None, cfg.preset)
-            result = transfer.train(cfg, console=console or Console(), model_chosen=chosen)
+        # the CLI's rule: pretrained (auto) for photo folders unless a model was named; see README
+        chosen = transfer.model_chosen(overrides, os.fspath(config) if config else None, cfg.preset)
+        result = transfer.train(cfg, resume=resume_dir, console=console or Console(), model_chosen=chosen)
     except TrainingInterrupted as e:
         (console or Console(stderr=True)).print(
             f"[yellow]interrupted[/yellow]; checkpoint saved to {e.checkpoint}. "

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from convlens.config import TrainConfig, resolve_train_config
+from convlens.engine.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_dataset(root: Path, classes: int = 2, per_class: int = 16, size: int = 20, seed: int = 0) -> Path:
@@ -33,3 +40,41 @@ def tiny_config(data: Path, tmp: Path, **overrides: Any) -> TrainConfig:
     }
     values.update(overrides)
     return resolve_train_config("quick", None, values)
+
+
+def ddp_env() -> dict[str, str]:
+    """The environment of a ``convlens train --nproc N`` subprocess: no torchrun variables of
+    this process, this checkout importable, a collective timeout that fails a deadlock."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["CONVLENS_DDP_TIMEOUT"] = "60"
+    return env
+
+
+def metrics_rows(run: Path) -> list[dict[str, str]]:
+    """A run folder's ``metrics.csv`` rows."""
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_run(run_dir: Path, single_dir: Path, outliers: float = 0.0) -> dict[str, torch.Tensor]:
+    """A distributed run's final weights and metrics equal one process's on the same data (the
+    metrics are reduced over the ranks: the same sums over the same samples); returns its weights.
+
+    ``outliers``: the fraction of weights allowed outside the tolerance (Adam steps a weight whose
+    gradient is rounding noise by the full learning rate, in either direction).
+    """
+    a = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(single_dir / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    bad = total = 0
+    for k in a:
+        if not outliers:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        bad += int((~torch.isclose(a[k], b[k], rtol=1e-4, atol=1e-5)).sum())
+        total += a[k].numel()
+    assert bad <= outliers * total, f"{bad} of {total} weights differ"
+    for ra, rb in zip(metrics_rows(run_dir), metrics_rows(single_dir), strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-4, abs=1e-5), key
+    return a

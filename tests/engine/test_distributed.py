@@ -10,7 +10,6 @@ with the weights of 1 process up to float rounding.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 import subprocess
@@ -27,24 +26,15 @@ from rich.console import Console
 from convlens.cli import _train_overrides, build_parser, main
 from convlens.data.loader import BatchLoader
 from convlens.engine import distributed
-from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.distributed import Dist
 from convlens.engine.factory import make_model
 from convlens.engine.trainer import train
 from convlens.errors import ConfigError
-from tests.engine.helpers import make_dataset, tiny_config
+from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, tiny_config
 
-REPO = Path(__file__).resolve().parents[2]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo launch is tested on POSIX")
 # What both the one- and the two-process runs use: see the module docstring for why.
 EXACT = {"precision": "fp32", "flip": False, "crop_scale": 1.0, "crop_margin": 0.0, "device": "cpu", "threads": 1, "seed": 5}
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env["CONVLENS_DDP_TIMEOUT"] = "60"  # a deadlock fails the test instead of hanging it
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +149,6 @@ def test_library_call_with_nproc_outside_torchrun_is_refused(data: Path, tmp_pat
 
 
 # ----------------------------------------------------------------------------- processes
-def _metrics(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @posix_only
 def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
     common = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
@@ -171,7 +156,7 @@ def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
               "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs")]
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", "--name", "ddp",
-                           *common], capture_output=True, text=True, env=_env(), timeout=240, cwd=tmp_path)
+                           *common], capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp_path)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     # Rank 0 alone prints and writes: one run folder, one set of epoch lines.
@@ -190,18 +175,9 @@ def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
 
 
 def _assert_matches_one_process(run_dir: Path, data: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """A distributed run's final weights and metrics equal one process's on the same data (the
-    metrics are reduced over the ranks: the same sums over the same samples); returns its weights."""
+    """:func:`assert_same_run` against one process trained here; returns the weights."""
     single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=Console(file=io.StringIO()))
-    a = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(single.run_dir / "checkpoints" / "last.pt")["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    for ra, rb in zip(_metrics(run_dir), _metrics(single.run_dir), strict=True):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-4, abs=1e-5), key
-    return a
+    return assert_same_run(run_dir, single.run_dir)
 
 
 def _free_port() -> int:
@@ -228,7 +204,7 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
                "-m", "convlens", "train", str(data), *args]
         cwd = tmp_path / f"node{node}"  # each "machine" starts in its own folder
         cwd.mkdir()
-        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ddp_env(),
                                       cwd=cwd))
     try:
         outputs = [p.communicate(timeout=240) for p in nodes]
@@ -281,7 +257,7 @@ def test_a_failing_rank_stops_every_rank(data: Path, tmp_path: Path) -> None:
     script.write_text(FAILING_WORKER)
     cmd = distributed.torchrun_command(2, [])[:5] + [str(script), str(data), str(tmp_path)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ddp_env(), timeout=180, cwd=tmp_path)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 1  # the failed rank's exit code (an uncaught exception)
     assert "injected failure in rank 1" in proc.stderr and "process 1 of the distributed job failed first" in proc.stderr

