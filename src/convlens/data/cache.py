@@ -26,7 +26,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 import PIL
 
 from convlens import files as cio
-from convlens.data.check import FileRecord, inspect_file, record_dict
+from convlens.data.check import FileRecord, inspect_file
 from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.data.parallel import pmap
 from convlens.data.preprocess import Preprocessing
@@ -418,7 +418,7 @@ def _write_index(path: Path, params: dict[str, Any], array_name: str, shape: tup
 
 def _write_files_json(path: Path, check_params: dict[str, Any], records: dict[str, FileRecord],
                       entries: list[ImageEntry]) -> None:
-    data = {"check": check_params, "files": {e.rel: record_dict(records[e.rel]) for e in entries if e.rel in records}}
+    data = {"check": check_params, "files": {e.rel: asdict(records[e.rel]) for e in entries if e.rel in records}}
     cio.write_text(path, json.dumps(data, separators=(",", ":")))
 
 

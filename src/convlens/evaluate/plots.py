@@ -10,15 +10,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
+    """Any figure as PNG bytes, drawn like the report's (for other pages: compare, audit)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return buf.getvalue()
-
-
-def png_bytes(fig: Figure) -> bytes:
-    """Any figure as PNG bytes, drawn like the report's (for other pages: compare, audit)."""
-    return _png(fig)
 
 
 def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
@@ -37,7 +33,7 @@ def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
@@ -61,7 +57,7 @@ def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> by
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9 if n <= 10 else 7,
                         color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title("confusion matrix")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def calibration_png(calibration: dict[str, Any]) -> bytes:
@@ -80,7 +76,7 @@ def calibration_png(calibration: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def roc_png(roc: dict[str, Any], auc: float | None, positive: str) -> bytes:
@@ -95,7 +91,7 @@ def roc_png(roc: dict[str, Any], auc: float | None, positive: str) -> bytes:
     ax.grid(alpha=0.3)
     if auc is not None:
         ax.legend(loc="lower right")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def gallery_png(images: Sequence[np.ndarray], captions: Sequence[str], ncols: int = 4,
@@ -119,7 +115,7 @@ def gallery_png(images: Sequence[np.ndarray], captions: Sequence[str], ncols: in
         axes[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
     if title:
         fig.suptitle(title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def lr_find_png(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
@@ -141,4 +137,4 @@ def lr_find_png(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequenc
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     ax.set_title("learning-rate finder")
-    return _png(fig)
+    return png_bytes(fig)

@@ -24,8 +24,6 @@ pre{background:#f4f6f9;padding:.8rem;border-radius:6px;overflow-x:auto;font-size
 """
 
 
-
-
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None:
         return "–"
@@ -34,27 +32,23 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A table in the report's style (cells escaped; floats to 4 digits)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A table in the report's style (cells escaped; floats to 4 digits)."""
-    return _table(header, rows)
-
-
 def html_page(title: str, body: Sequence[str], subtitle: str = "", css: str = "") -> str:
     """A self-contained page in the report's style around trusted HTML ``body`` parts."""
-    return "\n".join([
+    return "\n".join(p for p in [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}{css}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='sub'>{html.escape(subtitle)}</p>" if subtitle else "",
         *body,
         f"<p class='sub'>convlens {html.escape(__version__)}</p></body></html>",
-    ])
+    ] if p)
 
 
 def _training_section(figures: dict[str, bytes], history: Sequence[dict[str, Any]] | None) -> list[str]:
@@ -66,7 +60,7 @@ def _training_section(figures: dict[str, bytes], history: Sequence[dict[str, Any
         parts.append(img_tag(figures["curves"], "loss and accuracy per epoch"))
     if history:
         keys = [k for k in history[0] if k != "epoch"]
-        parts.append(_table(["epoch", *keys], [[r.get("epoch"), *(r.get(k) for k in keys)] for r in history]))
+        parts.append(html_table(["epoch", *keys], [[r.get("epoch"), *(r.get(k) for k in keys)] for r in history]))
     return parts
 
 
@@ -81,13 +75,13 @@ def _class_sections(metrics: dict[str, Any]) -> list[str]:
             m = metrics.get(avg) or {}
             if m:
                 rows.append([f"{avg} average", m["precision"], m["recall"], m["f1"], metrics.get("num_samples")])
-        parts.append(_table(["class", "precision", "recall", "F1", "support"], rows))
+        parts.append(html_table(["class", "precision", "recall", "F1", "support"], rows))
     if metrics.get("thresholds"):
         classes = metrics.get("classes", ["0", "1"])
         parts.append(f"<h2>Decision threshold (positive class: {html.escape(str(classes[1]))})</h2>")
         parts.append(f"<p>The model predicts {html.escape(str(classes[1]))} when its probability is at least "
                      f"the threshold (used: {_fmt(metrics.get('threshold'), 2)}).</p>")
-        parts.append(_table(["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"],
+        parts.append(html_table(["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"],
                             [[t["threshold"], t["precision"], t["recall"], t["f1"], t["accuracy"], t["positives"]]
                              for t in metrics["thresholds"]]))
     return parts
@@ -110,14 +104,7 @@ def render_report(
     ``uncertain`` (any missing one is left out). ``model_info``: rows of a "Model" table.
     """
     figures = figures or {}
-    parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1>",
-        f"<p class='sub'>{html.escape(subtitle)}</p>" if subtitle else "",
-    ]
-    for n in notes:
-        parts.append(f"<p class='note'>{html.escape(n)}</p>")
+    parts = [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
 
     cards = [
         ("accuracy", metrics.get("accuracy")),
@@ -149,9 +136,8 @@ def render_report(
 
     if model_info:
         parts.append("<h2>Model</h2>")
-        parts.append(_table(["", ""], [[k, v] for k, v in model_info.items()]))
+        parts.append(html_table(["", ""], [[k, v] for k, v in model_info.items()]))
     if config_yaml:
         parts.append("<h2>Configuration</h2>")
         parts.append(f"<pre>{html.escape(config_yaml)}</pre>")
-    parts.append(f"<p class='sub'>convlens {html.escape(__version__)}</p></body></html>")
-    return "\n".join(p for p in parts if p)
+    return html_page(title, parts, subtitle)

@@ -39,6 +39,7 @@ import numpy as np
 from convlens import files as cio
 from convlens.config import suggest
 from convlens.errors import ConfigError, ImageError, SpecError, UserError
+from convlens.learn.layer_page import minmax
 
 NAMED_KERNELS = ("sobel-x", "sobel-y", "sharpen", "box", "edge", "emboss", "random")
 PADDINGS = ("valid", "same")
@@ -419,11 +420,6 @@ def _display_rgb(a: np.ndarray) -> np.ndarray:
     return np.clip(rgb.transpose(1, 2, 0), 0.0, 1.0)
 
 
-def _minmax(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-
-
 def _robust_max(a: np.ndarray) -> float:
     """The 98th percentile of |a|: a few extreme pixels must not wash out a whole map."""
     v = float(np.percentile(np.abs(a), 98))
@@ -460,7 +456,7 @@ def _display(r: DemoResult, which: str, vlim: float | None = None) -> tuple[np.n
     if kind in ("max_pool", "avg_pool", "upsample"):
         return _display_rgb(a), {}
     if kind == "conv_transpose":
-        return _display_rgb(a if r.options["weights"] == "box" else _minmax(a)), {}
+        return _display_rgb(a if r.options["weights"] == "box" else minmax(a)), {}
     if a.shape[0] > 1:  # several random filters: a mosaic, each map on its own signed scale
         return _mosaic(a[:MAX_SHOWN_FILTERS])[0], {"cmap": "RdBu_r", "vmin": -1.0, "vmax": 1.0}
     if kind == "conv" and r.kernel is not None and abs(float(r.kernel.sum()) - 1.0) < 1e-4:
@@ -498,8 +494,7 @@ def _kernel_panel(ax: Any, kernel: np.ndarray) -> None:
         for (i, j), v in np.ndenumerate(kernel):
             ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=8 if k <= 3 else 6)
     ax.set_title(f"kernel {k}x{k}", fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
 
 
 def _zoom(a: np.ndarray, frac: float = 0.25) -> np.ndarray:
@@ -549,8 +544,7 @@ def render(results: list[DemoResult], suptitle: str) -> Any:
         shown, kw = _display(r, which, vlim=relu_lim if r.kind == "relu" else None)
         ax.imshow(shown, interpolation="nearest", **kw)
         ax.set_title(_title(r, which), fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     if kernel is not None:
         _kernel_panel(axes[-1], kernel)
     if second_row:
@@ -594,8 +588,7 @@ def _zoom_row(axes: list[Any], panels: list[tuple[DemoResult, str]]) -> None:
         crop = _zoom(shown)
         ax.imshow(crop, interpolation="nearest", **kw)
         ax.set_title(f"centre crop, magnified ({crop.shape[0]}x{crop.shape[1]} px)", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
 
 
 # ----------------------------------------------------------------------------- entry points

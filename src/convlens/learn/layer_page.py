@@ -135,13 +135,17 @@ def _png(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def minmax(a: np.ndarray) -> np.ndarray:
+    """``a`` scaled to its own min..max (all zeros when it is constant)."""
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
 def colorize(m: np.ndarray, cmap: str = "viridis") -> np.ndarray:
     """A 2-D map scaled to its own min..max, through a matplotlib colour map -> uint8 RGB."""
     from matplotlib import colormaps
 
-    lo, hi = float(m.min()), float(m.max())
-    norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    rgb = (colormaps[cmap](norm)[:, :, :3] * 255.0 + 0.5).astype(np.uint8)
+    rgb = (colormaps[cmap](minmax(m))[:, :, :3] * 255.0 + 0.5).astype(np.uint8)
     h, w = rgb.shape[:2]
     if max(h, w) > MAP_MAX_SIDE:
         scale = MAP_MAX_SIDE / max(h, w)
@@ -156,22 +160,14 @@ def kernel_tiles(weight: np.ndarray) -> list[np.ndarray]:
 
     Each tile is scaled to its own min..max so the pattern is visible whatever the weight scale.
     """
-    tiles = []
-    for w in weight[:MAX_KERNELS]:
-        t = w[:3].transpose(1, 2, 0) if w.shape[0] >= 3 else np.repeat(w[:1].transpose(1, 2, 0), 3, axis=2)
-        lo, hi = float(t.min()), float(t.max())
-        t = (t - lo) / (hi - lo) if hi > lo else np.zeros_like(t)
-        tiles.append((t * 255.0 + 0.5).astype(np.uint8))
-    return tiles
+    rgb = [w[:3] if w.shape[0] >= 3 else np.repeat(w[:1], 3, axis=0) for w in weight[:MAX_KERNELS]]
+    return [(minmax(t.transpose(1, 2, 0)) * 255.0 + 0.5).astype(np.uint8) for t in rgb]
 
 
 def _first_conv(model: Any) -> Any:
     import torch
 
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            return m
-    return None
+    return next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
 
 
 # ----------------------------------------------------------------------------- forward pass
@@ -231,10 +227,8 @@ def top_channels(model: Any, x: torch.Tensor, class_index: int, out_units: int,
         score = means
         method = "mean activation (this head is not global average pooling + one dense layer)"
     order = torch.argsort(score, descending=True)[:k]
-    rows = []
-    for c in order.tolist():
-        rows.append({"channel": int(c), "mean_activation": float(means[c]), "score": float(score[c]),
-                     "weight": None if weights is None else float(weights[c])})
+    rows = [{"channel": int(c), "mean_activation": float(means[c]), "score": float(score[c]),
+             "weight": None if weights is None else float(weights[c])} for c in order.tolist()]
     return rows, f.numpy(), method
 
 
@@ -381,11 +375,7 @@ def inspect_model(model: str | os.PathLike[str], image: str | os.PathLike[str], 
         result.prediction = {"label": classes[k], "index": k, "probability": float(probs[k]),
                              "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}}
         result.top_channels, fmap, method = top_channels(net, x, k, net.out_units)
-        for r in result.top_channels:
-            m = fmap[r["channel"]]
-            lo, hi = float(m.min()), float(m.max())
-            heat = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-            top_figs.append(_png(overlay(arr, heat)))
+        top_figs = [_png(overlay(arr, minmax(fmap[r["channel"]]))) for r in result.top_channels]
     cio.write_text(result.html_path, _page(result, arr, outputs, max_maps, kernels, top_figs, method))
     cio.write_json(result.json_path, result.to_dict())
     return result
