@@ -146,11 +146,6 @@ class Classifier:
         if self.output_activation == "sigmoid" and len(self.classes) != 2:
             raise BundleError(f"a sigmoid model must have exactly 2 classes. Received: classes={self.classes}")
 
-    @classmethod
-    def from_model(cls, model: torch.nn.Module, meta: BundleMeta, device: str = "auto") -> Classifier:
-        """Wrap an in-memory ``ConvlensModel`` (e.g. straight after training)."""
-        return cls(meta, TorchBackend(model, device))
-
     @property
     def num_classes(self) -> int:
         return len(self.classes)

@@ -51,10 +51,6 @@ class ImageInfo:
     grayscale: bool = False
     warnings: list[str] = field(default_factory=list)  # kinds: ext_mismatch, mode, exif, animated
 
-    @property
-    def has_warnings(self) -> bool:
-        return bool(self.warnings)
-
 
 def _name(src: Any) -> str:
     return str(src) if isinstance(src, (str, os.PathLike)) else getattr(src, "name", "<image>")

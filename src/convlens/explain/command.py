@@ -33,8 +33,8 @@ def explain_command(bundle: str, paths: Sequence[str], out: str = "explain", met
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
-    from convlens.explain.figures import figure_png, grid_png, make_panel, write_png
-    from convlens.files import write_json
+    from convlens.explain.figures import figure_png, grid_png, make_panel
+    from convlens.files import write_bytes, write_json
     from convlens.inputs import display, display_base, expand_paths, print_skipped
     from convlens.predict import load
 
@@ -63,15 +63,13 @@ def explain_command(bundle: str, paths: Sequence[str], out: str = "explain", met
             kw = dict(label=r.label, probability=r.probability, explained=r.explained,
                       explained_probability=r.explained_probability, method=method)
             png = out_dir / f"{stem}.png"
-            write_png(png, figure_png(make_panel(name, r.image, r.heat, max_side=1024, **kw)))
+            write_bytes(png, figure_png(make_panel(name, r.image, r.heat, max_side=1024, **kw)))
             if len(panels) < GRID_LIMIT:
                 panels.append(make_panel(name, r.image, r.heat, max_side=256, **kw))
-            rows.append({"path": r.path, "png": png.name, "label": r.label, "probability": r.probability,
-                         "explained": r.explained, "explained_probability": r.explained_probability,
-                         "method": method})
+            rows.append({"path": r.path, "png": png.name, **kw})
 
     if panels:
-        write_png(out_dir / "grid.png", grid_png(panels))
+        write_bytes(out_dir / "grid.png", grid_png(panels))
         write_json(out_dir / "explanations.json", {"model": os.fspath(bundle), "method": method,
                                                    "classes": clf.classes, "images": rows})
         base = display_base([row["path"] for row in rows])

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-
-from convlens.files import write_bytes
 
 DEFAULT_CMAP = "jet"  # the colour map of the tutorial's (and Zhou et al.'s) figures
 DEFAULT_ALPHA = 0.5
@@ -158,8 +155,3 @@ def grid_png(panels: Sequence[Panel], max_cols: int = 6) -> bytes:
         bottom.imshow(p.overlay)
         bottom.set_title(p.caption, fontsize=8)
     return _png(fig)
-
-
-def write_png(path: str | os.PathLike[str], data: bytes) -> None:
-    """Atomic PNG write."""
-    write_bytes(path, data)

@@ -81,10 +81,7 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        length = None
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                length = v
+        length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None:
             try:
                 declared = int(length)
@@ -222,6 +219,17 @@ def _prediction_json(pred: Any) -> dict[str, Any]:
             "probabilities": {k: float(v) for k, v in pred.probabilities.items()}}
 
 
+def _timings(t0: float, t1: float, t2: float) -> dict[str, Any]:
+    """Total latency since ``t0``, and its decode (``t0``-``t1``) and inference (``t1``-``t2``) parts."""
+    return {"latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+            "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
+
+
+# What an upload can go wrong with, for the API docs of both model routes.
+_UPLOAD_ERRORS = {413: {"description": "upload or pixel count over the limit"},
+                  415: {"description": "not an image, or not a multipart upload"}}
+
+
 # ----------------------------------------------------------------------------- app
 def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | None = None) -> FastAPI:
     """Build the app for a bundle path, an ONNX path or an already loaded ``Classifier``.
@@ -302,7 +310,6 @@ def _add_error_handlers(app: FastAPI, state: ServeState) -> None:
         return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
 
 
-
 def _add_page(app: FastAPI) -> None:
     """``GET /`` and its static files, under a content security policy."""
     static = resources.files("convlens.serve") / "static"
@@ -320,7 +327,6 @@ def _add_page(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(page)
-
 
 
 def _add_service_routes(app: FastAPI, state: ServeState) -> None:
@@ -349,14 +355,11 @@ def _add_service_routes(app: FastAPI, state: ServeState) -> None:
         }
 
 
-
 def _add_model_routes(app: FastAPI, state: ServeState) -> None:
     """``POST /predict`` and ``POST /explain``."""
 
     @app.post("/predict", tags=["model"], summary="Classify one image",
-              responses={400: {"description": "empty, truncated or corrupt image"},
-                         413: {"description": "upload or pixel count over the limit"},
-                         415: {"description": "not an image, or not a multipart upload"}})
+              responses={400: {"description": "empty, truncated or corrupt image"}, **_UPLOAD_ERRORS})
     def predict(file: UploadFile = File(..., description="the image (JPEG, PNG, WebP, BMP, GIF, TIFF)")) -> dict[str, Any]:
         t0 = time.perf_counter()
         up = read_upload(file, state)
@@ -367,13 +370,10 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
         t2 = time.perf_counter()
         return {**_prediction_json(pred), "filename": up.name,
                 "image": {"width": up.width, "height": up.height, "format": up.format, "bytes": up.size_bytes},
-                "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
-                "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
+                **_timings(t0, t1, t2)}
 
     @app.post("/explain", tags=["model"], summary="Classify one image and draw its class activation map",
-              responses={400: {"description": "bad image, unknown class or method"},
-                         413: {"description": "upload or pixel count over the limit"},
-                         415: {"description": "not an image, or not a multipart upload"}})
+              responses={400: {"description": "bad image, unknown class or method"}, **_UPLOAD_ERRORS})
     def explain(file: UploadFile = File(..., description="the image"),
                 method: str | None = Query(None, description="cam, gradcam or gradcam++ (default: cam when the model allows it)"),
                 class_name: str | None = Query(None, alias="class", description="class to explain (default: the predicted one)"),
@@ -395,8 +395,7 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
         png = png_base64(overlay(shown, heat))
         return {**_prediction_json(pred), "filename": up.name, "method": method, "explained": explained,
                 "overlay_png": png, "overlay_size": {"width": shown.shape[1], "height": shown.shape[0]},
-                "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
-                "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
+                **_timings(t0, t1, t2)}
 
 
 def create_app_from_env() -> FastAPI:
