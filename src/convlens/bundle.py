@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convlens.data.preprocess import Preprocessing
-from convlens.errors import BundleError
+from convlens.errors import BundleError, first_line
 from convlens.files import atomic_open
 from convlens.version import __version__
 
@@ -188,8 +188,8 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> tuple[torch
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise BundleError(f"{path}: weights do not fit the architecture in model.json ({first})") from e
+        raise BundleError(f"{path}: weights do not fit the architecture in model.json "
+                          f"({first_line(e, None)})") from e
     if meta.flip_average:
         model = flip_averaged(model)
     return model.to(device).eval(), meta

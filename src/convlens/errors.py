@@ -10,6 +10,11 @@ what to do, e.g. ``"padding must be 'valid' or 'same'. Received: padding='foo'"`
 from __future__ import annotations
 
 
+def first_line(error: BaseException, limit: int | None = 200) -> str:
+    """The first line of ``str(error)`` (else its type's name), cut to ``limit`` characters."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class ConvlensError(Exception):
     """The base of every error convlens raises on purpose; ``str(e)`` is the one-line message."""
 

@@ -282,7 +282,8 @@ def _near_duplicate_groups(records: list[FileRecord], max_bits: int = NEAR_DUPLI
 
     h = np.array([int(r.phash, 16) for r in rs], dtype=np.uint64)
     # vectorised over j: 25k images take seconds, not hours
-    near = [i + 1 + np.nonzero(np.bitwise_count(h[i] ^ h[i + 1:]) <= max_bits)[0] for i in range(len(rs) - 1)]
+    near = [i + 1 + np.nonzero(np.bitwise_count(h[i] ^ h[i + 1:]) <= max_bits)[0]
+            for i in range(len(rs) - 1)]
     rows = np.repeat(np.arange(len(near)), [len(j) for j in near])
     cols = np.concatenate(near)
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(rs), len(rs)))
@@ -521,7 +522,8 @@ def quarantine_files(root: str | os.PathLike[str], files: list[dict[str, Any]],
 def _check_relative(root: Path, rels: list[str], flag: str) -> None:
     """Every path must name a file inside ``root`` (no ``..``, no absolute paths)."""
     for rel in rels:
-        if Path(rel).is_absolute() or not (root / rel).resolve().is_relative_to(root) or rel in ("", "."):
+        inside = (root / rel).resolve().is_relative_to(root)
+        if Path(rel).is_absolute() or not inside or rel in ("", "."):
             raise DataError(f"{rel!r} is not a file inside the dataset folder {root}; paths are relative to it. "
                             f"Received: {flag}")
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from convlens.errors import UserError
+from convlens.errors import UserError, first_line
 from convlens.files import write_bytes
 
 FORMAT = "convlens-checkpoint"
@@ -60,8 +60,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         # weights_only refuses anything but tensors and plain data: never unpickle objects.
         raise CheckpointError(f"checkpoint {str(p)!r} holds objects that are not plain data; refusing to load it") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"checkpoint {str(p)!r} is damaged or truncated ({first})") from e
+        why = first_line(e, None)
+        raise CheckpointError(f"checkpoint {str(p)!r} is damaged or truncated ({why})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{str(p)!r} is not a convlens checkpoint")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:

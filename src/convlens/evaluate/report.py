@@ -60,7 +60,8 @@ def _training_section(figures: dict[str, bytes], history: Sequence[dict[str, Any
         parts.append(img_tag(figures["curves"], "loss and accuracy per epoch"))
     if history:
         keys = [k for k in history[0] if k != "epoch"]
-        parts.append(html_table(["epoch", *keys], [[r.get("epoch"), *(r.get(k) for k in keys)] for r in history]))
+        rows = [[r.get("epoch"), *(r.get(k) for k in keys)] for r in history]
+        parts.append(html_table(["epoch", *keys], rows))
     return parts
 
 
@@ -81,9 +82,9 @@ def _class_sections(metrics: dict[str, Any]) -> list[str]:
         parts.append(f"<h2>Decision threshold (positive class: {html.escape(str(classes[1]))})</h2>")
         parts.append(f"<p>The model predicts {html.escape(str(classes[1]))} when its probability is at least "
                      f"the threshold (used: {_fmt(metrics.get('threshold'), 2)}).</p>")
-        parts.append(html_table(["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"],
-                            [[t["threshold"], t["precision"], t["recall"], t["f1"], t["accuracy"], t["positives"]]
-                             for t in metrics["thresholds"]]))
+        header = ["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"]
+        keys = ["threshold", "precision", "recall", "f1", "accuracy", "positives"]
+        parts.append(html_table(header, [[t[k] for k in keys] for t in metrics["thresholds"]]))
     return parts
 
 

@@ -36,7 +36,7 @@ from convlens import __version__, decision
 from convlens.bundle import BundleMeta
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import labelled_files, list_images
-from convlens.errors import DataError, ImageError, UserError
+from convlens.errors import DataError, ImageError, UserError, first_line
 from convlens.export.onnx_backend import CAM_NAME, INPUT_NAME, LOGITS_NAME, METADATA_KEY
 from convlens.files import write_bytes
 
@@ -84,19 +84,11 @@ def sample_inputs(prep: Preprocessing, batch_sizes: Sequence[int] = (1, 3), seed
 
 # ----------------------------------------------------------------------------- torch side
 def _export_module(model: torch.nn.Module, with_cam: bool) -> tuple[torch.nn.Module, list[str]]:
-    """Wrap a ConvlensModel so that it returns ``logits`` or ``(logits, cam)``; with output names."""
+    """The module to export (the model, or one returning ``(logits, cam)``) and its output names."""
     import torch
     import torch.nn.functional as F
 
     linear = model.gap_linear_head() if with_cam and hasattr(model, "gap_linear_head") else None
-
-    class _Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(x)
 
     class _LogitsAndCam(torch.nn.Module):
         def __init__(self) -> None:
@@ -113,7 +105,7 @@ def _export_module(model: torch.nn.Module, with_cam: bool) -> tuple[torch.nn.Mod
 
     if linear is not None:
         return _LogitsAndCam().eval(), [LOGITS_NAME, CAM_NAME]
-    return _Logits().eval(), [LOGITS_NAME]
+    return model.eval(), [LOGITS_NAME]
 
 
 @contextlib.contextmanager
@@ -148,8 +140,8 @@ def _torch_to_onnx(module: torch.nn.Module, example: torch.Tensor, output_names:
             proto = program.model_proto
         return proto, "dynamo"
     except Exception as e:  # noqa: BLE001 - any failure of the new exporter means: try the old one
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        notes.append(f"torch.export-based exporter failed ({first}); used the legacy exporter")
+        notes.append(f"torch.export-based exporter failed ({first_line(e)}); "
+                     "used the legacy exporter")
     if not hasattr(torch.onnx, "export"):  # pragma: no cover
         raise ExportError("this PyTorch has no ONNX exporter; install torch>=2.3 with onnxscript")
     buf = io.BytesIO()
@@ -160,8 +152,7 @@ def _torch_to_onnx(module: torch.nn.Module, example: torch.Tensor, output_names:
                               output_names=output_names, dynamic_axes=dynamic,
                               opset_version=LEGACY_OPSET, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ExportError(f"ONNX export failed with both exporters ({first}); "
+        raise ExportError(f"ONNX export failed with both exporters ({first_line(e)}); "
                           "try `--format torchscript` or report the model's layers") from e
     return onnx.load_from_string(buf.getvalue()), "legacy"
 
@@ -184,8 +175,7 @@ def make_session(model_bytes: bytes) -> Any:
     try:
         return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime's exception types are not exported
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ExportError(f"onnxruntime cannot load the exported graph ({first}); "
+        raise ExportError(f"onnxruntime cannot load the exported graph ({first_line(e)}); "
                           "upgrade onnxruntime or report the model's layers") from e
 
 
@@ -320,9 +310,6 @@ class ImageFolderReader:
         batch = next(self._it, None)
         return None if batch is None else {INPUT_NAME: batch}
 
-    def rewind(self) -> None:
-        self._it = iter(self.batches)
-
 
 def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[str],
                   out: str | os.PathLike[str], *, max_images: int = 256) -> tuple[ExportResult, bytes]:
@@ -359,7 +346,7 @@ def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[
             with _quiet_exporter():
                 quant_pre_process(src, pre)
         except Exception as e:  # noqa: BLE001 - pre-processing is an optimisation only
-            notes.append(f"quantisation pre-processing skipped ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})")
+            notes.append(f"quantisation pre-processing skipped ({first_line(e, 120)})")
             pre = src
         try:
             with _quiet_exporter():
@@ -367,8 +354,8 @@ def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax)
         except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ExportError(f"int8 quantisation failed ({first}); export without --int8") from e
+            raise ExportError(f"int8 quantisation failed ({first_line(e)}); "
+                              "export without --int8") from e
         proto = onnx.load(dst)
 
     names = [o.name for o in proto.graph.output]

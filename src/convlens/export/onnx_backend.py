@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from convlens.bundle import BundleMeta
-from convlens.errors import BundleError
+from convlens.errors import BundleError, first_line
 
 METADATA_KEY = "convlens"
 INPUT_NAME = "input"
@@ -60,8 +60,8 @@ class OnnxBackend:
             self.session = ort.InferenceSession(
                 str(p), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own (unexported) types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{str(p)!r} is not a loadable ONNX model ({first[:200]}); export it again with `convlens export`") from e
+            raise BundleError(f"{str(p)!r} is not a loadable ONNX model ({first_line(e)}); "
+                              "export it again with `convlens export`") from e
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw is None:
             raise BundleError(f"{str(p)!r} has no convlens metadata (ONNX metadata key {METADATA_KEY!r}); "

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from convlens import __version__
+from convlens.errors import first_line
 from convlens.export.onnx import DEFAULT_ATOL, ExportError, ExportResult, sample_inputs
 from convlens.files import write_bytes
 
@@ -52,8 +53,8 @@ def export_torchscript(bundle: str | os.PathLike[str], out: str | os.PathLike[st
         try:
             traced = torch.jit.trace(model, (example,), check_trace=True)
         except Exception as e:  # noqa: BLE001 - any tracing failure is reported the same way
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ExportError(f"TorchScript tracing failed ({first}); use `--format onnx` instead") from e
+            raise ExportError(f"TorchScript tracing failed ({first_line(e)}); "
+                              "use `--format onnx` instead") from e
         doc = meta.to_json()
         doc["export"] = {"format": "torchscript", "method": "trace", "outputs": ["logits"],
                          "torch": torch.__version__, "convlens": __version__,

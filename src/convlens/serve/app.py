@@ -220,7 +220,7 @@ def _prediction_json(pred: Any) -> dict[str, Any]:
 
 
 def _timings(t0: float, t1: float, t2: float) -> dict[str, Any]:
-    """Total latency since ``t0``, and its decode (``t0``-``t1``) and inference (``t1``-``t2``) parts."""
+    """Latency since ``t0``, with its decode (``t0``-``t1``) and inference (``t1``-``t2``) parts."""
     return {"latency_ms": round((time.perf_counter() - t0) * 1000, 2),
             "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
 
@@ -359,7 +359,8 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
     """``POST /predict`` and ``POST /explain``."""
 
     @app.post("/predict", tags=["model"], summary="Classify one image",
-              responses={400: {"description": "empty, truncated or corrupt image"}, **_UPLOAD_ERRORS})
+              responses={400: {"description": "empty, truncated or corrupt image"},
+                         **_UPLOAD_ERRORS})
     def predict(file: UploadFile = File(..., description="the image (JPEG, PNG, WebP, BMP, GIF, TIFF)")) -> dict[str, Any]:
         t0 = time.perf_counter()
         up = read_upload(file, state)
@@ -373,7 +374,8 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
                 **_timings(t0, t1, t2)}
 
     @app.post("/explain", tags=["model"], summary="Classify one image and draw its class activation map",
-              responses={400: {"description": "bad image, unknown class or method"}, **_UPLOAD_ERRORS})
+              responses={400: {"description": "bad image, unknown class or method"},
+                         **_UPLOAD_ERRORS})
     def explain(file: UploadFile = File(..., description="the image"),
                 method: str | None = Query(None, description="cam, gradcam or gradcam++ (default: cam when the model allows it)"),
                 class_name: str | None = Query(None, alias="class", description="class to explain (default: the predicted one)"),
