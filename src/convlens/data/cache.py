@@ -59,14 +59,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "convlens"
 
 
-def _key(obj: Any) -> str:
+def params_key(obj: Any) -> str:
+    """A short hash of JSON-able ``obj``: the folder name of what was computed with those parameters."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def dataset_cache_dir(cache_root: Path, dataset_root: Path) -> Path:
     """Where one dataset's cache lives: a readable name plus a hash of its absolute path."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in dataset_root.name)[:40] or "dataset"
-    return cache_root / f"{safe}-{_key(str(dataset_root))}"
+    return cache_root / f"{safe}-{params_key(str(dataset_root))}"
 
 
 def pixel_params(prep: Preprocessing) -> dict[str, Any]:
@@ -162,7 +163,8 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A cache index, or None when it is missing or damaged."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -248,7 +250,7 @@ def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[in
 def _known_records(entries: list[ImageEntry], files_json: Path, check_params: dict[str, Any],
                    stats: dict[str, tuple[int, int]]) -> dict[str, FileRecord]:
     """Check results of earlier builds for files that have not changed since."""
-    old_files = _read_json(files_json) or {}
+    old_files = read_json(files_json) or {}
     old_recs = old_files.get("files", {}) if old_files.get("check") == check_params else {}
     records: dict[str, FileRecord] = {}
     for e in entries:
@@ -273,7 +275,7 @@ def _channel_guess(channels: int, records: dict[str, FileRecord], unknown: list[
 def _old_rows(index_path: Path, params: dict[str, Any], records: dict[str, FileRecord],
               stats: dict[str, tuple[int, int]]) -> tuple[dict[str, Any], np.ndarray | None, dict[str, int]]:
     """(old index, old array, reusable row per file) of an existing array with the same pixel parameters."""
-    old_index = _read_json(index_path) or {}
+    old_index = read_json(index_path) or {}
     old_array: np.ndarray | None = None
     reuse: dict[str, int] = {}
     if old_index.get("params") == params and (index_path.parent / str(old_index.get("array", ""))).is_file():
@@ -331,7 +333,7 @@ def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int
     prep = Preprocessing(size=(h, w), channels=guess, resize=resize, interpolation=interpolation,
                          crop_fraction=crop_fraction)
     params = pixel_params(prep)
-    px_dir = dcache / f"px-{_key(params)}"
+    px_dir = dcache / f"px-{params_key(params)}"
     index_path = px_dir / "index.json"
     old_index, old_array, reuse = _old_rows(index_path, params, records, stats)
     todo = unknown + [e for e in entries if e.rel in records and records[e.rel].usable and e.rel not in reuse]
@@ -392,7 +394,7 @@ def _first_channel_only(tmp: Path, provisional_dir: Path, dcache: Path,
     """Move a provisional 3-channel array to its 1-channel folder: (temp file, folder, pixel params)."""
     tmp = _keep_first_channel(tmp, provisional_dir)
     params = pixel_params(prep)
-    px_dir = dcache / f"px-{_key(params)}"
+    px_dir = dcache / f"px-{params_key(params)}"
     px_dir.mkdir(parents=True, exist_ok=True)
     _cleanup_stale(px_dir, keep=set())
     return tmp, px_dir, params

@@ -22,9 +22,7 @@ Typical use (the data audit does this)::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,7 +35,14 @@ import torch
 
 from convlens import files as cio
 from convlens import runtime
-from convlens.data.cache import CachedImages, dataset_cache_dir, default_cache_dir, pixel_params
+from convlens.data.cache import (
+    CachedImages,
+    dataset_cache_dir,
+    default_cache_dir,
+    params_key,
+    pixel_params,
+    read_json,
+)
 from convlens.data.loader import to_model_input
 from convlens.data.prepare import prepare_dataset
 from convlens.data.preprocess import Preprocessing
@@ -112,10 +117,6 @@ def _extract(model: ConvlensModel, images: Any, prep: Preprocessing, dev: runtim
     return out
 
 
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def feature_params(source: PretrainedSource, prep: Preprocessing, precision: str, flip: bool) -> dict[str, Any]:
     """What cached features depend on (their cache key)."""
     return {"version": FEATURES_VERSION, "arch": source.arch, "weights_sha256": source.sha256,
@@ -131,9 +132,10 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
     cache of ``dataset_root`` where present; the missing rows are computed and added."""
     prep = prep or backbone.preprocessing
     root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir().resolve()
-    fdir = dataset_cache_dir(root, Path(dataset_root).resolve()) / f"feat-{_key(feature_params(backbone.source, prep, precision, flip))}"
+    key = params_key(feature_params(backbone.source, prep, precision, flip))
+    fdir = dataset_cache_dir(root, Path(dataset_root).resolve()) / f"feat-{key}"
     index_path = fdir / "index.json"
-    old = _read_index(index_path)
+    old = read_json(index_path)
     old_rows: dict[str, int] = old.get("rows", {}) if old else {}
     old_array = np.load(fdir / old["array"], mmap_mode="r") if old and (fdir / old["array"]).is_file() else None
     # One computation per distinct file content (duplicate files share a row).
@@ -163,13 +165,6 @@ class _Rows:
 
     def __getitem__(self, s: slice) -> np.ndarray:
         return np.asarray(self.images[self.rows[s]])
-
-
-def _read_index(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # missing or damaged: recomputed, never fatal
 
 
 def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_array: np.ndarray | None,
