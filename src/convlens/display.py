@@ -66,18 +66,20 @@ def print_table(
     console.print(table)
 
 
+def html_cell(v: Any, digits: int = 4) -> str:
+    """One value for an HTML page: ``–`` for None, floats with ``digits`` decimals, text escaped."""
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
 def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, digits: int = 4) -> str:
     """An HTML table; floats are shown with ``digits`` decimals, everything is escaped."""
-    def cell(v: Any) -> str:
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return html.escape(str(v))
-
     head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{cell(v)}</td>" for v in r) + "</tr>"
-                   for r in rows)
+    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html_cell(v, digits)}</td>"
+                                    for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

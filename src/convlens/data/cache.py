@@ -60,7 +60,7 @@ def default_cache_dir() -> Path:
 
 
 def params_key(obj: Any) -> str:
-    """A short hash of JSON-able ``obj``: the folder name of what was computed with those parameters."""
+    """A short hash of JSON-able ``obj``: names the folder of what those parameters computed."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from convlens import __version__
-from convlens.display import img_tag
+from convlens.display import html_cell, img_tag
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -24,18 +24,10 @@ pre{background:#f4f6f9;padding:.8rem;border-radius:6px;overflow-x:auto;font-size
 """
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return html.escape(str(v))
-
-
 def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A table in the report's style (cells escaped; floats to 4 digits)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -81,7 +73,7 @@ def _class_sections(metrics: dict[str, Any]) -> list[str]:
         classes = metrics.get("classes", ["0", "1"])
         parts.append(f"<h2>Decision threshold (positive class: {html.escape(str(classes[1]))})</h2>")
         parts.append(f"<p>The model predicts {html.escape(str(classes[1]))} when its probability is at least "
-                     f"the threshold (used: {_fmt(metrics.get('threshold'), 2)}).</p>")
+                     f"the threshold (used: {html_cell(metrics.get('threshold'), 2)}).</p>")
         header = ["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"]
         keys = ["threshold", "precision", "recall", "f1", "accuracy", "positives"]
         parts.append(html_table(header, [[t[k] for k in keys] for t in metrics["thresholds"]]))
@@ -116,8 +108,8 @@ def render_report(
         ("classes", len(metrics.get("classes", []))),
     ]
     parts.append("<div class='cards'>" + "".join(
-        f"<div class='card'><b>{_fmt(v)}</b><span>{html.escape(k)}</span></div>" for k, v in cards
-        if v is not None) + "</div>")
+        f"<div class='card'><b>{html_cell(v)}</b><span>{html.escape(k)}</span></div>"
+        for k, v in cards if v is not None) + "</div>")
 
     parts.extend(_training_section(figures, history))
     parts.extend(_class_sections(metrics))

@@ -221,8 +221,11 @@ def _prediction_json(pred: Any) -> dict[str, Any]:
 
 def _timings(t0: float, t1: float, t2: float) -> dict[str, Any]:
     """Latency since ``t0``, with its decode (``t0``-``t1``) and inference (``t1``-``t2``) parts."""
-    return {"latency_ms": round((time.perf_counter() - t0) * 1000, 2),
-            "timings_ms": {"decode": round((t1 - t0) * 1000, 2), "inference": round((t2 - t1) * 1000, 2)}}
+    def ms(a: float, b: float) -> float:
+        return round((b - a) * 1000, 2)
+
+    return {"latency_ms": ms(t0, time.perf_counter()),
+            "timings_ms": {"decode": ms(t0, t1), "inference": ms(t1, t2)}}
 
 
 # What an upload can go wrong with, for the API docs of both model routes.
