@@ -71,8 +71,6 @@ def test_predict_equals_independent_computation(which: str, photos: list[Path], 
 def test_predict_equals_evaluation(tmp_path: Path, photos: list[Path], bundle: Path, precision: str) -> None:
     """The report's numbers are predict's numbers: one forward pass, one precision rule."""
     evaluate = pytest.importorskip("convlens.evaluate")
-    from convlens.evaluate.metrics import probabilities_from_logits
-
     root = tmp_path / "labelled"
     for p in photos:
         (root / p.parent.name).mkdir(parents=True, exist_ok=True)
@@ -80,7 +78,7 @@ def test_predict_equals_evaluation(tmp_path: Path, photos: list[Path], bundle: P
     model, meta = load_model(bundle, "cpu")
     meta.classes = ["cats", "dogs"]  # the folder's class names
     data = evaluate.load_labelled_folder(root, meta)
-    eval_probs = probabilities_from_logits(
+    eval_probs = probabilities(
         evaluate.predict_logits(model, data.images, meta.preprocessing, precision=precision), meta.output_activation)
     clf = Classifier(meta, TorchBackend(model, "cpu", precision))
     preds = {p.path: p for p in clf.predict(data.paths)}

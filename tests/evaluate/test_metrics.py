@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from convlens.decision import probabilities
 from convlens.evaluate.metrics import (
     compute_metrics,
     expected_calibration_error,
     least_confident_correct,
     predict_labels,
-    probabilities_from_logits,
     threshold_table,
     worst_mistakes,
 )
@@ -99,12 +99,12 @@ def test_missing_class_has_zero_support_and_no_auc() -> None:
 
 def test_probabilities_match_torch_sigmoid_and_softmax() -> None:
     z1 = np.array([[-100.0], [-2.5], [0.0], [3.0], [80.0]], dtype=np.float32)
-    p = probabilities_from_logits(z1, "sigmoid")
+    p = probabilities(z1, "sigmoid")
     assert p.shape == (5, 2)
     np.testing.assert_allclose(p[:, 1], torch.sigmoid(torch.from_numpy(z1))[:, 0].numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-6)
     zc = np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -1000.0]], dtype=np.float32)
-    q = probabilities_from_logits(zc)  # several units: softmax
+    q = probabilities(zc)  # several units: softmax
     np.testing.assert_allclose(q, torch.softmax(torch.from_numpy(zc), dim=1).numpy(), rtol=1e-6, atol=1e-7)
     assert not np.isnan(q).any()
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from convlens.callable_module import callable_module
+from convlens.decision import probabilities
 from convlens.errors import DataError, ImageError
 from convlens.evaluate.metrics import (
     compute_metrics,
     least_confident_correct,
     predict_labels,
-    probabilities_from_logits,
     worst_mistakes,
 )
 
@@ -129,7 +129,7 @@ def predict_probabilities(model: torch.nn.Module, meta: BundleMeta, images: Any,
                           device: str = "cpu", precision: str = "auto") -> np.ndarray:
     """Class probabilities ``(N, num_classes)`` for uint8 images, as ``convlens predict`` computes them."""
     logits = predict_logits(model, images, meta.preprocessing, batch_size, device, precision)
-    return probabilities_from_logits(logits, meta.output_activation)
+    return probabilities(logits, meta.output_activation)
 
 
 def model_info(meta: BundleMeta) -> dict[str, Any]:

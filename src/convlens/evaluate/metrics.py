@@ -1,8 +1,8 @@
 """Classification metrics from probabilities, computed with scikit-learn. Torch-free.
 
 Probabilities come from fp32 logits exactly as prediction computes them
-(:func:`probabilities_from_logits` is :func:`convlens.decision.probabilities`: sigmoid for one
-unit, softmax otherwise), so a file's probability in a report equals what ``convlens predict`` prints.
+(:func:`convlens.decision.probabilities`: sigmoid for one unit, softmax otherwise), so a file's
+probability in a report equals what ``convlens predict`` prints.
 """
 
 from __future__ import annotations
@@ -21,19 +21,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from convlens.decision import decide, probabilities
+from convlens.decision import decide
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.1))
-
-
-def probabilities_from_logits(logits: np.ndarray, activation: str | None = None) -> np.ndarray:
-    """Logits ``(N, 1)`` or ``(N, C)`` -> class probabilities ``(N, num_classes)``.
-
-    One unit (two classes): ``p1 = sigmoid(z)``, ``p0 = 1 - p1``; otherwise a softmax. This is
-    prediction's own function (:func:`convlens.decision.probabilities`), so a file's
-    probabilities in an evaluation are exactly those ``convlens predict`` reports.
-    """
-    return probabilities(np.asarray(logits, dtype=np.float32), activation)
 
 
 def predict_labels(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
@@ -72,12 +62,9 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     if len(confidence) == 0:
         return float("nan")
     bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - confidence[m].mean())
-    return float(ece)
+    # sum over bins of n_b / N * |mean(correct) - mean(confidence)|: |difference of bin sums| / N
+    gaps = np.bincount(bins, correct, n_bins) - np.bincount(bins, confidence, n_bins)
+    return float(np.abs(gaps).sum() / len(confidence))
 
 
 def compute_metrics(
@@ -161,21 +148,20 @@ def compute_metrics(
     return out
 
 
-def worst_mistakes(y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5, k: int = 16) -> list[int]:
-    """Indices of the ``k`` misclassified samples with the lowest probability for their true class."""
+def _lowest_p_true(y_true: np.ndarray, probs: np.ndarray, threshold: float, k: int,
+                   correct: bool) -> list[int]:
     y = np.asarray(y_true, dtype=np.int64)
     probs = np.asarray(probs)
-    wrong = np.flatnonzero(predict_labels(probs, threshold) != y)
-    p_true = probs[wrong, y[wrong]]
-    order = np.argsort(p_true, kind="stable")
-    return [int(i) for i in wrong[order][:k]]
+    idx = np.flatnonzero((predict_labels(probs, threshold) == y) == correct)
+    order = np.argsort(probs[idx, y[idx]], kind="stable")
+    return [int(i) for i in idx[order][:k]]
+
+
+def worst_mistakes(y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5, k: int = 16) -> list[int]:
+    """Indices of the ``k`` misclassified samples with the lowest probability for their true class."""
+    return _lowest_p_true(y_true, probs, threshold, k, correct=False)
 
 
 def least_confident_correct(y_true: np.ndarray, probs: np.ndarray, threshold: float = 0.5, k: int = 16) -> list[int]:
     """Indices of the ``k`` correct samples with the lowest probability for their (true) class."""
-    y = np.asarray(y_true, dtype=np.int64)
-    probs = np.asarray(probs)
-    right = np.flatnonzero(predict_labels(probs, threshold) == y)
-    p_true = probs[right, y[right]]
-    order = np.argsort(p_true, kind="stable")
-    return [int(i) for i in right[order][:k]]
+    return _lowest_p_true(y_true, probs, threshold, k, correct=True)
