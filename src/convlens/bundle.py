@@ -9,6 +9,7 @@ file gives a clear one-line error instead of silently wrong predictions.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,21 +55,10 @@ class BundleMeta:
         return len(self.classes)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "arch": self.arch,
-            "classes": list(self.classes),
-            "preprocessing": self.preprocessing.to_dict(),
-            "output_activation": self.output_activation,
-            "threshold": self.threshold,
-            "metrics": self.metrics,
-            "config": self.config,
-            "versions": self.versions,
-            "weights_sha256": self.weights_sha256,
-            "created": self.created,
-            "flip_average": self.flip_average,
-        }
+        """``model.json``: the format marker, then every field in declaration order."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **fields,
+                "classes": list(self.classes), "preprocessing": self.preprocessing.to_dict()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], where: str) -> BundleMeta:

@@ -244,25 +244,17 @@ def upsample_to_original(raw: torch.Tensor, prep: Preprocessing, width: int, hei
     never saw (cropped away) get 0: no evidence either way.
     """
     h, w = prep.size
-    orig_box, in_box = input_window(prep, width, height)
-    if prep.decode_size is not None:  # a centre crop: the input's window, placed over the photo
-        x0, y0, x1, y1 = in_box
-        left, top, right, bottom = orig_box
-        l_, t_ = round(left), round(top)
-        cw, ch = max(1, min(width - l_, round(right) - l_)), max(1, min(height - t_, round(bottom) - t_))
-        out = torch.zeros((height, width), dtype=raw.dtype, device=raw.device)
-        out[t_:t_ + ch, l_:l_ + cw] = _resize(_resize(raw, (h, w))[y0:y1, x0:x1], (ch, cw))
-        return out
-    if prep.resize == "squash":
+    (left, top, right, bottom), (x0, y0, x1, y1) = input_window(prep, width, height)
+    if prep.decode_size is None and prep.resize == "squash":
         return _resize(raw, (height, width))
-    if prep.resize == "pad":
-        x0, y0, x1, y1 = in_box
-        full = _resize(raw, (h, w))[y0:y1, x0:x1]
-        return _resize(full, (height, width))
-    left, top, right, bottom = orig_box
+    if prep.decode_size is None and prep.resize == "pad":
+        return _resize(_resize(raw, (h, w))[y0:y1, x0:x1], (height, width))
+    # crop: the whole map covers the part of the photo the model saw; a decode_size bundle's
+    # centre crop: the input's window of the map does. The rest of the photo gets 0.
     l_, t_ = round(left), round(top)
     cw, ch = max(1, min(width - l_, round(right) - l_)), max(1, min(height - t_, round(bottom) - t_))
-    inner = _resize(raw, (ch, cw))
+    window = raw if prep.decode_size is None else _resize(raw, (h, w))[y0:y1, x0:x1]
+    inner = _resize(window, (ch, cw))
     out = torch.zeros((height, width), dtype=inner.dtype, device=inner.device)
     out[t_:t_ + ch, l_:l_ + cw] = inner
     return out
