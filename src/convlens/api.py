@@ -61,12 +61,10 @@ def check(dir: str | os.PathLike[str], *, workers: int = 0, max_pixels: int = DE
     manifest). ``report.findings()`` lists the problems, ``report.to_dict()`` is ``--json``'s
     format, ``report.has_problems`` is the CLI's exit code 1.
     """
-    if progress is None:  # a bar where one can be drawn (terminal; Jupyter with ipywidgets)
-        from rich.console import Console
-
-        progress = shows_progress(Console(stderr=True))
+    # None: a bar where one can be drawn (terminal; Jupyter with ipywidgets)
     return check_dataset(dir, workers=workers, max_pixels=max_pixels, min_side=min_side,
-                         near_duplicates=near_duplicates, progress=progress)
+                         near_duplicates=near_duplicates,
+                         progress=shows_progress() if progress is None else progress)
 
 
 # ----------------------------------------------------------------------------- runs

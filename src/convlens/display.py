@@ -90,9 +90,13 @@ def img_tag(png: bytes, alt: str, width: int | None = None) -> str:
     return f'<img alt="{html.escape(alt)}"{size} src="data:image/png;base64,{data}">'
 
 
-def shows_progress(console: Any) -> bool:
-    """Whether live progress bars can be drawn on ``console``: a terminal, or Jupyter with
-    ipywidgets (rich draws its live display into a widget and only warns without one)."""
+def shows_progress(console: Any = None) -> bool:
+    """Whether live progress bars can be drawn on ``console`` (default: stderr): a terminal, or
+    Jupyter with ipywidgets (rich draws its live display into a widget, and warns without one)."""
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
     if console.is_terminal:
         return True
     if not console.is_jupyter:

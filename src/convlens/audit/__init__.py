@@ -172,12 +172,9 @@ def audit(dir: str | os.PathLike[str], *, backbone: str = DEFAULT_BACKBONE, fold
     the findings, ``report.quarantine(qdir, kinds=("label",))`` moves chosen ones out (with an undo
     manifest), ``report.to_dict()`` is ``--json``'s format.
     """
-    if progress is None:
-        from rich.console import Console
+    from convlens.display import shows_progress
 
-        from convlens.display import shows_progress
-
-        progress = shows_progress(Console(stderr=True))
+    progress = shows_progress() if progress is None else progress
     return audit_dataset(dir, backbone=backbone, folds=folds, similarity=similarity, cache_dir=cache_dir,
                          workers=workers, progress=progress)
 

@@ -83,12 +83,10 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
             write(path)
             console.print(f"written: {path}")
     if quarantine_dir:
-        from convlens.data.check import quarantine_files
-
-        files = report.chosen(chosen)
-        if files:
-            manifest = quarantine_files(report.root, files, quarantine_dir)
-            console.print(f"moved {len(files)} file(s) ({', '.join(chosen)}) to {Path(quarantine_dir)}; "
+        moved = len(report.chosen(chosen))
+        manifest = report.quarantine(quarantine_dir, chosen)
+        if manifest:
+            console.print(f"moved {moved} file(s) ({', '.join(chosen)}) to {Path(quarantine_dir)}; "
                           f"undo with `convlens audit --undo {manifest}`")
         else:
             console.print(f"no {', '.join(chosen)} findings: nothing moved")

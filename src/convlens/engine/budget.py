@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -128,16 +129,8 @@ def measure_speed(model: Any, optimizer: Any, step: Callable[[Any, Any], Any], t
 
 
 def _cycle(batches: Any, n: int) -> list[Any]:
-    out: list[Any] = []
-    while len(out) < n:
-        before = len(out)
-        for b in batches:
-            out.append(b)
-            if len(out) == n:
-                break
-        if len(out) == before:  # empty iterable
-            break
-    return out
+    """The first ``n`` batches, starting over when ``batches`` is shorter (none if it is empty)."""
+    return list(itertools.islice(itertools.cycle(batches), n))
 
 
 class LongRunNotice:
