@@ -425,14 +425,12 @@ def predict_command(
     clf._threshold(threshold)
     stdout, stderr = Console(), Console(stderr=True)
 
-    results: list[Prediction | ImageError] = []
     show_bar = len(files) > batch_size
     with Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=stderr, transient=True, disable=not show_bar) as bar:
         task = bar.add_task("predict", total=len(files))
-        for r in clf.iter_predict(files, top_k=top_k, tta=tta, threshold=threshold,
-                                  batch_size=batch_size, on_batch=lambda n: bar.advance(task, n)):
-            results.append(r)
+        results = list(clf.iter_predict(files, top_k=top_k, tta=tta, threshold=threshold,
+                                        batch_size=batch_size, on_batch=lambda n: bar.advance(task, n)))
 
     preds = [r for r in results if isinstance(r, Prediction)]
     skipped = [r for r in results if isinstance(r, ImageError)]

@@ -99,17 +99,12 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def _warning_details(info: ImageInfo, rel: str) -> list[str]:
-    out = []
-    for w in info.warnings:
-        if w == "ext_mismatch":
-            out.append(f"content is {info.format} but the name ends in {Path(rel).suffix or '(none)'}")
-        elif w == "mode":
-            out.append(f"mode {info.mode} is converted to {'L' if info.grayscale else 'RGB'}")
-        elif w == "exif":
-            out.append(f"EXIF orientation {info.orientation} is applied (turned upright)")
-        elif w == "animated":
-            out.append(f"animated ({info.frames} frames): the first frame is used")
-    return out
+    ext = Path(rel).suffix or "(none)"
+    text = {"ext_mismatch": f"content is {info.format} but the name ends in {ext}",
+            "mode": f"mode {info.mode} is converted to {'L' if info.grayscale else 'RGB'}",
+            "exif": f"EXIF orientation {info.orientation} is applied (turned upright)",
+            "animated": f"animated ({info.frames} frames): the first frame is used"}
+    return [text[w] for w in info.warnings if w in text]
 
 
 def inspect_file(path: Path, rel: str, *, max_pixels: int, min_side: int,
