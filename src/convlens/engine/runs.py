@@ -229,9 +229,8 @@ def compare_png(runs: list[RunInfo]) -> bytes:
                     ax.plot(*zip(*pts, strict=True), style, color=color, linewidth=1.4,
                             label=f"{run.name} ({side})")
     for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
+        ax.set(xlabel="epoch", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title)
         ax.grid(alpha=0.3)
     if ax_acc.has_data():
         ax_acc.legend(fontsize=8, loc="lower right")

@@ -28,8 +28,7 @@ def curves_png(history: Sequence[dict[str, Any]]) -> bytes:
             pts = [(e, float(v)) for e, v in zip(epochs, vals, strict=True) if v is not None and v == v]
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, markersize=3, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
@@ -49,14 +48,12 @@ def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> by
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     ax.set_xticks(range(n), labels=list(classes), rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
     ax.set_yticks(range(n), labels=list(classes))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
     if n <= 25:  # beyond that the numbers are unreadable; the colours still tell the story
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9 if n <= 10 else 7,
                         color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_title("confusion matrix")
     return png_bytes(fig)
 
 
@@ -68,12 +65,10 @@ def calibration_png(calibration: dict[str, Any]) -> bytes:
     ax.plot(calibration.get("mean_predicted", []), calibration.get("fraction_positive", []), "-o",
             label="model")
     kind = calibration.get("kind", "probability")
-    ax.set_xlabel(f"mean predicted {kind}")
-    ax.set_ylabel("observed frequency" if kind.startswith("p(") else "observed accuracy")
     ece = calibration.get("ece")
-    ax.set_title("calibration" + (f" (ECE {ece:.3f})" if ece is not None else ""))
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set(xlabel=f"mean predicted {kind}", xlim=(0, 1), ylim=(0, 1),
+           ylabel="observed frequency" if kind.startswith("p(") else "observed accuracy",
+           title="calibration" + (f" (ECE {ece:.3f})" if ece is not None else ""))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
     return png_bytes(fig)
@@ -85,9 +80,7 @@ def roc_png(roc: dict[str, Any], auc: float | None, positive: str) -> bytes:
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "--", color="gray")
     ax.plot(roc["fpr"], roc["tpr"], label=f"AUC {auc:.3f}" if auc is not None else None)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel(f"true positive rate ({positive})")
-    ax.set_title("ROC")
+    ax.set(xlabel="false positive rate", ylabel=f"true positive rate ({positive})", title="ROC")
     ax.grid(alpha=0.3)
     if auc is not None:
         ax.legend(loc="lower right")
@@ -127,14 +120,11 @@ def lr_find_png(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequenc
     ax.plot(lrs, smoothed, label="smoothed loss")
     if suggestion is not None:
         ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate finder")
     finite = [v for v in smoothed if np.isfinite(v)]
     if finite:  # keep the divergence at the end from squashing the interesting part
         lo, hi = min(finite), max(finite)
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-8), min(hi, lo + 4 * (finite[0] - lo + 1e-8)) + 0.05)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    ax.set_title("learning-rate finder")
     return png_bytes(fig)
