@@ -430,7 +430,8 @@ def predict_command(
                   console=stderr, transient=True, disable=not show_bar) as bar:
         task = bar.add_task("predict", total=len(files))
         results = list(clf.iter_predict(files, top_k=top_k, tta=tta, threshold=threshold,
-                                        batch_size=batch_size, on_batch=lambda n: bar.advance(task, n)))
+                                        batch_size=batch_size,
+                                        on_batch=lambda n: bar.advance(task, n)))
 
     preds = [r for r in results if isinstance(r, Prediction)]
     skipped = [r for r in results if isinstance(r, ImageError)]

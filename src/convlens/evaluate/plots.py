@@ -120,7 +120,8 @@ def lr_find_png(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequenc
     ax.plot(lrs, smoothed, label="smoothed loss")
     if suggestion is not None:
         ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
-    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate finder")
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss",
+           title="learning-rate finder")
     finite = [v for v in smoothed if np.isfinite(v)]
     if finite:  # keep the divergence at the end from squashing the interesting part
         lo, hi = min(finite), max(finite)
