@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from convlens.data.decode import decode, to_rgb
-from convlens.data.preprocess import Preprocessing
+from convlens.data.preprocess import Preprocessing, array_image
 from convlens.data.scan import is_system_file, list_images
 from convlens.errors import ConfigError, ImageError, UserError
 
@@ -156,10 +156,7 @@ def load_original(src: Any, prep: Preprocessing) -> np.ndarray:
     elif isinstance(src, Image.Image):
         img = to_rgb(ImageOps.exif_transpose(src) or src)
     else:
-        a = np.asarray(src)
-        a = a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a
-        mode = "L" if a.ndim == 2 else ("RGBA" if a.shape[2] == 4 else "RGB")
-        img = to_rgb(Image.fromarray(a, mode))
+        img = to_rgb(array_image(src))
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 

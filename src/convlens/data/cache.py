@@ -80,7 +80,8 @@ def pixel_params(prep: Preprocessing) -> dict[str, Any]:
 
 
 class CachedImages:
-    """An ``N x H x W x C`` uint8 array-like over selected rows of the memory-mapped cache.
+    """An ``N x H x W x C`` uint8 array-like over selected rows of the memory-mapped cache (or of
+    any array-like indexable by an index array).
 
     Indexing reads only the rows asked for (``images[idx]`` returns a NumPy array), so memory
     stays flat however large the dataset is.

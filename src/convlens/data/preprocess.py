@@ -27,6 +27,18 @@ INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resamp
                   "nearest": Image.Resampling.NEAREST}
 
 
+def array_image(arr: np.ndarray) -> Image.Image:
+    """A uint8 ``H x W x 3`` (RGB), ``H x W x 4`` (RGBA) or ``H x W`` array as a Pillow image."""
+    a = np.asarray(arr)
+    if a.dtype != np.uint8:
+        raise ConfigError(f"image arrays must be uint8 (0-255) RGB. Received: dtype={a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ConfigError(f"image arrays must be H x W x 3 RGB or H x W. Received: shape={a.shape}")
+    return Image.fromarray(a, "L" if a.ndim == 2 else ("RGBA" if a.shape[2] == 4 else "RGB"))
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How pixels become model input. ``size`` is the model input (height, width)."""
@@ -128,15 +140,7 @@ class Preprocessing:
 
     def from_array(self, arr: np.ndarray) -> np.ndarray:
         """Accept an ``H x W x 3`` (RGB) or ``H x W`` uint8 array and resize it."""
-        a = np.asarray(arr)
-        if a.dtype != np.uint8:
-            raise ConfigError(f"image arrays must be uint8 (0-255) RGB. Received: dtype={a.dtype}")
-        if a.ndim == 3 and a.shape[2] == 1:
-            a = a[:, :, 0]
-        if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
-            raise ConfigError(f"image arrays must be H x W x 3 RGB or H x W. Received: shape={a.shape}")
-        mode = "L" if a.ndim == 2 else ("RGBA" if a.shape[2] == 4 else "RGB")
-        return self.from_pil(Image.fromarray(a, mode))
+        return self.from_pil(array_image(arr))
 
     # ---- float stage -------------------------------------------------------------------
     def normalize(self, batch: np.ndarray) -> np.ndarray:

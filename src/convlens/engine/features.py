@@ -143,7 +143,8 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
     missing = [h for h in dict.fromkeys(hashes) if old_array is None or h not in old_rows]
     fresh = np.zeros((0, backbone.num_features), np.float32)
     if missing:
-        fresh = extract_features(backbone.model, _Rows(images, [first[h] for h in missing]), prep,
+        rows = CachedImages(images, [first[h] for h in missing])  # lazy: read a batch at a time
+        fresh = extract_features(backbone.model, rows, prep,
                                  batch_size=batch_size, precision=precision, flip=flip, progress=progress)
     out = np.zeros((len(hashes), backbone.num_features), np.float32)
     new_of = {h: k for k, h in enumerate(missing)}  # hash -> row of fresh, in fresh's order
@@ -152,19 +153,6 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
     if missing:
         _write_cache(fdir, index_path, old_rows, old_array, new_of, fresh)
     return out
-
-
-class _Rows:
-    """A lazy view of selected rows of an array-like (reads only a batch at a time)."""
-
-    def __init__(self, images: Any, rows: list[int]) -> None:
-        self.images, self.rows = images, np.asarray(rows, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, s: slice) -> np.ndarray:
-        return np.asarray(self.images[self.rows[s]])
 
 
 def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_array: np.ndarray | None,
