@@ -67,14 +67,8 @@ def assign_subsets(rels: Sequence[str], classes: Sequence[str], shas: Sequence[s
     presplit = any(given)
     has_val = "val" in given
     keys = split_keys(rels, shas)
-    out: list[str] = [""] * n
-    free: list[int] = []
-    for i in range(n):
-        g = given[i]
-        if g in ("val", "test") or (g == "train" and has_val):
-            out[i] = g
-        else:
-            free.append(i)
+    out = [str(g) if g in ("val", "test") or (g == "train" and has_val) else "" for g in given]
+    free = [i for i, o in enumerate(out) if not o]
     # A pre-split layout without a test folder gets no test fraction: its split is the user's.
     test_f = 0.0 if presplit else test_fraction
     units = {i: hash_unit(keys[i], seed) for i in free}

@@ -200,13 +200,9 @@ def config_differences(runs: list[RunInfo]) -> dict[str, list[Any]]:
     """Configuration keys whose values differ between the runs: key -> one value per run
     (``None`` where a run lacks the key, e.g. one made by an older version)."""
     flats = [_flat(r.config) for r in runs]
-    keys = list(dict.fromkeys(k for f in flats for k in f))
-    out = {}
-    for k in keys:
-        values = [f.get(k) for f in flats]
-        if len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1:
-            out[k] = values
-    return out
+    values = {k: [f.get(k) for f in flats] for k in dict.fromkeys(k for f in flats for k in f)}
+    return {k: vs for k, vs in values.items()
+            if len({json.dumps(v, sort_keys=True, default=str) for v in vs}) > 1}
 
 
 def compare_png(runs: list[RunInfo]) -> bytes:
