@@ -201,15 +201,11 @@ class Classifier:
                      threshold: float | None) -> list[Prediction]:
         idx = self.decide(probs, threshold)
         k = min(top_k, self.num_classes)
-        out = []
-        for name, p, i in zip(names, probs, idx, strict=True):
-            order = np.argsort(-p, kind="stable")[:k]
-            out.append(Prediction(
-                path=name, label=self.classes[i], index=int(i), probability=float(p[i]),
-                probabilities={c: float(v) for c, v in zip(self.classes, p, strict=True)},
-                top_k=[(self.classes[j], float(p[j])) for j in order],
-            ))
-        return out
+        orders = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [Prediction(path=name, label=self.classes[i], index=int(i), probability=float(p[i]),
+                           probabilities=dict(zip(self.classes, map(float, p), strict=True)),
+                           top_k=[(self.classes[j], float(p[j])) for j in order])
+                for name, p, i, order in zip(names, probs, idx, orders, strict=True)]
 
     # -- images ----------------------------------------------------------------------
     def iter_predict(

@@ -382,11 +382,8 @@ _SEVERITY_STYLE = {"unusable": "red", "warning": "yellow", "dataset": "red", "no
 
 def finding_rows(report: CheckReport) -> list[tuple[str, str, str, str]]:
     """One line per finding and file (``FINDINGS_HEADER``): what ``convlens check | ...`` prints."""
-    rows = []
-    for f in findings(report):
-        for item in f.items or [""]:
-            rows.append((f.severity, f.kind, item, f.note or f.text))
-    return rows
+    return [(f.severity, f.kind, item, f.note or f.text)
+            for f in findings(report) for item in f.items or [""]]
 
 
 def print_report(report: CheckReport, console: Any = None, plain: bool | None = None) -> None:

@@ -217,10 +217,8 @@ def set_metadata(proto: onnx.ModelProto, meta: BundleMeta, export_info: dict[str
 
 
 def _opset(proto: onnx.ModelProto) -> int | None:
-    for imp in proto.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return None
+    versions = [int(imp.version) for imp in proto.opset_import if imp.domain in ("", "ai.onnx")]
+    return versions[0] if versions else None
 
 
 def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | None, *,
