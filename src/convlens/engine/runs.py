@@ -112,13 +112,8 @@ def read_history(path: Path) -> list[dict[str, Any]]:
             rows = list(csv.DictReader(f))
     except FileNotFoundError:
         return []
-    out = []
-    for r in rows:
-        row = {k: _number(r.get(k, "")) for k in METRIC_FIELDS}
-        if row.get("epoch") is not None:
-            row["epoch"] = int(row["epoch"])
-            out.append(row)
-    return out
+    parsed = [{k: _number(r.get(k, "")) for k in METRIC_FIELDS} for r in rows]
+    return [{**row, "epoch": int(row["epoch"])} for row in parsed if row["epoch"] is not None]
 
 
 def is_run_dir(path: Path) -> bool:

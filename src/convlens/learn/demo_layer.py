@@ -521,10 +521,11 @@ def render(results: list[DemoResult], suptitle: str) -> Any:
         panels += [(first, "output"), (first, "eval")]
     else:
         panels.append((first, "output"))
-    true_w = [_panel_width(r, w) for r, w in panels]
+    sizes = [_panel_size(r, w) for r, w in panels]
+    true_w = [w for w, _ in sizes]
     # Same pixel scale, except that a much smaller output still gets 40% of the largest width.
     widths = [max(w, 0.4 * max(true_w)) for w in true_w]
-    shown_h = max(_panel_height(r, w) * d / t for (r, w), d, t in zip(panels, widths, true_w, strict=True))
+    shown_h = max(h * d / w for (w, h), d in zip(sizes, widths, strict=True))
     kernel = first.kernel if (not compare and first.kind == "conv" and first.output.shape[0] == 1) else None
     if kernel is not None:
         widths.append(max(widths) * 0.45)
@@ -557,18 +558,11 @@ def render(results: list[DemoResult], suptitle: str) -> Any:
     return fig
 
 
-def _panel_width(r: DemoResult, which: str) -> float:
+def _panel_size(r: DemoResult, which: str) -> tuple[float, float]:
+    """(width, height) in pixels; several conv output maps make a mosaic of up to 4 columns."""
     a = _array(r, which)
-    if r.kind == "conv" and which == "output" and a.shape[0] > 1:
-        return float(min(a.shape[0], 4) * a.shape[2])
-    return float(a.shape[2])
-
-
-def _panel_height(r: DemoResult, which: str) -> float:
-    a = _array(r, which)
-    if r.kind == "conv" and which == "output" and a.shape[0] > 1:
-        return float(math.ceil(min(a.shape[0], MAX_SHOWN_FILTERS) / 4) * a.shape[1])
-    return float(a.shape[1])
+    n = min(a.shape[0], MAX_SHOWN_FILTERS) if r.kind == "conv" and which == "output" else 1
+    return float(min(n, 4) * a.shape[2]), float(math.ceil(n / 4) * a.shape[1])
 
 
 def _histograms(axes: list[Any], panels: list[tuple[DemoResult, str]]) -> None:
