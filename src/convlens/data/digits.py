@@ -4,7 +4,6 @@ once as a class-folder dataset, so ``convlens train`` works with no data and no 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import tempfile
@@ -46,9 +45,7 @@ def ensure_digits_dataset(root: str | os.PathLike[str] | None = None) -> Path:
         for i, (img, label) in enumerate(zip(pixels, digits.target, strict=True)):
             d = tmp / str(int(label))
             d.mkdir(exist_ok=True)
-            buf = io.BytesIO()
-            Image.fromarray(img, "L").save(buf, format="PNG")
-            (d / f"digit_{i:04d}.png").write_bytes(buf.getvalue())
+            Image.fromarray(img, "L").save(d / f"digit_{i:04d}.png")  # inside tmp: renamed whole below
         (tmp / MARKER).write_text(f"{len(pixels)} images from sklearn.datasets.load_digits\n")
         try:
             os.rename(tmp, root)
