@@ -184,7 +184,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parsers
-def _add_train_flags(p: argparse.ArgumentParser, with_data: bool = True) -> None:
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; the help shows the default preset's value."""
     defaults = TrainConfig(**PRESETS["default"])
     types_ = field_types(TrainConfig)

@@ -426,17 +426,16 @@ def _robust_max(a: np.ndarray) -> float:
     return v if v > 0 else (float(np.abs(a).max()) or 1.0)
 
 
-def _mosaic(maps: np.ndarray, gap: int = 2) -> tuple[np.ndarray, float]:
+def _mosaic(maps: np.ndarray, gap: int = 2) -> np.ndarray:
     """Up to 8 maps side by side in rows of 4, each divided by its own largest |value|."""
     n, h, w = maps.shape
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap), np.nan, dtype=np.float32)
     for i, m in enumerate(maps):
-        r, c = divmod(i, cols)
-        scale = _robust_max(m)
-        out[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = m / scale
-    return out, 1.0
+        top, left = (i // cols) * (h + gap), (i % cols) * (w + gap)
+        out[top: top + h, left: left + w] = m / _robust_max(m)
+    return out
 
 
 def _array(r: DemoResult, which: str) -> np.ndarray:
@@ -458,7 +457,7 @@ def _display(r: DemoResult, which: str, vlim: float | None = None) -> tuple[np.n
     if kind == "conv_transpose":
         return _display_rgb(a if r.options["weights"] == "box" else minmax(a)), {}
     if a.shape[0] > 1:  # several random filters: a mosaic, each map on its own signed scale
-        return _mosaic(a[:MAX_SHOWN_FILTERS])[0], {"cmap": "RdBu_r", "vmin": -1.0, "vmax": 1.0}
+        return _mosaic(a[:MAX_SHOWN_FILTERS]), {"cmap": "RdBu_r", "vmin": -1.0, "vmax": 1.0}
     if kind == "conv" and r.kernel is not None and abs(float(r.kernel.sum()) - 1.0) < 1e-4:
         # box, sharpen, emboss keep the brightness (their weights sum to 1): a grey photo
         return np.clip(a[0], 0.0, 1.0), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}
