@@ -24,12 +24,12 @@ import numpy as np
 
 from convlens.audit.findings import DEFAULT_DUPLICATE_SIMILARITY, DEFAULT_FOLDS, Findings, find_all
 from convlens.callable_module import callable_module
+from convlens.config import DEFAULT_BACKBONE
 from convlens.errors import ConfigError, DataError
 
 KINDS = ("label", "duplicate", "outlier")
 KIND_TEXT = {"label": "likely label errors", "duplicate": "near duplicates (feature similarity)",
              "outlier": "outliers (unlike the rest of the dataset)"}
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 @dataclass

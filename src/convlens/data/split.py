@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from convlens import files as cio
+from convlens.data.scan import SUBSETS
 from convlens.errors import ConfigError, DataError
 
 DEFAULT_SEED = 1337
 DEFAULT_VAL_FRACTION = 0.2
-SUBSETS = ("train", "val", "test")
 CSV_HEADER = ("path", "class", "subset")
 
 

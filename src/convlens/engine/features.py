@@ -35,6 +35,7 @@ import torch
 
 from convlens import files as cio
 from convlens import runtime
+from convlens.config import DEFAULT_BACKBONE
 from convlens.data.cache import (
     CachedImages,
     dataset_cache_dir,
@@ -50,7 +51,6 @@ from convlens.models.model import ConvlensModel
 from convlens.models.pretrained import PretrainedSource, load_backbone
 
 FEATURES_VERSION = 2  # 2: rows of duplicate files were misaligned in version 1 caches
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 @dataclass
