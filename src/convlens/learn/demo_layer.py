@@ -109,20 +109,17 @@ def resolve_options(kind: str, options: Mapping[str, Any] | None = None) -> dict
             raise ConfigError(f"--{key} does not apply to {kind} (it takes {takes}). "
                               f"Received: --{key} {given[key]!r}")
     o = {**allowed, **given}
-    if "kernel" in o:
-        o["kernel"] = _positive_int("kernel", o["kernel"], 31)
+    for key, hi in (("kernel", 31), ("stride", 16), ("filters", 64), ("factor", 8)):
+        if o.get(key) is not None:
+            o[key] = _positive_int(key, o[key], hi)
     if "weights" in o and "weights" not in given and o["kernel"] != 3 and o["weights"] in _FIXED_KERNELS:
         # The named default is 3x3: another size gets a kernel of that size (signed for relu).
         o["weights"] = "random" if kind == "relu" else "box"
-    if o.get("stride") is not None:
-        o["stride"] = _positive_int("stride", o["stride"], 16)
     if kind in ("max_pool", "avg_pool") and o["stride"] is None:
         o["stride"] = o["kernel"]  # Keras's pooling default: non-overlapping windows
     if "padding" in o and o["padding"] not in PADDINGS:
         raise ConfigError(f"--padding must be 'valid' or 'same'.{suggest(str(o['padding']), PADDINGS)} "
                           f"Received: --padding {o['padding']!r}")
-    if "filters" in o:
-        o["filters"] = _positive_int("filters", o["filters"], 64)
     if "weights" in o:
         w = o["weights"]
         if w not in NAMED_KERNELS:
@@ -139,8 +136,6 @@ def resolve_options(kind: str, options: Mapping[str, Any] | None = None) -> dict
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
             raise ConfigError(f"--rate must be a number in [0, 1). Received: --rate {r!r}")
         o["rate"] = float(r)
-    if "factor" in o:
-        o["factor"] = _positive_int("factor", o["factor"], 8)
     if "mode" in o and o["mode"] not in MODES:
         raise ConfigError(f"--mode must be 'nearest' or 'bilinear'.{suggest(str(o['mode']), MODES)} "
                           f"Received: --mode {o['mode']!r}")
