@@ -132,24 +132,19 @@ class AuditReport:
         return list(out.values())
 
 
-def default_features(root: str | os.PathLike[str], backbone: str, cache_dir: str | None, workers: int,
-                     progress: bool) -> Any:
-    """Pretrained features of every usable image (decoded and featurised once, then cached)."""
-    from convlens.engine.features import folder_features
-
-    return folder_features(root, backbone, cache_dir=cache_dir, workers=workers, progress=progress)
-
-
 def audit_dataset(root: str | os.PathLike[str], *, backbone: str = DEFAULT_BACKBONE, folds: int = DEFAULT_FOLDS,
                   similarity: float = DEFAULT_DUPLICATE_SIMILARITY, cache_dir: str | None = None,
                   workers: int = 0, seed: int = 0, progress: bool = False,
                   features_fn: Callable[..., Any] | None = None) -> AuditReport:
     """Audit ``root``. ``features_fn(root, backbone, cache_dir, workers, progress)`` returns an
     object with ``features`` (N x D), ``labels``, ``paths``, ``subsets``, ``classes``, ``root``,
-    ``skipped`` and ``seconds`` (default: :func:`default_features`)."""
+    ``skipped`` and ``seconds`` (default: :func:`convlens.engine.features.folder_features`: pretrained
+    features of every usable image, decoded and featurised once, then cached)."""
     if not 0.0 < similarity <= 1.0:
         raise ConfigError(f"similarity must be in (0, 1]. Received: similarity={similarity}")
-    fs = (features_fn or default_features)(root, backbone, cache_dir, workers, progress)
+    if features_fn is None:
+        from convlens.engine.features import folder_features as features_fn
+    fs = features_fn(root, backbone, cache_dir=cache_dir, workers=workers, progress=progress)
     if len(fs.paths) < 4:
         raise DataError(f"an audit needs at least a few usable images; found {len(fs.paths)}. Received: {str(root)!r}")
     t0 = time.perf_counter()
