@@ -138,8 +138,8 @@ def audit_dataset(root: str | os.PathLike[str], *, backbone: str = DEFAULT_BACKB
                   features_fn: Callable[..., Any] | None = None) -> AuditReport:
     """Audit ``root``. ``features_fn(root, backbone, cache_dir, workers, progress)`` returns an
     object with ``features`` (N x D), ``labels``, ``paths``, ``subsets``, ``classes``, ``root``,
-    ``skipped`` and ``seconds`` (default: :func:`convlens.engine.features.folder_features`: pretrained
-    features of every usable image, decoded and featurised once, then cached)."""
+    ``skipped`` and ``seconds`` (default: :func:`convlens.engine.features.folder_features`:
+    pretrained features of every usable image, decoded and featurised once, then cached)."""
     if not 0.0 < similarity <= 1.0:
         raise ConfigError(f"similarity must be in (0, 1]. Received: similarity={similarity}")
     if features_fn is None:

@@ -45,7 +45,7 @@ def ensure_digits_dataset(root: str | os.PathLike[str] | None = None) -> Path:
         for i, (img, label) in enumerate(zip(pixels, digits.target, strict=True)):
             d = tmp / str(int(label))
             d.mkdir(exist_ok=True)
-            Image.fromarray(img, "L").save(d / f"digit_{i:04d}.png")  # inside tmp: renamed whole below
+            Image.fromarray(img, "L").save(d / f"digit_{i:04d}.png")  # tmp is renamed whole below
         (tmp / MARKER).write_text(f"{len(pixels)} images from sklearn.datasets.load_digits\n")
         try:
             os.rename(tmp, root)
