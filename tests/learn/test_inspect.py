@@ -11,23 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from convlens.bundle import BundleMeta, load_model, save_bundle
+from convlens.bundle import load_model
 from convlens.cli import main
-from convlens.data.preprocess import Preprocessing
 from convlens.learn.layer_page import inspect_model, kernel_tiles, top_channels
-from convlens.models import create, summarize
+from convlens.models import summarize
+from tests.bundles import make_bundle
 
 
 def _bundle(path, model: str = "tiny", classes=("cats", "dogs"), size: int = 24, seed: int = 0):
-    torch.manual_seed(seed)
-    m = create(model, len(classes), 3)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim == 1:
-                p.uniform_(-0.5, 0.5)
-    meta = BundleMeta(arch=m.arch, classes=list(classes), preprocessing=Preprocessing(size=(size, size)),
-                      output_activation=m.output_activation)
-    return save_bundle(path, m, meta)
+    return make_bundle(path, model, classes, size, seed=seed, random_biases=True)
 
 
 @pytest.fixture
