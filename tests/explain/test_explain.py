@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import convlens
-from convlens.bundle import load_model, save_bundle
+from convlens.bundle import load_model
 from convlens.cli import main
 from convlens.data.decode import decode
-from tests.bundles import make_bundle, make_meta
+from tests.bundles import make_bundle
 
 
 @pytest.fixture()
@@ -117,12 +117,9 @@ def test_cli_methods_classes_and_errors(tmp_path: Path, photos: list[Path], bund
 
 def test_cli_cam_on_a_model_without_gap_dense_head(tmp_path: Path, photos: list[Path],
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from convlens.models import build_from_spec
-
     spec = [{"type": "conv", "filters": 4, "kernel_size": 3, "padding": "same", "activation": "relu"},
             {"type": "max_pool", "pool_size": 4}, {"type": "flatten"}, {"type": "dense"}]
-    model = build_from_spec(spec, 2, 3, (16, 16))
-    save_bundle(tmp_path / "flat.convlens", model, make_meta(model, ("cat", "dog"), size=16))
+    make_bundle(tmp_path / "flat.convlens", classes=("cat", "dog"), size=16, layers=spec)
     assert main(["explain", str(tmp_path / "flat.convlens"), str(photos[0]), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "global average pooling" in err and "gradcam" in err
