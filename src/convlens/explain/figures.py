@@ -120,12 +120,10 @@ def figure_png(panel: Panel) -> bytes:
     aspect = w / h
     panel_h = 4.0
     fig = Figure(figsize=(2 * panel_h * aspect + 0.4, panel_h + 1.0), dpi=100, layout="constrained")
-    axes = fig.subplots(1, 2)
-    axes[0].imshow(panel.image)
-    axes[0].set_title("image")
-    axes[1].imshow(panel.overlay)
-    axes[1].set_title(f"{panel.method} map of {panel.explained}")
-    for ax in axes:
+    shown = ((panel.image, "image"), (panel.overlay, f"{panel.method} map of {panel.explained}"))
+    for ax, (img, text) in zip(fig.subplots(1, 2), shown, strict=True):
+        ax.imshow(img)
+        ax.set_title(text)
         ax.set_axis_off()
     title = f"{_short(panel.name, 60)}: predicted {panel.label} ({panel.probability:.1%})"
     if panel.explained != panel.label:
