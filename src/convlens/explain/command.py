@@ -13,8 +13,7 @@ GRID_LIMIT = 60  # beyond this grid.png would be unreadable; every image still g
 
 
 def _unique_stem(path: str | None, taken: set[str]) -> str:
-    stem = Path(path).stem if path else "image"
-    stem = stem or "image"
+    stem = (Path(path).stem if path else "") or "image"
     name, n = stem, 1
     while name.lower() in taken:
         n += 1
