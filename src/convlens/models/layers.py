@@ -370,9 +370,6 @@ class Dense(SpecLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.linear(x))
 
-    def receptive_field(self, rf: RF) -> None:
-        return None
-
 
 @register_layer
 class Dropout(SpecLayer):
