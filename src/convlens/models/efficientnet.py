@@ -23,7 +23,7 @@ from convlens.errors import SpecError
 from convlens.models.layers import Conv
 from convlens.models.model import ConvlensModel
 from convlens.models.registry import register_model
-from convlens.models.zoo import GapDenseHead
+from convlens.models.zoo import GapDenseHead, _ZooModel
 
 BN_EPS = 1e-3  # TensorFlow's batch norm epsilon: the weights were trained with it
 STEM_WIDTH, HEAD_WIDTH = 32, 1280  # fixed for the Lite family
@@ -99,7 +99,7 @@ def stage_repeats(depth: float) -> list[int]:
     return [r if i in (0, last) else int(math.ceil(r * depth)) for i, (_, r, *_rest) in enumerate(B0_STAGES)]
 
 
-class EfficientNetLite(ConvlensModel):
+class EfficientNetLite(_ZooModel):
     """Stem, 16-20 MBConv blocks, 1x1 head conv to 1280 channels, then GAP + dense (exact CAM)."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: float = 1.0, depth: float = 1.0,
@@ -123,12 +123,6 @@ class EfficientNetLite(ConvlensModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_conv(self.blocks(self.stem(x)))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def gap_linear_head(self) -> nn.Linear:
-        return self.head.fc
 
     def summary_units(self) -> list[tuple[str, str, nn.Module]]:
         units: list[tuple[str, str, nn.Module]] = [("stem", "conv_bn_relu6", self.stem)]

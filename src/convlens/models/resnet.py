@@ -13,7 +13,7 @@ from torch import nn
 from convlens.models.model import ConvlensModel
 from convlens.models.registry import register_model
 from convlens.models.shapes import RF, propagate_rf
-from convlens.models.zoo import BasicBlock, GapDenseHead, _init_conv_bn, projection
+from convlens.models.zoo import BasicBlock, GapDenseHead, _init_conv_bn, _ZooModel, projection
 
 
 class ResNetBasicBlock(BasicBlock):
@@ -49,7 +49,7 @@ class ResNetBottleneck(nn.Module):
         return propagate_rf(self.conv3, propagate_rf(self.conv2, propagate_rf(self.conv1, rf)))
 
 
-class ResNet(ConvlensModel):
+class ResNet(_ZooModel):
     """7x7/2 stem, 3x3/2 max pool, four stages (64/128/256/512 wide), GAP + dense (exact CAM)."""
 
     def __init__(self, block: type[ResNetBasicBlock] | type[ResNetBottleneck], layers: tuple[int, int, int, int],
@@ -76,12 +76,6 @@ class ResNet(ConvlensModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def gap_linear_head(self) -> nn.Linear:
-        return self.head.fc
 
     def summary_units(self) -> list[tuple[str, str, nn.Module]]:
         stem = nn.Sequential(self.conv1, self.bn1, self.relu)
