@@ -604,4 +604,3 @@ def train_config(overrides: dict[str, Any], config_file: str | Path | None = Non
         raise ConfigError(f"--config cannot be combined with --resume: a run continues with its own "
                           f"config.yaml. Received: --config {str(config_file)!r}")
     return resume_config(resume, overrides) if resume else command_config(overrides, config_file)
-

@@ -86,7 +86,6 @@ def activation_option(i: int, kind: str, key: str, v: Any) -> str | None:
     return v.lower()
 
 
-
 CONV_OPTIONS = {"filters": (REQUIRED, positive_int), "kernel_size": (REQUIRED, int_or_pair),
                 "strides": (1, int_or_pair), "padding": ("valid", padding_option),
                 "activation": (None, activation_option), "dilation": (1, int_or_pair), "use_bias": (True, bool_option)}
@@ -109,7 +108,6 @@ def _window_out(i: int, spec: dict[str, Any], shape: Shape, kernel: Pair, stride
                             f"input. Received: {key}={spec[key]!r}")
         out.append(conv_output_size(n, k, s, padding, d))
     return (c, out[0], out[1])
-
 
 
 # ----------------------------------------------------------------------------- layer types
@@ -468,7 +466,6 @@ class Activation(SpecLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x)
-
 
 
 LAYER_TYPES = tuple(LAYERS)

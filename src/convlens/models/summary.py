@@ -59,7 +59,6 @@ def parse_input_shape(value: str | Sequence[int]) -> tuple[int, int, int]:
                       f"Received: input_shape={value!r}")
 
 
-
 @dataclass
 class LayerRow:
     """One layer (or block) of a summary."""
