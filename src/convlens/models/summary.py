@@ -28,15 +28,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from convlens.errors import ConfigError, SpecError
-from convlens.models.model import ConvlensModel, build_from_spec
-from convlens.models.registry import (
-    _REGISTRY,
-    _unknown_model,
-    create,
-    is_layer_file,
-    list_models,
-    model_description,
-)
+from convlens.models.model import ConvlensModel
+from convlens.models.registry import build_model, create, list_models, model_description
 from convlens.models.shapes import RF, keras_shape, propagate_rf
 
 _SHAPE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
@@ -116,15 +109,8 @@ def _count(module: nn.Module) -> tuple[int, int, int]:
 def _resolve(model: Any, c: int, hw: tuple[int, int], num_classes: int) -> tuple[nn.Module, str]:
     if isinstance(model, nn.Module):
         return model, getattr(model, "arch", {}).get("name") or type(model).__name__
-    if isinstance(model, (list, tuple)):
-        return build_from_spec(list(model), num_classes, c, hw), "layer list"
-    if isinstance(model, (str, os.PathLike)):
-        name = str(model)
-        if name in _REGISTRY:
-            return create(name, num_classes, c), name
-        if is_layer_file(name):
-            return build_from_spec(name, num_classes, c, hw), name
-        raise _unknown_model(name)
+    if isinstance(model, (list, tuple, str, os.PathLike)):  # what --model accepts
+        return build_model(model, num_classes, c, hw), "layer list" if isinstance(model, (list, tuple)) else str(model)
     raise SpecError(f"summarize needs a model, a layer list, a registered name or a layer file. "
                     f"Received: {type(model).__name__}")
 
