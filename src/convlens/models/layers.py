@@ -200,18 +200,10 @@ class ConvTranspose(SpecLayer):
         pad, out_pad, crop = [], [], []
         for k, s, d in zip(kernel_size, strides, dilation, strict=True):
             excess = effective_kernel(k, d) - s  # full output minus Keras's output
-            if excess < 0:  # the output is longer than what the kernel reaches: bias-only tail
-                pad.append(0)
-                out_pad.append(-excess)
-                crop.append(0)
-            elif padding == "same":
-                pad.append(excess // 2)
-                out_pad.append(0)
-                crop.append(excess % 2)  # torch crops symmetrically; TF drops the odd one last
-            else:
-                pad.append(0)
-                out_pad.append(0)
-                crop.append(0)
+            cropped = padding == "same" and excess > 0
+            pad.append(excess // 2 if cropped else 0)
+            out_pad.append(max(-excess, 0))  # the output is longer than the kernel reaches: bias-only tail
+            crop.append(excess % 2 if cropped else 0)  # torch crops symmetrically; TF drops the odd one last
         self._crop = tuple(crop)
         self.conv = nn.ConvTranspose2d(in_channels, filters, kernel_size, stride=strides, padding=tuple(pad),
                                        output_padding=tuple(out_pad), dilation=dilation, bias=use_bias)
