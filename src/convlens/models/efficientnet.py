@@ -28,15 +28,15 @@ from convlens.models.zoo import GapDenseHead, _ZooModel
 BN_EPS = 1e-3  # TensorFlow's batch norm epsilon: the weights were trained with it
 STEM_WIDTH, HEAD_WIDTH = 32, 1280  # fixed for the Lite family
 
-# EfficientNet-B0's stages: (block, repeats, kernel, stride, expansion, output channels).
-B0_STAGES: tuple[tuple[str, int, int, int, int, int], ...] = (
-    ("ds", 1, 3, 1, 1, 16),
-    ("ir", 2, 3, 2, 6, 24),
-    ("ir", 2, 5, 2, 6, 40),
-    ("ir", 3, 3, 2, 6, 80),
-    ("ir", 3, 5, 1, 6, 112),
-    ("ir", 4, 5, 2, 6, 192),
-    ("ir", 1, 3, 1, 6, 320),
+# EfficientNet-B0's stages: (repeats, kernel, stride, expansion (1: depthwise separable), channels).
+B0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
 )
 
 
@@ -47,13 +47,12 @@ class LiteVariant:
     width: float
     depth: float
     resolution: int
-    dropout: float
 
 
 LITE_VARIANTS = {
-    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2),
-    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2),
-    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3),
+    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224),
+    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240),
+    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260),
 }
 
 
@@ -96,7 +95,7 @@ class MBConv(nn.Module):
 def stage_repeats(depth: float) -> list[int]:
     """Blocks per stage: ``ceil(repeats * depth)``, the first and last stages unscaled (Lite)."""
     last = len(B0_STAGES) - 1
-    return [r if i in (0, last) else int(math.ceil(r * depth)) for i, (_, r, *_rest) in enumerate(B0_STAGES)]
+    return [r if i in (0, last) else int(math.ceil(r * depth)) for i, (r, *_rest) in enumerate(B0_STAGES)]
 
 
 class EfficientNetLite(_ZooModel):
@@ -110,7 +109,7 @@ class EfficientNetLite(_ZooModel):
         self.stem = ConvBNAct(in_channels, STEM_WIDTH, 3, 2)
         blocks: list[nn.Module] = []
         cin = STEM_WIDTH
-        for (_, _, kernel, stride, expansion, cout), n in zip(B0_STAGES, stage_repeats(depth), strict=True):
+        for (_, kernel, stride, expansion, cout), n in zip(B0_STAGES, stage_repeats(depth), strict=True):
             cout = make_divisible(cout * width)
             for i in range(n):
                 blocks.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expansion))
