@@ -10,7 +10,6 @@ with the weights of 1 process up to float rounding.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
 from convlens.cli import _train_overrides, build_parser, main
 from convlens.data.loader import BatchLoader
@@ -30,7 +28,7 @@ from convlens.engine.distributed import Dist
 from convlens.engine.factory import make_model
 from convlens.engine.trainer import train
 from convlens.errors import ConfigError
-from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, tiny_config
+from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, quiet, tiny_config
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo launch is tested on POSIX")
 # What both the one- and the two-process runs use: see the module docstring for why.
@@ -144,7 +142,7 @@ def test_library_call_with_nproc_outside_torchrun_is_refused(data: Path, tmp_pat
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(ConfigError, match=r"convlens train --nproc 2.*Received: nproc=2"):
-        train(tiny_config(data, tmp_path, nproc=2), console=Console(file=io.StringIO()))
+        train(tiny_config(data, tmp_path, nproc=2), console=quiet())
     assert not (tmp_path / "runs").exists()
 
 
@@ -176,7 +174,7 @@ def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
 
 def _assert_matches_one_process(run_dir: Path, data: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """:func:`assert_same_run` against one process trained here; returns the weights."""
-    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=Console(file=io.StringIO()))
+    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=quiet())
     return assert_same_run(run_dir, single.run_dir)
 
 
