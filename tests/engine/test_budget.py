@@ -66,16 +66,16 @@ def test_long_run_notice_says_once_only_when_long(monkeypatch: pytest.MonkeyPatc
     clock = iter(range(0, 10_000, 2))  # every perf_counter call: 2 s later
     monkeypatch.setattr(budget.time, "perf_counter", lambda: float(next(clock)))
     said: list[str] = []
-    notice = budget.LongRunNotice(epochs=100, steps_per_epoch=50, val_share=0.0, say=said.append, probe_steps=4)
-    for step in range(10):
-        notice(0, step)
+    silent: list[str] = []
+    long = budget.LongRunNotice(epochs=100, steps_per_epoch=50, val_share=0.0, say=said.append, probe_steps=4)
+    short = budget.LongRunNotice(epochs=1, steps_per_epoch=50, val_share=0.0, say=silent.append, probe_steps=4)
+    for notice in (long, short):
+        for step in range(10):
+            notice(0, step)
     assert len(said) == 1 and "--time" in said[0] and "estimated training time" in said[0]
-    quiet: list[str] = []
-    short = budget.LongRunNotice(epochs=1, steps_per_epoch=50, val_share=0.0, say=quiet.append, probe_steps=4)
-    for step in range(10):
-        short(0, step)
-    assert quiet == []
+    assert silent == []
     assert budget.format_seconds(75) == "1m15s" and budget.format_seconds(5400) == "1h30m"
+    assert budget.clock(75) == "1:15" and budget.clock(3725) == "1:02:05"
 
 
 def test_time_budget_run_completes_its_schedule(tmp_path: Path) -> None:
