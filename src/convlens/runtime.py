@@ -93,7 +93,7 @@ def resolve_device(device: str = "auto", precision: str = "auto") -> DeviceInfo:
 
     from convlens.errors import ConfigError
 
-    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    mps = torch.backends.mps.is_available()
     dev = device.lower()
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"

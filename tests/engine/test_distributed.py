@@ -149,12 +149,9 @@ def test_library_call_with_nproc_outside_torchrun_is_refused(data: Path, tmp_pat
 # ----------------------------------------------------------------------------- processes
 @posix_only
 def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
-    common = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
-              "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--crop-margin", "0", "--device", "cpu", "--threads", "1", "--seed", "5",
-              "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs")]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", "--name", "ddp",
-                           *common], capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", *_exact_cli(tmp_path, "ddp")],
+                          capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp_path)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     # Rank 0 alone prints and writes: one run folder, one set of epoch lines.
@@ -170,6 +167,13 @@ def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
     init = make_model("tiny", 2, 3, 16).state_dict()
     assert max(float((a[k].float() - init[k].float()).abs().max()) for k in a) > 1e-3
     assert elapsed < 120, f"two-process run took {elapsed:.0f} s"
+
+
+def _exact_cli(tmp_path: Path, name: str) -> list[str]:
+    """The ``convlens train`` flags of :func:`tiny_config` with :data:`EXACT`, for the runs in subprocesses."""
+    return distributed.cli_arguments({"preset": "quick", "image_size": 16, "batch_size": 8, "epochs": 2, "workers": 1,
+                                      **EXACT, "cache_dir": str(tmp_path / "cache"),
+                                      "project": str(tmp_path / "runs"), "name": name})
 
 
 def _assert_matches_one_process(run_dir: Path, data: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -191,15 +195,12 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
     """Two torchrun nodes (``--nnodes 2``, one process each) meeting by c10d rendezvous on
     127.0.0.1, as two machines would, end with the weights and metrics of one process."""
     port = _free_port()
-    args = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
-            "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--crop-margin", "0", "--device", "cpu", "--threads", "1",
-            "--seed", "5", "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs"), "--name", "nodes"]
     nodes = []
     for node in (0, 1):  # node 0 hosts the rendezvous store, as the first machine would
         cmd = [sys.executable, "-m", "convlens.engine.distributed", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=convlens-two-nodes",
                f"--rdzv-conf=is_host={'true' if node == 0 else 'false'},join_timeout=60", "--max-restarts=0",
-               "-m", "convlens", "train", str(data), *args]
+               "-m", "convlens", "train", str(data), *_exact_cli(tmp_path, "nodes")]
         cwd = tmp_path / f"node{node}"  # each "machine" starts in its own folder
         cwd.mkdir()
         nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ddp_env(),
@@ -221,7 +222,6 @@ FAILING_WORKER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from convlens.engine import distributed
-    from convlens.engine.factory import make_model
     from convlens.engine.trainer import train
     from tests.engine.helpers import tiny_config
 
