@@ -23,7 +23,7 @@ from convlens.errors import SpecError
 from convlens.models.layers import Conv
 from convlens.models.model import ConvlensModel
 from convlens.models.registry import register_model
-from convlens.models.zoo import GapDenseHead, _ZooModel
+from convlens.models.zoo import GapDenseHead, _init_conv_bn, _ZooModel
 
 BN_EPS = 1e-3  # TensorFlow's batch norm epsilon: the weights were trained with it
 STEM_WIDTH, HEAD_WIDTH = 32, 1280  # fixed for the Lite family
@@ -130,17 +130,12 @@ class EfficientNetLite(_ZooModel):
         return [*units, ("head_conv", "conv_bn_relu6", self.head_conv), ("head", "gap_dense", self.head)]
 
 
-def _init_weights(model: nn.Module) -> None:
-    """Fan-out normal convolutions (as the reference), unit batch norm; used when no weights load."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
+def _init_weights(model: EfficientNetLite) -> None:
+    """Fan-out normal convolutions (as the reference), unit batch norm, a small dense layer; used
+    when no weights load."""
+    _init_conv_bn(model)
+    nn.init.normal_(model.head.fc.weight, std=0.01)
+    nn.init.zeros_(model.head.fc.bias)
 
 
 def _lite(name: str, num_classes: int, in_channels: int, dropout: float | None) -> EfficientNetLite:
