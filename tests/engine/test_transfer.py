@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from convlens.cli import main
 from convlens.config import auto_backbone, resolve_train_config
+from convlens.engine import distributed, transfer
 from convlens.engine import features as feats
-from convlens.engine import transfer
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.trainer import TrainingInterrupted
 from convlens.models import create
@@ -192,9 +192,8 @@ def test_two_process_fine_tuning_matches_one_process(finetuned: tuple[Path, Path
     """``--nproc 2`` fine-tunes under DDP (rank 0 fits the head, writes alone) and ends with the
     weights and metrics of one process; only the last units changed, batch-norm statistics did not."""
     data, tmp, single = finetuned
-    args = ["--pretrained", str(lite0_file), "--finetune-epochs", "2", "--batch-size", "4", "--precision", "fp32",
-            "--no-flip", "--device", "cpu", "--seed", "5", "--threads", "1", "--workers", "1", "--val-fraction", "0.25",
-            "--cache-dir", str(tmp / "cache"), "--project", str(tmp / "ddp")]
+    args = distributed.cli_arguments({"pretrained": str(lite0_file), **FINETUNE, "threads": 1, "workers": 1,
+                                      "val_fraction": 0.25, "cache_dir": str(tmp / "cache"), "project": str(tmp / "ddp")})
     proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", *args],
                           capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
