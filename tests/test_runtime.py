@@ -90,32 +90,23 @@ def test_cgroup_quota_files(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert runtime._cgroup_quota() is None
 
 
-def test_governor_gives_up_a_core_another_program_takes_and_takes_it_back(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("max_threads", "cores", "load", "expected", "changes"), [
+    (2, 2, [0.1, 0.5, 1.0, 0.2, 0.0], [2, 1, 1, 2, 2], 2),  # another program takes a core, then leaves
+    (8, 16, [8.0, 9.0], [8, 7], 1),  # one of 2 processes on 16 cores: the sibling's 8 threads, then one more
+])
+def test_governor_follows_the_cores_other_processes_leave(monkeypatch: pytest.MonkeyPatch, max_threads: int,
+                                                          cores: int, load: list[float], expected: list[int],
+                                                          changes: int) -> None:
     before = torch.get_num_threads()
     try:
-        gov = runtime.ThreadGovernor(2, interval=0.0)
+        gov = runtime.ThreadGovernor(max_threads, interval=0.0)
         if not gov.adaptive:
             pytest.skip("no /proc/stat here")
-        gov.cores = 2
-        load = iter([0.1, 0.5, 1.0, 0.2, 0.0])  # cores' worth of CPU other processes used per window
-        monkeypatch.setattr(gov, "busy_elsewhere", lambda: next(load))
-        seen = [gov.update() for _ in range(5)]
-        assert seen == [2, 1, 1, 2, 2] and gov.changes == 2
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_governor_counts_ddp_siblings_against_all_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    before = torch.get_num_threads()
-    try:
-        gov = runtime.ThreadGovernor(8, interval=0.0)  # one of 2 processes on a 16-core machine
-        if not gov.adaptive:
-            pytest.skip("no /proc/stat here")
-        gov.cores = 16
-        load = iter([8.0, 9.0])  # the sibling's 8 threads; then another program takes a core
-        monkeypatch.setattr(gov, "busy_elsewhere", lambda: next(load))
-        assert [gov.update(), gov.update()] == [8, 7]
+        gov.cores = cores  # all usable cores: DDP siblings count against them too
+        loads = iter(load)  # cores' worth of CPU other processes used per window
+        monkeypatch.setattr(gov, "busy_elsewhere", lambda: next(loads))
+        assert [gov.update() for _ in load] == expected and gov.changes == changes
+        assert torch.get_num_threads() == expected[-1]
     finally:
         torch.set_num_threads(before)
 

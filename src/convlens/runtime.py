@@ -93,39 +93,28 @@ def resolve_device(device: str = "auto", precision: str = "auto") -> DeviceInfo:
 
     from convlens.errors import ConfigError
 
+    mps = torch.backends.mps.is_available()
     dev = device.lower()
     if dev == "auto":
-        if torch.cuda.is_available():
-            dev = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            dev = "mps"
-        else:
-            dev = "cpu"
+        dev = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     kind = dev.split(":")[0]
     if kind not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device must be auto, cpu, cuda[:N] or mps. Received: device={device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if kind == "mps" and not mps:
         raise ConfigError("device 'mps' was asked for but MPS is not available; use --device cpu")
 
     prec = precision.lower()
     if prec not in ("auto", "bf16", "fp16", "fp32"):
         raise ConfigError(f"precision must be auto, bf16, fp16 or fp32. Received: precision={precision!r}")
     note = ""
-    amp: Any = None
-    if prec == "auto":
-        if kind == "cuda":
-            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        elif kind == "cpu":
-            if cpu_supports_bf16():
-                amp = torch.bfloat16
-            else:
-                note = "this CPU has no native bf16: training in fp32"
-    elif prec == "bf16":
-        amp = torch.bfloat16
-    elif prec == "fp16":
-        amp = torch.float16
+    amp: Any = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+    if prec == "auto" and kind == "cuda":
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif prec == "auto" and kind == "cpu":
+        amp = torch.bfloat16 if cpu_supports_bf16() else None
+        note = "this CPU has no native bf16: training in fp32" if amp is None else ""
     return DeviceInfo(dev, amp, note)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rich.console import Console
 
 from convlens.config import TrainConfig, resolve_train_config
 from convlens.engine.checkpoint import load_checkpoint
@@ -51,10 +53,15 @@ def ddp_env() -> dict[str, str]:
     return env
 
 
-def metrics_rows(run: Path) -> list[dict[str, str]]:
-    """A run folder's ``metrics.csv`` rows."""
-    with open(run / "metrics.csv", newline="") as f:
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file (a run's ``metrics.csv``, ``split.csv``, ``predictions.csv``)."""
+    with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def quiet() -> Console:
+    """A console that prints into a string (wide: lines are not wrapped)."""
+    return Console(file=io.StringIO(), width=200)
 
 
 def assert_same_run(run_dir: Path, single_dir: Path, outliers: float = 0.0) -> dict[str, torch.Tensor]:
@@ -74,7 +81,7 @@ def assert_same_run(run_dir: Path, single_dir: Path, outliers: float = 0.0) -> d
         bad += int((~torch.isclose(a[k], b[k], rtol=1e-4, atol=1e-5)).sum())
         total += a[k].numel()
     assert bad <= outliers * total, f"{bad} of {total} weights differ"
-    for ra, rb in zip(metrics_rows(run_dir), metrics_rows(single_dir), strict=True):
+    for ra, rb in zip(csv_rows(run_dir / "metrics.csv"), csv_rows(single_dir / "metrics.csv"), strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-4, abs=1e-5), key
     return a

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-from rich.console import Console
 
 from convlens.config import parse_duration
 from convlens.engine import budget
 from convlens.engine.optim import ONECYCLE_DIV, ONECYCLE_FINAL_DIV, progressive_epochs
 from convlens.engine.trainer import train
 from convlens.errors import ConfigError
-from tests.engine.helpers import make_dataset, tiny_config
+from tests.engine.helpers import csv_rows, make_dataset, quiet, tiny_config
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("5m", 300), ("1h", 3600), ("1h30m", 5400),
@@ -69,27 +66,26 @@ def test_long_run_notice_says_once_only_when_long(monkeypatch: pytest.MonkeyPatc
     clock = iter(range(0, 10_000, 2))  # every perf_counter call: 2 s later
     monkeypatch.setattr(budget.time, "perf_counter", lambda: float(next(clock)))
     said: list[str] = []
-    notice = budget.LongRunNotice(epochs=100, steps_per_epoch=50, val_share=0.0, say=said.append, probe_steps=4)
-    for step in range(10):
-        notice(0, step)
+    silent: list[str] = []
+    long = budget.LongRunNotice(epochs=100, steps_per_epoch=50, val_share=0.0, say=said.append, probe_steps=4)
+    short = budget.LongRunNotice(epochs=1, steps_per_epoch=50, val_share=0.0, say=silent.append, probe_steps=4)
+    for notice in (long, short):
+        for step in range(10):
+            notice(0, step)
     assert len(said) == 1 and "--time" in said[0] and "estimated training time" in said[0]
-    quiet: list[str] = []
-    short = budget.LongRunNotice(epochs=1, steps_per_epoch=50, val_share=0.0, say=quiet.append, probe_steps=4)
-    for step in range(10):
-        short(0, step)
-    assert quiet == []
+    assert silent == []
     assert budget.format_seconds(75) == "1m15s" and budget.format_seconds(5400) == "1h30m"
+    assert budget.clock(75) == "1:15" and budget.clock(3725) == "1:02:05"
 
 
 def test_time_budget_run_completes_its_schedule(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "ds", classes=2, per_class=12)
     cfg = tiny_config(data, tmp_path, time="20s", epochs=1000, optimizer="sgd", lr=0.1, schedule="onecycle")
-    out = Console(file=io.StringIO(), width=200)
+    out = quiet()
     result = train(cfg, console=out)
     run = result.run_dir
     plan = json.loads((run / "budget.json").read_text())
-    with open(run / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = csv_rows(run / "metrics.csv")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     # The epochs were chosen from the budget (not the 1000 asked for), recorded, and all trained.
     assert 1 <= plan["epochs"] < 1000 and saved["epochs"] == plan["epochs"] == len(rows)

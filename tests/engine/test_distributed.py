@@ -10,7 +10,6 @@ with the weights of 1 process up to float rounding.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
 from convlens.cli import _train_overrides, build_parser, main
 from convlens.data.loader import BatchLoader
@@ -30,7 +28,7 @@ from convlens.engine.distributed import Dist
 from convlens.engine.factory import make_model
 from convlens.engine.trainer import train
 from convlens.errors import ConfigError
-from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, tiny_config
+from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, quiet, tiny_config
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo launch is tested on POSIX")
 # What both the one- and the two-process runs use: see the module docstring for why.
@@ -144,19 +142,16 @@ def test_library_call_with_nproc_outside_torchrun_is_refused(data: Path, tmp_pat
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(ConfigError, match=r"convlens train --nproc 2.*Received: nproc=2"):
-        train(tiny_config(data, tmp_path, nproc=2), console=Console(file=io.StringIO()))
+        train(tiny_config(data, tmp_path, nproc=2), console=quiet())
     assert not (tmp_path / "runs").exists()
 
 
 # ----------------------------------------------------------------------------- processes
 @posix_only
 def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
-    common = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
-              "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--crop-margin", "0", "--device", "cpu", "--threads", "1", "--seed", "5",
-              "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs")]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", "--name", "ddp",
-                           *common], capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", *_exact_cli(tmp_path, "ddp")],
+                          capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp_path)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     # Rank 0 alone prints and writes: one run folder, one set of epoch lines.
@@ -174,9 +169,16 @@ def test_two_processes_match_one_process(data: Path, tmp_path: Path) -> None:
     assert elapsed < 120, f"two-process run took {elapsed:.0f} s"
 
 
+def _exact_cli(tmp_path: Path, name: str) -> list[str]:
+    """The ``convlens train`` flags of :func:`tiny_config` with :data:`EXACT`, for the runs in subprocesses."""
+    return distributed.cli_arguments({"preset": "quick", "image_size": 16, "batch_size": 8, "epochs": 2, "workers": 1,
+                                      **EXACT, "cache_dir": str(tmp_path / "cache"),
+                                      "project": str(tmp_path / "runs"), "name": name})
+
+
 def _assert_matches_one_process(run_dir: Path, data: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     """:func:`assert_same_run` against one process trained here; returns the weights."""
-    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=Console(file=io.StringIO()))
+    single = train(tiny_config(data, tmp_path, name="single", **EXACT), console=quiet())
     return assert_same_run(run_dir, single.run_dir)
 
 
@@ -193,15 +195,12 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
     """Two torchrun nodes (``--nnodes 2``, one process each) meeting by c10d rendezvous on
     127.0.0.1, as two machines would, end with the weights and metrics of one process."""
     port = _free_port()
-    args = ["--preset", "quick", "--image-size", "16", "--batch-size", "8", "--epochs", "2", "--workers", "1",
-            "--precision", "fp32", "--no-flip", "--crop-scale", "1.0", "--crop-margin", "0", "--device", "cpu", "--threads", "1",
-            "--seed", "5", "--cache-dir", str(tmp_path / "cache"), "--project", str(tmp_path / "runs"), "--name", "nodes"]
     nodes = []
     for node in (0, 1):  # node 0 hosts the rendezvous store, as the first machine would
         cmd = [sys.executable, "-m", "convlens.engine.distributed", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=convlens-two-nodes",
                f"--rdzv-conf=is_host={'true' if node == 0 else 'false'},join_timeout=60", "--max-restarts=0",
-               "-m", "convlens", "train", str(data), *args]
+               "-m", "convlens", "train", str(data), *_exact_cli(tmp_path, "nodes")]
         cwd = tmp_path / f"node{node}"  # each "machine" starts in its own folder
         cwd.mkdir()
         nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ddp_env(),
@@ -223,7 +222,6 @@ FAILING_WORKER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from convlens.engine import distributed
-    from convlens.engine.factory import make_model
     from convlens.engine.trainer import train
     from tests.engine.helpers import tiny_config
 

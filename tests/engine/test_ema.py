@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from convlens.bundle import load_model
 from convlens.engine.checkpoint import load_checkpoint
@@ -14,7 +12,7 @@ from convlens.engine.ema import ModelEma
 from convlens.engine.optim import progressive_size
 from convlens.engine.trainer import train
 from convlens.models import create
-from tests.engine.helpers import make_dataset, tiny_config
+from tests.engine.helpers import make_dataset, quiet, tiny_config
 
 
 def test_ema_follows_the_weights_with_its_decay() -> None:
@@ -38,7 +36,7 @@ def test_ema_follows_the_weights_with_its_decay() -> None:
 
 def test_ema_run_saves_the_averaged_weights(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "ds", classes=2, per_class=12)
-    result = train(tiny_config(data, tmp_path, ema=True, ema_decay=0.5), console=Console(file=io.StringIO()))
+    result = train(tiny_config(data, tmp_path, ema=True, ema_decay=0.5), console=quiet())
     model, _ = load_model(result.bundle_path)
     last = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
     assert "ema" in last
@@ -62,6 +60,6 @@ def test_progressive_run_trains_small_then_full(tmp_path: Path) -> None:
     cfg = tiny_config(data, tmp_path, image_size=32, progressive=0.5, epochs=2)
     from convlens.engine import trainer as trainer_mod
 
-    t = trainer_mod.Trainer(cfg, console=Console(file=io.StringIO()))
+    t = trainer_mod.Trainer(cfg, console=quiet())
     t.fit(on_step=lambda epoch, step: seen.append(t.step_fn.input_size))
     assert seen[0] == (24, 24) and seen[-1] is None

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from rich.console import Console
 
 from convlens.engine.lr_find import lr_find, smooth, smooth_zero_phase, suggest_lr
 from convlens.errors import ConfigError
-from tests.engine.helpers import make_dataset, tiny_config
+from tests.engine.helpers import make_dataset, quiet, tiny_config
 
 
 def test_smooth_is_bias_corrected() -> None:
@@ -44,7 +42,7 @@ def test_sweep_writes_only_the_plot(tmp_path: Path) -> None:
     cfg = tiny_config(data, tmp_path)
     out = tmp_path / "plots" / "lr.png"
     before = set((tmp_path).iterdir())
-    result = lr_find(cfg, steps=30, start_lr=1e-5, end_lr=1.0, out=out, console=Console(file=io.StringIO()))
+    result = lr_find(cfg, steps=30, start_lr=1e-5, end_lr=1.0, out=out, console=quiet())
     assert 10 < len(result.lrs) <= 30 and len(result.losses) == len(result.lrs) == len(result.smoothed)
     assert result.lrs[0] == pytest.approx(1e-5)
     assert all(b > a for a, b in zip(result.lrs, result.lrs[1:], strict=False))

@@ -47,11 +47,6 @@ def test_weight_decay_skips_biases_and_norm_parameters() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
 
 
-def test_unknown_optimizer_is_a_user_error() -> None:
-    with pytest.raises(ConfigError, match="optimizer must be one of"):
-        build_optimizer(_net(), "adagrad", 1e-3)
-
-
 def test_constant_schedule_with_warmup() -> None:
     assert lr_factor("constant", 0, 100, 10) == pytest.approx(0.01)
     assert lr_factor("constant", 5, 100, 10) == pytest.approx(0.01 + 0.99 * 0.5)
@@ -77,7 +72,9 @@ def test_onecycle_shape() -> None:
     assert all(a < b for a, b in zip(up, up[1:], strict=False))
 
 
-def test_unknown_schedule_is_a_user_error() -> None:
+def test_unknown_optimizer_or_schedule_is_a_user_error() -> None:
+    with pytest.raises(ConfigError, match="optimizer must be one of"):
+        build_optimizer(_net(), "adagrad", 1e-3)
     with pytest.raises(ConfigError, match="schedule must be one of"):
         lr_factor("step", 0, 10)
 

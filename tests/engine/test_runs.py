@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from convlens.cli import main
 from convlens.engine import tensorboard
 from convlens.engine.runs import config_differences, find_runs, read_run
 from convlens.engine.trainer import train
-from tests.engine.helpers import make_dataset, tiny_config
+from tests.engine.helpers import csv_rows, make_dataset, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def test_runs_lists_each_run_with_its_best_epoch(two_runs: Path) -> None:
     runs = find_runs(two_runs)
     assert [r.name for r in runs] == ["first", "second"]
     for r in runs:
-        rows = list(csv.DictReader((r.path / "metrics.csv").read_text().splitlines()))
+        rows = csv_rows(r.path / "metrics.csv")
         best = max(float(x["val_acc"]) for x in rows)
         row = r.row()
         assert row["best_val_acc"] == pytest.approx(best)
@@ -86,7 +85,7 @@ def test_tensorboard_event_files_hold_every_epoch(two_runs: Path) -> None:
     assert not list((two_runs / "second").glob("events.out.tfevents.*"))
     ea = EventAccumulator(str(two_runs / "first"))
     ea.Reload()
-    rows = list(csv.DictReader((two_runs / "first" / "metrics.csv").read_text().splitlines()))
+    rows = csv_rows(two_runs / "first" / "metrics.csv")
     val = ea.Scalars("accuracy/validation")
     assert [s.step for s in val] == [1, 2]
     assert [s.value for s in val] == pytest.approx([float(r["val_acc"]) for r in rows])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import signal
@@ -12,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rich.console import Console
 
 from convlens.bundle import load_model
 from convlens.config import TrainConfig
@@ -29,15 +26,11 @@ from convlens.engine.trainer import (
 from convlens.errors import ConfigError
 from convlens.evaluate import LabelledImages, evaluate
 from convlens.models.tta import FlipAveraged, unwrap
-from tests.engine.helpers import make_dataset, tiny_config
+from tests.engine.helpers import csv_rows, make_dataset, quiet, tiny_config
 
 RUN_FILES = ["config.yaml", "split.csv", "metrics.csv", "curves.png", "checkpoints/last.pt",
              "checkpoints/best.pt", "model.convlens", "report.html", "metrics.json", "confusion_matrix.png",
              "calibration.png", "worst_mistakes.png"]
-
-
-def _quiet() -> Console:
-    return Console(file=io.StringIO(), width=200)
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +44,18 @@ def three_class(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _split(run: Path, subset: str) -> list[dict[str, str]]:
-    with open(run / "split.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r["subset"] == subset]
-
-
-def _metrics_rows(run: Path) -> list[dict[str, str]]:
-    with open(run / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    return [r for r in csv_rows(run / "split.csv") if r["subset"] == subset]
 
 
 def test_two_classes_end_to_end(two_class: Path, tmp_path: Path) -> None:
     cfg = tiny_config(two_class, tmp_path, name="cats")
-    out = _quiet()
+    out = quiet()
     result = train(cfg, console=out)
     run = result.run_dir
     assert run == tmp_path / "runs" / "cats"
     for name in RUN_FILES + ["roc.png"]:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
-    rows = _metrics_rows(run)
+    rows = csv_rows(run / "metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(float(r["train_loss"]) > 0 and 0 <= float(r["val_acc"]) <= 1 for r in rows)
     # The bundle: best weights, one sigmoid unit, the data's preprocessing, metrics and config.
@@ -98,7 +85,7 @@ def test_several_classes_with_all_the_options(three_class: Path, tmp_path: Path)
     cfg = tiny_config(three_class, tmp_path, label_smoothing=0.1, class_weights="auto", mixup=0.2, cutmix=1.0,
                       rotation=0.05, crop_scale=0.8, optimizer="sgd", schedule="cosine", warmup_epochs=0.5,
                       epochs=2, patience=5)
-    result = train(cfg, console=_quiet())
+    result = train(cfg, console=quiet())
     _, meta = load_model(result.bundle_path)
     assert meta.output_activation == "softmax" and len(meta.classes) == 3
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
@@ -108,22 +95,22 @@ def test_several_classes_with_all_the_options(three_class: Path, tmp_path: Path)
 
 
 def test_same_seed_same_split_and_metrics_and_no_overwrite(two_class: Path, tmp_path: Path) -> None:
-    a = train(tiny_config(two_class, tmp_path, rotation=0.1), console=_quiet()).run_dir
-    b = train(tiny_config(two_class, tmp_path, rotation=0.1), console=_quiet()).run_dir
+    a = train(tiny_config(two_class, tmp_path, rotation=0.1), console=quiet()).run_dir
+    b = train(tiny_config(two_class, tmp_path, rotation=0.1), console=quiet()).run_dir
     assert (a.name, b.name) == ("train", "train-2")  # never overwritten
     assert (a / "split.csv").read_text() == (b / "split.csv").read_text()
     timing = {"img_per_s", "seconds"}
-    ra = [{k: v for k, v in r.items() if k not in timing} for r in _metrics_rows(a)]
-    rb = [{k: v for k, v in r.items() if k not in timing} for r in _metrics_rows(b)]
+    ra = [{k: v for k, v in r.items() if k not in timing} for r in csv_rows(a / "metrics.csv")]
+    rb = [{k: v for k, v in r.items() if k not in timing} for r in csv_rows(b / "metrics.csv")]
     assert ra == rb
-    c = train(tiny_config(two_class, tmp_path, seed=7), console=_quiet()).run_dir
+    c = train(tiny_config(two_class, tmp_path, seed=7), console=quiet()).run_dir
     assert (c / "split.csv").read_text() != (a / "split.csv").read_text()
 
 
 @pytest.mark.parametrize("where", ["mid-epoch", "end-of-epoch"])
 def test_resume_ends_with_the_same_weights(two_class: Path, tmp_path: Path, where: str) -> None:
     overrides = {"rotation": 0.1, "mixup": 0.2, "epochs": 2}
-    ref = train(tiny_config(two_class, tmp_path / "ref", **overrides), console=_quiet())
+    ref = train(tiny_config(two_class, tmp_path / "ref", **overrides), console=quiet())
     n_train = len(_split(ref.run_dir, "train"))
     steps = -(-n_train // 8)
     assert steps >= 3
@@ -135,27 +122,27 @@ def test_resume_ends_with_the_same_weights(two_class: Path, tmp_path: Path, wher
 
     cfg = tiny_config(two_class, tmp_path / "cut", **overrides)
     with pytest.raises(TrainingInterrupted) as e:
-        train(cfg, console=_quiet(), on_step=interrupt)
+        train(cfg, console=quiet(), on_step=interrupt)
     ckpt = load_checkpoint(e.value.checkpoint)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, stop_at[1] + 1)
     assert not (e.value.run_dir / "model.convlens").exists()
-    resumed = train(resume_config(e.value.run_dir, {}), resume=e.value.run_dir, console=_quiet())
+    resumed = train(resume_config(e.value.run_dir, {}), resume=e.value.run_dir, console=quiet())
     assert resumed.run_dir == e.value.run_dir
     a = load_checkpoint(ref.run_dir / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(resumed.run_dir / "checkpoints" / "last.pt")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert _metrics_rows(ref.run_dir)[-1]["val_loss"] == _metrics_rows(resumed.run_dir)[-1]["val_loss"]
+    assert csv_rows(ref.run_dir / "metrics.csv")[-1]["val_loss"] == csv_rows(resumed.run_dir / "metrics.csv")[-1]["val_loss"]
 
 
 def test_resume_refuses_a_finished_run_and_changed_settings(two_class: Path, tmp_path: Path) -> None:
-    run = train(tiny_config(two_class, tmp_path, epochs=1), console=_quiet()).run_dir
+    run = train(tiny_config(two_class, tmp_path, epochs=1), console=quiet()).run_dir
     with pytest.raises(ConfigError, match="cannot change lr when resuming"):
         resume_config(run, {"lr": 0.5})
     from convlens.engine.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="already finished"):
-        train(resume_config(run, {}), resume=run, console=_quiet())
+        train(resume_config(run, {}), resume=run, console=quiet())
 
 
 def test_make_run_dir_never_overwrites(tmp_path: Path) -> None:
@@ -239,18 +226,16 @@ def test_report_accuracy_is_what_predict_gives(two_class: Path, tmp_path: Path) 
     from convlens.cli import main
 
     cfg = tiny_config(two_class, tmp_path, crop_margin=0.25, flip_average=True)
-    result = train(cfg, console=_quiet())
+    result = train(cfg, console=quiet())
     run = result.run_dir
     _, meta = load_model(result.bundle_path)
     assert meta.flip_average and meta.preprocessing.decode_size == (20, 20) and meta.preprocessing.size == (16, 16)
-    with open(run / "predictions.csv", newline="") as f:
-        report = {r["path"]: r for r in csv.DictReader(f)}
+    report = {r["path"]: r for r in csv_rows(run / "predictions.csv")}
     out = tmp_path / "pred.csv"
     val = _split(run, "val")
     code = main(["predict", str(result.bundle_path), *[str(two_class / r["path"]) for r in val], "--out", str(out)])
     assert code == 0
-    with open(out, newline="") as f:
-        predicted = {Path(r["path"]).relative_to(two_class).as_posix(): r for r in csv.DictReader(f)}
+    predicted = {Path(r["path"]).relative_to(two_class).as_posix(): r for r in csv_rows(out)}
     assert set(predicted) == set(report) == {r["path"] for r in val}
     correct = 0
     for path, row in report.items():
@@ -262,7 +247,7 @@ def test_report_accuracy_is_what_predict_gives(two_class: Path, tmp_path: Path) 
 
 
 def test_val_every_validates_every_nth_and_the_last_epoch(two_class: Path, tmp_path: Path) -> None:
-    result = train(tiny_config(two_class, tmp_path, epochs=3, val_every=2), console=_quiet())
-    rows = _metrics_rows(result.run_dir)
+    result = train(tiny_config(two_class, tmp_path, epochs=3, val_every=2), console=quiet())
+    rows = csv_rows(result.run_dir / "metrics.csv")
     assert [bool(r["val_acc"]) for r in rows] == [False, True, True]
     assert result.metrics["best_epoch"] in (2, 3)

@@ -5,7 +5,6 @@ EfficientNet-Lite0 stands in for real weights, except in the one real-photo test
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import signal
 import subprocess
@@ -17,17 +16,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 from convlens.cli import main
 from convlens.config import auto_backbone, resolve_train_config
+from convlens.engine import distributed, transfer
 from convlens.engine import features as feats
-from convlens.engine import transfer
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.trainer import TrainingInterrupted
 from convlens.models import create
-from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, metrics_rows
+from tests.engine.helpers import assert_same_run, csv_rows, ddp_env, make_dataset, quiet
 
 # Fine-tuning runs compared weight for weight: fp32 and no augmentation (batch norm is frozen, so
 # per-sample results do not depend on how a batch is split between processes).
@@ -58,16 +56,12 @@ def _cfg(data: Path, tmp: Path, **kw: object) -> object:
     return resolve_train_config(None, None, values)
 
 
-def _quiet() -> Console:
-    return Console(file=io.StringIO())
-
-
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory: pytest.TempPathFactory, lite0_file: Path) -> tuple[Path, Path, Path]:
     """(data, work folder, run folder) of a one-process fine-tuning run (:data:`FINETUNE`)."""
     tmp = tmp_path_factory.mktemp("finetune")
     data = make_dataset(tmp / "data", per_class=6, size=40)
-    result = transfer.train(_cfg(data, tmp, name="single", pretrained=str(lite0_file), **FINETUNE), console=_quiet())
+    result = transfer.train(_cfg(data, tmp, name="single", pretrained=str(lite0_file), **FINETUNE), console=quiet())
     return data, tmp, result.run_dir
 
 
@@ -129,11 +123,7 @@ def test_pretrained_run_bundle_and_everything_downstream(tmp_path: Path, lite0_f
     assert (p.size, p.interpolation, p.crop_fraction, p.scale, p.mean) == ((224, 224), "bicubic", 0.875, 1 / 127.5, (1.0,))
     img = str(next((data / "class_0").iterdir()))
     # the report evaluates the whole model through the inference path predict uses: same probabilities
-    import csv
-
-    with open(result.run_dir / "predictions.csv") as f:
-        rows = list(csv.DictReader(f))
-    row = rows[0]
+    row = csv_rows(result.run_dir / "predictions.csv")[0]
     probs = clf.predict_proba(np.stack([p.load(data / row["path"])]))[0]
     assert abs(float(probs[1]) - float(row[[k for k in row if k.startswith("p_")][1]])) < 1e-4
 
@@ -179,7 +169,7 @@ def test_fine_tuning_resumes_to_the_same_weights(finetuned: tuple[Path, Path, Pa
 
     cfg = _cfg(data, tmp, name="cut", pretrained=str(lite0_file), **FINETUNE)
     with pytest.raises(TrainingInterrupted) as e:
-        transfer.train(cfg, console=_quiet(), on_step=interrupt)
+        transfer.train(cfg, console=quiet(), on_step=interrupt)
     run = e.value.run_dir
     ckpt = load_checkpoint(e.value.checkpoint)
     assert (ckpt["epoch"], ckpt["step_in_epoch"], len(ckpt["history"])) == (1, 1, 1)
@@ -189,7 +179,7 @@ def test_fine_tuning_resumes_to_the_same_weights(finetuned: tuple[Path, Path, Pa
     b = load_checkpoint(run / "checkpoints" / "last.pt")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["val_loss"] for r in metrics_rows(ref)] == [r["val_loss"] for r in metrics_rows(run)]
+    assert [r["val_loss"] for r in csv_rows(ref / "metrics.csv")] == [r["val_loss"] for r in csv_rows(run / "metrics.csv")]
     assert (run / "model.convlens").is_file()
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 2
@@ -202,9 +192,8 @@ def test_two_process_fine_tuning_matches_one_process(finetuned: tuple[Path, Path
     """``--nproc 2`` fine-tunes under DDP (rank 0 fits the head, writes alone) and ends with the
     weights and metrics of one process; only the last units changed, batch-norm statistics did not."""
     data, tmp, single = finetuned
-    args = ["--pretrained", str(lite0_file), "--finetune-epochs", "2", "--batch-size", "4", "--precision", "fp32",
-            "--no-flip", "--device", "cpu", "--seed", "5", "--threads", "1", "--workers", "1", "--val-fraction", "0.25",
-            "--cache-dir", str(tmp / "cache"), "--project", str(tmp / "ddp")]
+    args = distributed.cli_arguments({"pretrained": str(lite0_file), **FINETUNE, "threads": 1, "workers": 1,
+                                      "val_fraction": 0.25, "cache_dir": str(tmp / "cache"), "project": str(tmp / "ddp")})
     proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(data), "--nproc", "2", *args],
                           capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -18,11 +18,9 @@ from convlens.models.zoo import TUTORIAL_CNN_LAYERS
 torch.manual_seed(0)
 
 
-def run(layers: list[dict], shape: tuple[int, ...], x: torch.Tensor | None = None) -> tuple[LayerStack, torch.Tensor]:
+def run(layers: list[dict], shape: tuple[int, ...]) -> tuple[LayerStack, torch.Tensor]:
     stack = LayerStack(layers, shape)
-    if x is None:
-        x = torch.randn(2, *shape)
-    return stack, stack(x)
+    return stack, stack(torch.randn(2, *shape))
 
 
 # ----------------------------------------------------------------------------- formulas (written here, independently)
@@ -110,18 +108,12 @@ def test_known_keras_results() -> None:
 
 
 # ----------------------------------------------------------------------------- padding semantics
-def _ones_conv(stack: LayerStack) -> None:
-    conv = stack.layers[0].conv
-    with torch.no_grad():
-        conv.weight.fill_(1.0)
-        if conv.bias is not None:
-            conv.bias.zero_()
-
-
 def test_same_padding_stride2_even_input_puts_extra_pad_bottom_right() -> None:
     # TensorFlow: 4x4 input, 3x3 kernel, stride 2, same -> 2x2 output, padding (top 0, bottom 1).
     stack = LayerStack([{"type": "conv", "filters": 1, "kernel_size": 3, "strides": 2, "padding": "same"}], (1, 4, 4))
-    _ones_conv(stack)
+    with torch.no_grad():
+        stack.layers[0].conv.weight.fill_(1.0)
+        stack.layers[0].conv.bias.zero_()
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
     # Windows by hand: rows/cols {0,1,2} and {2,3,pad}.
     expected = torch.tensor([[0 + 1 + 2 + 4 + 5 + 6 + 8 + 9 + 10, 2 + 3 + 6 + 7 + 10 + 11],

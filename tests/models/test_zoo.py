@@ -164,22 +164,20 @@ def test_build_model_accepts_name_file_and_list(tmp_path: Path) -> None:
     assert build_model(spec, 2).out_units == 1
     with pytest.raises(SpecError, match="does not exist"):
         build_model(str(tmp_path / "nope.yaml"), 2)
+
+
+@pytest.mark.parametrize("text,pattern", [
+    ("layers:\n  - {type: conv, filters: 4, kernel_size: 3\n", r"is not valid YAML \(line"),
+    ("layer:\n  - {type: flatten}\n", "must hold a list of layers"),
+    ("layers:\n  - {type: global_avg_pool}\n  - {type: dense}\nnmae: x\n", r"unknown key 'nmae'. Did you mean 'name'\?"),
+    ("- {type: conv, filters: 0, kernel_size: 3}\n- {type: global_avg_pool}\n- {type: dense}\n",
+     r"model file '.*bad.yaml': layer 0 \(conv\): filters must be"),
+])
+def test_bad_layer_files_name_the_problem(tmp_path: Path, text: str, pattern: str) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("layers:\n  - {type: conv, filters: 4, kernel_size: 3\n")
-    with pytest.raises(SpecError, match=r"is not valid YAML \(line"):
+    bad.write_text(text)
+    with pytest.raises(SpecError, match=pattern):
         build_model(str(bad), 2)
-    wrong = tmp_path / "wrong.yaml"
-    wrong.write_text("layer:\n  - {type: flatten}\n")
-    with pytest.raises(SpecError, match="must hold a list of layers"):
-        build_model(str(wrong), 2)
-    typo = tmp_path / "typo.yaml"
-    typo.write_text("layers:\n  - {type: global_avg_pool}\n  - {type: dense}\nnmae: x\n")
-    with pytest.raises(SpecError, match=r"unknown key 'nmae'. Did you mean 'name'\?"):
-        build_model(str(typo), 2)
-    badlayer = tmp_path / "badlayer.yaml"
-    badlayer.write_text("- {type: conv, filters: 0, kernel_size: 3}\n- {type: global_avg_pool}\n- {type: dense}\n")
-    with pytest.raises(SpecError, match=r"model file '.*badlayer.yaml': layer 0 \(conv\): filters must be"):
-        build_model(str(badlayer), 2)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "layers"])

@@ -44,8 +44,7 @@ def checkpoint_bytes(state: dict[str, Any]) -> bytes:
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any] | bytes) -> Path:
     """Atomically write a checkpoint (a state dict, or bytes from :func:`checkpoint_bytes`)."""
-    data = state if isinstance(state, bytes) else checkpoint_bytes(state)
-    write_bytes(path, data)
+    write_bytes(path, state if isinstance(state, bytes) else checkpoint_bytes(state))
     return Path(path)
 
 

@@ -164,8 +164,9 @@ def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_arr
     try:
         fdir.mkdir(parents=True, exist_ok=True)
         name = f"features-{uuid.uuid4().hex[:12]}.npy"
-        buf = _npy_bytes(merged)
-        cio.write_bytes(fdir / name, buf)
+        buf = io.BytesIO()
+        np.save(buf, merged)
+        cio.write_bytes(fdir / name, buf.getvalue())
         cio.write_json(index_path, {"array": name, "shape": list(merged.shape), "rows": rows})
         for p in fdir.glob("features-*.npy"):
             if p.name != name:
@@ -173,12 +174,6 @@ def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_arr
                     p.unlink()  # our own superseded arrays
     except OSError:
         pass  # a read-only cache folder: the features were computed and are returned anyway
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-    b = io.BytesIO()
-    np.save(b, a)
-    return b.getvalue()
 
 
 @dataclass

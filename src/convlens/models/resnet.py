@@ -12,33 +12,14 @@ from torch import nn
 
 from convlens.models.model import ConvlensModel
 from convlens.models.registry import register_model
-from convlens.models.zoo import GapDenseHead
+from convlens.models.shapes import RF, propagate_rf
+from convlens.models.zoo import BasicBlock, GapDenseHead, _init_conv_bn, _ZooModel, projection
 
 
-def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:
-    if stride == 1 and cin == cout:
-        return None
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+class ResNetBasicBlock(BasicBlock):
+    """The zoo's basic block under torchvision's names (its shortcut is ``downsample``)."""
 
-
-class ResNetBasicBlock(nn.Module):
-    """Two 3x3 conv-BN (ReLU between), plus the (downsampled) input, ReLU."""
-
-    expansion = 1
-
-    def __init__(self, cin: int, width: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
-        self.downsample = _downsample(cin, width, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+    shortcut_name = "downsample"
 
 
 class ResNetBottleneck(nn.Module):
@@ -56,16 +37,19 @@ class ResNetBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self.downsample = _downsample(cin, cout, stride)
+        self.downsample = projection(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         y = self.bn3(self.conv3(y))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+        return self.relu(y + self.downsample(x))
+
+    def receptive_field(self, rf: RF) -> RF | None:
+        return propagate_rf(self.conv3, propagate_rf(self.conv2, propagate_rf(self.conv1, rf)))
 
 
-class ResNet(ConvlensModel):
+class ResNet(_ZooModel):
     """7x7/2 stem, 3x3/2 max pool, four stages (64/128/256/512 wide), GAP + dense (exact CAM)."""
 
     def __init__(self, block: type[ResNetBasicBlock] | type[ResNetBottleneck], layers: tuple[int, int, int, int],
@@ -84,9 +68,7 @@ class ResNet(ConvlensModel):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.num_features = cin
         self.head = GapDenseHead(cin, self.out_units)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_conv_bn(self)
         for m in self.modules():  # each block starts as its shortcut (torchvision's zero_init_residual)
             if isinstance(m, (ResNetBasicBlock, ResNetBottleneck)):
                 nn.init.zeros_((m.bn3 if isinstance(m, ResNetBottleneck) else m.bn2).weight)
@@ -94,12 +76,6 @@ class ResNet(ConvlensModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def gap_linear_head(self) -> nn.Linear:
-        return self.head.fc
 
     def summary_units(self) -> list[tuple[str, str, nn.Module]]:
         stem = nn.Sequential(self.conv1, self.bn1, self.relu)

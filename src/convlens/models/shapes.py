@@ -53,7 +53,6 @@ def keras_shape(shape: tuple[int, ...]) -> str:
     return "(None, " + ", ".join(str(d) for d in shape) + ")"
 
 
-
 # ----------------------------------------------------------------------------- receptive field
 @dataclass(frozen=True)
 class RF:
@@ -97,5 +96,3 @@ def propagate_rf(module: nn.Module, rf: RF | None) -> RF | None:
 
 def pair(v: int | Sequence[int]) -> Pair:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-

@@ -90,7 +90,6 @@ def optional_int(i: int, kind: str, key: str, v: Any) -> int | None:
     return None if v is None else positive_int(i, kind, key, v)
 
 
-
 # ----------------------------------------------------------------------------- layer types
 class SpecLayer(nn.Module):
     """Base of every layer type. A subclass declares its ``kind`` (or ``kinds``), its options
@@ -269,7 +268,6 @@ class LayerStack(nn.Module):
         return x
 
 
-
 # ----------------------------------------------------------------------------- layer files
 def load_layer_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML/JSON layer file: a list of layers, or a mapping with ``layers`` (and ``name``)."""
@@ -299,5 +297,3 @@ def load_layer_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data["layers"], list) or not data["layers"]:
         raise SpecError(f"model file {str(p)!r}: 'layers' must be a non-empty list. Received: layers={data['layers']!r}")
     return data
-
-

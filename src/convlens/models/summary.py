@@ -28,15 +28,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from convlens.errors import ConfigError, SpecError
-from convlens.models.model import ConvlensModel, build_from_spec
-from convlens.models.registry import (
-    _REGISTRY,
-    _unknown_model,
-    create,
-    is_layer_file,
-    list_models,
-    model_description,
-)
+from convlens.models.model import ConvlensModel
+from convlens.models.registry import build_model, create, list_models, model_description
 from convlens.models.shapes import RF, keras_shape, propagate_rf
 
 _SHAPE_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
@@ -57,7 +50,6 @@ def parse_input_shape(value: str | Sequence[int]) -> tuple[int, int, int]:
         return int(value[0]), int(value[1]), int(value[2])
     raise ConfigError(f"input_shape must be (channels, height, width) or a string like '300x300x3'. "
                       f"Received: input_shape={value!r}")
-
 
 
 @dataclass
@@ -100,32 +92,18 @@ class Summary:
 
 def _count(module: nn.Module) -> tuple[int, int, int]:
     """(trainable, non-trainable, bytes) of a module's parameters and BN moving statistics."""
-    trainable = non_trainable = size = 0
-    for p in module.parameters():
-        if p.requires_grad:
-            trainable += p.numel()
-        else:
-            non_trainable += p.numel()
-        size += p.numel() * p.element_size()
-    for name, b in module.named_buffers():
-        if name.endswith(("running_mean", "running_var")):
-            non_trainable += b.numel()
-            size += b.numel() * b.element_size()
-    return trainable, non_trainable, size
+    params = list(module.parameters())
+    tensors = params + [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    return trainable, sum(t.numel() for t in tensors) - trainable, size
 
 
 def _resolve(model: Any, c: int, hw: tuple[int, int], num_classes: int) -> tuple[nn.Module, str]:
     if isinstance(model, nn.Module):
         return model, getattr(model, "arch", {}).get("name") or type(model).__name__
-    if isinstance(model, (list, tuple)):
-        return build_from_spec(list(model), num_classes, c, hw), "layer list"
-    if isinstance(model, (str, os.PathLike)):
-        name = str(model)
-        if name in _REGISTRY:
-            return create(name, num_classes, c), name
-        if is_layer_file(name):
-            return build_from_spec(name, num_classes, c, hw), name
-        raise _unknown_model(name)
+    if isinstance(model, (list, tuple, str, os.PathLike)):  # what --model accepts
+        return build_model(model, num_classes, c, hw), "layer list" if isinstance(model, (list, tuple)) else str(model)
     raise SpecError(f"summarize needs a model, a layer list, a registered name or a layer file. "
                     f"Received: {type(model).__name__}")
 
@@ -185,11 +163,11 @@ def summarize(model: Any, input_shape: str | Sequence[int] = "300x300x3", num_cl
 
 def human_bytes(n: float) -> str:
     """Keras's readable size: 381.13 KB (1 KB = 1024 bytes)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
             return f"{n:.2f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.2f} GB"
 
 
 def human_flops(n: float) -> str:
@@ -228,21 +206,19 @@ def print_summary(model: Any, input_shape: str | Sequence[int] = "300x300x3", nu
             str(r.receptive_field[0]) if r.receptive_field[0] == r.receptive_field[1]
             else f"{r.receptive_field[0]}x{r.receptive_field[1]}")
         table.add_row(f"{r.name} ({r.type})", r.keras_shape, f"{r.params:,}",
-                      human_flops(r.flops) if r.flops else "0", rf)
+                      human_flops(r.flops), rf)
     console = _console()
     console.print(table)
     per = s.size_bytes / max(s.total_params, 1)
-    console.print(f" Total params: {s.total_params:,} ({human_bytes(s.size_bytes)})", highlight=False)
-    console.print(f" Trainable params: {s.trainable_params:,} ({human_bytes(s.trainable_params * per)})",
-                  highlight=False)
-    console.print(f" Non-trainable params: {s.non_trainable_params:,} ({human_bytes(s.non_trainable_params * per)})",
-                  highlight=False)
-    console.print(f" FLOPs: {s.flops:,} ({human_flops(s.flops)}; forward, one image, a multiply-add counts 2)",
-                  highlight=False)
+    lines = [f" Total params: {s.total_params:,} ({human_bytes(s.size_bytes)})",
+             f" Trainable params: {s.trainable_params:,} ({human_bytes(s.trainable_params * per)})",
+             f" Non-trainable params: {s.non_trainable_params:,} ({human_bytes(s.non_trainable_params * per)})",
+             f" FLOPs: {s.flops:,} ({human_flops(s.flops)}; forward, one image, a multiply-add counts 2)"]
     if s.out_units:
         unit = "1 logit" if s.out_units == 1 else f"{s.out_units} logits"
-        console.print(f" Output: {unit} for {s.num_classes} classes; {s.output_activation} is applied "
-                      f"outside the model", highlight=False)
+        lines.append(f" Output: {unit} for {s.num_classes} classes; {s.output_activation} is applied outside the model")
+    for line in lines:
+        console.print(line, highlight=False)
     return s
 
 

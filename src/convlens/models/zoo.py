@@ -82,9 +82,6 @@ class GapDenseHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(x.mean(dim=(2, 3))))
 
-    def receptive_field(self, rf: RF) -> None:
-        return None
-
 
 class _ZooModel(ConvlensModel):
     """A zoo model made of named units: features then ``head`` (a :class:`GapDenseHead`)."""
@@ -109,8 +106,21 @@ class _ZooModel(ConvlensModel):
 
 
 # ----------------------------------------------------------------------------- resnet8
+def projection(cin: int, cout: int, stride: int) -> nn.Module:
+    """A residual shortcut: the identity, or a 1x1 conv-BN when the block changes the shape."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
-    """ResNet basic block: 3x3 conv-BN-ReLU, 3x3 conv-BN, + shortcut (1x1 conv-BN when reshaping), ReLU."""
+    """ResNet basic block: 3x3 conv-BN-ReLU, 3x3 conv-BN, + shortcut (1x1 conv-BN when reshaping), ReLU.
+
+    ``shortcut_name`` names the shortcut module, hence its state_dict keys (torchvision: ``downsample``).
+    """
+
+    expansion = 1  # output channels per unit of width, for ResNet's stage builder
+    shortcut_name = "shortcut"
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
@@ -119,14 +129,12 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        setattr(self, self.shortcut_name, projection(cin, cout, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return self.relu(y + self.shortcut(x))
+        return self.relu(y + getattr(self, self.shortcut_name)(x))
 
     def receptive_field(self, rf: RF) -> RF | None:
         return propagate_rf(self.conv2, propagate_rf(self.conv1, rf))  # the main path is the wider one
