@@ -1,6 +1,7 @@
 """``--ema``: an exponential moving average of the weights (timm's ModelEma, fastai's EMA).
 
-Built on ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn``; batch-norm
+Built on ``torch.optim.swa_utils.AveragedModel`` with its own multi-tensor update (``_avg``:
+``get_ema_multi_avg_fn`` has a fixed decay, and this one ramps up); batch-norm
 statistics are averaged too (``use_buffers=True``), so the average is usable as it is. The
 decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (timm's warm-up),
 so early, poorly trained weights are forgotten quickly.
