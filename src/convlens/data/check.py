@@ -12,7 +12,6 @@ import contextlib
 import datetime as _dt
 import errno
 import functools
-import hashlib
 import json
 import os
 import shlex
@@ -89,15 +88,6 @@ class FileRecord:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content hash used for exact-duplicate detection."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(functools.partial(f.read, 1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _warning_details(info: ImageInfo, rel: str) -> list[str]:
     ext = Path(rel).suffix or "(none)"
     text = {"ext_mismatch": f"content is {info.format} but the name ends in {ext}",
@@ -116,7 +106,7 @@ def inspect_file(path: Path, rel: str, *, max_pixels: int, min_side: int,
     try:
         st = os.stat(path)
         rec.size, rec.mtime_ns = st.st_size, st.st_mtime_ns
-        rec.sha256 = file_sha256(path)
+        rec.sha256 = cio.file_sha256(path)
         img, info = decode(path, max_pixels=max_pixels, min_side=min_side, draft_size=draft_size,
                            keep_gray=keep_gray)
     except ImageError as e:

@@ -12,7 +12,6 @@ first bad key. A random backbone is never returned silently.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import pickle
 import zipfile
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from convlens.errors import WeightsError
+from convlens.files import file_sha256
 from convlens.models.efficientnet import LITE_VARIANTS, is_lukemelas_state, remap_lukemelas_keys
 from convlens.models.model import ConvlensModel
 from convlens.models.registry import create
@@ -86,15 +86,6 @@ class PretrainedSource:
 
     def to_dict(self) -> dict[str, Any]:
         return {"arch": self.arch, "path": self.path, "sha256": self.sha256, "packaged": self.packaged}
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def packaged_path(name: str) -> Path:
