@@ -169,7 +169,7 @@ def test_exact_in_bf16_reads_the_low_bits() -> None:
     assert not runtime.exact_in_bf16(nearly.contiguous(memory_format=torch.channels_last))
 
 
-def test_model_logits_feeds_exact_inputs_as_bf16() -> None:
+def test_model_logits_runs_exact_inputs_in_bf16() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
     dev = runtime.resolve_device("cpu", "bf16")

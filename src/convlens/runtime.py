@@ -150,16 +150,13 @@ def autocast(dev: DeviceInfo) -> Iterator[None]:
 def model_logits(model: Any, x: Any, dev: DeviceInfo) -> Any:
     """The one inference forward pass: inference mode, ``dev``'s precision, float32 logits.
 
-    In bf16, inputs that bf16 holds exactly go in as bf16 (one cast instead of autocast's, and
-    the first convolution needs no fp32: nothing to round); others keep the fp32 first
-    convolution (:func:`first_conv_in_fp32`).
+    Under autocast the first convolution runs in fp32 unless bf16 holds the inputs exactly
+    (:func:`first_conv_in_fp32` decides, once per batch).
     """
     import torch
 
     if dev.amp_dtype is not None:
         first_conv_in_fp32(model)
-        if dev.amp_dtype == torch.bfloat16 and x.dtype == torch.float32 and exact_in_bf16(x):
-            x = x.to(torch.bfloat16)
     with torch.inference_mode(), autocast(dev):
         return model(x).float()
 
@@ -205,8 +202,10 @@ def first_conv_in_fp32(model: Any) -> None:
         if not torch.is_autocast_enabled(kind):
             return inner(x)
         low = torch.get_autocast_dtype(kind)
-        if x.dtype == low or (x.dtype == torch.float32 and low == torch.bfloat16 and exact_in_bf16(x)):
+        if x.dtype == low:
             return inner(x)
+        if x.dtype == torch.float32 and low == torch.bfloat16 and exact_in_bf16(x):
+            return inner(x.to(low))  # the same cast autocast would make
         with torch.autocast(kind, enabled=False):
             return inner(x.float()).to(torch.get_autocast_dtype(kind))
 
