@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from convlens.bundle import load_model
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.ema import ModelEma
 from convlens.engine.optim import progressive_size
-from convlens.engine.trainer import train
+from convlens.engine.resume import resume_config
+from convlens.engine.trainer import Trainer, TrainingInterrupted, train
 from convlens.models import create
 from tests.engine.helpers import make_dataset, quiet, tiny_config
 
@@ -32,6 +36,25 @@ def test_ema_follows_the_weights_with_its_decay() -> None:
     other.load_state_dict(ema.state_dict())
     assert other.updates == ema.updates
     torch.testing.assert_close(other.module.stem[0].weight, ema.module.stem[0].weight)
+
+
+def test_a_restored_ema_keeps_averaging() -> None:
+    """A resumed run's EMA continues as the uninterrupted one (it used to restart from the raw weights)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = ModelEma(model, 0.9)
+    for _ in range(20):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+    restored = ModelEma(model, 0.9)
+    restored.load_state_dict(ema.state_dict())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    restored.update(model)
+    torch.testing.assert_close(restored.module.weight, ema.module.weight)
+    assert not torch.allclose(restored.module.weight, model.weight)  # an average, not the raw weights
 
 
 def test_ema_run_saves_the_averaged_weights(tmp_path: Path) -> None:
@@ -63,3 +86,22 @@ def test_progressive_run_trains_small_then_full(tmp_path: Path) -> None:
     t = trainer_mod.Trainer(cfg, console=quiet())
     t.fit(on_step=lambda epoch, step: seen.append(t.step_fn.input_size))
     assert seen[0] == (24, 24) and seen[-1] is None
+
+
+def test_resuming_an_ema_run_keeps_its_best_averaged_weights(tmp_path: Path) -> None:
+    """The best weights a resumed run holds for its bundle are the EMA's, as before the interruption."""
+    data = make_dataset(tmp_path / "ds", classes=2, per_class=12)
+    cfg = tiny_config(data, tmp_path, ema=True, ema_decay=0.5, epochs=2)
+
+    def interrupt(epoch: int, step: int) -> None:
+        if epoch == 1 and step == 0:  # after epoch 1's validation and best.pt
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted) as e:
+        train(cfg, console=quiet(), on_step=interrupt)
+    saved = load_checkpoint(e.value.run_dir / "checkpoints" / "best.pt")
+    trainer = Trainer(resume_config(e.value.run_dir, {}), resume=e.value.run_dir, console=quiet())
+    assert trainer.best_weights is not None
+    for k, v in saved["ema"]["module"].items():
+        assert torch.equal(trainer.best_weights[k], v), k
+    assert any(not torch.equal(saved["model"][k], v) for k, v in saved["ema"]["module"].items())

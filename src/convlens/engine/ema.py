@@ -54,3 +54,6 @@ class ModelEma:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.updates = int(state["updates"])
+        # AveragedModel copies the weights instead of averaging while its own count is 0: it
+        # counts the same updates, so restore it too, or a resumed run restarts the average.
+        self.averaged.n_averaged.fill_(self.updates)

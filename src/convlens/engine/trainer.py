@@ -350,7 +350,8 @@ class Trainer:
             self.mid_epoch_rng = state["rng"]
         best_file = self.ckpt_dir / BEST
         if self.best.get("epoch") is not None and best_file.is_file():
-            self.best_weights = load_checkpoint(best_file)["model"]
+            saved = load_checkpoint(best_file)  # the weights eval_model had: the EMA's with --ema
+            self.best_weights = saved["ema"]["module"] if self.ema is not None and "ema" in saved else saved["model"]
         where = f", step {self.skip_steps + 1}" if self.skip_steps else ""
         say(self.console, f"resuming {self.run_dir} at epoch {self.start_epoch + 1}{where}")
 
