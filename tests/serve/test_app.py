@@ -88,6 +88,22 @@ def test_predict_real_photo_matches_the_library(client: Any, tiny_bundle: Path, 
         assert body["probabilities"][c] == pytest.approx(ref.probabilities[c], abs=1e-6)
 
 
+def test_predict_decodes_large_jpegs_as_the_library(tmp_path: Path) -> None:
+    """With a crop fraction, a JPEG's draft decode keeps the resolution the crop needs: served
+    probabilities equal the library's (the server once drafted down to the model size)."""
+    from tests.bundles import make_bundle
+
+    bundle = make_bundle(tmp_path / "crop.convlens", resize="crop", crop_fraction=0.5, random_biases=True)
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "big.jpg"
+    Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(photo, quality=95)
+    with _client(create_app(bundle, max_upload_mb=1)) as c:
+        body = _post(c, "/predict", photo.read_bytes(), name="big.jpg").json()
+    ref = load(bundle, device="cpu").predict(photo)[0]
+    for k in ("cats", "dogs"):
+        assert body["probabilities"][k] == pytest.approx(ref.probabilities[k], abs=1e-6)
+
+
 def test_predict_accepts_any_supported_format(client: Any) -> None:
     for fmt in ("PNG", "BMP", "GIF", "WEBP", "TIFF"):
         buf = io.BytesIO()

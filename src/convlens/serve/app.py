@@ -186,10 +186,9 @@ def read_upload(file: UploadFile, state: ServeState) -> Upload:
     if not raw:
         raise ImageError(name, "zero_bytes", "the upload is empty (0 bytes)")
     prep = state.meta.preprocessing
-    h, w = prep.size
     buf = io.BytesIO(raw)
     buf.name = name  # decode() names the file in its messages
-    img, info = decode(buf, max_pixels=state.max_pixels, draft_size=(w, h), keep_gray=prep.channels == 1)
+    img, info = decode(buf, max_pixels=state.max_pixels, draft_size=prep.draft_size, keep_gray=prep.channels == 1)
     return Upload(name, img, len(raw), info.width, info.height, info.format, raw)
 
 
