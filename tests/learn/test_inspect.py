@@ -61,6 +61,23 @@ def test_bundle_page_matches_the_summary(tmp_path, photo) -> None:
     assert data["layers"][0]["keras_shape"] == "(None, 24, 24, 8)" and data["trained"] is True
 
 
+def test_flip_averaged_bundle_predicts_as_predict(tmp_path, photo) -> None:
+    """The page's prediction is the whole model's: a flip-averaged bundle averages the mirror too."""
+    import dataclasses
+
+    from convlens.bundle import save_bundle
+    from convlens.predict import load
+    from tests.bundles import make_meta, make_model
+
+    model = make_model("tiny", 2, 3, 0, size=24, random_biases=True)
+    meta = dataclasses.replace(make_meta(model, ("cats", "dogs"), 24), flip_average=True)
+    b = save_bundle(tmp_path / "flip.convlens", model, meta)
+    r = inspect_model(b, photo, tmp_path / "out", max_maps=2)
+    ref = load(b, device="cpu", precision="fp32").predict(photo)[0]
+    for c in ("cats", "dogs"):
+        assert r.prediction["probabilities"][c] == pytest.approx(ref.probabilities[c], abs=1e-5)
+
+
 def test_fused_relu_is_shown_on_the_conv(tmp_path, photo) -> None:
     b = _bundle(tmp_path / "m.convlens", model="tutorial_cnn", size=16)
     r = inspect_model(b, photo, tmp_path / "out", max_maps=2)

@@ -355,7 +355,7 @@ def inspect_model(model: str | os.PathLike[str], image: str | os.PathLike[str], 
     except ImageError as e:
         raise UserError(f"cannot use {str(image)!r}: {e.message}; pass a readable photo") from e
     x = torch.from_numpy(prep.normalize(arr[None]))
-    rows, logits = run_units(net, x)
+    rows, _ = run_units(net, x)
     views, outputs = [], []
     for i, (name, kind, unit, y, note) in enumerate(rows, start=1):
         a = y[0].float().numpy()
@@ -370,6 +370,8 @@ def inspect_model(model: str | os.PathLike[str], image: str | os.PathLike[str], 
     top_figs: list[str] = []
     method = ""
     if trained and classes:
+        with torch.no_grad():  # the whole model: a flip-averaged bundle averages, as predict does
+            logits = net(x)
         probs = probabilities(logits.float().numpy(), net.output_activation)[0]
         k = int(np.argmax(probs))
         result.prediction = {"label": classes[k], "index": k, "probability": float(probs[k]),
