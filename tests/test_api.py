@@ -248,3 +248,10 @@ def test_train_chooses_the_backbone_as_the_cli_does(tmp_path: Path, monkeypatch:
     assert chosen == ["efficientnet_lite0"]
     run = convlens.train(photos, model="tiny", image_size=16, epochs=1, workers=1, threads=1, **opts)
     assert run.config["pretrained"] == "none" and chosen == ["efficientnet_lite0"]
+
+
+def test_load_does_not_import_the_training_stack() -> None:
+    """``convlens.load`` is predict's: serving a bundle does not pull in audit, evaluate or scikit-learn."""
+    code = "import sys, convlens; convlens.load; print('sklearn' in sys.modules, 'convlens.api' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
