@@ -369,6 +369,8 @@ def test_load_dispatches_onnx(tmp_path: Path, photos: list[Path], bundle: Path) 
         clf.explain(photos[0], method="gradcam")
     with pytest.raises(ConfigError, match="ONNX models run in fp32"):
         convlens.load(path, precision="bf16")
+    with pytest.raises(ConfigError, match="precision for inference must be auto, bf16 or fp32"):
+        convlens.load(path, precision="fp16")  # checked for ONNX files too, not ignored
     # The ONNX path never needs torch: block it and run the CLI in a fresh interpreter.
     code = ("import sys; sys.modules['torch'] = None\n"
             "from convlens.cli import main\n"

@@ -321,6 +321,9 @@ def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "a
     ``precision``: ``auto`` (bf16 where the hardware has it natively), ``bf16`` or ``fp32``;
     ONNX models run in fp32.
     """
+    from convlens.runtime import check_inference_precision
+
+    check_inference_precision(precision)  # before reading a model, for ONNX files too
     p = Path(os.path.expanduser(os.fspath(path)))
     if p.suffix.lower() == ".onnx":
         if not p.is_file():

@@ -128,11 +128,16 @@ def inference_device(device: str = "auto", precision: str = "auto") -> DeviceInf
     ``auto`` is bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, CUDA) and
     fp32 elsewhere; bf16 moves class probabilities by well under 1e-2 (docs/benchmarks.md).
     """
+    check_inference_precision(precision)
+    return resolve_device(device, precision)
+
+
+def check_inference_precision(precision: str) -> None:
+    """Raise ``ConfigError`` unless ``precision`` is one of :data:`INFERENCE_PRECISIONS`."""
     from convlens.errors import ConfigError
 
     if str(precision).lower() not in INFERENCE_PRECISIONS:
         raise ConfigError(f"precision for inference must be auto, bf16 or fp32. Received: precision={precision!r}")
-    return resolve_device(device, precision)
 
 
 @contextlib.contextmanager
