@@ -104,3 +104,9 @@ def shows_progress(console: Any = None) -> bool:
     import importlib.util
 
     return importlib.util.find_spec("ipywidgets") is not None
+
+
+def clock(seconds: float) -> str:
+    """``75`` -> ``1:15``; ``3725`` -> ``1:02:05`` (the training ETA and the runs table)."""
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

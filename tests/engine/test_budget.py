@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from convlens import display
 from convlens.config import parse_duration
 from convlens.engine import budget
 from convlens.engine.optim import ONECYCLE_DIV, ONECYCLE_FINAL_DIV, progressive_epochs
@@ -75,7 +76,7 @@ def test_long_run_notice_says_once_only_when_long(monkeypatch: pytest.MonkeyPatc
     assert len(said) == 1 and "--time" in said[0] and "estimated training time" in said[0]
     assert silent == []
     assert budget.format_seconds(75) == "1m15s" and budget.format_seconds(5400) == "1h30m"
-    assert budget.clock(75) == "1:15" and budget.clock(3725) == "1:02:05"
+    assert display.clock(75) == "1:15" and display.clock(3725) == "1:02:05"
 
 
 def test_time_budget_run_completes_its_schedule(tmp_path: Path) -> None:

@@ -127,3 +127,12 @@ def test_pretrained_runs_write_metrics_and_tensorboard_too(tmp_path: Path) -> No
     row = read_run(result.run_dir).row()
     assert row["best_val_acc"] == pytest.approx(result.metrics["val_accuracy"]) and row["epochs"].startswith("1/")
     assert list(result.run_dir.glob("events.out.tfevents.*"))
+
+
+def test_runs_reads_without_torch() -> None:
+    """`convlens runs` and `compare` only read files: importing them must not start torch (~1.4 s)."""
+    import subprocess
+
+    code = "import sys, convlens.engine.runs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

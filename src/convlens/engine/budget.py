@@ -166,9 +166,3 @@ def format_seconds(seconds: float) -> str:
     if s >= 3600:
         return f"{s // 3600}h{s // 60 % 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def clock(seconds: float) -> str:
-    """``75`` -> ``1:15``; ``3725`` -> ``1:02:05`` (the ETA and the runs table)."""
-    s = max(0, int(round(seconds)))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -9,15 +9,17 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
 
 from convlens import __version__
 from convlens.config import TrainConfig, dump_yaml, to_dict
 from convlens.errors import ConfigError
 from convlens.files import write_text
+
+if TYPE_CHECKING:  # `convlens runs` and `compare` read these names without importing torch
+    import torch
 
 BUNDLE_NAME = "model.convlens"
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "img_per_s", "seconds"]
@@ -76,6 +78,8 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     ``extra``: more entries for the bundle's metrics;
     ``plan``: the ``--time`` budget plan, named in the report.
     """
+    import torch
+
     from convlens.bundle import BundleMeta, save_bundle
     from convlens.evaluate import evaluate
     from convlens.models.tta import flip_averaged

@@ -22,7 +22,6 @@ from typing import Any
 import yaml
 
 from convlens import display
-from convlens.engine.budget import clock
 from convlens.engine.run_folder import BUNDLE_NAME, METRIC_FIELDS
 from convlens.errors import DataError
 
@@ -156,7 +155,7 @@ def _cell(key: str, value: Any) -> str:
     if key == "best_val_acc":
         return f"{value:.4f}"
     if key == "time":
-        return clock(value)
+        return display.clock(value)
     return str(value)
 
 

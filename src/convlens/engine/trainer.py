@@ -47,7 +47,7 @@ from convlens.config import (
     resolve_train_config,
     to_dict,
 )
-from convlens.display import shows_progress
+from convlens.display import clock, shows_progress
 from convlens.engine import budget, distributed, tensorboard
 from convlens.engine.checkpoint import (
     BEST,
@@ -542,7 +542,7 @@ class Trainer:
         improved, stopped_early = self.record(row, validated=not skip)
         finished = stopped_early or epoch + 1 == cfg.epochs
         recent = [r["seconds"] for r in self.history[-3:]]
-        left = f"  left {budget.clock(float(np.mean(recent)) * (cfg.epochs - epoch - 1))}" if not finished else ""
+        left = f"  left {clock(float(np.mean(recent)) * (cfg.epochs - epoch - 1))}" if not finished else ""
         say(self.console,
              f"epoch {epoch + 1}/{cfg.epochs}  loss {_fmt(row['train_loss'])}  acc {_fmt(row['train_acc'])}  "
              f"val_loss {_fmt(val_loss)}  val_acc {_fmt(val_acc)}  {row['img_per_s']:.0f} img/s  "
