@@ -21,7 +21,6 @@ with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import signal
 import threading
@@ -83,7 +82,7 @@ from convlens.engine.run_folder import (
     write_metrics_csv,
 )
 from convlens.errors import ConfigError
-from convlens.files import write_bytes, write_text
+from convlens.files import write_bytes, write_json, write_text
 
 # The embedded digits are 8x8: train them small, never mirrored (a mirrored 2 is not a 2) and
 # without resized crops (a cropped 8 may be a 0; the 2-pixel random shifts of the crop margin
@@ -413,7 +412,7 @@ class Trainer:
         result.stopped_early = stopped_early
         if self.plan is not None:
             self.plan.used_s = time.perf_counter() - self.t0
-            write_text(self.run_dir / "budget.json", json.dumps(self.plan.to_dict(), indent=2))
+            write_json(self.run_dir / "budget.json", self.plan.to_dict())
             say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
                                f"{cfg.epochs} epochs in {budget.format_seconds(self.plan.used_s)}")
             result.metrics["time_budget"] = self.plan.to_dict()
