@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from typing import Any, TypeVar
 
 from convlens.errors import ConfigError
+from convlens.runtime import usable_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -21,21 +22,13 @@ R = TypeVar("R")
 MIN_PARALLEL = 48
 
 
-def available_cores() -> int:
-    """Cores this process may run on (respects CPU affinity and container limits)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
 def resolve_workers(workers: int) -> int:
     """``0`` means all cores (or ``$CONVLENS_WORKERS`` when set); negative is an error."""
     if workers < 0:
         raise ConfigError(f"workers must be 0 (all cores) or a positive number. Received: workers={workers}")
     if workers == 0:
         env = os.environ.get("CONVLENS_WORKERS", "")
-        workers = int(env) if env.isdigit() and int(env) > 0 else available_cores()
+        workers = int(env) if env.isdigit() and int(env) > 0 else usable_cores()
     return workers
 
 
