@@ -28,3 +28,12 @@ def test_failed_write_keeps_last_good_state(tmp_path) -> None:
 def test_only_write_modes(tmp_path) -> None:
     with pytest.raises(ValueError, match="Received: mode='a'"), atomic_open(tmp_path / "x", "a"):
         pass
+
+
+def test_exclusive_write_never_replaces(tmp_path) -> None:
+    path = tmp_path / "manifest.json"
+    write_json(path, {"n": 1}, exclusive=True)
+    with pytest.raises(FileExistsError):
+        write_json(path, {"n": 2}, exclusive=True)
+    assert path.read_text(encoding="utf-8") == '{\n  "n": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temporary file left

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -22,10 +23,11 @@ _UMASK = _current_umask()
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", exclusive: bool = False) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
 
-    On an exception the temporary file is removed and ``path`` is untouched.
+    On an exception the temporary file is removed and ``path`` is untouched. ``exclusive``:
+    never replace an existing ``path`` (``FileExistsError``), e.g. a manifest that can undo moves.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open supports modes 'w' and 'wb'. Received: mode={mode!r}")
@@ -39,12 +41,31 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the finished ``tmp`` the name ``path`` only if no file has it (a hard link refuses)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:  # no hard links on this filesystem: check, then rename
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from e
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -69,9 +90,10 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         f.write(text)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def write_json(path: str | os.PathLike[str], obj: Any, exclusive: bool = False) -> None:
+    """Atomically write ``obj`` as indented JSON (``exclusive``: never over an existing file)."""
+    with atomic_open(path, "w", exclusive=exclusive) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

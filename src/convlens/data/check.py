@@ -543,10 +543,7 @@ def relabel_files(root: str | os.PathLike[str], moves: list[dict[str, Any]],
     data = {"version": 1, "action": "relabel", "dataset": str(root), "quarantine": None,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": list(moves)}
     try:
-        with open(manifest, "x", encoding="utf-8") as f:  # exclusive: an old manifest is never replaced
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        cio.write_json(manifest, data, exclusive=True)  # an old manifest is never replaced
     except FileExistsError as e:
         raise DataError(f"the manifest {manifest} exists already; choose another name. Received: --relabel") from e
     _move_all(root, [(m["path"], root / m["to"]) for m in moves], "--relabel")
