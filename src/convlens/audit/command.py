@@ -7,6 +7,7 @@ from typing import Any
 
 from convlens.audit import DEFAULT_BACKBONE, KINDS, audit_dataset
 from convlens.audit.findings import DEFAULT_DUPLICATE_SIMILARITY, DEFAULT_FOLDS
+from convlens.display import shows_progress
 from convlens.errors import ConfigError
 
 
@@ -74,7 +75,7 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
     report = audit_dataset(dir, backbone=backbone or DEFAULT_BACKBONE, folds=folds or DEFAULT_FOLDS,
                            similarity=DEFAULT_DUPLICATE_SIMILARITY if similarity is None else similarity,
                            cache_dir=cache_dir,
-                           workers=workers, progress=console.is_terminal, features_fn=features_fn)
+                           workers=workers, progress=shows_progress(), features_fn=features_fn)
     output.print_report(report, console, top=top)
     for path, write in ((json_path, lambda p: cio.write_json(p, report.to_dict())),
                         (csv_path, lambda p: cio.write_text(p, output.findings_csv(report))),
