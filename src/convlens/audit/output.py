@@ -98,7 +98,7 @@ def thumbnail(path: Path, side: int = THUMB) -> str:
     from convlens.errors import ImageError
 
     try:
-        img, _ = decode(path)
+        img, _ = decode(path, draft_size=(side, side))  # JPEGs decode at 1/2-1/8 scale: a thumbnail needs no more
     except (ImageError, OSError):
         return ""
     img.thumbnail((side, side))
