@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 from convlens.config import suggest
 from convlens.errors import SpecError
 from convlens.models.model import ConvlensModel, build_from_spec, check_classes
-from convlens.models.spec import load_layer_file  # noqa: F401 - the registry reads layer files too (its API)
 
 F = TypeVar("F", bound=Callable[..., ConvlensModel])
 
