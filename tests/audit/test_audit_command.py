@@ -136,6 +136,7 @@ def test_quarantine_by_kind_and_by_listed_paths_then_undo(planted: tuple[Path, l
     (["--quarantine", "Q", "--kinds", "labels"], "--kinds takes label, duplicate, outlier"),
     (["--kinds", "label"], "add --quarantine QDIR"),
     (["--relabel", "x.csv", "--quarantine", "Q", "--kinds", "all"], "either --relabel or --quarantine"),
+    (["--folds", "0"], "folds must be at least 2"),  # not silently the default
 ])
 def test_bad_options_are_one_line_errors(planted: tuple[Path, list[str]], argv: list[str], message: str,
                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -72,7 +72,7 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
         manifest, n = act.quarantine_listed(dir, paths, quarantine_dir)
         console.print(f"moved {n} listed file(s) to {quarantine_dir}; undo with `convlens audit --undo {manifest}`")
         return 0
-    report = audit_dataset(dir, backbone=backbone or DEFAULT_BACKBONE, folds=folds or DEFAULT_FOLDS,
+    report = audit_dataset(dir, backbone=backbone or DEFAULT_BACKBONE, folds=DEFAULT_FOLDS if folds is None else folds,
                            similarity=DEFAULT_DUPLICATE_SIMILARITY if similarity is None else similarity,
                            cache_dir=cache_dir,
                            workers=workers, progress=shows_progress(), features_fn=features_fn)
