@@ -233,12 +233,18 @@ def from_env() -> Dist:
 
 
 def cleanup() -> None:
-    """Leave the process group if this process joined one (call in ``finally``)."""
+    """Leave the process group if this process joined one (call in ``finally``).
+
+    While an exception is propagating, the group is left as it is: leaving it would break the
+    other ranks' collectives at once, and torchrun, seeing them die, would stop this process
+    before it printed its error. The process exits right after reporting, which closes the
+    connections anyway.
+    """
     try:
         import torch.distributed as td
     except ImportError:  # pragma: no cover
         return
-    if td.is_available() and td.is_initialized():
+    if td.is_available() and td.is_initialized() and sys.exc_info()[1] is None:
         td.destroy_process_group()
 
 
@@ -316,7 +322,10 @@ def run_torchrun(argv: Sequence[str]) -> int:
               "last epoch with: convlens train --resume RUN_FOLDER", file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # A rank that exited with an error caused the stop; ranks killed by a signal at about
+        # the same time (gloo aborts when a peer leaves mid-collective) only followed it.
+        errors = {r: f for r, f in e.failures.items() if f.exitcode > 0}
+        rank, failure = min(errors.items(), key=lambda rf: rf[1].timestamp) if errors else e.get_first_failure()
         code = failure.exitcode
         how = f"exit code {code}" if code >= 0 else f"signal {-code}"
         print(f"convlens train: error: process {rank} of the distributed job failed first ({how}); "
