@@ -97,6 +97,15 @@ def test_timeout_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         distributed.timeout_seconds()
 
 
+def test_only_a_transport_error_from_a_vanished_peer_counts_as_a_lost_peer() -> None:
+    gloo = "[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:5539. This is typically"
+    assert distributed.lost_a_peer(RuntimeError(gloo))
+    assert distributed.lost_a_peer(RuntimeError("[pair.cc:598] Connection reset by peer"))
+    # A timeout is this job's own failure (a stuck collective): nobody else will report it.
+    assert not distributed.lost_a_peer(RuntimeError("[../gloo/transport/tcp/pair.cc:446] Timed out waiting 60000ms"))
+    assert not distributed.lost_a_peer(ValueError("closed by peer"))
+
+
 def test_relaunch_arguments_reparse_to_the_same_overrides() -> None:
     argv = ["train", "some/dir", "--nproc", "2", "--seed=-3", "--no-flip", "--channels-last", "--mean", "0.5", "0.4",
             "0.3", "--lr", "0.01", "--name", "a b", "--preset", "tutorial"]

@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -238,17 +239,45 @@ def cleanup() -> None:
     While an exception is propagating, the group is left as it is: leaving it would break the
     other ranks' collectives at once, and torchrun, seeing them die, would stop this process
     before it printed its error. The process exits right after reporting, which closes the
-    connections anyway.
+    connections anyway. A rank whose collective failed because a peer went away waits (see
+    :func:`_wait_for_the_failed_peer`) so that torchrun names the rank that failed first.
     """
     try:
         import torch.distributed as td
     except ImportError:  # pragma: no cover
         return
-    if td.is_available() and td.is_initialized() and sys.exc_info()[1] is None:
+    if not (td.is_available() and td.is_initialized()):
+        return
+    error = sys.exc_info()[1]
+    if error is None:
         td.destroy_process_group()
+    elif lost_a_peer(error):
+        _wait_for_the_failed_peer(td.get_rank())
 
 
-# ----------------------------------------------------------------------------- launching
+# What gloo says when another rank's process ended while this one waited in a collective.
+PEER_LOST_MARKERS = ("closed by peer", "reset by peer")
+PEER_GRACE_S = 15.0  # long enough for the failed rank to print its error and exit on a busy machine
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """True when ``error`` is a collective failing because another rank's process ended."""
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in PEER_LOST_MARKERS)
+
+
+def _wait_for_the_failed_peer(rank: int) -> None:
+    """Give the rank that failed first time to exit, so that torchrun stops this one (SIGTERM).
+
+    A rank that fails prints its error and then exits, which can take a second; the ranks
+    waiting on it see the connection close during that exit and would otherwise fail at once
+    with a transport error, be reported first, and have the real error cut short.
+    """
+    print(f"convlens train: process {rank} stopped: another process of the job ended during a "
+          "collective operation; its error is above (or on its own machine's terminal)", file=sys.stderr,
+          flush=True)
+    time.sleep(PEER_GRACE_S)
+
+
 def should_launch(nproc: int) -> bool:
     """``--nproc N`` with N > 1 outside torchrun: start N processes through torchrun."""
     return nproc > 1 and not under_torchrun()
