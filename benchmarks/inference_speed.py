@@ -3,9 +3,11 @@
 Contestants, each in its own process, on the same random 300 px images (inputs prepared
 beforehand in each framework's layout; preprocessing is not timed):
 
-* ``convlens-torch``: ``convlens.predict.TorchBackend`` with its default ``precision="auto"`` (what
-  ``convlens predict``, ``serve`` and the Python API run: bf16 autocast on CPUs with native bf16,
-  fp32 elsewhere; channels_last, inference mode);
+* ``convlens-torch``: ``Classifier.predict_proba`` on the uint8 images with ``TorchBackend``'s
+  default ``precision="auto"`` (what ``convlens predict``, ``serve`` and the Python API run after
+  decoding: normalisation, bf16 autocast on CPUs with native bf16, fp32 elsewhere;
+  channels_last, inference mode). Its normalisation is timed; the other contestants get their
+  float32 input prepared beforehand;
 * ``convlens-fp32``: the same with ``--precision fp32``;
 * ``torch-compile``: ``torch.compile`` of the fp32 model (compile time reported separately);
 * ``onnx-fp32`` / ``onnx-int8``: ``convlens export`` output (fp32, and static int8 QDQ calibrated
@@ -114,14 +116,17 @@ def torch_worker(args: Any, name: str) -> dict[str, Any]:
     import torch
 
     from convlens.bundle import load_model
-    from convlens.predict import TorchBackend
+    from convlens.predict import Classifier, TorchBackend
 
-    model, _ = load_model(Path(args.workdir) / "model.convlens", "cpu")
+    model, meta = load_model(Path(args.workdir) / "model.convlens", "cpu")
     backend = TorchBackend(model, "cpu", "fp32" if name != "convlens-torch" else "auto")
     batch, single = _inputs(args)
     notes = f"{threads} threads, channels_last, {backend.precision}"
-    if name in ("convlens-torch", "convlens-fp32"):
-        run = backend.logits
+    if name in ("convlens-torch", "convlens-fp32"):  # from the decoded uint8 images, as users run it
+        run = Classifier(meta, backend).predict_proba
+        batch = common.random_batch(args.batch_size, args.image_size, seed=0)[0]  # _inputs' pixels
+        single = batch[:1].copy()
+        notes += ", from uint8 images (normalisation timed)"
     else:  # torch-compile
         compiled = torch.compile(backend.model)
         t = time.perf_counter()

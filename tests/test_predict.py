@@ -17,6 +17,7 @@ from PIL import Image
 import convlens
 from convlens.bundle import load_model, save_bundle
 from convlens.cli import main
+from convlens.data.preprocess import Preprocessing
 from convlens.decision import probabilities
 from convlens.errors import ConfigError, ImageError
 from convlens.inputs import expand_paths, tta_views
@@ -86,6 +87,21 @@ def test_predict_equals_evaluation(tmp_path: Path, photos: list[Path], bundle: P
     for path, row in zip(data.paths, eval_probs, strict=True):
         got = [preds[path].probabilities[c] for c in meta.classes]
         np.testing.assert_allclose(got, row, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize(("scale", "precision"), [(1.0, "bf16"), (1.0, "fp32"), (1 / 255, "bf16"), (1 / 255, "fp32")])
+def test_backend_normalises_images_as_the_bundle_says(scale: float, precision: str) -> None:
+    """``image_logits`` (torch's own normalisation; bf16 straight from uint8 for 0-255 input)
+    gives what the bundle's numpy ``Preprocessing.normalize`` followed by ``logits`` gives."""
+    prep = Preprocessing(size=(12, 12), scale=scale)
+    backend = TorchBackend(make_model("tiny", 3, seed=1), "cpu", precision)
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 12, 12, 3), dtype=np.uint8)
+    want = backend.logits(prep.normalize(images))
+    got = backend.image_logits(images, prep)
+    if scale == 1.0:  # the very same values reach the model
+        np.testing.assert_array_equal(got, want)
+    else:  # float32 arithmetic in another order
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 def test_bf16_probabilities_stay_close_to_fp32(photos: list[Path], bundle3: Path) -> None:

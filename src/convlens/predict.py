@@ -16,6 +16,7 @@ import csv
 import io
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -74,9 +75,13 @@ class Prediction:
 
 # ----------------------------------------------------------------------------- backends
 class Backend(Protocol):
-    """Maps normalised float32 ``N x C x H x W`` input to logits ``N x out_units``."""
+    """Maps model input to logits ``N x out_units``: normalised float32 ``N x C x H x W``
+    (``logits``), or uint8 ``N x H x W x C`` images normalised by ``prep`` (``image_logits``,
+    what a classifier calls: a backend may normalise in its own, faster way)."""
 
     def logits(self, x: np.ndarray) -> np.ndarray: ...
+
+    def image_logits(self, images: np.ndarray, prep: Preprocessing) -> np.ndarray: ...
 
 
 class TorchBackend:
@@ -108,6 +113,21 @@ class TorchBackend:
         from convlens.runtime import model_logits
 
         return model_logits(self.model, self.tensor(x), self.dev).cpu().numpy().reshape(len(x), -1)
+
+    def image_logits(self, images: np.ndarray, prep: Preprocessing) -> np.ndarray:
+        """uint8 NHWC images -> logits, normalised on the device by torch (multi-threaded, and
+        straight into bf16 when that holds the input exactly: see ``to_model_input``)."""
+        import torch
+
+        from convlens.data.loader import to_model_input
+        from convlens.runtime import model_logits
+
+        images = np.ascontiguousarray(images)
+        with warnings.catch_warnings():  # a read-only array (a memory map, a view) is only read here
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            x = torch.from_numpy(images).to(self.device)
+        x = to_model_input(x, prep, channels_last=self.channels_last, low_precision=self.dev.amp_dtype)
+        return model_logits(self.model, x, self.dev).cpu().numpy().reshape(len(images), -1)
 
     @property
     def explain_methods(self) -> tuple[str, ...]:
@@ -174,7 +194,7 @@ class Classifier:
         if mode == "flip" and self.meta.flip_average:
             mode = None  # the model already averages each image with its mirror
         views = tta_views(x, mode, self.preprocessing) if mode else [x]
-        probs = [probabilities(self.backend.logits(self.preprocessing.normalize(v)), self.output_activation)
+        probs = [probabilities(self.backend.image_logits(v, self.preprocessing), self.output_activation)
                  for v in views]
         # Average probabilities, not logits: each view is a full prediction.
         return np.mean(probs, axis=0)

@@ -80,6 +80,23 @@ def test_bad_rank() -> None:
         BatchLoader(_subset(), 0, False)
 
 
+def test_integer_pixels_go_straight_to_the_autocast_dtype() -> None:
+    """The tutorial's 0-255 input is exact in bf16/fp16: uint8 becomes it in one pass; any other
+    scale (or float input, e.g. rotated pixels) stays float32 for the first convolution."""
+    rng = np.random.default_rng(0)
+    batch = torch.from_numpy(rng.integers(0, 256, size=(2, 5, 6, 3), dtype=np.uint8))
+    tut = Preprocessing(size=(5, 6), scale=1.0)
+    assert tut.integer_valued and not Preprocessing(size=(5, 6)).integer_valued
+    assert not Preprocessing(size=(5, 6), scale=1.0, mean=(1.0,)).integer_valued
+    want = to_model_input(batch, tut)
+    for low in (torch.bfloat16, torch.float16):
+        got = to_model_input(batch, tut, low_precision=low)
+        assert got.dtype == low and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got.float(), want)
+    assert to_model_input(batch, Preprocessing(size=(5, 6)), low_precision=torch.bfloat16).dtype == torch.float32
+    assert to_model_input(batch.float(), tut, low_precision=torch.bfloat16).dtype == torch.float32
+
+
 def test_to_model_input_matches_numpy_normalize() -> None:
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, size=(3, 5, 6, 3), dtype=np.uint8)

@@ -143,6 +143,12 @@ class Preprocessing:
         return self.from_pil(array_image(arr))
 
     # ---- float stage -------------------------------------------------------------------
+    @property
+    def integer_valued(self) -> bool:
+        """Whether normalising leaves uint8 pixels as the integers 0-255 (the tutorial's scale):
+        then bf16 and fp16 hold the model input exactly, and it can be made in them directly."""
+        return self.scale == 1.0 and all(m == 0.0 for m in self.mean) and all(v == 1.0 for v in self.std)
+
     def normalize(self, batch: np.ndarray) -> np.ndarray:
         """uint8 ``N x H x W x C`` -> float32 ``N x C x H x W``: ``(x * scale - mean) / std``."""
         x = np.asarray(self.center_crop(np.asarray(batch)), dtype=np.float32)

@@ -97,28 +97,21 @@ def load_labelled_folder(root: str | os.PathLike[str], meta: BundleMeta, workers
 
 def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64,
                    device: str = "cpu", precision: str = "auto") -> np.ndarray:
-    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images, through the
-    forward pass and precision ``convlens predict`` uses (:func:`convlens.runtime.model_logits`)."""
+    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images, through
+    ``convlens predict``'s own backend (:class:`convlens.predict.TorchBackend`): the same
+    normalisation, layout, precision and forward pass."""
     import torch
 
-    from convlens import runtime
-    from convlens.data.loader import to_model_input
+    from convlens.predict import TorchBackend
 
-    dev = runtime.inference_device(device, precision)
-    channels_last = dev.type in ("cpu", "cuda")  # as predict's TorchBackend
     # The caller's model keeps its layout (a bundle is saved from contiguous weights).
-    restore = channels_last and all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
-    model.eval()
-    outs = []
+    contiguous = all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
+    backend = TorchBackend(model, device, precision)
     try:
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev.device)
-            x = to_model_input(x, prep, channels_last=channels_last)
-            outs.append(runtime.model_logits(model, x, dev).cpu().numpy())
+        outs = [backend.image_logits(np.asarray(images[start:start + batch_size]), prep)
+                for start in range(0, len(images), batch_size)]
     finally:
-        if restore:
+        if contiguous and backend.channels_last:
             model.to(memory_format=torch.contiguous_format)
     if not outs:
         return np.zeros((0, 1), dtype=np.float32)

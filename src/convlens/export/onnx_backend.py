@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from convlens.bundle import BundleMeta
+from convlens.data.preprocess import Preprocessing
 from convlens.errors import BundleError, first_line
 
 METADATA_KEY = "convlens"
@@ -119,6 +120,10 @@ class OnnxBackend:
         x = self._check(x)
         (out,) = self.session.run([LOGITS_NAME], {self.input_name: x})
         return np.asarray(out, dtype=np.float32)
+
+    def image_logits(self, images: np.ndarray, prep: Preprocessing) -> np.ndarray:
+        """uint8 NHWC images -> logits, normalised by ``prep`` (the bundle's preprocessing)."""
+        return self.logits(prep.normalize(images))
 
     def logits_and_cam(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits and the raw class maps ``(N, out_units, h, w)`` (unnormalised, before any ReLU).
