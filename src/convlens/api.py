@@ -19,7 +19,6 @@ themselves as HTML in Jupyter.
 
 from __future__ import annotations
 
-import csv
 import html
 import os
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from convlens.audit import AuditReport, audit
 from convlens.data.check import CheckReport, check_dataset
 from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.display import html_table, img_tag, shows_progress
-from convlens.errors import BundleError, ConfigError, UserError
+from convlens.engine import runs
+from convlens.errors import BundleError, UserError
 from convlens.evaluate import evaluate_bundle as evaluate
 from convlens.evaluate.result import Evaluation
 from convlens.export import export_bundle as export
@@ -68,22 +68,9 @@ def check(dir: str | os.PathLike[str], *, workers: int = 0, max_pixels: int = DE
 
 
 # ----------------------------------------------------------------------------- runs
-def _number(text: str) -> Any:
-    if text == "":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
 def read_history(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.csv`` (one dict per epoch; empty when there is none)."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return runs.read_history(Path(run_dir) / runs.METRICS_NAME)
 
 
 @dataclass
@@ -106,21 +93,14 @@ class Run:
     @classmethod
     def from_dir(cls, run_dir: str | os.PathLike[str]) -> Run:
         """Open an existing run folder (finished or interrupted) without training anything."""
-        import yaml
-
-        d = Path(run_dir)
-        if not (d / "config.yaml").is_file():
-            raise ConfigError(f"{str(d)!r} is not a convlens run folder (no config.yaml); "
-                              f"runs are in runs/NAME. Received: {str(run_dir)!r}")
-        config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8")) or {}
-        bundle = d / "model.convlens"
+        info = runs.read_run(run_dir)
+        d, bundle, last = info.path, info.path / "model.convlens", info.path / "checkpoints" / "last.pt"
         metrics: dict[str, Any] = {}
         if bundle.is_file():
             from convlens.bundle import read_meta
 
             metrics = dict(read_meta(bundle).metrics or {})
-        last = d / "checkpoints" / "last.pt"
-        return cls(dir=d, config=config, history=read_history(d), metrics=metrics,
+        return cls(dir=d, config=info.config, history=info.history, metrics=metrics,
                    bundle_path=bundle if bundle.is_file() else None,
                    interrupted=not bundle.is_file() and last.is_file(),
                    checkpoint=last if last.is_file() else None)
