@@ -204,7 +204,8 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
     """Two torchrun nodes (``--nnodes 2``, one process each) meeting by c10d rendezvous on
     127.0.0.1, as two machines would, end with the weights and metrics of one process."""
     port = _free_port()
-    nodes = []
+    env = {**ddp_env(), "LOGLEVEL": "INFO"}  # torchrun's agent logs: what each node waited for, if one hangs
+    nodes, logs = [], []
     for node in (0, 1):  # node 0 hosts the rendezvous store, as the first machine would
         cmd = [sys.executable, "-m", "convlens.engine.distributed", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=convlens-two-nodes",
@@ -212,15 +213,25 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
                "-m", "convlens", "train", str(data), *_exact_cli(tmp_path, "nodes")]
         cwd = tmp_path / f"node{node}"  # each "machine" starts in its own folder
         cwd.mkdir()
-        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ddp_env(),
-                                      cwd=cwd))
+        # Files, not pipes: a pipe read only after the other node ends can fill and stall its
+        # writer, and torchrun's exit barrier then holds the other node too.
+        logs.append((cwd / "stdout.txt", cwd / "stderr.txt"))
+        with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
+            nodes.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=cwd))
+    deadline = time.monotonic() + 240
     try:
-        outputs = [p.communicate(timeout=240) for p in nodes]
+        for p in nodes:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for p in nodes:
             p.kill()
-    for p, (out, err) in zip(nodes, outputs, strict=True):
-        assert p.returncode == 0, out[-2000:] + err[-3000:]
+            p.wait()
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    report = "\n".join(f"--- node {n} (exit {p.returncode})\n{out[-1500:]}\n{err[-4000:]}"
+                       for n, (p, (out, err)) in enumerate(zip(nodes, outputs, strict=True)))
+    assert all(p.returncode == 0 for p in nodes), report
     assert "2 processes" in outputs[0][0] + outputs[1][0]
     run = tmp_path / "runs" / "nodes"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["nodes"] and (run / "model.convlens").is_file()
