@@ -27,6 +27,8 @@ def test_tutorial_preset_is_the_tutorial_recipe() -> None:
     assert (cfg.optimizer, cfg.lr, cfg.schedule) == ("rmsprop", 1e-3, "constant")
     assert cfg.flip and cfg.rotation == 0.1
     assert cfg.scale == 1.0  # the tutorial trains on 0-255 inputs; the bundle records it
+    assert cfg.mixup == 0.0 and resolve_train_config("quick").mixup == 0.0  # the from-scratch default's mixup is not theirs
+    assert resolve_train_config().mixup == 0.2
 
 
 def test_file_overrides_preset_and_flags_override_file(tmp_path) -> None:

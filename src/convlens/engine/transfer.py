@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from convlens.config import PRESETS, TrainConfig, auto_backbone, read_config_file
+from convlens.config import TrainConfig, auto_backbone, chosen_keys
 from convlens.data.decode import decode
 from convlens.data.scan import scan
 from convlens.engine import distributed
@@ -118,14 +119,14 @@ def backbone_config(cfg: TrainConfig) -> tuple[TrainConfig, Backbone]:
 
     Its preprocessing; epochs = the head fit + ``finetune_epochs``; the fine-tuning recipe (AdamW
     at :data:`FINETUNE_LR`, cosine, validated every epoch); no crop margin, flip averaging,
-    progressive resizing, EMA or time budget (the from-scratch recipe's).
+    progressive resizing, mixup, EMA or time budget (the from-scratch recipe's).
     """
     backbone = load_pretrained(cfg.pretrained, 2, cfg.arch, cfg.max_pixels)
     p = backbone.preprocessing
     return replace(cfg, arch=backbone.source.arch, model=backbone.source.arch, image_size=p.size[0], resize=p.resize,
                    scale=p.scale, mean=list(p.mean), std=list(p.std), channels=3, crop_margin=0.0,
                    flip_average=False, epochs=1 + cfg.finetune_epochs, optimizer="adamw", lr=FINETUNE_LR,
-                   schedule="cosine", warmup_epochs=0.0, val_every=1, progressive=0.0, ema=False,
+                   schedule="cosine", warmup_epochs=0.0, val_every=1, progressive=0.0, mixup=0.0, ema=False,
                    time=None), backbone
 
 
@@ -234,25 +235,32 @@ def _features(backbone: Backbone, prepared: Any, subset: Any, cfg: TrainConfig, 
 
 
 # ----------------------------------------------------------------------------- entry points
-def model_chosen(overrides: dict[str, Any], config_file: str | None, preset: str) -> bool:
-    """Whether the user named a model (a flag or keyword, the config file, or the preset): then
-    ``pretrained: auto`` keeps it and trains from scratch."""
-    keys = set(overrides) | set(read_config_file(config_file) if config_file else {}) | set(PRESETS[preset])
-    return "model" in keys
+def note_replaced_options(before: TrainConfig, after: TrainConfig, chosen: Collection[str], console: Console) -> None:
+    """Say which chosen options the pretrained recipe (:func:`backbone_config`) replaced, once:
+    a flag that silently did nothing would mislead."""
+    replaced = [k for k in sorted(chosen) if k not in ("data", "pretrained", "arch") and hasattr(before, k)
+                and getattr(before, k) != getattr(after, k)]
+    if replaced and distributed.from_env().is_main:
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(before, k)}" for k in replaced)
+        say(console, f"note: {after.pretrained} brings its own recipe, so {flags} do not apply "
+                     "(fine-tune with --finetune-epochs N; --pretrained none trains from scratch with them)")
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None,
-          model_chosen: bool = False, on_step: Any = None) -> RunResult:
+          chosen: Collection[str] = (), on_step: Any = None) -> RunResult:
     """Train from ``cfg``: pretrained (``cfg.pretrained``; auto resolved here) or from scratch.
 
     ``resume``: a run folder to continue (its config says which kind; a pretrained run interrupted
-    during fine-tuning continues it).
+    during fine-tuning continues it). ``chosen``: the keys the user set (:func:`config.chosen_keys`):
+    naming a model keeps ``pretrained: auto`` from scratch, and the others a backbone replaces are named.
     """
     if resume is None:
-        cfg = resolve_pretrained(cfg, model_chosen)
+        cfg = resolve_pretrained(cfg, "model" in chosen)
     if cfg.pretrained in ("none", "auto"):  # a run records its choice: "auto" only in from-scratch runs
         return train_from_scratch(cfg, resume=resume, console=console, on_step=on_step)
-    cfg, backbone = backbone_config(cfg)
+    before, (cfg, backbone) = cfg, backbone_config(cfg)
+    if resume is None:
+        note_replaced_options(before, cfg, chosen, console or Console())
     return FineTuner(cfg, backbone, resume=resume, console=console).fit(on_step)
 
 
@@ -262,8 +270,9 @@ def train_command(overrides: dict[str, Any], config_file: str | None = None, res
     ``--nproc N`` starts N processes through torchrun, after checking and caching the data once here.
     """
     cfg = train_config(overrides, config_file, resume)
+    chosen = chosen_keys(overrides, config_file, cfg.preset)
     if resume is None:  # chosen once, here: every process trains the same
-        cfg = resolve_pretrained(cfg, model_chosen(overrides, config_file, cfg.preset))
+        cfg = resolve_pretrained(cfg, "model" in chosen)
         overrides = {**overrides, "pretrained": cfg.pretrained}
     if cfg.pretrained not in ("none", "auto") and not cfg.finetune_epochs and distributed.should_launch(cfg.nproc):
         say(Console(), "note: a pretrained head without --finetune-epochs is fitted in one process")
@@ -273,7 +282,7 @@ def train_command(overrides: dict[str, Any], config_file: str | None = None, res
         prepare_data_for(cfg, Console())  # check and cache once, before N processes start
         return distributed.launch(cfg.nproc, distributed.cli_arguments(overrides, config_file, resume))
     try:
-        train(cfg, resume=resume)
+        train(cfg, resume=resume, chosen=chosen)
     except TrainingInterrupted as e:
         print(f"convlens train: interrupted; checkpoint saved to {e.checkpoint}. "
               f"Resume with: convlens train --resume {e.run_dir}", file=sys.stderr)
