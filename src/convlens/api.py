@@ -30,6 +30,7 @@ from convlens.data.check import CheckReport, check_dataset
 from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.display import html_table, img_tag, shows_progress
 from convlens.engine import runs
+from convlens.engine.run_folder import best_row
 from convlens.errors import BundleError, UserError
 from convlens.evaluate import evaluate_bundle as evaluate
 from convlens.evaluate.result import Evaluation
@@ -119,9 +120,8 @@ class Run:
     def best(self) -> dict[str, Any]:
         """The history row of the best epoch (the bundle's weights), or ``{}``."""
         epoch = self.metrics.get("best_epoch")
-        if epoch is None and self.history:  # interrupted: the best validation accuracy so far
-            scored = [r for r in self.history if r.get("val_acc") is not None]
-            return max(scored, key=lambda r: r["val_acc"]) if scored else dict(self.history[-1])
+        if epoch is None:  # interrupted: the best epoch so far, by the trainer's rule
+            return best_row(self.history) or {}
         return next((dict(r) for r in self.history if r.get("epoch") == epoch), {})
 
     def load(self, device: str = "auto") -> Classifier:

@@ -16,10 +16,9 @@ from convlens.config import TrainConfig
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.factory import class_weights, classification_loss
 from convlens.engine.resume import resume_config
-from convlens.engine.run_folder import make_run_dir
+from convlens.engine.run_folder import best_row, is_better, make_run_dir
 from convlens.engine.trainer import (
     TrainingInterrupted,
-    _is_better,
     command_config,
     train,
 )
@@ -182,13 +181,25 @@ def test_multiclass_loss_and_auto_class_weights() -> None:
 def test_best_epoch_rule() -> None:
     best = {"epoch": None}
     row = {"val_acc": 0.5, "val_loss": 0.7, "train_loss": 0.6}
-    assert _is_better(row, best)
+    assert is_better(row, best)
     best = {"epoch": 1, "val_acc": 0.5, "val_loss": 0.7, "train_loss": 0.6}
-    assert _is_better({"val_acc": 0.6, "val_loss": 0.9, "train_loss": 0.9}, best)
-    assert _is_better({"val_acc": 0.5, "val_loss": 0.6, "train_loss": 0.9}, best)
-    assert not _is_better({"val_acc": 0.5, "val_loss": 0.8, "train_loss": 0.1}, best)
-    assert not _is_better({"val_acc": 0.4, "val_loss": 0.1, "train_loss": 0.1}, best)
-    assert _is_better({"val_acc": None, "val_loss": None, "train_loss": 0.5}, best)
+    assert is_better({"val_acc": 0.6, "val_loss": 0.9, "train_loss": 0.9}, best)
+    assert is_better({"val_acc": 0.5, "val_loss": 0.6, "train_loss": 0.9}, best)
+    assert not is_better({"val_acc": 0.5, "val_loss": 0.8, "train_loss": 0.1}, best)
+    assert not is_better({"val_acc": 0.4, "val_loss": 0.1, "train_loss": 0.1}, best)
+    assert is_better({"val_acc": None, "val_loss": None, "train_loss": 0.5}, best)
+
+
+def test_best_row_is_the_trainers_choice() -> None:
+    """The run listing and the API pick the epoch the trainer kept: ties in accuracy go to the
+    lower validation loss, unvalidated epochs are skipped, no validation at all -> training loss."""
+    rows = [{"epoch": 1, "val_acc": 0.8, "val_loss": 0.5, "train_loss": 0.6},
+            {"epoch": 2, "val_acc": None, "val_loss": None, "train_loss": 0.1},  # not validated (--val-every)
+            {"epoch": 3, "val_acc": 0.8, "val_loss": 0.4, "train_loss": 0.5},
+            {"epoch": 4, "val_acc": 0.8, "val_loss": 0.4, "train_loss": 0.3}]  # a full tie keeps the earlier
+    assert best_row(rows)["epoch"] == 3
+    assert best_row([{**r, "val_acc": None, "val_loss": None} for r in rows])["epoch"] == 2
+    assert best_row([]) is None
 
 
 def test_digits_defaults_unless_set_explicitly(tmp_path: Path) -> None:

@@ -42,6 +42,29 @@ def say(console: Console, message: str) -> None:
     console.print(message, soft_wrap=True, highlight=False)
 
 
+def is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
+    """Higher validation accuracy wins; equal accuracy, lower validation loss. No validation set:
+    lower training loss."""
+    if best.get("epoch") is None:
+        return True
+    if row["val_acc"] is None:
+        return row["train_loss"] < best["train_loss"]
+    if row["val_acc"] != best["val_acc"]:
+        return row["val_acc"] > best["val_acc"]
+    return row["val_loss"] < best["val_loss"]
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best epoch's row by :func:`is_better`, as the trainer chose it: among the validated
+    epochs (those with a validation accuracy) when there are any, else by training loss."""
+    candidates = [r for r in rows if r.get("val_acc") is not None] or rows
+    best: dict[str, Any] = {"epoch": None}
+    for row in candidates:
+        if is_better(row, best):
+            best = row
+    return None if best.get("epoch") is None else dict(best)
+
+
 def make_run_dir(project: str | Path, name: str, exist_ok: bool = False) -> Path:
     """``project/name``; if it exists, the first free ``name-2``, ``name-3``... (race-free mkdir)."""
     parent = Path(project)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from convlens import display
-from convlens.engine.run_folder import BUNDLE_NAME, METRIC_FIELDS
+from convlens.engine.run_folder import BUNDLE_NAME, METRIC_FIELDS, best_row
 from convlens.errors import DataError
 
 CONFIG_NAME = "config.yaml"
@@ -51,11 +51,8 @@ class RunInfo:
 
     @property
     def best(self) -> dict[str, Any] | None:
-        """The epoch row with the best validation accuracy (the trainer's rule: ties -> lower loss)."""
-        rows = [r for r in self.history if r.get("val_acc") is not None]
-        if not rows:
-            return None
-        return max(rows, key=lambda r: (r["val_acc"], -(r.get("val_loss") or 0.0)))
+        """The best epoch's row, by the trainer's rule (:func:`run_folder.best_row`)."""
+        return best_row(self.history)
 
     @functools.cached_property
     def summary(self) -> dict[str, Any]:

@@ -76,6 +76,7 @@ from convlens.engine.run_folder import (
     BUNDLE_NAME,
     RunResult,
     finish_run,
+    is_better,
     make_run_dir,
     say,
     write_metrics_csv,
@@ -163,18 +164,6 @@ def _validate(model: torch.nn.Module, loader: Any, prep: Any, dev: runtime.Devic
     if reduce is not None:
         loss_sum, correct, n = reduce([loss_sum, correct, n])
     return (loss_sum / n, correct / n) if n else (None, None)
-
-
-def _is_better(row: dict[str, Any], best: dict[str, Any]) -> bool:
-    """Higher validation accuracy wins; equal accuracy, lower validation loss. No validation set:
-    lower training loss."""
-    if best.get("epoch") is None:
-        return True
-    if row["val_acc"] is None:
-        return row["train_loss"] < best["train_loss"]
-    if row["val_acc"] != best["val_acc"]:
-        return row["val_acc"] > best["val_acc"]
-    return row["val_loss"] < best["val_loss"]
 
 
 # ----------------------------------------------------------------------------- train
@@ -554,7 +543,7 @@ class Trainer:
         cfg = self.cfg
         self.history.append(row)
         tensorboard.log_epoch(self.tb, row)
-        improved = validated and _is_better(row, self.best)
+        improved = validated and is_better(row, self.best)
         if improved:
             self.best.update(epoch=row["epoch"], val_acc=row["val_acc"], val_loss=row["val_loss"],
                              train_loss=row["train_loss"], bad_epochs=0)
