@@ -360,11 +360,10 @@ class Trainer:
     def fit(self, on_step: Callable[[int, int], None] | None = None) -> RunResult:
         """Train the remaining epochs, then evaluate the best weights and write the bundle."""
         cfg, dev = self.cfg, self.dev
-        precision = str(dev.amp_dtype).replace("torch.", "") if dev.amp_dtype else "fp32"
         if self.start_epoch < cfg.epochs:
             say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
                                f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
-                               f"{dev.device} {precision}, {self.threads} threads"
+                               f"{dev.device} {dev.precision}, {self.threads} threads"
                                + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
         say(self.console, f"run folder: {self.run_dir}")
         stopped_early = False
