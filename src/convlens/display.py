@@ -75,11 +75,16 @@ def html_cell(v: Any, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, digits: int = 4) -> str:
-    """An HTML table; floats are shown with ``digits`` decimals, everything is escaped."""
-    head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html_cell(v, digits)}</td>"
-                                    for v in r) + "</tr>" for r in rows)
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, digits: int = 4,
+               align: str | None = "left") -> str:
+    """An HTML table; floats are shown with ``digits`` decimals, everything is escaped.
+
+    ``align``: every cell's alignment, inline (notebooks right-align by default); None leaves it to
+    the page's style sheet (the report right-aligns numbers).
+    """
+    style = f" style='text-align:{align}'" if align else ""
+    head = "".join(f"<th{style}>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td{style}>{html_cell(v, digits)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

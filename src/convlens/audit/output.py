@@ -116,12 +116,13 @@ def _item(report: AuditReport, rel: str, caption: str, bad: str = "") -> str:
 
 def render_page(report: AuditReport) -> str:
     """The whole audit as one self-contained HTML page (images embedded, no scripts, no network)."""
-    from convlens.evaluate.report import html_page, html_table
+    from convlens.display import html_table
+    from convlens.evaluate.report import html_page
 
     c = report.counts()
     parts = [html_table(["", ""], [["images audited", len(report.paths)], ["skipped (unusable)", len(report.skipped)],
                                    ["backbone", report.backbone], ["folds", report.params.get("folds")],
-                                   *[[KIND_TEXT[k], v] for k, v in c.items()]])]
+                                   *[[KIND_TEXT[k], v] for k, v in c.items()]], align=None)]
     issues = report.label_issues()
     parts.append(f"<h2>{KIND_TEXT['label'].capitalize()} ({len(issues)})</h2>")
     parts.append("<div class='grid'>" + "".join(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from convlens import __version__
-from convlens.display import html_cell, img_tag
+from convlens.display import html_cell, html_table, img_tag
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
@@ -22,13 +22,6 @@ img{max-width:100%;height:auto}.figs{display:flex;flex-wrap:wrap;gap:1rem;align-
 pre{background:#f4f6f9;padding:.8rem;border-radius:6px;overflow-x:auto;font-size:.85rem}
 .note{color:#8a5a00}
 """
-
-
-def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A table in the report's style (cells escaped; floats to 4 digits)."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def html_page(title: str, body: Sequence[str], subtitle: str = "", css: str = "") -> str:
@@ -53,7 +46,7 @@ def _training_section(figures: dict[str, bytes], history: Sequence[dict[str, Any
     if history:
         keys = [k for k in history[0] if k != "epoch"]
         rows = [[r.get("epoch"), *(r.get(k) for k in keys)] for r in history]
-        parts.append(html_table(["epoch", *keys], rows))
+        parts.append(html_table(["epoch", *keys], rows, align=None))
     return parts
 
 
@@ -68,7 +61,7 @@ def _class_sections(metrics: dict[str, Any]) -> list[str]:
             m = metrics.get(avg) or {}
             if m:
                 rows.append([f"{avg} average", m["precision"], m["recall"], m["f1"], metrics.get("num_samples")])
-        parts.append(html_table(["class", "precision", "recall", "F1", "support"], rows))
+        parts.append(html_table(["class", "precision", "recall", "F1", "support"], rows, align=None))
     if metrics.get("thresholds"):
         classes = metrics.get("classes", ["0", "1"])
         parts.append(f"<h2>Decision threshold (positive class: {html.escape(str(classes[1]))})</h2>")
@@ -76,7 +69,7 @@ def _class_sections(metrics: dict[str, Any]) -> list[str]:
                      f"the threshold (used: {html_cell(metrics.get('threshold'), 2)}).</p>")
         header = ["threshold", "precision", "recall", "F1", "accuracy", "predicted positive"]
         keys = ["threshold", "precision", "recall", "f1", "accuracy", "positives"]
-        parts.append(html_table(header, [[t[k] for k in keys] for t in metrics["thresholds"]]))
+        parts.append(html_table(header, [[t[k] for k in keys] for t in metrics["thresholds"]], align=None))
     return parts
 
 
@@ -129,7 +122,7 @@ def render_report(
 
     if model_info:
         parts.append("<h2>Model</h2>")
-        parts.append(html_table(["", ""], [[k, v] for k, v in model_info.items()]))
+        parts.append(html_table(["", ""], [[k, v] for k, v in model_info.items()], align=None))
     if config_yaml:
         parts.append("<h2>Configuration</h2>")
         parts.append(f"<pre>{html.escape(config_yaml)}</pre>")
