@@ -243,7 +243,7 @@ def note_replaced_options(before: TrainConfig, after: TrainConfig, chosen: Colle
     if replaced and distributed.from_env().is_main:
         flags = ", ".join(f"--{k.replace('_', '-')} {getattr(before, k)}" for k in replaced)
         say(console, f"note: {after.pretrained} brings its own recipe, so {flags} do not apply "
-                     "(fine-tune with --finetune-epochs N; --pretrained none trains from scratch with them)")
+                     "(--finetune-epochs N adds fine-tuning epochs; --pretrained none trains from scratch with them)")
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None,
