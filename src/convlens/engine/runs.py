@@ -226,19 +226,19 @@ def compare_png(runs: list[RunInfo]) -> bytes:
 
 def compare_html(runs: list[RunInfo], png: bytes, diffs: dict[str, list[Any]]) -> str:
     """A self-contained page: the curves, a summary row per run and the configuration differences."""
-    from convlens.display import html_table, img_tag
     from convlens.evaluate.report import html_page
 
-    summary = [[r.name, _cell("date", r.row()["date"]), r.config.get("model"), r.config.get("data"),
-                _cell("best_val_acc", r.row()["best_val_acc"]), _cell("best_epoch", r.row()["best_epoch"]),
-                r.row()["epochs"], _cell("time", r.seconds), r.row()["status"]] for r in runs]
-    parts = ["<h2>Runs</h2>", html_table(["run", "date", "model", "data", "best val acc", "best epoch",
-                                          "epochs", "time", "status"], summary, align=None),
-             "<h2>Curves</h2>", img_tag(png, "loss and accuracy per epoch of every run"),
+    summary = [[r.name, _cell("date", w["date"]), r.config.get("model"), r.config.get("data"),
+                _cell("best_val_acc", w["best_val_acc"]), _cell("best_epoch", w["best_epoch"]),
+                w["epochs"], _cell("time", r.seconds), w["status"]] for r, w in ((r, r.row()) for r in runs)]
+    header = ["run", "date", "model", "data", "best val acc", "best epoch", "epochs", "time", "status"]
+    parts = ["<h2>Runs</h2>", display.html_table(header, summary, align=None),
+             "<h2>Curves</h2>", display.img_tag(png, "loss and accuracy per epoch of every run"),
              "<h2>Configuration differences</h2>"]
     if diffs:
-        parts.append(html_table(["key", *(r.name for r in runs)],
-                                [[k, *(json.dumps(v, default=str) for v in vs)] for k, vs in diffs.items()], align=None))
+        parts.append(display.html_table(["key", *(r.name for r in runs)],
+                                        [[k, *(json.dumps(v, default=str) for v in vs)] for k, vs in diffs.items()],
+                                        align=None))
     else:
         parts.append("<p>The runs have the same configuration.</p>")
     paths = "".join(f"<li>{html.escape(str(r.path))}</li>" for r in runs)
