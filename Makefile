@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/convlens train
 
 test: install-test browser
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
 bench: install
