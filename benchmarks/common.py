@@ -117,9 +117,37 @@ def emit(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+def onednn_times(log: str) -> dict[str, float]:
+    """Milliseconds of oneDNN primitive execution in ``log``, summed by ``kind/propagation``.
+
+    ``log`` is a process's stdout with ``ONEDNN_VERBOSE=1`` (PyTorch and TensorFlow both honour
+    it): one line per primitive run, ``...,exec,cpu,KIND,IMPLEMENTATION,PROPAGATION,...,MS``.
+    Keys look like ``convolution/backward_weights`` or ``pooling/forward_training``.
+    """
+    totals: dict[str, float] = {}
+    for line in log.splitlines():
+        if not line.startswith("onednn_verbose,"):
+            continue
+        parts = line.split(",")
+        if "exec" not in parts:
+            continue
+        i = parts.index("exec")
+        try:
+            ms = float(parts[-1])
+            key = f"{parts[i + 2]}/{parts[i + 4]}"
+        except (ValueError, IndexError):  # a truncated line or another message of the same prefix
+            continue
+        totals[key] = totals.get(key, 0.0) + ms
+    return totals
+
+
 def run_worker(script: str | Path, name: str, args: Sequence[str], timeout: float | None = None,
                env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``python SCRIPT --worker NAME ARGS`` and return its result (or ``{"error": ...}``)."""
+    """Run ``python SCRIPT --worker NAME ARGS`` and return its result (or ``{"error": ...}``).
+
+    With ``ONEDNN_VERBOSE=1`` in ``env`` the result also holds ``"onednn_ms"``
+    (:func:`onednn_times` of the worker's output).
+    """
     cmd = [sys.executable, str(script), "--worker", name, *args]
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
@@ -132,7 +160,10 @@ def run_worker(script: str | Path, name: str, args: Sequence[str], timeout: floa
         return {"error": f"timed out after {timeout} s"}
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            result: dict[str, Any] = json.loads(line[len(RESULT_PREFIX):])
+            if full_env.get("ONEDNN_VERBOSE", "0") not in ("", "0"):
+                result["onednn_ms"] = onednn_times(proc.stdout)
+            return result
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
@@ -159,13 +190,13 @@ def busy_load(n: int, max_seconds: float = 900.0) -> Iterator[None]:
 
 
 def run_idle_and_busy(script: str | Path, name: str, args: Sequence[str], busy: int,
-                      timeout: float | None = None) -> dict[str, Any]:
+                      timeout: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
     """:func:`run_worker` on the idle machine; with ``busy`` > 0 also under that many busy
     loops (the busy run's result under the key ``"busy"``)."""
-    result = run_worker(script, name, args, timeout=timeout)
+    result = run_worker(script, name, args, timeout=timeout, env=env)
     if busy > 0 and "error" not in result:
         with busy_load(busy):
-            result["busy"] = run_worker(script, name, args, timeout=timeout)
+            result["busy"] = run_worker(script, name, args, timeout=timeout, env=env)
     return result
 
 

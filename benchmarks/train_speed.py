@@ -11,6 +11,7 @@ yields). ``--augment`` adds the tutorial's RandomFlip + RandomRotation(0.1) on b
     python benchmarks/train_speed.py                  # 300 px, batch 32, 10 steps x 5 repeats
     python benchmarks/train_speed.py --repeats 1 --image-size 64 --steps 2   # smoke run
     python benchmarks/train_speed.py --busy 1   # also with one core kept busy by another process
+    python benchmarks/train_speed.py --kernels  # also oneDNN kernel time per step (ONEDNN_VERBOSE)
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--augment", action="store_true", help="add RandomFlip + RandomRotation(0.1) on both sides")
     p.add_argument("--profile", metavar="TRACE.json", default=None,
                    help="convlens workers: also write a torch.profiler Chrome trace and print the top ops")
+    p.add_argument("--kernels", action="store_true",
+                   help="run the workers with ONEDNN_VERBOSE=1 and add a table of oneDNN kernel time per step "
+                        "(convolutions, pooling, ...) against the wall time: both frameworks run the same "
+                        "library, so this shows which kernels each spends its step in")
     common.add_busy_argument(p)
     return p.parse_args(argv)
 
@@ -105,6 +110,7 @@ def torch_worker(args: Any, precision: str) -> dict[str, Any]:
         _profile(lambda: steps(min(args.steps, 3)), args.profile)
     precision_used = str(dev.amp_dtype).replace("torch.", "") if dev.amp_dtype else "fp32"
     return {"seconds": seconds, "images": args.steps * args.batch_size, "precision": precision_used,
+            "steps_run": args.warmup_steps + args.repeats * args.steps + (min(args.steps, 3) if args.profile else 0),
             "notes": f"channels_last={cfg.channels_last}, allocator tuned={allocator}, "
                      f"{threads} threads (at the end: {governor.threads})"}
 
@@ -146,6 +152,7 @@ def keras_worker(args: Any, precision: str) -> dict[str, Any]:
     steps(args.warmup_steps)
     seconds = [common.timed(lambda: steps(args.steps)) for _ in range(args.repeats)]
     return {"seconds": seconds, "images": args.steps * args.batch_size,
+            "steps_run": args.warmup_steps + args.repeats * args.steps,
             "precision": "mixed_bfloat16" if precision == "bf16" else "fp32",
             "notes": f"jit_compile={getattr(model, 'jit_compile', '?')}, {common.threads_of(args)} threads"}
 
@@ -164,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if CONTESTANTS[name][0] == "keras" and not common.have("tensorflow"):
             results[name] = {"error": "TensorFlow is not installed: pip install -e '.[bench]'"}
             continue
-        results[name] = common.run_idle_and_busy(__file__, name, forwarded, args.busy)
+        results[name] = common.run_idle_and_busy(__file__, name, forwarded, args.busy,
+                                                 env={"ONEDNN_VERBOSE": "1"} if args.kernels else None)
     rate = {n: r["images"] / common.median(r["seconds"]) for n, r in results.items() if "seconds" in r}
     busy = {n: r["busy"]["images"] / common.median(r["busy"]["seconds"]) for n, r in results.items()
             if "seconds" in r.get("busy", {})}
@@ -200,8 +208,35 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"with {args.busy} busy core(s): convlens {busy['convlens']:.1f} img/s, best Keras "
                      f"{max(keras_busy):.1f} img/s ({busy['convlens'] / max(keras_busy):.2f}x); convlens keeps "
                      f"{100 * busy['convlens'] / rate['convlens']:.0f}% of its idle throughput")
+    if args.kernels:
+        body += "\n\n" + kernel_table(results, args.steps)
+        notes.append("kernel table: oneDNN's own execution times (ONEDNN_VERBOSE) summed over every step the "
+                     "worker ran, warm-up included, divided by that count; a sum above the wall time means "
+                     "the framework ran kernels concurrently (TensorFlow's inter-op threads)")
     print(common.report("Training throughput (benchmark 1)", common.command_line(), body, notes))
     return 0
+
+
+KERNEL_COLUMNS = ("convolution/forward_training", "convolution/backward_data", "convolution/backward_weights",
+                  "pooling/forward_training", "pooling/backward_data")
+
+
+def kernel_table(results: dict[str, dict[str, Any]], steps: int) -> str:
+    """Milliseconds per step in oneDNN kernels, by kind, beside each contestant's wall time per step."""
+    rows = []
+    for name, r in results.items():
+        times = r.get("onednn_ms")
+        if times is None or not r.get("steps_run"):
+            continue
+        per_step = {k: v / r["steps_run"] for k, v in times.items()}
+        wall = 1000 * common.median(r["seconds"]) / steps
+        rest = sum(v for k, v in per_step.items() if k not in KERNEL_COLUMNS)
+        total = sum(per_step.values())
+        rows.append([name, common.fmt(wall), *(common.fmt(per_step.get(k, 0.0)) for k in KERNEL_COLUMNS),
+                     common.fmt(rest), common.fmt(total), f"{total / wall:.2f}"])
+    headers = ["contestant", "wall ms/step", "conv fwd", "conv bwd data", "conv bwd weights", "pool fwd",
+               "pool bwd", "other oneDNN", "oneDNN total", "oneDNN / wall"]
+    return common.table(headers, rows)
 
 
 if __name__ == "__main__":
