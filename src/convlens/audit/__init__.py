@@ -13,6 +13,7 @@ is deleted or rewritten.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,14 @@ class AuditReport:
     skipped: list[Any] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {p: i for i, p in enumerate(self.paths)}
+
+    def class_of(self, path: str) -> str:
+        """The given class of an audited image (``path`` as in :attr:`paths`, relative to the root)."""
+        return self.classes[int(self.labels[self._index[path]])]
 
     def label_issues(self) -> list[dict[str, Any]]:
         """Flagged images, most suspicious first: given class, suggested class and its probability."""

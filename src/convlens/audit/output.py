@@ -78,18 +78,13 @@ def findings_csv(report: AuditReport) -> str:
         w.writerow({"finding": "label", "path": r["path"], "class": r["given"], "new_class": r["suggested"],
                     "score": r["confidence"], "detail": f"rank {r['rank']}"})
     for n, g in enumerate(report.near_duplicates(), 1):
-        for p, cls in zip(g["paths"], _classes_of(report, g["paths"]), strict=True):
-            w.writerow({"finding": "duplicate", "path": p, "class": cls, "new_class": "",
+        for p in g["paths"]:
+            w.writerow({"finding": "duplicate", "path": p, "class": report.class_of(p), "new_class": "",
                         "score": g["similarity"], "detail": f"group {n}"})
     for r in report.outliers():
         w.writerow({"finding": "outlier", "path": r["path"], "class": r["class"], "new_class": "",
                     "score": r["score"], "detail": ""})
     return buf.getvalue()
-
-
-def _classes_of(report: AuditReport, paths: list[str]) -> list[str]:
-    where = {p: i for i, p in enumerate(report.paths)}
-    return [report.classes[int(report.labels[where[p]])] for p in paths]
 
 
 def thumbnail(path: Path, side: int = THUMB) -> str:
@@ -134,8 +129,7 @@ def render_page(report: AuditReport) -> str:
         note = "different classes" if g["label_conflict"] else ("train/validation leak" if g["split_leak"] else "")
         parts.append(f"<div class='group'>similarity {g['similarity']:.3f} <span class='bad'>{note}</span>"
                      "<div class='grid'>" + "".join(
-                         _item(report, p, cls) for p, cls in zip(g["paths"], _classes_of(report, g["paths"]),
-                                                                 strict=True)) + "</div></div>")
+                         _item(report, p, report.class_of(p)) for p in g["paths"]) + "</div></div>")
     outliers = report.outliers()
     parts.append(f"<h2>{KIND_TEXT['outlier'].capitalize()} ({len(outliers)})</h2>")
     parts.append("<div class='grid'>" + "".join(
