@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from convlens.data.groups import linked_groups
 from convlens.errors import DataError
 
 DEFAULT_FOLDS = 5
@@ -120,9 +121,6 @@ def duplicate_groups(unit: np.ndarray, min_similarity: float = DEFAULT_DUPLICATE
                      block: int = 2048) -> tuple[list[list[int]], list[float]]:
     """Groups of images whose features have cosine similarity >= ``min_similarity`` with another
     member (transitively), largest similarity first; and each group's highest similarity."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = len(unit)
     rows, cols, sims = [], [], []
     for start in range(0, n, block):  # blocks keep memory at block x N, not N x N
@@ -133,17 +131,14 @@ def duplicate_groups(unit: np.ndarray, min_similarity: float = DEFAULT_DUPLICATE
         cols.append(j[keep])
         sims.append(s[i[keep], j[keep]])
     r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(sims)
-    if not len(r):
-        return [], []
-    _, comp = connected_components(coo_matrix((np.ones(len(r)), (r, c)), shape=(n, n)), directed=False)
-    best: dict[int, float] = {}
-    for a, sim in zip(r, v, strict=True):
-        best[int(comp[a])] = max(best.get(int(comp[a]), -1.0), float(sim))
-    members: dict[int, list[int]] = {}
-    for idx in np.unique(np.concatenate([r, c])):
-        members.setdefault(int(comp[idx]), []).append(int(idx))
-    order = sorted(members, key=lambda g: (-best[g], members[g][0]))
-    return [sorted(members[g]) for g in order], [best[g] for g in order]
+    groups = linked_groups(n, r, c)
+    group_of = np.full(n, -1)
+    for k, g in enumerate(groups):
+        group_of[g] = k
+    best = np.full(len(groups), -1.0)
+    np.maximum.at(best, group_of[r], v.astype(np.float64))  # each group's highest similarity
+    order = sorted(range(len(groups)), key=lambda k: (-best[k], groups[k][0]))
+    return [groups[k] for k in order], [float(best[k]) for k in order]
 
 
 def outlier_scores(unit: np.ndarray, knn: Any) -> tuple[np.ndarray, np.ndarray]:

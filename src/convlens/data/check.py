@@ -25,6 +25,7 @@ import numpy as np
 
 from convlens import files as cio
 from convlens.data.decode import DEFAULT_MAX_PIXELS, ImageInfo, decode
+from convlens.data.groups import linked_groups
 from convlens.data.parallel import pmap, resolve_workers
 from convlens.data.scan import DatasetIndex, ImageEntry, scan
 from convlens.errors import ConfigError, DataError, ImageError
@@ -262,22 +263,13 @@ def _near_duplicate_groups(records: list[FileRecord], max_bits: int = NEAR_DUPLI
     rs = [r for r in records if r.usable and r.phash]
     if len(rs) < 2:
         return []
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     h = np.array([int(r.phash, 16) for r in rs], dtype=np.uint64)
     # vectorised over j: 25k images take seconds, not hours
     near = [i + 1 + np.nonzero(np.bitwise_count(h[i] ^ h[i + 1:]) <= max_bits)[0]
             for i in range(len(rs) - 1)]
     rows = np.repeat(np.arange(len(near)), [len(j) for j in near])
-    cols = np.concatenate(near)
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(rs), len(rs)))
-    _, comp = connected_components(graph, directed=False)
-    groups: dict[int, list[FileRecord]] = defaultdict(list)
-    for c, r in zip(comp, rs, strict=True):
-        groups[int(c)].append(r)
-    return sorted(([r.rel for r in g] for g in groups.values()
-                   if len(g) > 1 and len({r.sha256 for r in g}) > 1), key=lambda g: g[0])
+    groups = [[rs[i] for i in g] for g in linked_groups(len(rs), rows, np.concatenate(near))]
+    return sorted(([r.rel for r in g] for g in groups if len({r.sha256 for r in g}) > 1), key=lambda g: g[0])
 
 
 def _check_args(workers: int, max_pixels: int, min_side: int) -> None:
