@@ -59,6 +59,7 @@ class TrainConfig:
     pretrained: str = field(default="auto", metadata={"help": "auto | none | efficientnet_lite0|1|2 | a weight file (.pth/.safetensors)"})
     arch: str | None = field(default=None, metadata={"help": "architecture of a --pretrained weight file when it cannot be inferred"})
     finetune_epochs: int = field(default=0, metadata={"help": "after fitting the head on frozen features, fine-tune the last blocks for N epochs"})
+    finetune_lr: float = field(default=1e-4, metadata={"help": "fine-tuning's learning rate (AdamW, cosine; ~1/50 of a from-scratch one)"})
     head_flip: bool = field(default=False, metadata={"help": "also fit the pretrained head on mirrored images' features"})
     # --- input scaling (stored in the bundle: training and prediction always agree) ---
     scale: float = field(default=1 / 255, metadata={"help": "pixel scale: 1/255 maps 0-255 to 0-1; 1.0 keeps 0-255 (tutorial)"})
@@ -325,6 +326,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         ("patience", cfg.patience >= 0, ">= 0"),
         ("warmup_epochs", cfg.warmup_epochs >= 0, ">= 0"),
         ("finetune_epochs", cfg.finetune_epochs >= 0, ">= 0"),
+        ("finetune_lr", cfg.finetune_lr > 0, "> 0"),
         ("crop_margin", 0 <= cfg.crop_margin <= 1, "in [0, 1]"),
         ("val_every", cfg.val_every >= 1, ">= 1"),
         ("progressive", 0 <= cfg.progressive < 1, "in [0, 1)"),

@@ -25,6 +25,7 @@ from convlens.engine import distributed, transfer
 from convlens.engine import features as feats
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.trainer import TrainingInterrupted
+from convlens.errors import ConfigError
 from convlens.models import create
 from tests.engine.helpers import assert_same_run, csv_rows, ddp_env, make_dataset, quiet
 
@@ -297,3 +298,22 @@ def test_folder_features_cache_by_file_content(tmp_path: Path, lite0_file: Path,
     assert not np.array_equal(third.features[third.paths.index("class_0/img_001.png")], first.features[i])
     flipped = feats.folder_features(data, str(lite0_file), cache_dir=tmp_path / "cache", flip=True)
     assert calls == [1, 8] and flipped.features.shape == (9, 1280)  # 8 distinct contents
+
+
+def test_finetune_lr_is_the_fine_tuning_learning_rate(tmp_path: Path, lite0_file: Path) -> None:
+    """--finetune-lr reaches the optimiser's configuration; --lr (from scratch) does not."""
+    data = make_dataset(tmp_path / "data", per_class=2, size=40)
+    cfg, _ = transfer.backbone_config(_cfg(data, tmp_path, pretrained=str(lite0_file), lr=0.05, finetune_lr=3e-4))
+    assert (cfg.optimizer, cfg.lr, cfg.finetune_lr) == ("adamw", 3e-4, 3e-4)
+    with pytest.raises(ConfigError, match=r"finetune_lr must be > 0. Received: finetune_lr=0.0"):
+        _cfg(data, tmp_path, pretrained=str(lite0_file), finetune_lr=0.0)
+
+
+def test_finetune_lr_without_finetune_epochs_is_named(tmp_path: Path, lite0_file: Path) -> None:
+    data = make_dataset(tmp_path / "data", per_class=2, size=40)
+    before = _cfg(data, tmp_path, pretrained=str(lite0_file), finetune_lr=3e-4)
+    for epochs, said in ((0, True), (2, False)):
+        console = quiet()
+        cfg = replace(before, finetune_epochs=epochs)
+        transfer.note_replaced_options(cfg, transfer.backbone_config(cfg)[0], {"finetune_lr"}, console)
+        assert ("--finetune-lr 0.0003 do not apply" in console.file.getvalue()) is said

@@ -12,7 +12,7 @@ trainer (:class:`convlens.engine.trainer.Trainer`) with the backbone's parts:
    features, with the run's class weights and label smoothing, and write it into the model:
    epoch 1 of the run, checkpointed like any epoch;
 4. optionally fine-tune the last units for ``finetune_epochs`` in the trainer's loop (AdamW at
-   :data:`FINETUNE_LR`, cosine, batch-norm statistics frozen): checkpoints, Ctrl-C, ``--resume``
+   ``finetune_lr``, cosine, batch-norm statistics frozen): checkpoints, Ctrl-C, ``--resume``
    and DDP (``--nproc``: rank 0 fits the head, every rank takes its weights) as from scratch;
 5. the usual evaluation, report and bundle (:func:`convlens.engine.run_folder.finish_run`).
 """
@@ -44,7 +44,6 @@ from convlens.models.pretrained import load_backbone
 
 HEAD_L2 = 1.0  # L2 on the standardised head weights: best or tied on both datasets (docs/benchmarks.md)
 HEAD_MAX_ITER = 100
-FINETUNE_LR = 1e-4  # AdamW, cosine: ~1/50 of a from-scratch learning rate
 SAMPLE_IMAGES = 24  # images decoded to decide whether a dataset is photos
 
 
@@ -118,14 +117,14 @@ def backbone_config(cfg: TrainConfig) -> tuple[TrainConfig, Backbone]:
     """The backbone of ``cfg.pretrained`` and the configuration that trains it (recorded in the run).
 
     Its preprocessing; epochs = the head fit + ``finetune_epochs``; the fine-tuning recipe (AdamW
-    at :data:`FINETUNE_LR`, cosine, validated every epoch); no crop margin, flip averaging,
+    at ``finetune_lr``, cosine, validated every epoch); no crop margin, flip averaging,
     progressive resizing, mixup, EMA or time budget (the from-scratch recipe's).
     """
     backbone = load_pretrained(cfg.pretrained, 2, cfg.arch, cfg.max_pixels)
     p = backbone.preprocessing
     return replace(cfg, arch=backbone.source.arch, model=backbone.source.arch, image_size=p.size[0], resize=p.resize,
                    scale=p.scale, mean=list(p.mean), std=list(p.std), channels=3, crop_margin=0.0,
-                   flip_average=False, epochs=1 + cfg.finetune_epochs, optimizer="adamw", lr=FINETUNE_LR,
+                   flip_average=False, epochs=1 + cfg.finetune_epochs, optimizer="adamw", lr=cfg.finetune_lr,
                    schedule="cosine", warmup_epochs=0.0, val_every=1, progressive=0.0, mixup=0.0, ema=False,
                    time=None), backbone
 
@@ -239,11 +238,12 @@ def note_replaced_options(before: TrainConfig, after: TrainConfig, chosen: Colle
     """Say which chosen options the pretrained recipe (:func:`backbone_config`) replaced, once:
     a flag that silently did nothing would mislead."""
     replaced = [k for k in sorted(chosen) if k not in ("data", "pretrained", "arch") and hasattr(before, k)
-                and getattr(before, k) != getattr(after, k)]
+                and (getattr(before, k) != getattr(after, k) or (k == "finetune_lr" and not after.finetune_epochs))]
     if replaced and distributed.from_env().is_main:
         flags = ", ".join(f"--{k.replace('_', '-')} {getattr(before, k)}" for k in replaced)
         say(console, f"note: {after.pretrained} brings its own recipe, so {flags} do not apply "
-                     "(--finetune-epochs N adds fine-tuning epochs; --pretrained none trains from scratch with them)")
+                     "(--finetune-epochs N adds fine-tuning epochs at --finetune-lr; --pretrained none trains from "
+                     "scratch with them)")
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None,
