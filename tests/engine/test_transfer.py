@@ -317,3 +317,16 @@ def test_finetune_lr_without_finetune_epochs_is_named(tmp_path: Path, lite0_file
         cfg = replace(before, finetune_epochs=epochs)
         transfer.note_replaced_options(cfg, transfer.backbone_config(cfg)[0], {"finetune_lr"}, console)
         assert ("--finetune-lr 0.0003 do not apply" in console.file.getvalue()) is said
+
+
+def test_backbone_options_in_a_from_scratch_run_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--finetune-epochs with a from-scratch preset does nothing, and the run says so once."""
+    data = make_dataset(tmp_path / "data", per_class=4, size=16)
+    common = [str(data), "--preset", "quick", "--epochs", "1", "--image-size", "16", "--batch-size", "4",
+              "--workers", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+              "--project", str(tmp_path / "runs")]
+    assert main(["train", *common, "--finetune-epochs", "2", "--head-flip"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "pretrained backbones only" in line]
+    assert len(notes) == 1 and "--finetune-epochs, --head-flip" in notes[0] and "--finetune-lr" not in notes[0]
+    assert main(["train", *common]) == 0
+    assert "pretrained backbones only" not in capsys.readouterr().out

@@ -45,6 +45,7 @@ from convlens.models.pretrained import load_backbone
 HEAD_L2 = 1.0  # L2 on the standardised head weights: best or tied on both datasets (docs/benchmarks.md)
 HEAD_MAX_ITER = 100
 SAMPLE_IMAGES = 24  # images decoded to decide whether a dataset is photos
+BACKBONE_ONLY = ("arch", "finetune_epochs", "finetune_lr", "head_flip")  # options only a pretrained run uses
 
 
 # ----------------------------------------------------------------------------- choice
@@ -246,6 +247,15 @@ def note_replaced_options(before: TrainConfig, after: TrainConfig, chosen: Colle
                      "scratch with them)")
 
 
+def note_unused_backbone_options(chosen: Collection[str], console: Console) -> None:
+    """A from-scratch run says, once, which chosen options only a pretrained backbone uses."""
+    unused = [k for k in BACKBONE_ONLY if k in chosen]
+    if unused and distributed.from_env().is_main:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)
+        say(console, f"note: this run trains from scratch, so {flags} (pretrained backbones only) do not apply; "
+                     "--pretrained efficientnet_lite0 uses them")
+
+
 def train(cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None,
           chosen: Collection[str] = (), on_step: Any = None) -> RunResult:
     """Train from ``cfg``: pretrained (``cfg.pretrained``; auto resolved here) or from scratch.
@@ -257,6 +267,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, console: Console |
     if resume is None:
         cfg = resolve_pretrained(cfg, "model" in chosen)
     if cfg.pretrained in ("none", "auto"):  # a run records its choice: "auto" only in from-scratch runs
+        if resume is None:
+            note_unused_backbone_options(chosen, console or Console())
         return train_from_scratch(cfg, resume=resume, console=console, on_step=on_step)
     before, (cfg, backbone) = cfg, backbone_config(cfg)
     if resume is None:
