@@ -49,10 +49,18 @@ class BundleMeta:
     # The model's answer is the average of the logits of the image and its mirror (the training
     # report measured it so); load_model wraps the model accordingly (convlens.models.tta).
     flip_average: bool = False
+    # What ``precision="auto"`` means for this model: "auto" (bf16 where the hardware has it) or
+    # "fp32" when training measured bf16 moving its probabilities too far
+    # (convlens.evaluate.bf16_agreement). An explicit bf16/fp32 request still wins.
+    precision: str = "auto"
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def inference_precision(self, requested: str = "auto") -> str:
+        """``requested`` (auto, bf16 or fp32), with ``auto`` narrowed to what training measured."""
+        return self.precision if str(requested).lower() == "auto" else requested
 
     def to_json(self) -> dict[str, Any]:
         """``model.json``: the format marker, then every field in declaration order."""
@@ -79,9 +87,16 @@ class BundleMeta:
                 weights_sha256=str(d.get("weights_sha256", "")),
                 created=str(d.get("created", "")),
                 flip_average=bool(d.get("flip_average", False)),
+                precision=_precision(d.get("precision", "auto")),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where} has an invalid model.json ({e}); re-export the bundle") from e
+
+
+def _precision(value: Any) -> str:
+    if value not in ("auto", "fp32"):
+        raise ValueError(f"precision must be auto or fp32, not {value!r}")
+    return str(value)
 
 
 def save_bundle(

@@ -338,7 +338,8 @@ def _check_positive(**values: int) -> None:
 def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "auto") -> Classifier:
     """Load a model bundle (``.convlens``, or a folder holding ``model.convlens``) or an ONNX file.
 
-    ``precision``: ``auto`` (bf16 where the hardware has it natively), ``bf16`` or ``fp32``;
+    ``precision``: ``auto`` (bf16 where the hardware has it natively, unless training measured
+    bf16 moving this model's probabilities too far: then fp32), ``bf16`` or ``fp32``;
     ONNX models run in fp32.
     """
     from convlens.runtime import check_inference_precision
@@ -357,7 +358,7 @@ def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "a
     from convlens.bundle import load_model
 
     model, meta = load_model(p, device="cpu")
-    return Classifier(meta, TorchBackend(model, device, precision))
+    return Classifier(meta, TorchBackend(model, device, meta.inference_precision(precision)))
 
 
 # ----------------------------------------------------------------------------- command

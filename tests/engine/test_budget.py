@@ -35,6 +35,9 @@ def test_plan_fits_the_budget_with_the_final_evaluation() -> None:
     assert epoch_s == pytest.approx(32 * 0.2 + 16 * 0.05 + budget.EPOCH_OVERHEAD_S)
     finish_s = budget.finish_seconds(speed, val_batches=16, views=2)
     assert finish_s == pytest.approx(2 * 16 * 0.05 + budget.FINISH_OVERHEAD_S)
+    # The bf16 check before the evaluation: a bf16 and an fp32 pass over 4 batches, per view.
+    checked = budget.finish_seconds(speed, val_batches=16, views=2, check_batches=4)
+    assert checked == pytest.approx(finish_s + 2 * 3 * 4 * 0.05)
     spent = 10.0
     epochs = budget.plan_epochs(240.0, spent, epoch_s, finish_s)
     # The largest number of epochs whose estimate stays within the (safety-reduced) budget.

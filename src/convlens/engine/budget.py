@@ -63,9 +63,11 @@ def epoch_seconds(speed: Speed, steps_per_epoch: int, val_batches: int) -> float
     return steps_per_epoch * speed.step_s + val_batches * speed.val_batch_s + EPOCH_OVERHEAD_S
 
 
-def finish_seconds(speed: Speed, val_batches: int, views: int) -> float:
-    """Expected seconds of the final evaluation (``views`` = 2 with flip averaging) and writing."""
-    return views * val_batches * speed.val_batch_s + FINISH_OVERHEAD_S
+def finish_seconds(speed: Speed, val_batches: int, views: int, check_batches: int = 0) -> float:
+    """Expected seconds of the final evaluation (``views`` = 2 with flip averaging) and writing;
+    ``check_batches``: batches of the bf16-against-fp32 check before it (one bf16 pass and one
+    fp32 pass, counted as three bf16 passes)."""
+    return views * (val_batches + 3 * check_batches) * speed.val_batch_s + FINISH_OVERHEAD_S
 
 
 def plan_epochs(budget_s: float, spent_s: float, epoch_s: float, finish_s: float,

@@ -104,7 +104,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     import torch
 
     from convlens.bundle import BundleMeta, save_bundle
-    from convlens.evaluate import evaluate
+    from convlens.evaluate import agreement_note, bf16_agreement, evaluate
     from convlens.models.tta import flip_averaged
 
     config_yaml = dump_yaml(cfg)
@@ -118,12 +118,17 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     metrics: dict[str, Any] = {}
     summary = {"best_epoch": best.get("epoch"), "epochs_trained": len(history),
                "train_loss": history[-1]["train_loss"] if history else None}
+    agreement = bf16_agreement(model, meta, prepared.val.images, device, cfg.batch_size) if has_val else None
+    if agreement is not None:  # what precision="auto" means for this model, from here on
+        meta.precision = agreement["precision"]
+        summary["bf16_agreement"] = agreement
     if has_val:
         metrics = evaluate(model, meta, prepared.val, out_dir=run_dir, device=device,
                            batch_size=cfg.batch_size, history=history, curves=curves, config_yaml=config_yaml,
                            title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}"
                            + (f"; time budget {cfg.time}: {cfg.epochs} epochs" if plan is not None else ""),
-                           console=console)
+                           console=console,
+                           notes=[agreement_note(agreement)] if agreement is not None else [])
         summary.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"],
                        val_macro_f1=metrics["macro"]["f1"], val_roc_auc=metrics.get("roc_auc"))
     else:

@@ -82,6 +82,7 @@ from convlens.engine.run_folder import (
     write_metrics_csv,
 )
 from convlens.errors import ConfigError
+from convlens.evaluate import BF16_CHECK_IMAGES
 from convlens.files import write_bytes, write_json, write_text
 
 # The embedded digits are 8x8: train them small, never mirrored (a mirrored 2 is not a 2) and
@@ -438,7 +439,9 @@ class Trainer:
             small = budget.measure_speed(self.model, self.optimizer, step_at(progressive_side(cfg.image_size)),
                                          self.train_loader, validate, None)
             small_s = epoch_s - self.steps_per_epoch * (speed.step_s - small.step_s)
-        finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1)
+        checked = min(self.n_val, BF16_CHECK_IMAGES) if dev.amp_dtype is not None else 0  # finish_run's check
+        finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1,
+                                         math.ceil(checked / cfg.batch_size))
         limit = parse_duration(cfg.time)
         spent = time.perf_counter() - self.t0
         times = (epoch_s, finish_s, spent, small_s, cfg.progressive)
