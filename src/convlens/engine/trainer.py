@@ -439,7 +439,8 @@ class Trainer:
             small = budget.measure_speed(self.model, self.optimizer, step_at(progressive_side(cfg.image_size)),
                                          self.train_loader, validate, None)
             small_s = epoch_s - self.steps_per_epoch * (speed.step_s - small.step_s)
-        checked = min(self.n_val, BF16_CHECK_IMAGES) if dev.amp_dtype is not None else 0  # finish_run's check
+        bf16 = dev.amp_dtype == torch.bfloat16  # finish_run's bf16 check runs then (evaluate.bf16_agreement)
+        checked = min(self.n_val, BF16_CHECK_IMAGES) if bf16 else 0
         finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1,
                                          math.ceil(checked / cfg.batch_size))
         limit = parse_duration(cfg.time)

@@ -135,11 +135,13 @@ def predict_probabilities(model: torch.nn.Module, meta: BundleMeta, images: Any,
 def bf16_agreement(model: torch.nn.Module, meta: BundleMeta, images: Any, device: str = "cpu",
                    batch_size: int = 64, limit: int = BF16_CHECK_IMAGES) -> dict[str, Any] | None:
     """How far bf16 moves ``model``'s probabilities from fp32 on up to ``limit`` of ``images``
-    (evenly spaced), and the precision ``auto`` should mean for it; None where ``auto`` is fp32
-    on ``device`` anyway (no native bf16) or there are no images."""
+    (evenly spaced), and the precision ``auto`` should mean for it; None where ``auto`` is not
+    bf16 on ``device`` (fp32 without native bf16, fp16 on older CUDA GPUs) or there are no images."""
+    import torch
+
     from convlens import runtime
 
-    if runtime.inference_device(device, "auto").amp_dtype is None or not len(images):
+    if runtime.inference_device(device, "auto").amp_dtype != torch.bfloat16 or not len(images):
         return None
     index = np.unique(np.linspace(0, len(images) - 1, min(limit, len(images))).round().astype(np.int64))
     sample = np.stack([np.asarray(images[int(i)]) for i in index])
