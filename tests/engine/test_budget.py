@@ -121,3 +121,45 @@ def test_measure_speed_leaves_the_model_untouched(name: str) -> None:
     assert speed.step_s > 0 and speed.val_batch_s > 0
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not opt.state  # the run's optimiser never stepped
+
+
+def test_replan_scales_the_plan_to_the_first_epoch() -> None:
+    plan = budget.Plan(budget_s=300.0, epochs=20, epoch_s=10.0, finish_s=5.0, spent_before_s=10.0,
+                       estimate_s=215.0, first_train_s=9.0)
+    assert budget.replan(plan, 9.0 * (1 + budget.REPLAN_TOLERANCE / 2)) is None  # close enough: kept
+    slower, faster = budget.replan(plan, 18.0), budget.replan(plan, 4.5)
+    assert slower is not None and faster is not None
+    assert slower.first_epoch_ratio == pytest.approx(2.0) and slower.epoch_s == pytest.approx(20.0)
+    assert slower.epochs < plan.epochs < faster.epochs and slower.planned_epochs == faster.planned_epochs == 20
+    for new in (slower, faster):  # the largest number of epochs that fits, at the measured speed
+        assert new.estimate_s == pytest.approx(budget.estimate_seconds(new.epochs, new.epoch_s, 5.0, 10.0))
+        assert new.estimate_s <= 300.0 * budget.SAFETY
+        assert budget.estimate_seconds(new.epochs + 1, new.epoch_s, 5.0, 10.0) > 300.0 * budget.SAFETY
+    # Progressive resizing: the smaller epochs scale too.
+    small = budget.replan(budget.Plan(budget_s=300.0, epochs=20, epoch_s=10.0, finish_s=5.0, spent_before_s=10.0,
+                                      estimate_s=200.0, small_epoch_s=6.0, first_train_s=5.0), 10.0, 0.25)
+    assert small is not None and small.small_epoch_s == pytest.approx(12.0)
+    assert budget.replan(budget.Plan(300.0, 20, 10.0, 5.0, 10.0, 215.0), 18.0) is None  # no estimate: kept
+
+
+def test_a_pessimistic_probe_is_corrected_after_the_first_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe thinks steps take 3x longer than they do: the plan after the first epoch uses the budget."""
+    measure = budget.measure_speed
+
+    def pessimistic(*args: object, **kwargs: object) -> budget.Speed:
+        speed = measure(*args, **kwargs)
+        return budget.Speed(step_s=3 * speed.step_s, val_batch_s=3 * speed.val_batch_s)
+
+    monkeypatch.setattr(budget, "measure_speed", pessimistic)
+    data = make_dataset(tmp_path / "ds", classes=2, per_class=12)
+    cfg = tiny_config(data, tmp_path, time="15s", epochs=1000, optimizer="sgd", lr=0.1, schedule="onecycle")
+    out = quiet()
+    result = train(cfg, console=out)
+    plan = json.loads((result.run_dir / "budget.json").read_text())
+    rows = csv_rows(result.run_dir / "metrics.csv")
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert plan["first_epoch_ratio"] < 1 - budget.REPLAN_TOLERANCE and plan["epochs"] > plan["planned_epochs"]
+    assert saved["epochs"] == plan["epochs"] == len(rows)
+    assert f"{plan['epochs']} epochs instead of {plan['planned_epochs']}" in out.file.getvalue()
+    # The schedule was rebuilt for the new total: it still ends at its final learning rate.
+    assert float(rows[-1]["lr"]) == pytest.approx(0.1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV), rel=1e-6)

@@ -4,8 +4,10 @@ The learning-rate schedule (warm-up, then decay to its end) is a function of the
 of steps, so the epochs must be known before training starts: the trainer measures the speed
 of a few real training steps and validation batches on a throw-away copy of the model
 (:func:`measure_speed`), and :func:`plan_epochs` fits the epochs, each followed by its
-validation, plus the final evaluation into what is left of the budget. Without a budget,
-:func:`estimate_seconds` gives the expected duration so long runs can say so up front.
+validation, plus the final evaluation into what is left of the budget. A few probe steps can be
+10% off, so after the first real epoch :func:`replan` refits the plan to its measured speed (the
+trainer rebuilds the schedule for the new total). Without a budget, :func:`estimate_seconds`
+gives the expected duration so long runs can say so up front.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from convlens.engine.optim import progressive_epochs
@@ -31,6 +33,9 @@ EPOCH_OVERHEAD_S = 0.3
 SAFETY = 0.97
 # Print the estimate when a run without --time is expected to take longer than this.
 LONG_RUN_S = 600.0
+# After the first epoch the plan is refitted when that epoch's training took more than this
+# share more or less than the probe predicted (a few probe steps can be off by 10%).
+REPLAN_TOLERANCE = 0.05
 
 
 @dataclass
@@ -53,6 +58,9 @@ class Plan:
     estimate_s: float
     used_s: float | None = None
     small_epoch_s: float | None = None  # with progressive resizing: an epoch at the smaller size
+    first_train_s: float | None = None  # the probe's estimate of the first epoch's training steps
+    first_epoch_ratio: float | None = None  # measured / estimated, when the plan was refitted
+    planned_epochs: int | None = None  # the epochs before the refit
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -82,6 +90,21 @@ def plan_epochs(budget_s: float, spent_s: float, epoch_s: float, finish_s: float
     while epochs > 1 and estimate_seconds(epochs, epoch_s, finish_s, spent_s, small_epoch_s, progressive) > limit:
         epochs -= 1
     return epochs
+
+
+def replan(plan: Plan, first_train_s: float, progressive: float = 0.0) -> Plan | None:
+    """The plan refitted to the first epoch's measured training time, or None when it is within
+    :data:`REPLAN_TOLERANCE` of the estimate: every estimate scales by measured / estimated."""
+    if not plan.first_train_s or first_train_s <= 0:
+        return None
+    ratio = first_train_s / plan.first_train_s
+    if abs(ratio - 1.0) <= REPLAN_TOLERANCE:
+        return None
+    small = plan.small_epoch_s * ratio if plan.small_epoch_s is not None else None
+    times = (plan.epoch_s * ratio, plan.finish_s, plan.spent_before_s, small, progressive)
+    epochs = plan_epochs(plan.budget_s, plan.spent_before_s, times[0], plan.finish_s, small, progressive)
+    return replace(plan, epochs=epochs, epoch_s=times[0], small_epoch_s=small, first_epoch_ratio=ratio,
+                   estimate_s=estimate_seconds(epochs, *times), planned_epochs=plan.epochs)
 
 
 def estimate_seconds(epochs: int, epoch_s: float, finish_s: float, spent_s: float = 0.0,

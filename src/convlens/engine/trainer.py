@@ -375,7 +375,8 @@ class Trainer:
         # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
         # resumes from the last epoch's checkpoint.
         with _StopOnSigint(enabled=not self.dist.enabled) as stop:
-            for epoch in range(self.start_epoch, cfg.epochs):
+            epoch = self.start_epoch
+            while epoch < self.cfg.epochs:  # --time may refit the epochs after the first (_replan)
                 self._train_epoch(epoch, stop, on_step)
                 stopped_early = self._end_epoch(epoch)
                 if stop.requested:
@@ -384,7 +385,9 @@ class Trainer:
                     say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
                                        f"(best epoch {self.best['epoch']})")
                     break
+                epoch += 1
         tensorboard.close(self.tb)
+        cfg = self.cfg
 
         self.dist.barrier()  # every rank has trained; rank 0 alone evaluates and writes
         if not self.dist.is_main:
@@ -434,11 +437,11 @@ class Trainer:
                                      self.val_loader)
         val_batches = len(self.val_loader) if self.val_loader is not None else 0
         epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches / cfg.val_every)
-        small_s = None  # progressive resizing: its epochs at the smaller size cost less (measured too)
+        small_s = small_step_s = None  # progressive resizing: its epochs at the smaller size cost less (measured)
         if cfg.progressive > 0:
-            small = budget.measure_speed(self.model, self.optimizer, step_at(progressive_side(cfg.image_size)),
-                                         self.train_loader, validate, None)
-            small_s = epoch_s - self.steps_per_epoch * (speed.step_s - small.step_s)
+            small_step_s = budget.measure_speed(self.model, self.optimizer, step_at(progressive_side(cfg.image_size)),
+                                                self.train_loader, validate, None).step_s
+            small_s = epoch_s - self.steps_per_epoch * (speed.step_s - small_step_s)
         bf16 = dev.amp_dtype == torch.bfloat16  # finish_run's bf16 check runs then (evaluate.bf16_agreement)
         checked = min(self.n_val, BF16_CHECK_IMAGES) if bf16 else 0
         finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1,
@@ -447,8 +450,10 @@ class Trainer:
         spent = time.perf_counter() - self.t0
         times = (epoch_s, finish_s, spent, small_s, cfg.progressive)
         epochs = self.dist.broadcast(budget.plan_epochs(limit, spent, epoch_s, finish_s, small_s, cfg.progressive))
+        first_small = small_step_s is not None and progressive_size(cfg.image_size, cfg.progressive, 0, epochs) is not None
         plan = budget.Plan(budget_s=limit, epochs=epochs, epoch_s=epoch_s, finish_s=finish_s, spent_before_s=spent,
-                           estimate_s=budget.estimate_seconds(epochs, *times), small_epoch_s=small_s)
+                           estimate_s=budget.estimate_seconds(epochs, *times), small_epoch_s=small_s,
+                           first_train_s=self.steps_per_epoch * (small_step_s if first_small else speed.step_s))
         self.cfg = replace(cfg, epochs=epochs)
         self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch, epochs)
         if self.dist.is_main:
@@ -456,6 +461,23 @@ class Trainer:
         say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "
                            f"(estimated {budget.format_seconds(plan.estimate_s)} in all)")
         return plan
+
+    def _replan(self, first_train_s: float) -> None:
+        """``--time``: refit the epochs to the first epoch's measured speed (the plan came from a few
+        probe steps), rebuild the schedule for the new total at the step reached, and say so."""
+        plan = self.plan
+        new = None if plan is None else self.dist.broadcast(budget.replan(plan, first_train_s, self.cfg.progressive))
+        if new is None or new.epochs == self.cfg.epochs:
+            return
+        self.plan, self.cfg = new, replace(self.cfg, epochs=new.epochs)
+        self.scheduler = create_scheduler(self.optimizer, self.cfg, self.steps_per_epoch, new.epochs)
+        self.scheduler.last_epoch = self.steps_per_epoch - 1  # one epoch of steps done: its next value
+        self.scheduler.step()
+        if self.dist.is_main:
+            write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+        say(self.console, f"time budget: the first epoch took {new.first_epoch_ratio:.2f}x the estimate, so "
+                           f"{new.epochs} epochs instead of {new.planned_epochs} "
+                           f"(estimated {budget.format_seconds(new.estimate_s)} in all)")
 
     def _train_epoch(self, epoch: int, stop: _StopOnSigint, on_step: Callable[[int, int], None] | None) -> None:
         cfg = self.cfg
@@ -513,6 +535,8 @@ class Trainer:
 
     def _end_epoch(self, epoch: int) -> bool:
         """Validate, record, checkpoint and print one epoch; True when early stopping triggers."""
+        if epoch == 0 and self.plan is not None:  # a planned run (never a resumed one)
+            self._replan(self.partial["seconds"])
         cfg = self.cfg
         p = self.dist.sum_values(self.partial, ("loss_sum", "correct", "seen"))  # over all ranks
         t_validate = time.perf_counter()
