@@ -106,3 +106,18 @@ def test_a_training_run_measures_records_and_reports_it(tmp_path: Path) -> None:
     check = meta.metrics["bf16_agreement"]
     assert check["images"] > 0 and meta.precision == check["precision"]
     assert "bf16 against fp32 on" in (result.run_dir / "report.html").read_text()
+
+
+@needs_bf16
+def test_a_run_whose_model_fails_the_check_predicts_in_fp32_and_says_so(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import convlens.evaluate as ev
+
+    monkeypatch.setattr(ev, "BF16_MAX_PROB_DIFF", 0.0)  # no bf16 difference is small enough
+    data = make_dataset(tmp_path / "ds", classes=2, per_class=12)
+    out = quiet()
+    result = train(tiny_config(data, tmp_path), console=out)
+    _, meta = load_model(result.bundle_path)
+    assert meta.precision == "fp32" and meta.metrics["bf16_agreement"]["precision"] == "fp32"
+    assert "so it predicts in fp32" in out.file.getvalue()
+    assert convlens.load(result.bundle_path, device="cpu").backend.precision == "fp32"

@@ -122,6 +122,9 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     if agreement is not None:  # what precision="auto" means for this model, from here on
         meta.precision = agreement["precision"]
         summary["bf16_agreement"] = agreement
+        if meta.precision == "fp32":
+            say(console, f"note: bf16 moved this model's probabilities by up to {agreement['max_prob_diff']:.1e} "
+                         f"on {agreement['images']} validation images, so it predicts in fp32 (exact, slower)")
     if has_val:
         metrics = evaluate(model, meta, prepared.val, out_dir=run_dir, device=device,
                            batch_size=cfg.batch_size, history=history, curves=curves, config_yaml=config_yaml,
