@@ -20,6 +20,7 @@ from convlens.config import (
     PRESETS,
     TrainConfig,
     field_types,
+    flag_of,
     suggest,
 )
 from convlens.errors import UserError
@@ -193,7 +194,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "data":
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_of(f.name)
         help_ = f.metadata.get("help", "")
         default = getattr(defaults, f.name)
         tp = types_[f.name]

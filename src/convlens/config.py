@@ -227,6 +227,11 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key} must be {name}. Received: {key}={value!r}")
 
 
+def flag_of(key: str) -> str:
+    """The ``convlens train`` flag of a configuration key: ``finetune_lr`` -> ``--finetune-lr``."""
+    return "--" + key.replace("_", "-")
+
+
 def chosen_keys(overrides: dict[str, Any], config_file: str | Path | None, preset: str) -> set[str]:
     """The configuration keys someone chose: a flag or keyword, the config file, or the preset
     (the rest are defaults, which the digits demo and a pretrained backbone may replace)."""

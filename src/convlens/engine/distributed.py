@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from convlens.config import flag_of
 from convlens.errors import ConfigError
 from convlens.runtime import usable_cores
 
@@ -313,9 +314,9 @@ def cli_arguments(overrides: dict[str, Any], config_file: str | None = None,
     for key, value in overrides.items():
         if key in ("data", "nproc") or value is None:
             continue
-        flag = "--" + key.replace("_", "-")
+        flag = flag_of(key)
         if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
+            args.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
             args += [flag, *(str(v) for v in value)]
         else:

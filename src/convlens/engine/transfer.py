@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from convlens.config import TrainConfig, auto_backbone, chosen_keys
+from convlens.config import TrainConfig, auto_backbone, chosen_keys, flag_of
 from convlens.data.decode import decode
 from convlens.data.scan import scan
 from convlens.engine import distributed
@@ -241,7 +241,7 @@ def note_replaced_options(before: TrainConfig, after: TrainConfig, chosen: Colle
     replaced = [k for k in sorted(chosen) if k not in ("data", "pretrained", "arch") and hasattr(before, k)
                 and (getattr(before, k) != getattr(after, k) or (k == "finetune_lr" and not after.finetune_epochs))]
     if replaced and distributed.from_env().is_main:
-        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(before, k)}" for k in replaced)
+        flags = ", ".join(f"{flag_of(k)} {getattr(before, k)}" for k in replaced)
         say(console, f"note: {after.pretrained} brings its own recipe, so {flags} do not apply "
                      "(--finetune-epochs N adds fine-tuning epochs at --finetune-lr; --pretrained none trains from "
                      "scratch with them)")
@@ -251,7 +251,7 @@ def note_unused_backbone_options(chosen: Collection[str], console: Console) -> N
     """A from-scratch run says, once, which chosen options only a pretrained backbone uses."""
     unused = [k for k in BACKBONE_ONLY if k in chosen]
     if unused and distributed.from_env().is_main:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)
+        flags = ", ".join(flag_of(k) for k in unused)
         say(console, f"note: this run trains from scratch, so {flags} (pretrained backbones only) do not apply; "
                      "--pretrained efficientnet_lite0 uses them")
 
