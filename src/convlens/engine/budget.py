@@ -100,11 +100,12 @@ def replan(plan: Plan, first_train_s: float, progressive: float = 0.0) -> Plan |
     ratio = first_train_s / plan.first_train_s
     if abs(ratio - 1.0) <= REPLAN_TOLERANCE:
         return None
+    epoch_s = plan.epoch_s * ratio
     small = plan.small_epoch_s * ratio if plan.small_epoch_s is not None else None
-    times = (plan.epoch_s * ratio, plan.finish_s, plan.spent_before_s, small, progressive)
-    epochs = plan_epochs(plan.budget_s, plan.spent_before_s, times[0], plan.finish_s, small, progressive)
-    return replace(plan, epochs=epochs, epoch_s=times[0], small_epoch_s=small, first_epoch_ratio=ratio,
-                   estimate_s=estimate_seconds(epochs, *times), planned_epochs=plan.epochs)
+    epochs = plan_epochs(plan.budget_s, plan.spent_before_s, epoch_s, plan.finish_s, small, progressive)
+    estimate = estimate_seconds(epochs, epoch_s, plan.finish_s, plan.spent_before_s, small, progressive)
+    return replace(plan, epochs=epochs, epoch_s=epoch_s, small_epoch_s=small, first_epoch_ratio=ratio,
+                   estimate_s=estimate, planned_epochs=plan.epochs)
 
 
 def estimate_seconds(epochs: int, epoch_s: float, finish_s: float, spent_s: float = 0.0,

@@ -82,7 +82,7 @@ from convlens.engine.run_folder import (
     write_metrics_csv,
 )
 from convlens.errors import ConfigError
-from convlens.evaluate import BF16_CHECK_IMAGES
+from convlens.evaluate import bf16_check_size
 from convlens.files import write_bytes, write_json, write_text
 
 # The embedded digits are 8x8: train them small, never mirrored (a mirrored 2 is not a 2) and
@@ -442,8 +442,7 @@ class Trainer:
             small_step_s = budget.measure_speed(self.model, self.optimizer, step_at(progressive_side(cfg.image_size)),
                                                 self.train_loader, validate, None).step_s
             small_s = epoch_s - self.steps_per_epoch * (speed.step_s - small_step_s)
-        bf16 = dev.amp_dtype == torch.bfloat16  # finish_run's bf16 check runs then (evaluate.bf16_agreement)
-        checked = min(self.n_val, BF16_CHECK_IMAGES) if bf16 else 0
+        checked = bf16_check_size(self.n_val, dev.device)  # finish_run's bf16 check (evaluate.bf16_agreement)
         finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1,
                                          math.ceil(checked / cfg.batch_size))
         limit = parse_duration(cfg.time)

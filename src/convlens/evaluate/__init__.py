@@ -132,18 +132,24 @@ def predict_probabilities(model: torch.nn.Module, meta: BundleMeta, images: Any,
     return probabilities(logits, meta.output_activation)
 
 
-def bf16_agreement(model: torch.nn.Module, meta: BundleMeta, images: Any, device: str = "cpu",
-                   batch_size: int = 64, limit: int = BF16_CHECK_IMAGES) -> dict[str, Any] | None:
-    """How far bf16 moves ``model``'s probabilities from fp32 on up to ``limit`` of ``images``
-    (evenly spaced), and the precision ``auto`` should mean for it; None where ``auto`` is not
-    bf16 on ``device`` (fp32 without native bf16, fp16 on older CUDA GPUs) or there are no images."""
+def bf16_check_size(n_images: int, device: str = "cpu", limit: int = BF16_CHECK_IMAGES) -> int:
+    """How many of ``n_images`` :func:`bf16_agreement` compares: 0 where ``auto`` is not bf16 on
+    ``device`` (fp32 without native bf16, fp16 on older CUDA GPUs), else up to ``limit``."""
     import torch
 
     from convlens import runtime
 
-    if runtime.inference_device(device, "auto").amp_dtype != torch.bfloat16 or not len(images):
+    return min(n_images, limit) if runtime.inference_device(device, "auto").amp_dtype == torch.bfloat16 else 0
+
+
+def bf16_agreement(model: torch.nn.Module, meta: BundleMeta, images: Any, device: str = "cpu",
+                   batch_size: int = 64, limit: int = BF16_CHECK_IMAGES) -> dict[str, Any] | None:
+    """How far bf16 moves ``model``'s probabilities from fp32 on :func:`bf16_check_size` of
+    ``images`` (evenly spaced), and the precision ``auto`` should mean for it; None when that is 0."""
+    size = bf16_check_size(len(images), device, limit)
+    if not size:
         return None
-    index = np.unique(np.linspace(0, len(images) - 1, min(limit, len(images))).round().astype(np.int64))
+    index = np.unique(np.linspace(0, len(images) - 1, size).round().astype(np.int64))
     sample = np.stack([np.asarray(images[int(i)]) for i in index])
     low, full = (predict_probabilities(model, meta, sample, batch_size, device, p) for p in ("bf16", "fp32"))
     diff = float(np.abs(low - full).max())
