@@ -53,9 +53,8 @@ def test_no_check_where_auto_is_fp32_anyway(monkeypatch: pytest.MonkeyPatch) -> 
     assert bf16_agreement(model, make_meta(model, ["a", "b", "c"]), _images(), "cpu") is None
 
 
+@needs_bf16
 def test_a_large_set_is_sampled_evenly() -> None:
-    if not NATIVE_BF16:
-        pytest.skip("this CPU has no native bf16: auto is fp32 everywhere")
     model = _model(1.0)
     check = bf16_agreement(model, make_meta(model, ["a", "b", "c"]), _images(300), "cpu", limit=50)
     assert check is not None and check["images"] == 50
