@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from convlens import runtime
-    from convlens.bundle import load_model
     from convlens.evaluate import load_labelled_folder, predict_probabilities
     from convlens.evaluate.metrics import predict_labels
-    from convlens.predict import Classifier, TorchBackend
+    from convlens.infer import Classifier, TorchBackend
+    from convlens.infer.bundle import load_model
 
     runtime.tune_allocator()
     runtime.configure_threads()

@@ -55,9 +55,9 @@ def prepare(args: Any) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from convlens.bundle import BundleMeta, save_bundle
     from convlens.data.preprocess import Preprocessing
     from convlens.export.onnx import export_onnx, quantize_int8
+    from convlens.infer.bundle import BundleMeta, save_bundle
     from convlens.models import create
 
     work = Path(args.workdir)
@@ -115,8 +115,8 @@ def torch_worker(args: Any, name: str) -> dict[str, Any]:
     threads = runtime.configure_threads(common.threads_of(args))
     import torch
 
-    from convlens.bundle import load_model
-    from convlens.predict import Classifier, TorchBackend
+    from convlens.infer import Classifier, TorchBackend
+    from convlens.infer.bundle import load_model
 
     model, meta = load_model(Path(args.workdir) / "model.convlens", "cpu")
     backend = TorchBackend(model, "cpu", "fp32" if name != "convlens-torch" else "auto")
@@ -141,7 +141,7 @@ def torch_worker(args: Any, name: str) -> dict[str, Any]:
 
 
 def onnx_worker(args: Any, name: str) -> dict[str, Any]:
-    from convlens.export.onnx_backend import OnnxBackend
+    from convlens.infer.onnx_backend import OnnxBackend
 
     threads = common.threads_of(args)
     path = Path(args.workdir) / ("model.int8.onnx" if name == "onnx-int8" else "model.onnx")

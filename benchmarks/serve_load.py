@@ -55,8 +55,8 @@ def tiny_bundle(folder: Path) -> Path:
     """A freshly initialised two-class ``tutorial_cnn`` at 150 px (speed, not accuracy, is measured)."""
     import torch
 
-    from convlens.bundle import BundleMeta, save_bundle
     from convlens.data.preprocess import Preprocessing
+    from convlens.infer.bundle import BundleMeta, save_bundle
     from convlens.models import create
 
     torch.manual_seed(0)

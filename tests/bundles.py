@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from convlens.bundle import BundleMeta, save_bundle
 from convlens.data.preprocess import Preprocessing
+from convlens.infer.bundle import BundleMeta, save_bundle
 
 METRICS = {"val_accuracy": 0.75, "epochs": 1}
 

@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 import convlens
-from convlens.bundle import load_model, save_bundle
 from convlens.cli import main
+from convlens.data.inputs import expand_paths, tta_views
 from convlens.data.preprocess import Preprocessing
 from convlens.decision import probabilities
 from convlens.errors import ConfigError, ImageError
-from convlens.inputs import expand_paths, tta_views
-from convlens.predict import Classifier, TorchBackend
+from convlens.infer import Classifier, TorchBackend
+from convlens.infer.bundle import load_model, save_bundle
 from tests.bundles import independent_probs, make_bundle, make_meta, make_model, set_logit
 
 
@@ -300,7 +300,7 @@ def test_expand_paths_folders_globs_and_hidden_files(tmp_path: Path, photos: lis
     # Duplicates are dropped; a file named directly is tried whatever its extension.
     files, _ = expand_paths([d / "a.jpg", "imgs/a.jpg", d / "notes.txt"])
     assert [f.name for f in files] == ["a.jpg", "notes.txt"]
-    from convlens.inputs import NoMatchError
+    from convlens.data.inputs import NoMatchError
 
     for bad in ("missing.jpg", "imgs/*.gif"):
         with pytest.raises(NoMatchError, match="matches no image"):

@@ -28,7 +28,7 @@ __all__ = ["AuditReport", "CheckReport", "ConvlensError", "Evaluation", "Run", "
 # Nothing else is imported here: submodules import `convlens` for __version__, and type checkers
 # read the names' types from __init__.pyi.
 _LAZY = {name: "convlens.api" for name in ("check", "train", "AuditReport", "Run", "CheckReport", "Evaluation")}
-_LAZY["load"] = "convlens.predict"  # the API's load is predict's: without audit, evaluate and sklearn
+_LAZY["load"] = "convlens.infer"  # the API's load is the inference core's: without audit, evaluate and sklearn
 # `audit`, `evaluate` and `export` are also sub-packages; they are callable and run their verb.
 _CALLABLE_PACKAGES = ("audit", "evaluate", "export")
 

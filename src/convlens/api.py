@@ -35,13 +35,13 @@ from convlens.errors import BundleError, UserError
 from convlens.evaluate import evaluate_bundle as evaluate
 from convlens.evaluate.result import Evaluation
 from convlens.export import export_bundle as export
-from convlens.predict import load
+from convlens.infer import load
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
     from rich.console import Console
 
-    from convlens.predict import Classifier
+    from convlens.infer import Classifier
 
 # A new verb: a function here that returns an object with _repr_html_, added to __all__ and to the
 # lazy names of convlens/__init__.py (and its types to __init__.pyi).
@@ -98,7 +98,7 @@ class Run:
         d, bundle, last = info.path, info.path / "model.convlens", info.path / "checkpoints" / "last.pt"
         metrics: dict[str, Any] = {}
         if bundle.is_file():
-            from convlens.bundle import read_meta
+            from convlens.infer.bundle import read_meta
 
             metrics = dict(read_meta(bundle).metrics or {})
         return cls(dir=d, config=info.config, history=info.history, metrics=metrics,

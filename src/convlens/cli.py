@@ -121,7 +121,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from convlens.predict import predict_command
+    from convlens.infer.commands import predict_command
 
     return predict_command(a.model, a.paths, top_k=a.top_k, tta="crops" if a.tta_crops else a.tta,
                            threshold=a.threshold, out=a.out, batch_size=a.batch_size, device=a.device,
@@ -129,7 +129,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
-    from convlens.explain.command import explain_command
+    from convlens.infer.commands import explain_command
 
     return explain_command(a.bundle, a.paths, out=a.out, method=a.method, class_name=a.class_name,
                            device=a.device)

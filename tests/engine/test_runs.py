@@ -42,7 +42,7 @@ def test_a_run_without_metrics_csv_is_listed_from_its_bundle(two_runs: Path, tmp
     """Runs that fit a linear head write no metrics.csv: the bundle's metrics stand in."""
     import shutil
 
-    from convlens.bundle import read_meta
+    from convlens.infer.bundle import read_meta
 
     copy = tmp_path / "head-only"
     shutil.copytree(two_runs / "first", copy)

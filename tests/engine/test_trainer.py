@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from convlens.bundle import load_model
 from convlens.config import TrainConfig
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.factory import class_weights, classification_loss
@@ -24,6 +23,7 @@ from convlens.engine.trainer import (
 )
 from convlens.errors import ConfigError
 from convlens.evaluate import LabelledImages, evaluate
+from convlens.infer.bundle import load_model
 from convlens.models.tta import FlipAveraged, unwrap
 from tests.engine.helpers import csv_rows, make_dataset, quiet, tiny_config
 

@@ -120,7 +120,7 @@ def test_pretrained_run_bundle_and_everything_downstream(tmp_path: Path, lite0_f
     assert 0 <= m["val_accuracy"] <= 1
     ran = yaml.safe_load((result.run_dir / "config.yaml").read_text())  # the fine-tuning recipe, not the from-scratch one
     assert (ran["optimizer"], ran["mixup"], ran["progressive"], ran["flip_average"]) == ("adamw", 0.0, 0.0, False)
-    from convlens.predict import load
+    from convlens.infer import load
 
     clf = load(bundle, device="cpu")
     p = clf.preprocessing

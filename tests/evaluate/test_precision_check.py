@@ -13,10 +13,10 @@ import torch
 
 import convlens
 from convlens import runtime
-from convlens.bundle import load_model, save_bundle
 from convlens.engine.trainer import train
 from convlens.errors import BundleError
 from convlens.evaluate import BF16_MAX_PROB_DIFF, bf16_agreement, predict_probabilities
+from convlens.infer.bundle import load_model, save_bundle
 from tests.bundles import make_meta, make_model
 from tests.engine.helpers import make_dataset, quiet, tiny_config
 

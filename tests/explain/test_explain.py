@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import convlens
-from convlens.bundle import load_model
 from convlens.cli import main
 from convlens.data.decode import decode
+from convlens.infer.bundle import load_model
 from tests.bundles import make_bundle
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlens.bundle import read_meta
 from convlens.errors import DataError
 from convlens.export import export_command
 from convlens.export.onnx import (
@@ -17,7 +16,8 @@ from convlens.export.onnx import (
     export_onnx,
     quantize_int8,
 )
-from convlens.export.onnx_backend import OnnxBackend
+from convlens.infer.bundle import read_meta
+from convlens.infer.onnx_backend import OnnxBackend
 from tests.bundles import write_images
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlens.bundle import load_model, read_meta
 from convlens.errors import BundleError, ConfigError
 from convlens.export import default_output, export_command, resolve_output
 from convlens.export.onnx import ExportError, export_onnx, sample_inputs
-from convlens.export.onnx_backend import CAM_NAME, LOGITS_NAME, METADATA_KEY, OnnxBackend
+from convlens.infer.bundle import load_model, read_meta
+from convlens.infer.onnx_backend import CAM_NAME, LOGITS_NAME, METADATA_KEY, OnnxBackend
 from tests.bundles import make_bundle
 
 

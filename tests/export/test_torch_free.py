@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convlens.predict import load
+from convlens.infer import load
 from tests.bundles import write_images
 
 BLOCKED = ["torch", "torchvision", "onnx", "onnxscript", "kornia", "sklearn", "safetensors",
@@ -37,7 +37,7 @@ CHILD = textwrap.dedent("""
     from convlens.cli import main
     rc = main(sys.argv[3:])
     if sys.argv[2]:
-        from convlens.predict import load
+        from convlens.infer import load
         p = load(sys.argv[3 + 1]).predict(sys.argv[-1])[0]
         print("PROBS=" + json.dumps(p.probabilities))
     print("ATTEMPTS=" + json.dumps(attempts))

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convlens.bundle import load_model
 from convlens.cli import main
 from convlens.export.onnx import ExportError, sample_inputs
 from convlens.export.torchscript import EXTRA_FILE, export_torchscript, load_torchscript_meta
+from convlens.infer.bundle import load_model
 from tests.bundles import make_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

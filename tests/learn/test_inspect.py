@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from convlens.bundle import load_model
 from convlens.cli import main
+from convlens.infer.bundle import load_model
 from convlens.learn.layer_page import inspect_model, kernel_tiles, top_channels
 from convlens.models import summarize
 from tests.bundles import make_bundle
@@ -65,8 +65,8 @@ def test_flip_averaged_bundle_predicts_as_predict(tmp_path, photo) -> None:
     """The page's prediction is the whole model's: a flip-averaged bundle averages the mirror too."""
     import dataclasses
 
-    from convlens.bundle import save_bundle
-    from convlens.predict import load
+    from convlens.infer import load
+    from convlens.infer.bundle import save_bundle
     from tests.bundles import make_meta, make_model
 
     model = make_model("tiny", 2, 3, 0, size=24, random_biases=True)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from convlens.bundle import BundleMeta, load_model, read_meta, save_bundle
 from convlens.data.preprocess import Preprocessing
+from convlens.infer.bundle import BundleMeta, load_model, read_meta, save_bundle
 from convlens.models import create
 from convlens.models.tta import FlipAveraged, flip_averaged, unwrap
 
@@ -52,7 +52,7 @@ def test_bundle_records_and_applies_the_flip_average(tmp_path: Path) -> None:
 def test_onnx_export_bakes_in_the_flip_average(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     from convlens.export.onnx import export_onnx, sample_inputs
-    from convlens.export.onnx_backend import OnnxBackend
+    from convlens.infer.onnx_backend import OnnxBackend
 
     torch.manual_seed(0)
     inner = create("vgg10", 2, 3).eval()

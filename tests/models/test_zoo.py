@@ -182,8 +182,8 @@ def test_bad_layer_files_name_the_problem(tmp_path: Path, text: str, pattern: st
 
 @pytest.mark.parametrize("name", ["resnet8", "layers"])
 def test_models_round_trip_through_a_bundle(name: str, tmp_path: Path) -> None:
-    from convlens.bundle import BundleMeta, load_model, save_bundle
     from convlens.data.preprocess import Preprocessing
+    from convlens.infer.bundle import BundleMeta, load_model, save_bundle
 
     torch.manual_seed(0)
     if name == "layers":

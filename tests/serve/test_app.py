@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from convlens import __version__, runtime
-from convlens.predict import load
+from convlens.infer import load
 from convlens.serve.app import create_app
 from tests.bundles import pixel_bomb_png, png_bytes
 

@@ -103,8 +103,8 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     """
     import torch
 
-    from convlens.bundle import BundleMeta, save_bundle
     from convlens.evaluate import agreement_note, bf16_agreement, evaluate
+    from convlens.infer.bundle import BundleMeta, save_bundle
     from convlens.models.tta import flip_averaged
 
     config_yaml = dump_yaml(cfg)

@@ -59,8 +59,8 @@ class RunInfo:
         """The bundle's metrics (what runs without ``metrics.csv``, e.g. a fitted linear head, have)."""
         if not self.finished:
             return {}
-        from convlens.bundle import read_meta
         from convlens.errors import UserError
+        from convlens.infer.bundle import read_meta
 
         try:
             return dict(read_meta(self.path / BUNDLE_NAME).metrics or {})

@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from rich.console import Console
 
-    from convlens.bundle import BundleMeta
     from convlens.evaluate.result import Evaluation
+    from convlens.infer.bundle import BundleMeta
 
 __all__ = ["LabelledImages", "evaluate", "evaluate_bundle", "evaluate_command", "load_labelled_folder",
            "predict_logits", "predict_probabilities"]
@@ -104,11 +104,11 @@ def load_labelled_folder(root: str | os.PathLike[str], meta: BundleMeta, workers
 def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64,
                    device: str = "cpu", precision: str = "auto") -> np.ndarray:
     """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images, through
-    ``convlens predict``'s own backend (:class:`convlens.predict.TorchBackend`): the same
+    ``convlens predict``'s own backend (:class:`convlens.infer.TorchBackend`): the same
     normalisation, layout, precision and forward pass."""
     import torch
 
-    from convlens.predict import TorchBackend
+    from convlens.infer import TorchBackend
 
     # The caller's model keeps its layout (a bundle is saved from contiguous weights).
     contiguous = all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
@@ -309,8 +309,8 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
     from rich.console import Console
 
     from convlens import runtime
-    from convlens.bundle import load_model
     from convlens.evaluate.result import Evaluation
+    from convlens.infer.bundle import load_model
 
     runtime.tune_allocator()
     runtime.configure_threads()

@@ -8,7 +8,7 @@ one function over a classifier's *backend*, which declares the methods it can dr
 backend all three (Grad-CAM only without a GAP + dense head), an ONNX model exported with a
 ``cam`` output the exact CAM. Maps are upsampled (bilinear) onto the ORIGINAL photo through
 the bundle's resize geometry, reduced to positive evidence scaled to [0, 1], and overlaid
-with a colour map. The command lives in :mod:`convlens.explain.command`.
+with a colour map. The command lives in :mod:`convlens.infer.commands`.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from convlens.config import EXPLAIN_METHODS, check_choice
+from convlens.data.inputs import load_input, load_original, name_of
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import ImageError, UserError
 from convlens.explain.figures import overlay
-from convlens.inputs import load_input, load_original, name_of
 
 __all__ = ["Explanation", "explain_inputs", "iter_explain", "overlay", "supported_methods"]
 
 
 class Explainable(Protocol):
-    """What explanation needs of a classifier (``convlens.predict.Classifier`` is one)."""
+    """What explanation needs of a classifier (``convlens.infer.Classifier`` is one)."""
 
     backend: Any
     classes: list[str]

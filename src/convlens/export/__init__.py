@@ -3,7 +3,7 @@
 ``convlens export BUNDLE --format onnx|torchscript [--out FILE] [--int8 --calibration DIR]
 [--validate DIR]``. The exported ONNX file carries the bundle's metadata, so
 ``convlens predict model.onnx`` and ``convlens serve model.onnx`` need only onnxruntime, numpy
-and Pillow (:class:`convlens.export.onnx_backend.OnnxBackend`).
+and Pillow (:class:`convlens.infer.onnx_backend.OnnxBackend`).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def export_bundle(bundle: str | os.PathLike[str], format: str = "onnx", *, out: 
     """
     say = say or (lambda line: None)
     fmt = format
-    from convlens.bundle import read_meta
+    from convlens.infer.bundle import read_meta
 
     check_choice("format", fmt, FORMATS)
     if int8 and fmt != "onnx":
@@ -131,7 +131,7 @@ def export_command(bundle: str | os.PathLike[str], fmt: str = "onnx", out: str |
 def _session_logits(model_bytes: bytes) -> Any:
     """A ``logits(x)`` function over an in-memory ONNX model."""
     from convlens.export.onnx import make_session
-    from convlens.export.onnx_backend import INPUT_NAME, LOGITS_NAME
+    from convlens.infer.onnx_backend import INPUT_NAME, LOGITS_NAME
 
     session = make_session(model_bytes)
     return lambda x: session.run([LOGITS_NAME], {INPUT_NAME: x})[0]

@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from convlens import __version__, decision
-from convlens.bundle import BundleMeta
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import labelled_files, list_images
 from convlens.errors import DataError, ImageError, UserError, first_line
-from convlens.export.onnx_backend import CAM_NAME, INPUT_NAME, LOGITS_NAME, METADATA_KEY
 from convlens.files import write_bytes
+from convlens.infer.bundle import BundleMeta
+from convlens.infer.onnx_backend import CAM_NAME, INPUT_NAME, LOGITS_NAME, METADATA_KEY
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -231,7 +231,7 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     """
     import torch
 
-    from convlens.bundle import load_model
+    from convlens.infer.bundle import load_model
 
     model, meta = load_model(bundle, "cpu")
     model = model.float().eval()

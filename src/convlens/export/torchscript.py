@@ -43,7 +43,7 @@ def export_torchscript(bundle: str | os.PathLike[str], out: str | os.PathLike[st
     """Trace ``bundle``'s model (logits output) and write it atomically to ``out``."""
     import torch
 
-    from convlens.bundle import load_model
+    from convlens.infer.bundle import load_model
 
     model, meta = load_model(bundle, "cpu")
     model = model.float().eval()

@@ -110,7 +110,7 @@ def load_source(model: str | os.PathLike[str], image_size: int | None = None,
 
     name = str(model)
     if _is_bundle(name):
-        from convlens.bundle import load_model
+        from convlens.infer.bundle import load_model
 
         if image_size is not None:
             raise ConfigError(f"--image-size applies to a MODEL name or layer file; a bundle uses its own "

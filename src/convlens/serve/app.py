@@ -156,7 +156,7 @@ class ServeState:
 
 def _load_classifier(model: Any) -> tuple[Any, str, str]:
     if isinstance(model, (str, os.PathLike)):
-        from convlens.predict import load
+        from convlens.infer import load
 
         clf = load(model, device="cpu")
         kind = "onnx" if Path(model).suffix.lower() == ".onnx" else "bundle"

@@ -2,7 +2,7 @@
 
 A classifier is a bundle's metadata (classes, :class:`Preprocessing`, output activation,
 threshold) plus a *backend* that maps normalised float32 NCHW input to logits. The torch
-backend lives here; the ONNX backend (``convlens.export.onnx_backend.OnnxBackend``) is
+backend lives here; the ONNX backend (``convlens.infer.onnx_backend.OnnxBackend``) is
 torch-free. torch is therefore never imported at module level: ``convlens predict model.onnx``
 runs with numpy, Pillow and onnxruntime only.
 
@@ -12,10 +12,7 @@ resize by the stored policy, then ``(x * scale - mean) / std``. Nothing here re-
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,22 +23,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from PIL import Image
 
-from convlens.bundle import BundleMeta
-from convlens.data.preprocess import Preprocessing
-from convlens.decision import decide, probabilities
-from convlens.errors import BundleError, ConfigError, ImageError
-from convlens.inputs import (
+from convlens.data.inputs import (
     TTA_MODES,
     ImageInput,
     as_list,
-    display,
-    display_base,
-    expand_paths,
     load_input,
     name_of,
-    print_skipped,
     tta_views,
 )
+from convlens.data.preprocess import Preprocessing
+from convlens.decision import decide, probabilities
+from convlens.errors import BundleError, ConfigError, ImageError
+from convlens.infer.bundle import BundleMeta
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -243,7 +236,7 @@ class Classifier:
         Decoding runs in a small thread pool (Pillow releases the GIL while decoding and
         resizing) one batch ahead of the model.
         """
-        _check_positive(top_k=top_k, batch_size=batch_size)
+        check_positive(top_k=top_k, batch_size=batch_size)
         self._threshold(threshold)  # fail before any work
         _tta_mode(tta)
         prep = self.preprocessing
@@ -328,7 +321,7 @@ class Classifier:
                           f"Received: class={class_name!r}")
 
 
-def _check_positive(**values: int) -> None:
+def check_positive(**values: int) -> None:
     for k, v in values.items():
         if int(v) < 1:
             raise ConfigError(f"{k} must be at least 1. Received: {k}={v}")
@@ -351,118 +344,11 @@ def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "a
             raise BundleError(f"ONNX model {str(p)!r} does not exist; check the path")
         if str(precision).lower() == "bf16":
             raise ConfigError(f"ONNX models run in fp32; use --precision auto or fp32. Received: precision={precision!r}")
-        from convlens.export.onnx_backend import OnnxBackend
+        from convlens.infer.onnx_backend import OnnxBackend
 
         backend = OnnxBackend(p)
         return Classifier(backend.meta, backend)
-    from convlens.bundle import load_model
+    from convlens.infer.bundle import load_model
 
     model, meta = load_model(p, device="cpu")
     return Classifier(meta, TorchBackend(model, device, meta.inference_precision(precision)))
-
-
-# ----------------------------------------------------------------------------- command
-def write_predictions(path: str | os.PathLike[str], classes: Sequence[str],
-                      results: Sequence[Prediction | ImageError], model: str = "") -> None:
-    """Write every input's prediction (all class probabilities) atomically as CSV or JSON.
-
-    Unreadable files appear too, with an empty label and their error, so each input has a row.
-    """
-    from convlens.files import write_json, write_text
-
-    p = Path(path)
-    fmt = p.suffix.lower()
-    if fmt == ".json":
-        preds = [r.to_dict() for r in results if isinstance(r, Prediction)]
-        skipped = [{"path": r.path, "kind": r.kind, "error": r.message} for r in results
-                   if isinstance(r, ImageError)]
-        write_json(p, {"model": model, "classes": list(classes), "predictions": preds, "skipped": skipped})
-        return
-    if fmt != ".csv":
-        raise ConfigError(f"--out must end in .csv or .json. Received: out={os.fspath(path)!r}")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "probability", *(f"p_{c}" for c in classes), "error"])
-    for r in results:
-        if isinstance(r, Prediction):
-            # repr() of a float round-trips: the file holds the exact probabilities.
-            w.writerow([r.path, r.label, repr(r.probability),
-                        *(repr(r.probabilities[c]) for c in classes), ""])
-        else:
-            w.writerow([r.path, "", "", *([""] * len(classes)), f"{r.kind}: {r.message}"])
-    write_text(p, buf.getvalue())
-
-
-def _print_predictions(preds: Sequence[Prediction], console: Any, top_k: int, out: str | None) -> None:
-    """The predictions table; piped, tab-separated lines of every prediction with usable paths."""
-    from convlens.display import is_interactive, print_table
-
-    header = ["file", "label", "probability"] + ([f"top-{top_k}"] if top_k > 1 else [])
-    interactive = is_interactive(console)
-    # Piped output keeps every row and paths a program can open (not shortened to a base folder).
-    base = display_base([pr.path for pr in preds]) if interactive else None
-    limit = 50 if out and interactive else len(preds)  # the file holds everything; keep the terminal readable
-    rows = [[display(pr.path, base), pr.label, f"{pr.probability:.4f}"]
-            + ([", ".join(f"{c} {p:.3f}" for c, p in pr.top_k)] if top_k > 1 else []) for pr in preds[:limit]]
-    print_table(header, rows, console=console, caption=f"paths relative to {base}" if base else None,
-                right=("probability",), fold=("file",))
-    if len(preds) > limit:
-        console.print(f"... and {len(preds) - limit} more in {out}")
-
-
-def predict_command(
-    model: str,
-    paths: Sequence[str],
-    top_k: int = 1,
-    tta: bool | str = False,
-    threshold: float | None = None,
-    out: str | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "auto",
-) -> int:
-    """``convlens predict``: table on stdout, skipped files on stderr, optional CSV/JSON.
-
-    Exit code 1 when any file was skipped, else 0 (user errors raise and exit 2).
-    """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from convlens.runtime import tune_allocator
-
-    _check_positive(top_k=top_k, batch_size=batch_size)
-    if out is not None and Path(out).suffix.lower() not in (".csv", ".json"):
-        raise ConfigError(f"--out must end in .csv or .json. Received: out={out!r}")
-    files, ignored = expand_paths(paths)
-    tune_allocator()
-    clf = load(model, device=device, precision=precision)
-    clf._threshold(threshold)
-    stdout, stderr = Console(), Console(stderr=True)
-
-    show_bar = len(files) > batch_size
-    with Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=stderr, transient=True, disable=not show_bar) as bar:
-        task = bar.add_task("predict", total=len(files))
-        results = list(clf.iter_predict(files, top_k=top_k, tta=tta, threshold=threshold,
-                                        batch_size=batch_size,
-                                        on_batch=lambda n: bar.advance(task, n)))
-
-    preds = [r for r in results if isinstance(r, Prediction)]
-    skipped = [r for r in results if isinstance(r, ImageError)]
-    if preds:
-        _print_predictions(preds, stdout, top_k=min(top_k, clf.num_classes), out=out)
-    if out:
-        write_predictions(out, clf.classes, results, model=os.fspath(model))
-        stderr.print(f"wrote {len(results)} rows to {out}", highlight=False)
-    if ignored:
-        stderr.print(f"passed over {ignored} non-image file{'s' if ignored != 1 else ''} in folders "
-                     "(name image files directly to try them anyway)", highlight=False)
-    print_skipped(skipped, stderr)
-    sys.stdout.flush()
-    return 1 if skipped else 0

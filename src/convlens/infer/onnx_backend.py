@@ -2,7 +2,7 @@
 
 Nothing here (nor anything it imports) may import torch: ``convlens predict model.onnx`` and
 ``convlens serve model.onnx`` must work on a machine where only the runtime is installed. The
-model's :class:`~convlens.bundle.BundleMeta` (classes, preprocessing, output activation...) is
+model's :class:`~convlens.infer.bundle.BundleMeta` (classes, preprocessing, output activation...) is
 read from the ONNX metadata key ``"convlens"`` that :func:`convlens.export.onnx.export_onnx`
 writes.
 """
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from convlens.bundle import BundleMeta
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import BundleError, first_line
+from convlens.infer.bundle import BundleMeta
 
 METADATA_KEY = "convlens"
 INPUT_NAME = "input"
@@ -37,7 +37,7 @@ def _import_ort() -> Any:
 
 
 class OnnxBackend:
-    """A :class:`convlens.predict.Backend` over an onnxruntime ``InferenceSession``.
+    """A :class:`convlens.infer.Backend` over an onnxruntime ``InferenceSession``.
 
     ``logits(x)`` takes normalised float32 NCHW input (``Preprocessing.normalize``) and returns
     ``(N, out_units)`` logits. Sessions are thread-safe for ``run``; ``threads`` bounds the
