@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import BundleError, first_line
 from convlens.files import atomic_open
+from convlens.infer.novelty import NoveltyIndex
 from convlens.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT = "convlens-bundle"
 FORMAT_VERSION = 1
 SUFFIX = ".convlens"
+NOVELTY_TENSORS = "novelty.safetensors"
+NOVELTY_PATHS = "novelty_paths.json"
 
 
 @dataclass
@@ -53,6 +58,12 @@ class BundleMeta:
     # "fp32" when training measured bf16 moving its probabilities too far
     # (convlens.evaluate.bf16_agreement). An explicit bf16/fp32 request still wins.
     precision: str = "auto"
+    # Calibration: the logits are divided by this temperature (fitted at training time without
+    # the validation images); load_model wraps the model accordingly (convlens.models.tta).
+    temperature: float = 1.0
+    # Novelty (convlens.infer.novelty.NoveltyIndex.to_json): method, k, threshold, accept, rule,
+    # and the digest of novelty.safetensors; None in bundles written before novelty existed.
+    novelty: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -88,6 +99,8 @@ class BundleMeta:
                 created=str(d.get("created", "")),
                 flip_average=bool(d.get("flip_average", False)),
                 precision=_precision(d.get("precision", "auto")),
+                temperature=_temperature(d.get("temperature", 1.0)),
+                novelty=None if d.get("novelty") is None else dict(d["novelty"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where} has an invalid model.json ({e}); re-export the bundle") from e
@@ -99,12 +112,21 @@ def _precision(value: Any) -> str:
     return str(value)
 
 
+def _temperature(value: Any) -> float:
+    t = float(value)
+    if not (np.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a positive number, not {value!r}")
+    return t
+
+
 def save_bundle(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
     meta: BundleMeta,
+    novelty: NoveltyIndex | None = None,
 ) -> Path:
-    """Write ``model``'s weights and ``meta`` atomically to ``path`` (a ``.convlens`` zip)."""
+    """Write ``model``'s weights and ``meta`` atomically to ``path`` (a ``.convlens`` zip), with
+    the novelty index (``novelty.safetensors`` + ``novelty_paths.json``) when given."""
     import torch
     from safetensors.torch import save
 
@@ -116,10 +138,19 @@ def save_bundle(
     meta.weights_sha256 = hashlib.sha256(weights).hexdigest()
     meta.versions = {"convlens": __version__, "torch": torch.__version__, **meta.versions}
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    extra: dict[str, bytes] = {}
+    if novelty is not None:
+        from safetensors.numpy import save as save_numpy
+
+        extra[NOVELTY_TENSORS] = save_numpy(novelty.tensors())
+        extra[NOVELTY_PATHS] = json.dumps(list(novelty.paths)).encode()
+        meta.novelty = novelty.to_json(hashlib.sha256(extra[NOVELTY_TENSORS]).hexdigest())
     path = Path(path)
     with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
         z.writestr("model.json", json.dumps(meta.to_json(), indent=2, default=str))
         z.writestr("weights.safetensors", weights)
+        for name, blob in extra.items():
+            z.writestr(name, blob)
     return path
 
 
@@ -162,6 +193,34 @@ def _read_meta(z: zipfile.ZipFile, where: str) -> BundleMeta:
         raise BundleError(f"{where} has a damaged model.json ({e})") from e
 
 
+def read_novelty(path: str | os.PathLike[str], meta: BundleMeta | None = None) -> NoveltyIndex | None:
+    """The bundle's novelty index (torch-free), or None for a bundle written without one.
+
+    Strict: a missing member, a digest that does not match or inconsistent shapes raise a
+    one-line BundleError; the section is never silently ignored.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as load_numpy
+
+    where = str(path)
+    with _open(path) as z:
+        meta = meta or _read_meta(z, where)
+        if meta.novelty is None:
+            return None
+        blob = _member(z, NOVELTY_TENSORS, where, "its novelty section is incomplete; retrain or use --no-reject")
+        raw_paths = _member(z, NOVELTY_PATHS, where, "its novelty section is incomplete; retrain or use --no-reject")
+    if hashlib.sha256(blob).hexdigest() != meta.novelty.get("sha256"):
+        raise BundleError(f"{where}: {NOVELTY_TENSORS} does not match its recorded SHA-256 (file modified or damaged)")
+    try:
+        tensors = load_numpy(blob)
+        paths = json.loads(raw_paths)
+    except (SafetensorError, ValueError, OSError) as e:
+        raise BundleError(f"{where}: the novelty section is not readable ({e}); retrain or use --no-reject") from e
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise BundleError(f"{where}: {NOVELTY_PATHS} is not a list of paths; retrain or use --no-reject")
+    return NoveltyIndex.from_parts(meta.novelty, tensors, paths, meta.num_classes, where)
+
+
 def read_weights(path: str | os.PathLike[str]) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
     """Read ``model.json`` and the verified weights as a state dict of CPU tensors."""
     from safetensors import SafetensorError
@@ -183,10 +242,11 @@ def read_weights(path: str | os.PathLike[str]) -> tuple[BundleMeta, dict[str, to
 def load_model(path: str | os.PathLike[str], device: str = "cpu") -> tuple[torch.nn.Module, BundleMeta]:
     """Rebuild the model of a bundle with its weights, in eval mode on ``device``.
 
-    A bundle with ``flip_average`` gives the flip-averaged model (what its report measured).
+    A bundle with ``flip_average`` gives the flip-averaged model, one with a ``temperature`` its
+    calibrated logits (what its report measured).
     """
     from convlens.models import build_from_arch
-    from convlens.models.tta import flip_averaged
+    from convlens.models.tta import flip_averaged, temperature_scaled
 
     meta, state = read_weights(path)
     model = build_from_arch(meta.arch)
@@ -197,4 +257,5 @@ def load_model(path: str | os.PathLike[str], device: str = "cpu") -> tuple[torch
                           f"({first_line(e, None)})") from e
     if meta.flip_average:
         model = flip_averaged(model)
+    model = temperature_scaled(model, meta.temperature)
     return model.to(device).eval(), meta

@@ -63,6 +63,13 @@ class ConvlensModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, pooled)`` in one pass: the logits of :meth:`forward` and the global average
+        of the last feature map (N x C), the model's own description of an image that novelty
+        (distance to the training images) is measured in."""
+        features = self.forward_features(x)
+        return self.forward_head(features), features.mean(dim=(2, 3))
+
     def gap_linear_head(self) -> nn.Linear | None:
         """The dense layer when the head is exactly global average pooling + one dense layer."""
         return None

@@ -1,4 +1,6 @@
-"""Flip-averaged prediction as a model: ``(f(x) + f(mirror(x))) / 2`` on the logits.
+"""Inference-time wrappers stored as bundle fields: flip-averaged prediction
+(``(f(x) + f(mirror(x))) / 2`` on the logits) and temperature scaling (``f(x) / T``, the
+calibration fitted at training time).
 
 Baking the average into the model (rather than into each caller) gives one answer everywhere:
 the training report, ``predict``, ``serve``, the Python API and the exported ONNX graph, which
@@ -38,11 +40,56 @@ class FlipAveraged(ConvlensModel):
         # Logits of each view: exact for any head (the features' average is exact only for GAP + dense).
         return (self.inner(x) + self.inner(x.flip(3))) * 0.5
 
+    def forward_pooled(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        la, pa = self.inner.forward_pooled(x)
+        lb, pb = self.inner.forward_pooled(x.flip(3))  # pooling is mirror-invariant: no flip back
+        return (la + lb) * 0.5, (pa + pb) * 0.5
+
     def gap_linear_head(self) -> nn.Linear | None:
         return self.inner.gap_linear_head()
 
     def summary_units(self) -> list[tuple[str, str, nn.Module]]:
         return self.inner.summary_units()
+
+
+class TemperatureScaled(ConvlensModel):
+    """Logits divided by a temperature fitted at training time, so every path that runs the
+    model (report, predict, serve, the API, the ONNX graph) gives calibrated probabilities.
+    The class decision never changes (argmax and the sign of a single logit are kept); class
+    maps come from the unscaled head (their normalisation removes the scale anyway)."""
+
+    def __init__(self, inner: ConvlensModel, temperature: float) -> None:
+        super().__init__(inner.num_classes, inner.in_channels)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0. Received: temperature={temperature!r}")
+        self.inner = inner
+        self.temperature = float(temperature)
+        self.output_activation = inner.output_activation
+        self.arch = inner.arch
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.inner.forward_features(x)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return self.inner.forward_head(features) / self.temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) / self.temperature
+
+    def forward_pooled(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits, pooled = self.inner.forward_pooled(x)
+        return logits / self.temperature, pooled
+
+    def gap_linear_head(self) -> nn.Linear | None:
+        return self.inner.gap_linear_head()
+
+    def summary_units(self) -> list[tuple[str, str, nn.Module]]:
+        return self.inner.summary_units()
+
+
+def temperature_scaled(model: ConvlensModel, temperature: float) -> ConvlensModel:
+    """``model`` with its logits divided by ``temperature`` (unchanged at 1)."""
+    return model if temperature == 1.0 else TemperatureScaled(model, temperature)
 
 
 def flip_averaged(model: ConvlensModel) -> ConvlensModel:
@@ -51,5 +98,8 @@ def flip_averaged(model: ConvlensModel) -> ConvlensModel:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model that owns the weights (``inner`` of a :class:`FlipAveraged`)."""
-    return model.inner if isinstance(model, FlipAveraged) else model
+    """The model that owns the weights (the innermost of :class:`FlipAveraged` and
+    :class:`TemperatureScaled` wrappers)."""
+    while isinstance(model, (FlipAveraged, TemperatureScaled)):
+        model = model.inner
+    return model
