@@ -392,7 +392,8 @@ def undo_quarantine(manifest_path: str | os.PathLike[str]) -> UndoReport:
     """Move every quarantined (or relabelled) file back under its original name.
 
     Files that moved, changed or whose original place is taken since are reported (with the
-    reason) and stay in the manifest; all the others are restored. Running it again is harmless."""
+    reason) and stay in the manifest; all the others are restored, the latest move first.
+    Running it again is harmless."""
     manifest = Path(manifest_path).expanduser()
     if manifest.is_dir():
         manifest = manifest / MANIFEST_NAME
@@ -405,7 +406,7 @@ def undo_quarantine(manifest_path: str | os.PathLike[str]) -> UndoReport:
     _check_relative(dest, [f.get("to") or f["path"] for f in entries], received)  # version 1: same path
     _check_writable({(root / f["path"]).parent for f in entries}, received)
     report, keep = UndoReport(manifest), []
-    for f in entries:
+    for f in reversed(entries):  # the latest move first: a path quarantined twice gets its latest file back
         src, dst = dest / (f.get("to") or f["path"]), root / f["path"]
         why = _why_not(f, src, dst)
         if why is None:
@@ -423,10 +424,16 @@ def undo_quarantine(manifest_path: str | os.PathLike[str]) -> UndoReport:
         else:
             report.failed.append((f["path"], why))
             keep.append(f)
-    if keep != entries:
-        data["files"] = keep
+    for done in (report.restored, report.in_place, report.failed):
+        done.reverse()  # back to manifest order
+    if keep != entries[::-1]:
+        data["files"] = keep[::-1]
         data["restored"] = data.get("restored", []) + report.restored
-        _write_manifest(manifest, data, received)
+        try:
+            cio.write_json(manifest, data)
+        except OSError as e:
+            raise DataError(f"restored {len(report.restored)} file(s) but could not update the manifest {manifest} "
+                            f"({e.strerror or e}); running --undo again is harmless. Received: {received}") from e
     return report
 
 
