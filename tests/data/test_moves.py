@@ -167,6 +167,7 @@ def read_only_pets(pets: Path, tmp_path: Path) -> Iterator[Path]:
     """The pets on a filesystem mounted read-only."""
     with _tmpfs(tmp_path / "ro", "8m") as d:
         shutil.copytree(pets, d / "PetImages")
+        (d / "PetImages" / "Cat" / "9.jpg").write_bytes(b"")  # unusable: what check --quarantine moves
         subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
         yield d / "PetImages"
 
@@ -212,4 +213,8 @@ def test_a_read_only_dataset_is_one_line_and_nothing_moves(read_only_pets: Path,
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "is read-only" in err[0] and "nothing was moved" in err[0], err
         assert tree_hashes(read_only_pets) == before
+    assert main(["check", str(read_only_pets), "--quarantine", str(tmp_path / "q"), "--workers", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "read-only" in line]
+    assert len(err) == 1 and f"{read_only_pets}/Cat is read-only" in err[0] and "nothing was moved" in err[0], err
+    assert tree_hashes(read_only_pets) == before
     assert not list(tmp_path.glob("convlens-relabel-*")) and not (tmp_path / "q" / MANIFEST_NAME).exists()
