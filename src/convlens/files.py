@@ -42,7 +42,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", exclusive: bool 
             f.flush()
             os.fsync(f.fileno())
         if exclusive:
-            _link_new(tmp, path)
+            link_new(tmp, path)
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -52,8 +52,10 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", exclusive: bool 
     _fsync_dir(path.parent)
 
 
-def _link_new(tmp: str, path: Path) -> None:
-    """Give the finished ``tmp`` the name ``path`` only if no file has it (a hard link refuses)."""
+def link_new(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Give the finished file ``tmp`` the name ``path`` only if no file has it (``FileExistsError``
+    otherwise; a hard link refuses atomically), then drop the name ``tmp``."""
+    path = Path(path)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -94,6 +96,15 @@ def write_json(path: str | os.PathLike[str], obj: Any, exclusive: bool = False) 
     """Atomically write ``obj`` as indented JSON (``exclusive``: never over an existing file)."""
     with atomic_open(path, "w", exclusive=exclusive) as f:
         f.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    """``123456789`` -> ``'117.7 MB'``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

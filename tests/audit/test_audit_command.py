@@ -94,20 +94,50 @@ def test_relabel_from_the_edited_csv_and_undo(planted: tuple[Path, list[str]], t
     assert _tree(root) == before
 
 
-def test_relabel_never_overwrites(planted: tuple[Path, list[str]], tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_relabel_into_taken_names_renames_never_overwrites(planted: tuple[Path, list[str]], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     root, _ = planted
     shutil.copy(root / "class_0/img_000.png", root / "class_1/img_000.png")  # name taken in the target
     before = _tree(root)
     edits = tmp_path / "edits.csv"
-    edits.write_text("path,new_class\nclass_0/img_000.png,class_1\nclass_0/img_001.png,class_1\n")
-    assert main(["audit", str(root), "--relabel", str(edits)]) == 2
-    assert "would overwrite class_1/img_000.png" in capsys.readouterr().err
+    edits.write_text("path,new_class\nclass_0/img_000.png,class_1\nclass_0/img_005.png,class_2\n")
+    out = tmp_path / "moves.json"
+    assert main(["audit", str(root), "--relabel", str(edits), "--json", str(out)]) == 0
+    after = _tree(root)
+    assert after["class_1/img_000.png"] == before["class_1/img_000.png"]  # the other file is untouched
+    assert after["class_1/img_000-from-class_0.png"] == before["class_0/img_000.png"]
+    assert after["class_2/img_005-from-class_0.png"] == before["class_0/img_005.png"]  # class_2 has img_005 too
+    assert sorted(after.values()) == sorted(before.values())
+    printed = capsys.readouterr().out
+    assert "2 renamed" in printed and "(renamed: class_1/img_000.png was taken)" in printed
+    moved = json.loads(out.read_text())["moves"]
+    assert [(m["path"], m["to"], m["renamed"]) for m in moved["moved"]] == [
+        ("class_0/img_000.png", "class_1/img_000-from-class_0.png", True),
+        ("class_0/img_005.png", "class_2/img_005-from-class_0.png", True)]
+    assert main(["audit", "--undo", moved["manifest"]]) == 0
     assert _tree(root) == before
-    edits.write_text("path,new_class\nclass_0/img_001.png,dogs\n")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("class_0/img_001.png,class_1\n../outside.png,class_1\n", "row 3 of {csv}: '../outside.png' is not an image of"),
+    ("class_0/img_001.png,dogs\n", "row 2 of {csv}: 'dogs' is not a class of"),
+    ("class_0/img_001.png,class_1\nclass_0/img_002.png,../class_1\n", "row 3 of {csv}: new_class '../class_1' is "
+                                                                          "not a class name"),
+    ("class_0/img_001.png,class_1\nclass_0/img_001.png,class_2\n", "row 3 of {csv}: 'class_0/img_001.png' is "
+                                                                      "listed again"),
+])
+def test_a_bad_relabel_row_is_one_line_naming_it_and_moves_nothing(planted: tuple[Path, list[str]], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str], rows: str,
+                                                                    message: str) -> None:
+    root, _ = planted
+    before = _tree(root)
+    edits = tmp_path / "edits.csv"
+    edits.write_text("path,new_class\n" + rows)
     assert main(["audit", str(root), "--relabel", str(edits)]) == 2
-    assert "'dogs' is not a class" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(csv=edits) in err[0] and "nothing was moved" in err[0], err
     assert _tree(root) == before
+    assert not list(tmp_path.glob("convlens-relabel-*.json"))  # no manifest either
 
 
 def test_quarantine_by_kind_and_by_listed_paths_then_undo(planted: tuple[Path, list[str]], tmp_path: Path) -> None:
@@ -152,4 +182,5 @@ def test_listed_path_outside_the_dataset_is_refused(planted: tuple[Path, list[st
     listed = tmp_path / "listed.csv"
     listed.write_text("path\n../elsewhere.png\n")
     assert main(["audit", str(root), "--quarantine", str(tmp_path / "q"), "--paths", str(listed)]) == 2
-    assert "is not an image of" in capsys.readouterr().err
+    assert f"row 2 of {listed}: '../elsewhere.png' is not an image of" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

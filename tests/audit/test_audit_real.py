@@ -58,7 +58,7 @@ def test_python_api_audit_quarantines_and_undoes(mislabeled: tuple[Path, set[str
     """``convlens.audit(dir)`` is the CLI's audit; its report moves chosen findings out with an
     undo manifest, and the undo puts every file back byte for byte."""
     import convlens
-    from convlens.data.check import undo_quarantine
+    from convlens.data.moves import undo_quarantine
 
     src, _, cache = mislabeled
     root = tmp_path / "pets"

@@ -7,15 +7,14 @@ import pytest
 
 from convlens.cli import main
 from convlens.data.check import (
-    MANIFEST_NAME,
     SkippedFiles,
     check_dataset,
     inspect_entries,
     quarantine,
     run_check,
     skipped_message,
-    undo_quarantine,
 )
+from convlens.data.moves import MANIFEST_NAME, undo_quarantine
 from convlens.data.scan import scan
 from convlens.errors import DataError, ImageError
 from tests.data.conftest import EXPECTED, MAX_PIXELS, make_class_dataset, photo, save, tree_hashes
@@ -119,27 +118,53 @@ def test_quarantine_and_undo_restore_the_tree_byte_identically(zoo: Path, tmp_pa
     assert run_check(None, undo=str(q / MANIFEST_NAME), progress=False) == 0
     assert tree_hashes(zoo) == before
     assert json.loads((q / MANIFEST_NAME).read_text())["files"] == []
+    assert run_check(None, undo=str(q / MANIFEST_NAME), progress=False) == 0  # twice: harmless
+    assert tree_hashes(zoo) == before
 
 
-def test_quarantine_refuses_to_overwrite(zoo: Path, tmp_path: Path) -> None:
+def test_quarantine_into_a_taken_name_renames_and_undo_restores(zoo: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     before = tree_hashes(zoo)
     q = tmp_path / "q"
     (q / "cats").mkdir(parents=True)
     (q / "cats" / "zero.jpg").write_bytes(b"someone else's file")
-    with pytest.raises(DataError, match="would be overwritten"):
-        quarantine(_check(zoo), q)
+    (q / "cats" / "zero-from-cats.jpg").write_bytes(b"and another one")
+    report_json = tmp_path / "r.json"
+    assert main(["check", str(zoo), "--quarantine", str(q), "--json", str(report_json), "--workers", "1",
+                 "--max-pixels", str(MAX_PIXELS)]) == 1
+    assert (q / "cats" / "zero.jpg").read_bytes() == b"someone else's file"  # never overwritten
+    assert (q / "cats" / "zero-from-cats.jpg").read_bytes() == b"and another one"
+    assert (q / "cats" / "zero-from-cats-2.jpg").read_bytes() == b""  # the 0-byte file, under a free name
+    entry = next(f for f in json.loads((q / MANIFEST_NAME).read_text())["files"] if f["path"] == "cats/zero.jpg")
+    assert entry["to"] == "cats/zero-from-cats-2.jpg" and entry["renamed"] is True and entry["size"] == 0
+    err = capsys.readouterr().err
+    assert f"cats/zero.jpg -> {q.resolve()}/cats/zero-from-cats-2.jpg (renamed: cats/zero.jpg was taken)" in err
+    moved = {m["path"]: m for m in json.loads(report_json.read_text())["moves"]["moved"]}
+    assert moved["cats/zero.jpg"]["renamed"] and moved["cats/zero.jpg"]["new_path"].endswith("zero-from-cats-2.jpg")
+    assert main(["check", "--undo", str(q / MANIFEST_NAME)]) == 0
     assert tree_hashes(zoo) == before
-    assert (q / "cats" / "zero.jpg").read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in (q / "cats").iterdir()) == ["zero-from-cats.jpg", "zero.jpg"]
 
 
-def test_undo_refuses_when_original_place_is_taken(zoo: Path, tmp_path: Path) -> None:
+def test_undo_restores_all_but_the_file_whose_place_is_taken(zoo: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree_hashes(zoo)
     q = tmp_path / "q"
-    manifest = quarantine(_check(zoo), q)
+    manifest = quarantine(_check(zoo), q).manifest
     (zoo / "cats" / "text.jpg").write_text("a new file with the old name")
-    with pytest.raises(DataError, match="nothing was restored"):
-        undo_quarantine(manifest)
+    assert main(["check", "--undo", str(manifest)]) == 1
+    err = capsys.readouterr().err
+    assert f"could not restore cats/text.jpg: {zoo}/cats/text.jpg holds a file again" in err
     assert (zoo / "cats" / "text.jpg").read_text() == "a new file with the old name"
-    assert (q / "cats" / "zero.jpg").exists()
+    assert (q / "cats" / "text.jpg").exists()
+    after = tree_hashes(zoo)
+    assert {k: v for k, v in after.items() if k != "cats/text.jpg"} == {k: v for k, v in before.items()
+                                                                         if k != "cats/text.jpg"}
+    assert [f["path"] for f in json.loads(manifest.read_text())["files"]] == ["cats/text.jpg"]
+    (zoo / "cats" / "text.jpg").unlink()  # the user clears the place; undo again restores the rest
+    assert undo_quarantine(manifest).restored == ["cats/text.jpg"]
+    assert tree_hashes(zoo) == before
+    assert undo_quarantine(manifest).exit_code == 0  # a third time: harmless
 
 
 def test_quarantine_inside_dataset_is_refused(zoo: Path) -> None:

@@ -7,8 +7,8 @@ and an offline HTML page with thumbnails (:mod:`convlens.audit.page`).
 
 It lives in its own package because it joins data (scanning, quarantine), engine (pretrained
 features) and evaluate (the report's HTML style), and ``evaluate`` may not import ``engine``.
-Acting on findings goes through :mod:`convlens.data.check`'s manifest and ``--undo``: nothing
-is deleted or rewritten.
+Acting on findings goes through :mod:`convlens.data.moves` (its manifest and ``--undo``): nothing
+is deleted, rewritten or overwritten.
 """
 
 from __future__ import annotations
@@ -107,11 +107,12 @@ class AuditReport:
 
     def quarantine(self, qdir: str | os.PathLike[str], kinds: Sequence[str] = ("label",)) -> Path | None:
         """Move the findings of ``kinds`` into ``qdir`` (``convlens audit --quarantine QDIR
-        --kinds ...``); return the undo manifest, or None when nothing was chosen."""
-        from convlens.data.check import quarantine_files
+        --kinds ...``); return the undo manifest, or None when nothing was chosen. A name taken in
+        ``qdir`` gets a free one; the manifest records where each file went."""
+        from convlens.data.moves import quarantine_files
 
         files = self.chosen(list(kinds))
-        return quarantine_files(self.root, files, qdir) if files else None
+        return quarantine_files(self.root, files, qdir, verb="audit").manifest if files else None
 
     def _repr_html_(self) -> str:  # Jupyter: the offline page, isolated in a frame
         import html

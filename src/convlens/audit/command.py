@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from convlens.audit import DEFAULT_BACKBONE, KINDS, audit_dataset
@@ -53,24 +52,27 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
 
     from convlens import files as cio
     from convlens.audit import act, output
-    from convlens.data.check import undo_quarantine
+    from convlens.data.moves import print_moves, quarantine_files, undo_quarantine
 
     console = Console()
     chosen = parse_kinds(kinds)
     _check_options(dir, quarantine_dir, chosen, paths, relabel, undo)
     if undo:
-        restored = undo_quarantine(undo)
-        console.print(f"restored {len(restored)} file(s) to their original places")
-        return 0
+        result = undo_quarantine(undo)
+        for line in result.lines():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return result.exit_code
     assert dir is not None
-    if relabel:
-        manifest, n = act.relabel_from_csv(dir, relabel)
-        console.print(f"moved {n} file(s) to their new class folders"
-                      + (f"; undo with `convlens audit --undo {manifest}`" if manifest else ""))
-        return 0
-    if paths and quarantine_dir:
-        manifest, n = act.quarantine_listed(dir, paths, quarantine_dir)
-        console.print(f"moved {n} listed file(s) to {quarantine_dir}; undo with `convlens audit --undo {manifest}`")
+    if relabel or paths:
+        moves = act.relabel_from_csv(dir, relabel) if relabel else act.quarantine_listed(dir, str(paths), str(quarantine_dir))
+        if moves is None:
+            console.print("no row asks for a move (empty new_class, or already in that class): nothing moved")
+        else:
+            print_moves(moves, console, "file(s) to their new class folders" if relabel
+                        else f"listed file(s) to {moves.destination}", "audit")
+        if json_path:  # the moves are the whole result of this run
+            cio.write_json(json_path, {"moves": moves.to_dict() if moves else None})
+            console.print(f"written: {json_path}", markup=False, soft_wrap=True)
         return 0
     report = audit_dataset(dir, backbone=backbone or DEFAULT_BACKBONE, folds=DEFAULT_FOLDS if folds is None else folds,
                            similarity=DEFAULT_DUPLICATE_SIMILARITY if similarity is None else similarity,
@@ -80,15 +82,15 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
     for path, write in ((json_path, lambda p: cio.write_json(p, report.to_dict())),
                         (csv_path, lambda p: cio.write_text(p, output.findings_csv(report))),
                         (html_path, lambda p: cio.write_text(p, output.render_page(report)))):
-        if path:
+        if path:  # written before anything moves, so a failed move still leaves them
             write(path)
-            console.print(f"written: {path}")
-    if quarantine_dir:
-        moved = len(report.chosen(chosen))
-        manifest = report.quarantine(quarantine_dir, chosen)
-        if manifest:
-            console.print(f"moved {moved} file(s) ({', '.join(chosen)}) to {Path(quarantine_dir)}; "
-                          f"undo with `convlens audit --undo {manifest}`")
-        else:
-            console.print(f"no {', '.join(chosen)} findings: nothing moved")
+            console.print(f"written: {path}", markup=False, soft_wrap=True)
+    files = report.chosen(chosen) if quarantine_dir else []
+    if files and quarantine_dir:
+        moves = quarantine_files(report.root, files, quarantine_dir, verb="audit")
+        print_moves(moves, console, f"file(s) ({', '.join(chosen)}) to {moves.destination}", "audit")
+        if json_path:
+            cio.write_json(json_path, {**report.to_dict(), "moves": moves.to_dict()})
+    elif quarantine_dir:
+        console.print(f"no {', '.join(chosen)} findings: nothing moved")
     return report.exit_code

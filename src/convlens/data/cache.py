@@ -425,10 +425,3 @@ def _write_files_json(path: Path, check_params: dict[str, Any], records: dict[st
     cio.write_text(path, json.dumps(data, separators=(",", ":")))
 
 
-def human_bytes(n: float) -> str:
-    """``123456789`` -> ``'117.7 MB'``."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"

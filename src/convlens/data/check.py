@@ -2,20 +2,15 @@
 
 Each file goes through :func:`convlens.data.decode.decode`, the decoder training uses, so
 "usable" here means "training will read it". Nothing in the dataset is ever changed: only
-``--quarantine`` moves the unusable files out (never overwriting anything), with a manifest
-that ``--undo`` uses to move them back.
+``--quarantine`` moves the unusable files out, through :mod:`convlens.data.moves` (never
+overwriting anything), with a manifest that ``--undo`` uses to move them back.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
-import errno
 import functools
-import json
 import os
 import shlex
-import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +21,11 @@ import numpy as np
 from convlens import files as cio
 from convlens.data.decode import DEFAULT_MAX_PIXELS, ImageInfo, decode
 from convlens.data.groups import linked_groups
+from convlens.data.moves import MoveReport, print_moves, quarantine_files, undo_quarantine
 from convlens.data.parallel import pmap, resolve_workers
 from convlens.data.scan import DatasetIndex, ImageEntry, scan
-from convlens.errors import ConfigError, DataError, ImageError
+from convlens.errors import ConfigError, ImageError
 
-MANIFEST_NAME = "convlens-quarantine.json"
 IMBALANCE_LIMIT = 5.0  # largest / smallest class above this is reported as a problem
 NEAR_DUPLICATE_BITS = 6  # perceptual-hash Hamming distance (of 64 bits) counted as "near"
 SHOW = 10  # file names shown per row in the terminal (the JSON report has all of them)
@@ -227,8 +222,9 @@ class CheckReport:
         return findings(self)
 
     def quarantine(self, qdir: str | os.PathLike[str]) -> Path:
-        """Move the unusable files into ``qdir`` (outside the dataset); return the undo manifest."""
-        return quarantine(self, qdir)
+        """Move the unusable files into ``qdir`` (outside the dataset); return the undo manifest
+        (it records where each file went, renamed when its name was taken there)."""
+        return quarantine(self, qdir).manifest
 
     def to_dict(self) -> dict[str, Any]:
         by_kind: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -430,165 +426,11 @@ def report_html(report: CheckReport) -> str:
 
 
 # ----------------------------------------------------------------------------- quarantine
-def _move_no_clobber(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, failing (FileExistsError) rather than replacing an existing file."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)  # atomic and refuses to overwrite; same filesystem only
-    except FileExistsError:
-        raise
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
-        # Another filesystem (or no hard links): exclusive-create copy, then remove the source.
-        with open(src, "rb") as fi, open(dst, "xb") as fo:
-            shutil.copyfileobj(fi, fo, 1 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-        shutil.copystat(src, dst)
-    os.unlink(src)
-
-
-def quarantine(report: CheckReport, qdir: str | os.PathLike[str]) -> Path:
-    """Move the report's unusable files into ``qdir`` (keeping relative paths); return the manifest.
-
-    All-or-nothing pre-flight: if any destination already exists nothing is moved.
-    """
-    return quarantine_files(report.root, [{"path": r.rel, "kind": r.kind, "message": r.message, "size": r.size,
-                                           "sha256": r.sha256} for r in report.unusable], qdir)
-
-
-def quarantine_files(root: str | os.PathLike[str], files: list[dict[str, Any]],
-                     qdir: str | os.PathLike[str], flag: str = "--quarantine") -> Path:
-    """Move ``files`` (dicts with ``path`` relative to ``root`` and any JSON-safe details, e.g.
-    ``kind`` and ``message``) into ``qdir`` at the same relative paths; return the manifest
-    that :func:`undo_quarantine` reads. Used by ``check`` (unusable files) and ``audit``
-    (chosen findings). All-or-nothing pre-flight: if any destination exists nothing is moved."""
-    root = Path(root).resolve()
-    qdir = Path(qdir).expanduser().resolve()
-    if qdir.is_relative_to(root):
-        raise DataError(f"the quarantine folder must be outside the dataset folder {root}. Received: {flag} {str(qdir)!r}")
-    manifest = qdir / MANIFEST_NAME
-    old: dict[str, Any] = {}
-    if manifest.exists():
-        old = _read_manifest(manifest)
-        if old["dataset"] != str(root):
-            raise DataError(f"{qdir} already holds files quarantined from {old['dataset']}; choose another folder. "
-                            f"Received: {flag} {str(qdir)!r}")
-    _check_relative(root, [f["path"] for f in files], flag)
-    clashes = [f["path"] for f in files if (qdir / f["path"]).exists() or (qdir / f["path"]).is_symlink()]
-    if clashes:
-        raise DataError(f"{len(clashes)} file(s) already exist in the quarantine folder and would be overwritten "
-                        f"(e.g. {clashes[0]}); nothing was moved. Received: {flag} {str(qdir)!r}")
-    data = {
-        "version": 1,
-        "dataset": str(root),
-        "quarantine": str(qdir),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": old.get("files", []) + list(files),
-    }
-    # The manifest is written first: if the process dies mid-way, --undo still knows every file.
-    cio.write_json(manifest, data)
-    _move_all(root, [(f["path"], qdir / f["path"]) for f in files], f"{flag} {str(qdir)!r}")
-    return manifest
-
-
-def _check_relative(root: Path, rels: list[str], flag: str) -> None:
-    """Every path must name a file inside ``root`` (no ``..``, no absolute paths)."""
-    for rel in rels:
-        inside = (root / rel).resolve().is_relative_to(root)
-        if Path(rel).is_absolute() or not inside or rel in ("", "."):
-            raise DataError(f"{rel!r} is not a file inside the dataset folder {root}; paths are relative to it. "
-                            f"Received: {flag}")
-
-
-def _move_all(root: Path, moves: list[tuple[str, Path]], received: str) -> None:
-    for rel, dst in moves:
-        try:
-            _move_no_clobber(root / rel, dst)
-        except FileNotFoundError:
-            continue  # vanished since the scan: nothing to move, --undo skips it
-        except PermissionError as e:
-            raise DataError(f"cannot move {rel}: permission denied (is the dataset read-only?). "
-                            f"Received: {received}") from e
-
-
-def relabel_files(root: str | os.PathLike[str], moves: list[dict[str, Any]],
-                  manifest: str | os.PathLike[str]) -> Path:
-    """Move files between class folders inside ``root``: each dict has ``path`` (where the file
-    is) and ``to`` (where it goes), both relative to ``root``, plus any details. Writes the
-    manifest (a new file; never replaced) before moving; :func:`undo_quarantine` moves them back.
-    All-or-nothing pre-flight: if any destination exists nothing is moved."""
-    root = Path(root).resolve()
-    manifest = Path(manifest).expanduser()
-    _check_relative(root, [m["path"] for m in moves] + [m["to"] for m in moves], "--relabel")
-    missing = [m["path"] for m in moves if not (root / m["path"]).is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} file(s) to relabel are not in the dataset (e.g. {missing[0]}); "
-                        f"nothing was moved. Received: --relabel")
-    targets = [m["to"] for m in moves]
-    clashes = [t for t in targets if (root / t).exists() or (root / t).is_symlink()]
-    if clashes or len(set(targets)) != len(targets):
-        example = clashes[0] if clashes else next(t for t in targets if targets.count(t) > 1)
-        raise DataError(f"relabelling would overwrite {example}; rename it first; nothing was moved. "
-                        f"Received: --relabel")
-    data = {"version": 1, "action": "relabel", "dataset": str(root), "quarantine": None,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": list(moves)}
-    try:
-        cio.write_json(manifest, data, exclusive=True)  # an old manifest is never replaced
-    except FileExistsError as e:
-        raise DataError(f"the manifest {manifest} exists already; choose another name. Received: --relabel") from e
-    _move_all(root, [(m["path"], root / m["to"]) for m in moves], "--relabel")
-    return manifest
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not (isinstance(data, dict) and "dataset" in data and isinstance(data.get("files"), list)):
-            raise ValueError("missing keys")
-    except FileNotFoundError as e:
-        raise DataError(f"quarantine manifest not found. Received: {str(path)!r}") from e
-    except (ValueError, OSError) as e:
-        raise DataError(f"not a convlens quarantine manifest ({e}). Received: {str(path)!r}") from e
-    return data
-
-
-def undo_quarantine(manifest_path: str | os.PathLike[str]) -> list[str]:
-    """Move every quarantined (or relabelled) file back to where it was; return their relative paths.
-
-    Refuses (and moves nothing) when any original location is occupied again.
-    """
-    manifest = Path(manifest_path).expanduser()
-    if manifest.is_dir():
-        manifest = manifest / MANIFEST_NAME
-    data = _read_manifest(manifest)
-    root, qdir = Path(data["dataset"]), Path(data.get("quarantine") or manifest.parent)
-
-    def where(f: dict[str, Any]) -> Path:  # a relabelled file sits at "to" inside the dataset
-        return root / f["to"] if f.get("to") else qdir / f["path"]
-
-    todo = [f for f in data["files"] if where(f).exists()]
-    clashes = [f["path"] for f in todo if (root / f["path"]).exists()]
-    if clashes:
-        raise DataError(f"{len(clashes)} original location(s) hold a file again (e.g. {clashes[0]}); move them "
-                        f"away first; nothing was restored. Received: --undo {str(manifest)!r}")
-    restored = []
-    for f in todo:
-        _move_no_clobber(where(f), root / f["path"])
-        restored.append(f["path"])
-        if f.get("to"):
-            continue
-        # Remove now-empty folders we created in the quarantine folder (never anything else).
-        d = (qdir / f["path"]).parent
-        while d != qdir and d.is_relative_to(qdir):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-            d = d.parent
-    data["files"] = []
-    data["restored"] = data.get("restored", []) + restored
-    cio.write_json(manifest, data)
-    return restored
+def quarantine(report: CheckReport, qdir: str | os.PathLike[str]) -> MoveReport:
+    """Move the report's unusable files into ``qdir`` (keeping relative paths; a taken name gets a
+    free one) through :func:`convlens.data.moves.quarantine_files`; return what moved."""
+    return quarantine_files(report.root, [{"path": r.rel, "kind": r.kind, "message": r.message}
+                                          for r in report.unusable], qdir)
 
 
 # ----------------------------------------------------------------------------- CLI + callers
@@ -605,24 +447,26 @@ def run_check(dir: str | None, json_path: str | None = None, quarantine_dir: str
     if undo:
         if quarantine_dir:
             raise ConfigError(f"use either --quarantine or --undo, not both. Received: --undo {undo!r}")
-        restored = undo_quarantine(undo)
-        info.print(f"restored {len(restored)} file(s) to their original places")
-        return 0
+        result = undo_quarantine(undo)
+        for line in result.lines():
+            info.print(line, markup=False, highlight=False, soft_wrap=True)
+        return result.exit_code
     if not dir:
         raise ConfigError("check needs a dataset folder: `convlens check DIR`. Received: DIR=None")
     report = check_dataset(dir, workers=workers, max_pixels=max_pixels, min_side=min_side,
                            near_duplicates=near_duplicates, progress=progress)
     print_report(report, console)
-    if json_path:
-        cio.write_json(json_path, report.to_dict())
-        info.print(f"report written to {json_path}")
-    if quarantine_dir:
-        if report.unusable:
-            manifest = quarantine(report, quarantine_dir)
-            info.print(f"moved {len(report.unusable)} unusable file(s) to {Path(quarantine_dir)}; "
-                       f"undo with `convlens check --undo {manifest}`")
-        else:
+    moves = None
+    try:
+        if quarantine_dir and report.unusable:
+            moves = quarantine(report, quarantine_dir)
+            print_moves(moves, info, f"unusable file(s) to {moves.destination}", "check")
+        elif quarantine_dir:
             info.print("no unusable files: nothing moved")
+    finally:  # the report is written even when a move fails
+        if json_path:
+            cio.write_json(json_path, {**report.to_dict(), **({"moves": moves.to_dict()} if moves else {})})
+            info.print(f"report written to {json_path}", markup=False, soft_wrap=True)
     return report.exit_code
 
 
