@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import time
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import BundleError, first_line
-from convlens.files import atomic_open
+from convlens.files import write_bytes
 from convlens.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,9 +118,11 @@ def save_bundle(
     meta.versions = {"convlens": __version__, "torch": torch.__version__, **meta.versions}
     meta.created = meta.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     path = Path(path)
-    with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+    buf = io.BytesIO()  # whole in memory first: its size is known, so its space is checked and reserved
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         z.writestr("model.json", json.dumps(meta.to_json(), indent=2, default=str))
         z.writestr("weights.safetensors", weights)
+    write_bytes(path, buf.getvalue())
     return path
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convlens.data.cache import CachedImages, CacheResult, build_cache, human_bytes
+from convlens.data.cache import CachedImages, CacheResult, build_cache
 from convlens.data.check import SkippedFiles
 from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.data.preprocess import Preprocessing
@@ -25,6 +25,7 @@ from convlens.data.split import (
     read_split_csv,
 )
 from convlens.errors import ConfigError, DataError, ImageError
+from convlens.files import human_bytes
 
 
 @dataclass
