@@ -18,13 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convlens.data.cache import build_cache, human_bytes
+from convlens.data.cache import build_cache
 from convlens.data.loader import BatchLoader, to_model_input
 from convlens.data.parallel import resolve_workers
 from convlens.data.prepare import Subset
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import scan
 from convlens.errors import ImageError
+from convlens.files import human_bytes
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cats_and_dogs_filtered"
 GOAL = 20.0

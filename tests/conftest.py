@@ -55,3 +55,59 @@ def tiny_onnx(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(tiny_bundle, out)
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A factory of tiny filesystems standing in for a full disk: ``small_disk("3m")`` mounts a
+    tmpfs of that size (root only) and returns its folder; each is unmounted afterwards."""
+    import subprocess
+    import sys
+
+    mounted: list[Path] = []
+
+    def mount(size: str = "3m") -> Path:
+        if sys.platform != "linux" or os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root on Linux")
+        d = tmp_path / f"disk{len(mounted)}"
+        d.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def enospc_at(monkeypatch: pytest.MonkeyPatch):
+    """``enospc_at(needle, skip=0)``: the fsync of a file whose (temporary) name contains ``needle``
+    fails with ENOSPC, after ``skip`` such fsyncs succeed; returns the list of failures (Linux only:
+    it finds a descriptor's file through /proc). What convlens's writers see when the disk fills."""
+    import errno
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("finds the file of a descriptor through /proc/self/fd")
+    real = os.fsync
+
+    def arm(needle: str, skip: int = 0) -> list[str]:
+        seen, failed = [0], []
+
+        def fsync(fd: int) -> None:
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            if needle in name and not failed:
+                seen[0] += 1
+                if seen[0] > skip:
+                    failed.append(name)
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        return failed
+
+    return arm

@@ -41,6 +41,24 @@ class BundleError(UserError):
     """A model bundle that is missing, truncated, tampered with or mismatched."""
 
 
+class DiskFullError(UserError):
+    """Not enough free disk space for a file convlens writes (checked before writing, or ENOSPC).
+
+    ``str(e)`` is one line: what could not be written, where, how much it needed and how much was
+    free, then ``hint`` (how to make room or move the output). ``path`` is the file, ``needed`` and
+    ``free`` are bytes (``needed`` is None when a write failed without a size known beforehand).
+    """
+
+    def __init__(self, problem: str, hint: str, *, path: str = "", needed: int | None = None,
+                 free: int | None = None) -> None:
+        super().__init__(f"{problem}; {hint}")
+        self.problem, self.hint, self.path, self.needed, self.free = problem, hint, path, needed, free
+
+    def with_hint(self, hint: str) -> DiskFullError:
+        """The same error with the advice of a caller that knows more (which flag moves this output)."""
+        return DiskFullError(self.problem, hint, path=self.path, needed=self.needed, free=self.free)
+
+
 class ImageError(ConvlensError):
     """One image that cannot be used. Never fatal to a run: the file is skipped and reported.
 

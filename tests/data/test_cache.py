@@ -150,3 +150,65 @@ def test_exif_upright_in_cache(tmp_path: Path) -> None:
     up = Preprocessing(size=(40, 20), resize="crop").load(root / "a" / "rot.jpg")
     np.testing.assert_array_equal(c.array[c.rows["a/rot.jpg"]], up)
     assert "exif" in c.records["a/rot.jpg"].warnings
+
+
+# ----------------------------------------------------------------------------- a full disk
+@pytest.mark.parametrize("damage", ["cut short", "another shape"])
+def test_an_array_cut_short_is_rebuilt_not_read(tmp_path: Path, damage: str) -> None:
+    root = make_class_dataset(tmp_path / "ds", {"a": 3, "b": 3})
+    first = _build(root, tmp_path / "cache")
+    path, shape = first.path, first.array.shape
+    del first
+    if damage == "cut short":  # what a full disk left in an earlier run
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        np.save(path, np.zeros((2, *shape[1:]), np.uint8))
+    again = _build(root, tmp_path / "cache")
+    assert again.decoded == 6 and again.reused == 0
+    for rel, row in again.rows.items():
+        np.testing.assert_array_equal(again.array[row], _expected(root, rel, 3))
+
+
+FULL_CACHE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from convlens.data.cache import build_cache
+from convlens.data.scan import scan
+from convlens.errors import DiskFullError
+from tests.data.conftest import make_class_dataset
+
+root, cache = Path(sys.argv[1]), Path(sys.argv[2])
+make_class_dataset(root, {"a": 4, "b": 4})
+build = lambda entries: build_cache(entries, root, size=(64, 64), cache_dir=cache, workers=1, progress=False)
+first = build(scan(root).entries)
+kept = list(scan(root).entries)
+make_class_dataset(root, {"a": 8, "b": 8}, start=100)  # a second array would not fit beside the first
+try:
+    build(scan(root).entries)
+    error = None
+except DiskFullError as e:
+    error = str(e)
+left = sorted(p.name for p in cache.rglob("*") if p.is_file())
+again = build(kept)
+print(json.dumps({"error": error, "files_after_error": left, "reused": again.reused, "decoded": again.decoded,
+                  "same_array": again.path == first.path}))
+"""
+
+
+def test_a_cache_that_does_not_fit_leaves_the_previous_one_in_use(tmp_path: Path, small_disk) -> None:
+    """In a subprocess: a memory map written past the disk's end would be a SIGBUS, not an error."""
+    import json
+    import subprocess
+    import sys
+
+    disk = small_disk("256k")
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(repo)) if p)}
+    done = subprocess.run([sys.executable, "-c", FULL_CACHE_SCRIPT, str(tmp_path / "ds"), str(disk)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["error"] and "\n" not in out["error"], out
+    assert "the decode cache (24 images of 64x64x3)" in out["error"] and "CONVLENS_CACHE_DIR" in out["error"]
+    assert not [n for n in out["files_after_error"] if n.endswith(".tmp")], out  # no partial array
+    assert (out["reused"], out["decoded"], out["same_array"]) == (8, 0, True)

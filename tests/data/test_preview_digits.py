@@ -55,3 +55,12 @@ def test_digits_dataset(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a convlens digits dataset"):
         ensure_digits_dataset(foreign)
     assert (foreign / "keep.txt").read_text() == "user data"
+
+
+def test_digits_on_a_full_disk_is_one_error_and_leaves_nothing(small_disk) -> None:
+    from convlens.errors import DiskFullError
+
+    disk = small_disk("256k")
+    with pytest.raises(DiskFullError, match=r"the disk filled while writing .*CONVLENS_CACHE_DIR=DIR$"):
+        ensure_digits_dataset(disk / "digits")
+    assert list(disk.iterdir()) == []

@@ -13,6 +13,11 @@ preprocessing parameters (size, resize policy, channels, interpolation, Pillow v
 changed file is decoded again, a changed setting gets its own array, and nothing else is
 decoded twice. The index is the commit point: it is written atomically after the array is
 complete, so a kill at any moment leaves the previous cache usable.
+
+Disk space: a new array's blocks are reserved (:func:`convlens.files.reserve`) before it is
+memory-mapped, so a full disk is a one-line :class:`DiskFullError` and never a SIGBUS; an array
+whose size or header does not match its index (cut short on an earlier full disk) is rebuilt.
+It takes ``N x H x W x C`` bytes for N usable images at ``H x W`` (see the README).
 """
 
 from __future__ import annotations
@@ -39,10 +44,13 @@ from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.data.parallel import pmap
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import ImageEntry
-from convlens.errors import DataError
+from convlens.errors import DataError, DiskFullError
 
 CACHE_VERSION = 1
 COPY_CHUNK = 256  # rows copied per step: keeps memory flat however large the dataset
+# How to get room for the decode and feature caches (CONVLENS_CACHE_DIR: default_cache_dir;
+# --cache-dir: the cache_dir of train, lr-find and audit).
+CACHE_SPACE_HINT = "free some space, or put the cache on a disk with room: CONVLENS_CACHE_DIR=DIR or --cache-dir DIR"
 
 
 def default_cache_dir() -> Path:
@@ -246,6 +254,8 @@ def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[in
     except PermissionError as e:
         raise DataError(f"cannot write the image cache ({e.strerror}); pass a writable --cache-dir. "
                         f"Received: cache_dir={str(cache_root)!r}") from e
+    except DiskFullError as e:
+        raise e.with_hint(CACHE_SPACE_HINT) from e
 
 
 def _known_records(entries: list[ImageEntry], files_json: Path, check_params: dict[str, Any],
@@ -280,10 +290,8 @@ def _old_rows(index_path: Path, params: dict[str, Any], records: dict[str, FileR
     old_array: np.ndarray | None = None
     reuse: dict[str, int] = {}
     if old_index.get("params") == params and (index_path.parent / str(old_index.get("array", ""))).is_file():
-        try:
-            old_array = np.load(index_path.parent / old_index["array"], mmap_mode="r")
-        except (OSError, ValueError):
-            old_array = None
+        # Only an array that is whole: one cut short by a full disk is rebuilt, never read.
+        old_array = open_array(index_path.parent / old_index["array"], old_index.get("shape"), np.uint8)
         if old_array is not None:
             for rel, (row, sz, mt) in old_index.get("files", {}).items():
                 if rel in records and records[rel].usable and (sz, mt) == stats.get(rel) and row < len(old_array):
@@ -291,12 +299,54 @@ def _old_rows(index_path: Path, params: dict[str, Any], records: dict[str, FileR
     return old_index, old_array, reuse
 
 
+def new_array(path: Path, shape: tuple[int, ...], dtype: Any = np.uint8, what: object = None) -> np.memmap:
+    """A new ``.npy`` at ``path`` memory-mapped for writing, its disk blocks reserved first (no
+    file is left behind when they cannot be); ``what``: what a full-disk message calls it."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    try:
+        with cio.disk_full_as_error(path), open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            nbytes = f.tell() + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            cio.reserve(f, nbytes, path, zero_fill=True, what=what)  # unbacked pages of a memory map die of SIGBUS
+        return np.lib.format.open_memmap(path, mode="r+")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise
+
+
+def _cache_label(shape: tuple[int, ...]) -> str:
+    return f"the decode cache ({shape[0]} images of {shape[1]}x{shape[2]}x{shape[3]})"
+
+
+def open_array(path: Path, shape: Any = None, dtype: Any = None) -> np.ndarray | None:
+    """``path`` memory-mapped read-only, or None when it is missing, damaged or cut short (its
+    header names another shape or dtype, or the file is shorter than the header says)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_2_0 if version[0] >= 2 else np.lib.format.read_array_header_1_0
+            got_shape, fortran, got_dtype = read_header(f)
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):
+        return None
+    wanted = offset + int(np.prod(got_shape, dtype=np.int64)) * got_dtype.itemsize
+    if (fortran or size != wanted or (shape is not None and tuple(got_shape) != tuple(shape))
+            or (dtype is not None and got_dtype != np.dtype(dtype))):
+        return None
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+
+
 def _fill(tmp: Path, shape: tuple[int, ...], old_array: np.ndarray | None, reuse: dict[str, int],
           row_of: dict[str, int], todo: list[ImageEntry], records: dict[str, FileRecord],
           wparams: dict[str, Any], workers: int, progress: bool) -> bool:
     """Write reused rows and newly decoded images into a new array; True when a colour image
     arrived in what looked like a grayscale dataset."""
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    out = new_array(tmp, shape, what=_cache_label(shape))
     if reuse and old_array is not None:
         pairs = sorted((row_of[rel], row) for rel, row in reuse.items())
         for k in range(0, len(pairs), COPY_CHUNK):
@@ -383,7 +433,13 @@ def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int
         raise
     array = np.load(final, mmap_mode="r")
     rows = {rel: row_of[rel] for rel in candidates if records[rel].usable}
-    _write_index(index_path, params, name, array.shape, rows, stats)
+    try:
+        _write_index(index_path, params, name, array.shape, rows, stats)
+    except BaseException:  # (a full disk) no index points to the new array: the old one stays in use
+        del array
+        with contextlib.suppress(OSError):
+            final.unlink()
+        raise
     _write_files_json(files_json, check_params, records, entries)
     _cleanup_stale(px_dir, keep={name})
     return CacheResult(array=array, rows=rows, records=records, channels=final_channels, path=final,
@@ -404,7 +460,7 @@ def _first_channel_only(tmp: Path, provisional_dir: Path, dcache: Path,
 def _keep_first_channel(src: Path, px_dir: Path) -> Path:
     a = np.load(src, mmap_mode="r")
     dst = px_dir / f".{uuid.uuid4().hex[:12]}.gray.tmp"
-    b = np.lib.format.open_memmap(dst, mode="w+", dtype=np.uint8, shape=(*a.shape[:3], 1))
+    b = new_array(dst, (*a.shape[:3], 1), what=_cache_label((*a.shape[:3], 1)))
     for k in range(0, len(a), COPY_CHUNK):
         b[k:k + COPY_CHUNK] = a[k:k + COPY_CHUNK, :, :, :1]
     b.flush()
@@ -423,5 +479,3 @@ def _write_files_json(path: Path, check_params: dict[str, Any], records: dict[st
                       entries: list[ImageEntry]) -> None:
     data = {"check": check_params, "files": {e.rel: asdict(records[e.rel]) for e in entries if e.rel in records}}
     cio.write_text(path, json.dumps(data, separators=(",", ":")))
-
-

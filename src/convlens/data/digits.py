@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convlens.errors import DataError
+from convlens.errors import DataError, DiskFullError
+from convlens.files import disk_full_as_error
 
 MARKER = ".convlens-digits-complete"
 
@@ -42,16 +43,20 @@ def ensure_digits_dataset(root: str | os.PathLike[str] | None = None) -> Path:
     try:
         # 0..16 intensities -> 0..255 (exact multiples of 255/16, rounded).
         pixels = np.rint(np.asarray(digits.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
-        for i, (img, label) in enumerate(zip(pixels, digits.target, strict=True)):
-            d = tmp / str(int(label))
-            d.mkdir(exist_ok=True)
-            Image.fromarray(img, "L").save(d / f"digit_{i:04d}.png")  # tmp is renamed whole below
-        (tmp / MARKER).write_text(f"{len(pixels)} images from sklearn.datasets.load_digits\n")
+        with disk_full_as_error(root):  # about 1 MB
+            for i, (img, label) in enumerate(zip(pixels, digits.target, strict=True)):
+                d = tmp / str(int(label))
+                d.mkdir(exist_ok=True)
+                Image.fromarray(img, "L").save(d / f"digit_{i:04d}.png")  # tmp is renamed whole below
+            (tmp / MARKER).write_text(f"{len(pixels)} images from sklearn.datasets.load_digits\n")
         try:
             os.rename(tmp, root)
         except OSError:
             if not (root / MARKER).is_file():  # lost a race to another process: theirs is complete
                 raise
+    except DiskFullError as e:
+        raise e.with_hint("free some space, or put the cache (where the digits go) on a disk with room: "
+                          "CONVLENS_CACHE_DIR=DIR") from e
     finally:
         with contextlib.suppress(OSError):
             if tmp.exists():

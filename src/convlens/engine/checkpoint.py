@@ -3,8 +3,8 @@
 A checkpoint never holds a pickled module or object: model, optimizer, scheduler and scaler
 state_dicts, RNG states as tensors and lists, the resolved config as a dict. It is written
 with ``torch.save`` to a temporary file that is renamed over the old one (``convlens.files``),
-so a kill -9 at any moment leaves the previous checkpoint or the new one, never half a file,
-and it is read back with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+so a kill -9 or a full disk at any moment leaves the previous checkpoint or the new one, never
+half a file, and it is read back with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
 """
 
 from __future__ import annotations
@@ -33,6 +33,14 @@ CHECKPOINT_DIR = "checkpoints"
 
 class CheckpointError(UserError):
     """A checkpoint or run folder that cannot be resumed from."""
+
+
+def disk_full_hint(run_dir: str | os.PathLike[str]) -> str:
+    """What to do when the disk under a run folder fills: resume once it has a checkpoint, else
+    start again with the run folders elsewhere."""
+    if (Path(run_dir) / CHECKPOINT_DIR / LAST).is_file():
+        return f"free some space, then continue with: convlens train --resume {run_dir}"
+    return "free some space, or put the run folders on a disk with room: --project DIR"
 
 
 def checkpoint_bytes(state: dict[str, Any]) -> bytes:

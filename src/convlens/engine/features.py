@@ -11,7 +11,8 @@ to the decode cache of the same dataset::
 SHA-256), the pixel parameters, precision, flipping and the format version. Rows are found by
 the image file's SHA-256, so a renamed file is not recomputed, a changed one is, and a second run
 with another head, split or class layout costs a read. The index is written atomically after
-the array, so an interrupted run leaves the previous cache usable.
+the array, so an interrupted run leaves the previous cache usable. The space of the new array
+is checked before the features are computed; a full disk is a one-line ``DiskFullError``.
 
 Typical use (the data audit does this)::
 
@@ -37,9 +38,11 @@ from convlens import files as cio
 from convlens import runtime
 from convlens.config import DEFAULT_BACKBONE
 from convlens.data.cache import (
+    CACHE_SPACE_HINT,
     CachedImages,
     dataset_cache_dir,
     default_cache_dir,
+    open_array,
     params_key,
     pixel_params,
     read_json,
@@ -47,6 +50,7 @@ from convlens.data.cache import (
 from convlens.data.loader import to_model_input
 from convlens.data.prepare import prepare_dataset
 from convlens.data.preprocess import Preprocessing
+from convlens.errors import DiskFullError
 from convlens.models.model import ConvlensModel
 from convlens.models.pretrained import PretrainedSource, load_backbone
 
@@ -137,12 +141,18 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
     index_path = fdir / "index.json"
     old = read_json(index_path)
     old_rows: dict[str, int] = old.get("rows", {}) if old else {}
-    old_array = np.load(fdir / old["array"], mmap_mode="r") if old and (fdir / old["array"]).is_file() else None
+    # Only a whole array is read: a damaged one is computed again.
+    old_array = open_array(fdir / str(old.get("array")), old.get("shape"), np.float32) if old else None
     # One computation per distinct file content (duplicate files share a row).
     first = {h: i for i, h in reversed(list(enumerate(hashes)))}
     missing = [h for h in dict.fromkeys(hashes) if old_array is None or h not in old_rows]
     fresh = np.zeros((0, backbone.num_features), np.float32)
     if missing:
+        try:  # before minutes of computing: the new array holds the old rows and the new ones
+            n = len(old_rows) + len(missing)
+            cio.ensure_space(fdir, n * backbone.num_features * 4 + 4096, f"the feature cache ({n} x {backbone.num_features} floats)")
+        except DiskFullError as e:
+            raise e.with_hint(CACHE_SPACE_HINT) from e
         rows = CachedImages(images, [first[h] for h in missing])  # lazy: read a batch at a time
         fresh = extract_features(backbone.model, rows, prep,
                                  batch_size=batch_size, precision=precision, flip=flip, progress=progress)
@@ -157,7 +167,8 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
 
 def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_array: np.ndarray | None,
                  new_of: dict[str, int], fresh: np.ndarray) -> None:
-    """Old rows + new rows into a new array, then the index (the commit point); best effort."""
+    """Old rows + new rows into a new array, then the index (the commit point); a read-only cache
+    folder is skipped, a full disk is a ``DiskFullError``."""
     keep = {h: r for h, r in old_rows.items() if old_array is not None and r < len(old_array) and h not in new_of}
     merged = np.concatenate([old_array[list(keep.values())] if keep else fresh[:0], fresh])  # type: ignore[index]
     rows = {h: i for i, h in enumerate([*keep, *new_of])}
@@ -172,6 +183,8 @@ def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_arr
             if p.name != name:
                 with contextlib.suppress(OSError):
                     p.unlink()  # our own superseded arrays
+    except DiskFullError as e:
+        raise e.with_hint(CACHE_SPACE_HINT) from e
     except OSError:
         pass  # a read-only cache folder: the features were computed and are returned anyway
 

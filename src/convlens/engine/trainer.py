@@ -20,12 +20,13 @@ with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from convlens.engine.checkpoint import (
     LAST,
     CheckpointError,
     checkpoint_bytes,
+    disk_full_hint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -81,7 +83,7 @@ from convlens.engine.run_folder import (
     say,
     write_metrics_csv,
 )
-from convlens.errors import ConfigError
+from convlens.errors import ConfigError, DiskFullError
 from convlens.evaluate import bf16_check_size
 from convlens.files import write_bytes, write_json, write_text
 
@@ -224,8 +226,6 @@ class Trainer:
     first_epoch = 0
 
     def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None) -> None:
-        from convlens.data.split import write_split_csv
-
         self.t0 = time.perf_counter()  # --time counts from here: data preparation is part of the run
         # torchrun's environment (one process without it); only rank 0 prints and writes files.
         self.dist = dist = distributed.from_env()
@@ -261,6 +261,15 @@ class Trainer:
             run_dir = dist.broadcast(make_run_dir(cfg.project, cfg.name, cfg.exist_ok) if dist.is_main else None)
         self.run_dir = run_dir
         self.ckpt_dir = run_dir / CHECKPOINT_DIR
+        with self.disk_full_advice():
+            self._start(state, batch_size)
+
+    def _start(self, state: dict[str, Any] | None, batch_size: int) -> None:
+        """Write the run folder's configuration and split, build the model and the training parts,
+        and restore ``state`` (a resumed run) or begin a fresh one."""
+        from convlens.data.split import write_split_csv
+
+        cfg, dist, run_dir = self.cfg, self.dist, self.run_dir
         if dist.is_main:
             write_text(run_dir / "config.yaml", dump_yaml(cfg))
             write_split_csv(run_dir / "split.csv", self.prepared.split_rows)
@@ -279,6 +288,17 @@ class Trainer:
         self.tb = tensorboard.open_writer(run_dir, self.start_epoch) if cfg.tensorboard and dist.is_main else None
         if state is None:
             self.begin()
+
+    @contextlib.contextmanager
+    def disk_full_advice(self) -> Iterator[None]:
+        """A full disk while writing the run folder: say how to continue (``--resume``) or where
+        else to write; a full cache disk keeps the cache's own advice."""
+        try:
+            yield
+        except DiskFullError as e:
+            if not Path(e.path).resolve().is_relative_to(self.run_dir.resolve()):
+                raise
+            raise e.with_hint(disk_full_hint(self.run_dir)) from e
 
     def _build_parts(self, batch_size: int, fresh: bool) -> None:
         """Loaders, optimiser, schedule, scaler, training step and generators (engine/factory.py)."""
@@ -359,7 +379,15 @@ class Trainer:
         }
 
     def fit(self, on_step: Callable[[int, int], None] | None = None) -> RunResult:
-        """Train the remaining epochs, then evaluate the best weights and write the bundle."""
+        """Train the remaining epochs, then evaluate the best weights and write the bundle.
+
+        A full disk stops the run with a :class:`DiskFullError` that says how to resume it; every
+        file it had written before stays whole.
+        """
+        with self.disk_full_advice():
+            return self._fit(on_step)
+
+    def _fit(self, on_step: Callable[[int, int], None] | None) -> RunResult:
         cfg, dev = self.cfg, self.dev
         if self.start_epoch < cfg.epochs:
             say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
@@ -578,12 +606,14 @@ class Trainer:
             self.best["bad_epochs"] = int(self.best["bad_epochs"]) + 1
         stopped_early = cfg.patience > 0 and self.best["bad_epochs"] >= cfg.patience
         if self.dist.is_main:
+            # last.pt is the commit point, written last: a write that fails (full disk) or a kill
+            # before it leaves a run that resumes at the previous epoch and redoes this one exactly.
             finished = stopped_early or row["epoch"] == cfg.epochs
             data = checkpoint_bytes(self.snapshot(row["epoch"], 0, finished=finished))
-            save_checkpoint(self.ckpt_dir / LAST, data)
+            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
             if improved:
                 save_checkpoint(self.ckpt_dir / BEST, data)
-            write_metrics_csv(self.run_dir / "metrics.csv", self.history)
+            save_checkpoint(self.ckpt_dir / LAST, data)
         return improved, stopped_early
 
 

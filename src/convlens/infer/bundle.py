@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import time
@@ -23,7 +24,7 @@ import numpy as np
 
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import BundleError, first_line
-from convlens.files import atomic_open
+from convlens.files import write_bytes
 from convlens.infer.novelty import NoveltyIndex
 from convlens.version import __version__
 
@@ -146,11 +147,13 @@ def save_bundle(
         extra[NOVELTY_PATHS] = json.dumps(list(novelty.paths)).encode()
         meta.novelty = novelty.to_json(hashlib.sha256(extra[NOVELTY_TENSORS]).hexdigest())
     path = Path(path)
-    with atomic_open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+    buf = io.BytesIO()  # whole in memory first: its size is known, so its space is checked and reserved
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         z.writestr("model.json", json.dumps(meta.to_json(), indent=2, default=str))
         z.writestr("weights.safetensors", weights)
         for name, blob in extra.items():
             z.writestr(name, blob)
+    write_bytes(path, buf.getvalue())
     return path
 
 
