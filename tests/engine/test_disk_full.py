@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from convlens.bundle import read_weights
 
 from convlens.data.preprocess import Preprocessing
 from convlens.engine.checkpoint import load_checkpoint
@@ -20,6 +19,7 @@ from convlens.engine.features import Backbone, cached_features
 from convlens.engine.resume import resume_config
 from convlens.engine.trainer import train
 from convlens.errors import DiskFullError
+from convlens.infer.bundle import read_weights
 from convlens.models import create
 from convlens.models.pretrained import PretrainedSource
 from tests.data.conftest import tree_hashes
