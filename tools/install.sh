@@ -34,9 +34,12 @@ case "$want" in
     cpu)
         if [[ "$have" != "$TORCH_VERSION+cpu" && "$have" != "$TORCH_VERSION" ]]; then
             echo "installing PyTorch $TORCH_VERSION (CPU build)"
-            # pip's configured index (or a local wheel, a mirror) stays the main one; PyTorch's
-            # CPU index is only added, for the +cpu build the main index may not hold.
-            pip install -q "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+            # First what pip already reaches (its configured index, a mirror, local wheels in
+            # PIP_FIND_LINKS): no retries against an index that may be unreachable. Only when
+            # none of them has the +cpu build is PyTorch's CPU index added (the main index stays).
+            if ! pip install -q --retries 0 "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
+                pip install -q "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+            fi
         fi
         ;;
     cuda)
