@@ -506,7 +506,8 @@ def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "a
 
     ``precision``: ``auto`` (bf16 where the hardware has it natively, unless training measured
     bf16 moving this model's probabilities too far: then fp32), ``bf16`` or ``fp32``;
-    ONNX models run in fp32.
+    ONNX models run in fp32. A bundle's novelty index is read (strictly) here, once: its
+    predictions carry ``novelty`` and can be ``unknown`` (:class:`Prediction`).
     """
     from convlens.runtime import check_inference_precision
 
