@@ -73,3 +73,16 @@ def _old_bundle_fields(client: Any, novelty_case: Case) -> None:
     assert client.get("/model").json()["novelty"] is None
     _error(_post(client, "/predict", _png(novelty_case[1]["train"][0]), ctype="image/png",
                  params={"neighbours": 1}), 400, "bad_request")
+
+
+def test_serve_notes_an_old_bundle_once(tiny_bundle: Path, novelty_case: Case, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import uvicorn
+
+    from convlens.serve import serve_command
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    assert serve_command(str(tiny_bundle)) == 0
+    assert capsys.readouterr().err.count("trained before novelty scores existed") == 1
+    assert serve_command(str(novelty_case[0])) == 0
+    assert "trained before" not in capsys.readouterr().err

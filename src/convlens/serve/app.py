@@ -2,7 +2,9 @@
 
 Routes: ``POST /predict`` and ``POST /explain`` (multipart field ``file``), ``GET /health``,
 ``GET /model``, ``GET /`` (the page), ``/docs`` and ``/redoc`` (served from local files, like
-the page: nothing is fetched from a CDN).
+the page: nothing is fetched from a CDN). Both model routes answer with ``Prediction.to_dict()``
+(``novelty``, ``known``: ``label`` is ``unknown`` for a photo unlike the training images) and take
+``?reject=false``, ``?novelty_threshold=X`` and ``?neighbours=K`` as ``convlens predict`` does.
 
 Bad input never produces a 500: the upload limit is enforced by :class:`BodyLimit` while the
 body streams in (413), uploads are decoded by the one decoder (:mod:`convlens.data.decode`)
