@@ -116,3 +116,60 @@ def pixel_bomb_png(width: int = 40_000, height: int = 40_000) -> bytes:
     data[20:24] = struct.pack(">I", height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
     return bytes(data)
+
+
+
+def write_flat_images(folder: Path, n: int, *, seed: int = 0, low: int = 140, high: int = 256,
+                      size: tuple[int, int] = (40, 30)) -> list[Path]:
+    """``n`` PNGs each of one random colour (channels in ``[low, high)``) plus mild noise: images
+    that differ from each other (unlike uniform noise), for novelty and neighbour tests."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        base = rng.integers(low, high, size=3)
+        a = np.clip(base + rng.normal(0, 8, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
+        p = folder / f"img{i:03d}.png"
+        Image.fromarray(a).save(p)
+        paths.append(p)
+    return paths
+
+
+def make_novelty_bundle(path: Path, train_images: Sequence[Path], labels: Sequence[int],
+                        val_images: Sequence[Path] | None = None, classes: Sequence[str] = ("cats", "dogs"),
+                        size: int = 32, seed: int = 0, k: int = 3, accept: float = 0.95,
+                        root: Path | None = None, model: torch.nn.Module | None = None) -> Path:
+    """A bundle whose novelty index holds the pooled features of ``train_images`` (the model's
+    own, through the prediction backend), with the threshold chosen on ``val_images`` (or
+    leave-one-out on the training images); reference paths are relative to ``root``."""
+    from convlens.infer import TorchBackend
+    from convlens.infer.novelty import build_index
+
+    if model is None:
+        model = make_model("tiny", len(classes), 3, seed, size=size, random_biases=True)
+    meta = make_meta(model, classes, size)
+    backend = TorchBackend(model, "cpu", "fp32")
+
+    def features(paths: Sequence[Path]) -> np.ndarray:
+        images = np.stack([meta.preprocessing.load(p) for p in paths])
+        return backend.image_outputs(images, meta.preprocessing)[1]
+
+    names = [str(p.relative_to(root)) if root else p.name for p in train_images]
+    index = build_index(features(train_images), np.asarray(labels), names,
+                        features(val_images) if val_images else None, accept=accept, k=k)
+    model.to(memory_format=torch.contiguous_format)
+    return save_bundle(path, model, meta, novelty=index)
+
+
+def novelty_case(folder: Path, classes: Sequence[str] = ("cats", "dogs")) -> tuple[Path, dict[str, list[Path]]]:
+    """A bundle with a novelty index over 30 bright flat-colour training images (threshold from
+    20 more, accepting all of them), and image groups: ``train``, ``known`` (5 more like them)
+    and ``foreign`` (5 dark ones, far from every training image)."""
+    groups = {"train": write_flat_images(folder / "train", 30, seed=1),
+              "val": write_flat_images(folder / "val", 20, seed=2),
+              "known": write_flat_images(folder / "known", 5, seed=3),
+              "foreign": write_flat_images(folder / "foreign", 5, seed=4, low=0, high=60)}
+    labels = [i % len(classes) for i in range(30)]
+    bundle = make_novelty_bundle(folder / "novelty.convlens", groups["train"], labels, groups["val"],
+                                 classes=classes, accept=1.0, root=folder)
+    return bundle, groups

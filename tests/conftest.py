@@ -111,3 +111,21 @@ def enospc_at(monkeypatch: pytest.MonkeyPatch):
         return failed
 
     return arm
+
+
+@pytest.fixture(scope="session")
+def novelty_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, list[Path]]]:
+    """A bundle with a novelty index and its image groups (``tests.bundles.novelty_case``)."""
+    from tests.bundles import novelty_case
+
+    return novelty_case(tmp_path_factory.mktemp("novelty"))
+
+
+@pytest.fixture(scope="session")
+def novelty_onnx(novelty_case: tuple[Path, dict[str, list[Path]]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The novelty bundle exported to fp32 ONNX (with its ``novelty`` output), once per session."""
+    from convlens.export.onnx import export_onnx
+
+    out = tmp_path_factory.mktemp("novelty_onnx") / "novelty.onnx"
+    export_onnx(novelty_case[0], out)
+    return out

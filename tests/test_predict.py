@@ -334,10 +334,11 @@ def test_cli_csv_output_and_exit_codes(tmp_path: Path, photos: list[Path], bundl
     rc = main(["predict", str(bundle3), *map(str, photos), "--out", str(out), "--top-k", "2", "--batch-size", "2"])
     assert rc == 0
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0]) == ["path", "label", "probability", "p_a", "p_b", "p_c", "error"]
+    assert list(rows[0]) == ["path", "label", "probability", "novelty", "known", "p_a", "p_b", "p_c", "error"]
     api = convlens.load(bundle3, device="cpu").predict(photos)
     for row, pred in zip(rows, api, strict=True):
         assert row["path"] == pred.path and row["label"] == pred.label and row["error"] == ""
+        assert row["novelty"] == "" and row["known"] == "true"  # a bundle without novelty
         probs = [float(row[f"p_{c}"]) for c in "abc"]
         np.testing.assert_allclose(probs, [pred.probabilities[c] for c in "abc"], rtol=0, atol=2e-6)
         assert row["label"] == "abc"[int(np.argmax(probs))]

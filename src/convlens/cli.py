@@ -125,7 +125,8 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 
     return predict_command(a.model, a.paths, top_k=a.top_k, tta="crops" if a.tta_crops else a.tta,
                            threshold=a.threshold, out=a.out, batch_size=a.batch_size, device=a.device,
-                           precision=a.precision)
+                           precision=a.precision, reject=not a.no_reject, novelty_threshold=a.novelty_threshold,
+                           neighbours=a.neighbours)
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
@@ -323,6 +324,12 @@ def _predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tta-crops", action="store_true",
                    help="average over the flip, 4 corner crops and the centre crop (12 views)")
     s.add_argument("--threshold", type=float, default=None, help="decision threshold for two-class models")
+    s.add_argument("--no-reject", action="store_true",
+                   help="never label an image unknown (its novelty score is still given)")
+    s.add_argument("--novelty-threshold", type=float, default=None, metavar="X",
+                   help="label images with a novelty above X unknown (default: the cut-off chosen at training)")
+    s.add_argument("--neighbours", type=int, default=0, metavar="K",
+                   help="list each image's K most similar training images (a .convlens bundle)")
     s.add_argument("--out", default=None, help="write every probability to preds.csv or preds.json")
     s.add_argument("--batch-size", type=int, default=32, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

@@ -166,6 +166,18 @@ def model_logits(model: Any, x: Any, dev: DeviceInfo) -> Any:
         return model(x).float()
 
 
+def model_pooled(model: Any, x: Any, dev: DeviceInfo) -> tuple[Any, Any]:
+    """:func:`model_logits`' pass through ``model.forward_pooled``: float32 ``(logits, pooled)``,
+    the pooled features (N x C) computed in the same forward pass as the logits."""
+    import torch
+
+    if dev.amp_dtype is not None:
+        first_conv_in_fp32(model)
+    with torch.inference_mode(), autocast(dev):
+        logits, pooled = model.forward_pooled(x)
+        return logits.float(), pooled.float()
+
+
 def exact_in_bf16(x: Any) -> bool:
     """Whether every value of the float32 tensor ``x`` is a bf16 value (its low 16 bits are zero).
 

@@ -90,3 +90,38 @@ def test_page_reports_a_bad_file(browser_page, live_server, tmp_path: Path) -> N
     text = page.inner_text("#status")
     assert text.startswith("415") and "not an image" in text
     assert page.is_hidden("#result")
+
+
+def test_page_says_unknown_for_a_photo_unlike_the_training_images(browser_page, novelty_case) -> None:
+    from convlens.serve.app import create_app
+    from tests.serve.conftest import LiveServer
+
+    bundle, groups = novelty_case
+    page = browser_page
+    with LiveServer(create_app(bundle, max_upload_mb=1)) as server:
+        page.goto(server.url + "/", wait_until="networkidle")
+        page.wait_for_function("document.getElementById('method').options.length > 0")
+        page.set_input_files("#file", str(groups["foreign"][0]))
+        page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+        _wait_for_text(page, "#label", lambda t: t.startswith("unknown"))
+        assert page.inner_text("#label") == "unknown: this photo is unlike the training images"
+        assert page.inner_text("#probability").startswith("novelty 0.")
+        assert page.locator("#bars li.top").count() == 0  # no class is presented as the answer
+        assert "closest class would be" in page.inner_text("#novelty")
+
+        page.set_input_files("#file", str(groups["train"][0]))
+        _wait_for_text(page, "#label", lambda t: t in ("cats", "dogs"))
+        assert page.inner_text("#label") in ("cats", "dogs")
+        assert page.inner_text("#probability").endswith("%")
+        assert page.inner_text("#novelty").startswith("novelty ")
+
+
+def _wait_for_text(page, selector: str, ok, timeout_s: float = 30.0) -> None:
+    """Poll ``selector``'s text from Python (the page's CSP refuses the string predicates of
+    ``wait_for_function`` once a script has run)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not ok(page.inner_text(selector)):
+        assert time.monotonic() < deadline, f"{selector} never matched: {page.inner_text(selector)!r}"
+        page.wait_for_timeout(50)

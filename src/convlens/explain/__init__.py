@@ -35,7 +35,10 @@ class Explainable(Protocol):
     classes: list[str]
     preprocessing: Preprocessing
 
-    def predict_proba(self, batch: np.ndarray) -> np.ndarray: ...
+    def proba_and_novelty(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
+    def rejection(self, reject: bool = True, novelty_threshold: float | None = None) -> float | None: ...
+    def verdicts(self, decided: np.ndarray, novelty: np.ndarray | None,
+                 cutoff: float | None) -> list[tuple[str, bool, float | None]]: ...
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> np.ndarray: ...
     def class_index(self, class_name: str) -> int: ...
 
@@ -46,7 +49,9 @@ class Explanation:
 
     ``image`` is the upright original (uint8 RGB), ``heat`` the map at that size in [0, 1],
     ``raw`` the feature-resolution map before ReLU/scaling (signed for CAM). ``label`` and
-    ``probability`` are the prediction; ``explained`` is the class the map is for.
+    ``probability`` are the prediction (``label`` is ``unknown``, and ``known`` False, when the
+    image's ``novelty`` is above the model's threshold: ``probability`` is then that of the
+    model's own class, the one a default map is drawn for); ``explained`` is the class the map is for.
     """
 
     path: str | None
@@ -58,6 +63,8 @@ class Explanation:
     explained: str
     explained_probability: float
     method: str
+    novelty: float | None = None
+    known: bool = True
 
 
 def check_method(method: str) -> str:
@@ -110,17 +117,19 @@ def _explain_batch(clf: Explainable, pairs: list[tuple[np.ndarray, np.ndarray]],
     normalize_heat, upsample_to_original = _geometry()
     prep = clf.preprocessing
     batch = np.stack([x for x, _ in pairs])
-    probs = clf.predict_proba(batch)
+    probs, novelty = clf.proba_and_novelty(batch)
     decided = clf.decide(probs, threshold)
+    verdicts = clf.verdicts(decided, novelty, clf.rejection())
     idx = decided if forced is None else np.full(len(pairs), forced)
     raw = clf.backend.class_maps(prep.normalize(batch), method, idx.tolist())
     out = []
-    for j, ((_, image), name) in enumerate(zip(pairs, names, strict=True)):
+    for j, ((_, image), name, (label, known, score)) in enumerate(zip(pairs, names, verdicts, strict=True)):
         up = upsample_to_original(torch.from_numpy(np.ascontiguousarray(raw[j])), prep, image.shape[1], image.shape[0])
         out.append(Explanation(
             path=name, image=image, heat=normalize_heat(up), raw=raw[j],
-            label=clf.classes[int(decided[j])], probability=float(probs[j, decided[j]]),
+            label=label, probability=float(probs[j, decided[j]]),
             explained=clf.classes[int(idx[j])], explained_probability=float(probs[j, idx[j]]), method=method,
+            novelty=score, known=known,
         ))
     return out
 

@@ -81,10 +81,19 @@ class Panel:
     explained: str
     explained_probability: float
     method: str
+    novelty: float | None = None
+    known: bool = True
+
+    @property
+    def verdict(self) -> str:
+        """The label and its probability, or ``unknown`` with the novelty that made it so."""
+        if not self.known:
+            return f"{self.label} (novelty {self.novelty:.3f})"
+        return f"{self.label} ({self.probability:.1%})"
 
     @property
     def caption(self) -> str:
-        text = f"{self.label} ({self.probability:.1%})"
+        text = self.verdict
         if self.explained != self.label:
             text += f"\n{self.method} of {self.explained} ({self.explained_probability:.1%})"
         return text
@@ -92,11 +101,11 @@ class Panel:
 
 def make_panel(name: str, image: np.ndarray, heat: np.ndarray, *, label: str, probability: float,
                explained: str, explained_probability: float, method: str,
-               max_side: int) -> Panel:
+               max_side: int, novelty: float | None = None, known: bool = True) -> Panel:
     """Thumbnail an image and its overlay for drawing."""
     small = thumbnail(image, max_side)
     return Panel(name, small, overlay(small, heat), label, probability, explained,
-                 explained_probability, method)
+                 explained_probability, method, novelty, known)
 
 
 def _png(fig: object) -> bytes:
@@ -125,7 +134,7 @@ def figure_png(panel: Panel) -> bytes:
         ax.imshow(img)
         ax.set_title(text)
         ax.set_axis_off()
-    title = f"{_short(panel.name, 60)}: predicted {panel.label} ({panel.probability:.1%})"
+    title = f"{_short(panel.name, 60)}: predicted {panel.verdict}"
     if panel.explained != panel.label:
         title += f"; map of {panel.explained} ({panel.explained_probability:.1%})"
     fig.suptitle(title)

@@ -9,10 +9,15 @@ the legacy exporter (``dynamo=False``) while it still exists, and say so. Either
 is only written after onnxruntime reproduces PyTorch's outputs within ``atol``.
 
 The graph has one input ``input`` (N x C x H x W, normalised float32, dynamic N) and the
-outputs ``logits`` and, when the head is global-average-pool + dense, ``cam``: the exact class
+outputs ``logits``; when the head is global-average-pool + dense, ``cam``: the exact class
 activation maps ``W @ features`` as a 1x1 convolution, so ONNX models can be explained without
-torch. The bundle's metadata (``BundleMeta.to_json()`` plus an ``export`` record) is stored as
-JSON under the ONNX metadata key ``"convlens"``.
+torch; and when the bundle has a novelty index, ``novelty`` (N): the pooled features as unit
+rows, their cosine similarity to the training features (an fp16 initializer cast to fp32 in the
+graph, so the file grows by the index's own size), the k-th largest by ``TopK``, ``1 - s``
+clipped to [0, 2], checked against :meth:`NoveltyIndex.scores` of PyTorch's pooled features.
+The bundle's metadata (``BundleMeta.to_json()``, which carries the novelty threshold, plus an
+``export`` record) is stored as JSON under the ONNX metadata key ``"convlens"``. The training
+images' paths stay in the bundle (``--neighbours`` needs it).
 """
 
 from __future__ import annotations
@@ -38,7 +43,14 @@ from convlens.data.scan import labelled_files, list_images
 from convlens.errors import DataError, ImageError, UserError, first_line
 from convlens.files import write_bytes
 from convlens.infer.bundle import BundleMeta
-from convlens.infer.onnx_backend import CAM_NAME, INPUT_NAME, LOGITS_NAME, METADATA_KEY
+from convlens.infer.novelty import NoveltyIndex
+from convlens.infer.onnx_backend import (
+    CAM_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    METADATA_KEY,
+    NOVELTY_NAME,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
@@ -83,29 +95,98 @@ def sample_inputs(prep: Preprocessing, batch_sizes: Sequence[int] = (1, 3), seed
 
 
 # ----------------------------------------------------------------------------- torch side
-def _export_module(model: torch.nn.Module, with_cam: bool) -> tuple[torch.nn.Module, list[str]]:
-    """The module to export (the model, or one returning ``(logits, cam)``) and its output names."""
+def _novelty_module(index: NoveltyIndex) -> torch.nn.Module:
+    """Pooled features -> :meth:`NoveltyIndex.scores`, in torch operators ONNX has."""
+    import torch
+
+    class Novelty(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # fp16 in the file, as in the bundle; cast to fp32 where it is used.
+            self.register_buffer("reference", torch.from_numpy(np.ascontiguousarray(index.reference.T)))
+            self.k = int(index.k)
+
+        def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+            # sqrt of a sum, not norm(): onnxruntime's shape inference (int8 pre-processing) knows these.
+            unit = pooled / (pooled * pooled).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+            sims = unit @ self.reference.float()
+            kth = torch.topk(sims, self.k, dim=1).values[:, self.k - 1:]  # the k-th largest, N x 1
+            return (1.0 - kth).clamp(0.0, 2.0).squeeze(1)
+
+    return Novelty().eval()
+
+
+def _export_module(model: torch.nn.Module, with_cam: bool,
+                   index: NoveltyIndex | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """The module to export (the model, or one returning ``(logits[, cam][, novelty])``) and its
+    output names."""
     import torch
     import torch.nn.functional as F
 
     linear = model.gap_linear_head() if with_cam and hasattr(model, "gap_linear_head") else None
+    novelty = _novelty_module(index) if index is not None else None
 
-    class _LogitsAndCam(torch.nn.Module):
+    class _Outputs(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
             self.linear = linear
+            self.novelty = novelty
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            features = self.model.forward_features(x)
-            logits = self.model.forward_head(features)
-            # W @ f at every position, as a 1x1 conv (no bias): the exact CAM of Zhou et al.
-            cam = F.conv2d(features, self.linear.weight[:, :, None, None])
-            return logits, cam
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            if self.linear is None:
+                logits, pooled = self.model.forward_pooled(x)
+                outs = [logits]
+            else:
+                features = self.model.forward_features(x)
+                pooled = features.mean(dim=(2, 3))
+                # W @ f at every position, as a 1x1 conv (no bias): the exact CAM of Zhou et al.
+                outs = [self.model.forward_head(features), F.conv2d(features, self.linear.weight[:, :, None, None])]
+            if self.novelty is not None:
+                outs.append(self.novelty(pooled))
+            return tuple(outs)
 
-    if linear is not None:
-        return _LogitsAndCam().eval(), [LOGITS_NAME, CAM_NAME]
-    return model.eval(), [LOGITS_NAME]
+    if linear is None and novelty is None:
+        return model.eval(), [LOGITS_NAME]
+    names = [LOGITS_NAME, *([CAM_NAME] if linear is not None else []), *([NOVELTY_NAME] if novelty is not None else [])]
+    return _Outputs().eval(), names
+
+
+def _reference_fp16(proto: onnx.ModelProto, ref16: np.ndarray) -> None:
+    """Store the training features ``ref16`` as the fp16 initializer they are, cast to fp32 by a
+    ``Cast`` node: the exporter (and int8 pre-processing) fold ``reference.float()`` into an fp32
+    constant twice the size."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    for init in graph.initializer:
+        if (tuple(init.dims) == ref16.shape and init.data_type == onnx.TensorProto.FLOAT
+                and np.array_equal(numpy_helper.to_array(init), ref16.astype(np.float32))):
+            name = init.name
+            graph.initializer.remove(init)
+            graph.initializer.append(numpy_helper.from_array(ref16, f"{name}_fp16"))
+            graph.node.insert(0, onnx.helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT,
+                                                       name=f"{name}_cast"))
+            return
+    # Already fp16 + Cast (nothing was folded), or a new exporter's layout: either way correct.
+
+
+def _reference_outputs(module: torch.nn.Module, model: torch.nn.Module, names: list[str],
+                       index: NoveltyIndex | None) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """What ONNX must reproduce: the module's logits (and maps), and novelty as the numpy index
+    scores PyTorch's pooled features (the prediction path's own computation)."""
+    import torch
+
+    def reference(x: np.ndarray) -> list[np.ndarray]:
+        outs = _torch_outputs(module, x)
+        if index is not None:
+            with torch.inference_mode():
+                _, pooled = model.forward_pooled(torch.from_numpy(np.ascontiguousarray(x)))
+            outs[names.index(NOVELTY_NAME)] = index.scores(pooled.float().numpy())
+        return outs
+
+    return reference
 
 
 @contextlib.contextmanager
@@ -231,9 +312,10 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     """
     import torch
 
-    from convlens.infer.bundle import load_model
+    from convlens.infer.bundle import load_model, read_novelty
 
     model, meta = load_model(bundle, "cpu")
+    index = read_novelty(bundle, meta)
     model = model.float().eval()
     prep = meta.preprocessing
     notes: list[str] = []
@@ -241,13 +323,16 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     example = torch.from_numpy(sample_inputs(prep, (2,), seed=1)[0])
     inputs = sample_inputs(prep, (1, 3), seed=0)
     for cam in ((True, False) if with_cam else (False,)):
-        module, names = _export_module(model, cam)
+        module, names = _export_module(model, cam, index)
         proto, exporter = _torch_to_onnx(module, example, names, notes)
+        if index is not None:
+            _reference_fp16(proto, np.ascontiguousarray(index.reference.T))
         session = make_session(proto.SerializeToString())
-        diffs = compare_outputs(lambda x, m=module: _torch_outputs(m, x), session, inputs, names)
-        if diffs[LOGITS_NAME] > atol:
-            raise ExportError(f"ONNX logits differ from PyTorch by {diffs[LOGITS_NAME]:.2e} (> {atol:g}) "
-                              f"with the {exporter} exporter; the model was not written. Report the model's layers")
+        diffs = compare_outputs(_reference_outputs(module, model, names, index), session, inputs, names)
+        for name in (LOGITS_NAME, NOVELTY_NAME):
+            if diffs.get(name, 0.0) > atol:
+                raise ExportError(f"ONNX {name} differ from PyTorch by {diffs[name]:.2e} (> {atol:g}) with the "
+                                  f"{exporter} exporter; the model was not written. Report the model's layers")
         if CAM_NAME not in diffs or diffs[CAM_NAME] <= atol:
             break
         # The logits are right, so the file is still useful: export again without the maps.
@@ -255,6 +340,7 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
 
     info = {"format": "onnx", "int8": False, "exporter": exporter, "opset": _opset(proto),
             "outputs": names, "max_abs_diff": diffs[LOGITS_NAME], "torch": torch.__version__,
+            **({"novelty_max_abs_diff": diffs[NOVELTY_NAME]} if NOVELTY_NAME in diffs else {}),
             "convlens": __version__, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     set_metadata(proto, meta, info)
     data = proto.SerializeToString()
@@ -350,11 +436,17 @@ def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[
             with _quiet_exporter():
                 quantize_static(pre, dst, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=CalibrationMethod.MinMax)
+                                calibrate_method=CalibrationMethod.MinMax,
+                                nodes_to_exclude=novelty_only_nodes(onnx.load(pre)))
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"int8 quantisation failed ({first_line(e)}); "
                               "export without --int8") from e
         proto = onnx.load(dst)
+    from onnx import numpy_helper
+
+    for init in onnx.load_from_string(fp32).graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT16 and init.name.endswith("_fp16"):
+            _reference_fp16(proto, numpy_helper.to_array(init))  # the training features, unquantised
 
     names = [o.name for o in proto.graph.output]
     # Compare on real (calibration) images: random noise says little about int8 error.
@@ -365,7 +457,8 @@ def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[
     fp32_info = json.loads(_metadata_of(fp32)).get("export", {})
     info = {**fp32_info, "format": "onnx", "int8": True, "quantization": "static QDQ, per-channel, U8S8, MinMax",
             "calibration_images": reader.count, "calibration_skipped": len(reader.skipped),
-            "max_abs_diff_vs_fp32": diffs[LOGITS_NAME], "opset": _opset(proto), "outputs": names}
+            "max_abs_diff_vs_fp32": diffs[LOGITS_NAME], "opset": _opset(proto), "outputs": names,
+            **({"novelty_max_abs_diff_vs_fp32": diffs[NOVELTY_NAME]} if NOVELTY_NAME in diffs else {})}
     set_metadata(proto, meta, info)
     data = proto.SerializeToString()
     write_bytes(out, data)
@@ -373,6 +466,28 @@ def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[
         notes.append(f"skipped {len(reader.skipped)} unusable calibration files (first: {reader.skipped[0]})")
     return ExportResult(Path(out), "onnx-int8", len(data), diffs[LOGITS_NAME], fp32_info.get("exporter", ""),
                         _opset(proto), names, notes), data
+
+
+def novelty_only_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes only the ``novelty`` output needs: int8 leaves them in float, so the
+    training features are never quantised (the pooled features feeding them still are)."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+
+    def ancestors(output: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [output]
+        while todo:
+            node = producer.get(todo.pop())
+            if node is not None and node.name not in seen:
+                seen.add(node.name)
+                todo.extend(node.input)
+        return seen
+
+    outputs = [o.name for o in proto.graph.output]
+    if NOVELTY_NAME not in outputs:
+        return []
+    others = set().union(*(ancestors(o) for o in outputs if o != NOVELTY_NAME))
+    return sorted(ancestors(NOVELTY_NAME) - others)
 
 
 def _metadata_of(model_bytes: bytes) -> str:

@@ -62,6 +62,12 @@ def kth_similarity(queries: np.ndarray, reference: np.ndarray, k: int, *, exclud
     return out
 
 
+def distance(similarity: np.ndarray) -> np.ndarray:
+    """Novelty from a cosine similarity: ``1 - s``, clipped to [0, 2] (the fp16 reference can
+    put a duplicate of a training image a hair above similarity 1)."""
+    return np.clip(1.0 - np.asarray(similarity, dtype=np.float32), 0.0, 2.0)
+
+
 def choose_threshold(scores: np.ndarray, accept: float) -> float:
     """The smallest novelty that keeps at least ``accept`` of ``scores`` as known (score <= threshold)."""
     s = np.sort(np.asarray(scores, dtype=np.float64))
@@ -107,7 +113,7 @@ class NoveltyIndex:
         f = np.asarray(features)
         if f.ndim != 2 or f.shape[1] != self.dim:
             raise ValueError(f"novelty needs (N, {self.dim}) features. Received: shape={f.shape}")
-        return 1.0 - kth_similarity(normalise(f), self.reference, self.k)
+        return distance(kth_similarity(normalise(f), self.reference, self.k))
 
     def neighbours(self, features: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
         """For each row, the ``n`` most similar reference rows: ``(row, cosine similarity)``, best first."""
@@ -120,7 +126,7 @@ class NoveltyIndex:
             top = np.argpartition(-sims, n - 1, axis=1)[:, :n]
             for row, cand in zip(sims, top, strict=True):
                 order = cand[np.lexsort((cand, -row[cand]))]  # similarity, then row: stable ties
-                out.append([(int(j), float(row[j])) for j in order])
+                out.append([(int(j), min(1.0, float(row[j]))) for j in order])  # fp16 rows: a hair over 1
         return out
 
     # -- the bundle's novelty section ------------------------------------------------------
@@ -184,10 +190,10 @@ def build_index(train_features: np.ndarray, train_labels: np.ndarray, train_path
     labels = np.asarray(train_labels, dtype=np.int32)[rows]
     k = max(1, min(int(k), len(rows) - 1 if len(rows) > 1 else 1))
     if val_features is not None and len(val_features) >= MIN_VALIDATION:
-        scores = 1.0 - kth_similarity(normalise(val_features), ref, k)
+        scores = distance(kth_similarity(normalise(val_features), ref, k))
         rule, n = RULE_VALIDATION, len(val_features)
     else:
-        scores = 1.0 - kth_similarity(ref.astype(np.float32), ref, k, exclude_self=True)
+        scores = distance(kth_similarity(ref.astype(np.float32), ref, k, exclude_self=True))
         rule, n = RULE_TRAINING, len(rows)
     return NoveltyIndex(reference=ref, labels=labels, paths=tuple(str(train_paths[i]) for i in rows), k=k,
                         threshold=choose_threshold(scores, accept), accept=float(accept), rule=rule,

@@ -26,6 +26,9 @@ LOGITS_NAME = "logits"
 # Optional second output: per-class activation maps (N, out_units, h, w) computed inside the
 # graph from the last feature map and the dense weights (exact CAM for GAP + dense heads).
 CAM_NAME = "cam"
+# Optional output of a model whose bundle has a novelty index: the novelty score (N), computed
+# in the graph from the pooled features and the training features (an fp16 initializer).
+NOVELTY_NAME = "novelty"
 
 
 def _import_ort() -> Any:
@@ -80,6 +83,9 @@ class OnnxBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if LOGITS_NAME not in self.output_names:
             raise BundleError(f"{str(p)!r} has no {LOGITS_NAME!r} output (outputs: {self.output_names}); export it again")
+        if (self.meta.novelty is not None) != (NOVELTY_NAME in self.output_names):
+            raise BundleError(f"{str(p)!r}: its novelty output and metadata do not match (outputs: {self.output_names}, "
+                              f"novelty metadata {'present' if self.meta.novelty else 'absent'}); export it again")
 
     @property
     def has_cam(self) -> bool:
@@ -100,6 +106,18 @@ class OnnxBackend:
         if cam.shape[1] == 1:  # one sigmoid unit: class 0's map is the negative of class 1's
             return cam[:, 0] * np.where(idx == 1, 1.0, -1.0).astype(np.float32)[:, None, None]
         return cam[np.arange(len(cam)), idx]
+
+    @property
+    def has_novelty(self) -> bool:
+        """True when the graph outputs ``novelty`` (its bundle had a novelty index)."""
+        return NOVELTY_NAME in self.output_names
+
+    def image_novelty(self, images: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 NHWC images -> ``(logits, novelty)``, both from one run of the graph."""
+        if not self.has_novelty:
+            raise BundleError(f"{self.path.name} has no {NOVELTY_NAME!r} output; its bundle had no novelty index")
+        logits, novelty = self.session.run([LOGITS_NAME, NOVELTY_NAME], {self.input_name: self._check(prep.normalize(images))})
+        return np.asarray(logits, dtype=np.float32), np.asarray(novelty, dtype=np.float32)
 
     @property
     def int8(self) -> bool:

@@ -48,6 +48,9 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, workers
     # Build the app before binding the port: a bad bundle is a one-line error, not a traceback
     # from a worker process.
     app = _create(model, max_upload_mb=max_upload_mb)
+    note = app.state.serve.classifier.novelty_note  # type: ignore[attr-defined]
+    if note:
+        print(note, file=sys.stderr)
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {model} on http://{shown}:{port}  (page: /, API docs: /docs)", file=sys.stderr)
     if workers == 1:

@@ -2,7 +2,9 @@
 
 Routes: ``POST /predict`` and ``POST /explain`` (multipart field ``file``), ``GET /health``,
 ``GET /model``, ``GET /`` (the page), ``/docs`` and ``/redoc`` (served from local files, like
-the page: nothing is fetched from a CDN).
+the page: nothing is fetched from a CDN). Both model routes answer with ``Prediction.to_dict()``
+(``novelty``, ``known``: ``label`` is ``unknown`` for a photo unlike the training images) and take
+``?reject=false``, ``?novelty_threshold=X`` and ``?neighbours=K`` as ``convlens predict`` does.
 
 Bad input never produces a 500: the upload limit is enforced by :class:`BodyLimit` while the
 body streams in (413), uploads are decoded by the one decoder (:mod:`convlens.data.decode`)
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -214,8 +216,23 @@ def png_base64(rgb: np.ndarray) -> str:
 
 
 def _prediction_json(pred: Any) -> dict[str, Any]:
-    return {"label": pred.label, "index": int(pred.index), "probability": float(pred.probability),
-            "probabilities": {k: float(v) for k, v in pred.probabilities.items()}}
+    """``Prediction.to_dict()`` (label, probabilities, novelty, known, neighbours...) without the
+    path: an upload's name is ``filename``."""
+    d = pred.to_dict()
+    d.pop("path", None)
+    return d
+
+
+MAX_NEIGHBOURS = 100  # a bound on the work and the response size one request can ask for
+
+
+def _novelty_options(reject: bool = Query(True, description="false: never answer `unknown` (the novelty is still given)"),
+                     novelty_threshold: float | None = Query(None, description="answer `unknown` above this novelty "
+                                                             "(default: the model's cut-off)"),
+                     neighbours: int = Query(0, ge=0, le=MAX_NEIGHBOURS,
+                                             description="list the K most similar training images")) -> dict[str, Any]:
+    """The prediction options of both model routes, as ``Classifier.predict`` keywords."""
+    return {"reject": reject, "novelty_threshold": novelty_threshold, "neighbours": neighbours}
 
 
 def _timings(t0: float, t1: float, t2: float) -> dict[str, Any]:
@@ -354,6 +371,9 @@ def _add_service_routes(app: FastAPI, state: ServeState) -> None:
             "metrics": meta.metrics, "versions": meta.versions, "created": meta.created,
             "convlens_version": __version__, "explain_methods": state.explain_methods,
             "max_upload_bytes": state.max_upload_bytes, "max_pixels": state.max_pixels,
+            "novelty": None if not state.classifier.has_novelty else {
+                "threshold": state.classifier.novelty_threshold,
+                **{k: (meta.novelty or {}).get(k) for k in ("method", "k", "accept", "rule")}},
         }
 
 
@@ -363,12 +383,14 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
     @app.post("/predict", tags=["model"], summary="Classify one image",
               responses={400: {"description": "empty, truncated or corrupt image"},
                          **_UPLOAD_ERRORS})
-    def predict(file: UploadFile = File(..., description="the image (JPEG, PNG, WebP, BMP, GIF, TIFF)")) -> dict[str, Any]:
+    def predict(file: UploadFile = File(..., description="the image (JPEG, PNG, WebP, BMP, GIF, TIFF)"),
+                options: dict[str, Any] = Depends(_novelty_options)) -> dict[str, Any]:
         t0 = time.perf_counter()
+        state.classifier.rejection(**options)  # a bad option: 400 before the upload is decoded
         up = read_upload(file, state)
         t1 = time.perf_counter()
         with state.lock:
-            pred = state.classifier.predict(up.image)[0]
+            pred = state.classifier.predict(up.image, **options)[0]
             state.requests += 1
         t2 = time.perf_counter()
         return {**_prediction_json(pred), "filename": up.name,
@@ -381,17 +403,19 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
     def explain(file: UploadFile = File(..., description="the image"),
                 method: str | None = Query(None, description="cam, gradcam or gradcam++ (default: cam when the model allows it)"),
                 class_name: str | None = Query(None, alias="class", description="class to explain (default: the predicted one)"),
+                options: dict[str, Any] = Depends(_novelty_options),
                 ) -> dict[str, Any]:
         from convlens.explain.figures import overlay
 
         t0 = time.perf_counter()
+        state.classifier.rejection(**options)
         methods = state.explain_methods
         method = method or (methods[0] if methods else "cam")
         up = read_upload(file, state)
         t1 = time.perf_counter()
         with state.lock:
             e = state.classifier.explanations(up.image, method=method, class_name=class_name)[0]
-            pred = state.classifier.predict(up.image)[0]
+            pred = state.classifier.predict(up.image, **options)[0]
             explained, heat = e.explained, e.heat
             state.requests += 1
         t2 = time.perf_counter()

@@ -5,6 +5,7 @@
   const $ = (id) => document.getElementById(id);
   const drop = $("drop"), input = $("file"), status = $("status"), methodSel = $("method");
   let explainMethods = [];
+  let classes = [];
   let busy = 0;
 
   function setStatus(text, isError) {
@@ -23,6 +24,7 @@
       $("model-info").textContent = `${m.source} · ${m.format}${m.int8 ? " int8" : ""} · ` +
         `${m.num_classes} classes (${m.classes.join(", ")}) · input ${s.height}×${s.width}×${s.channels}`;
       explainMethods = m.explain_methods || [];
+      classes = m.classes || [];
       methodSel.replaceChildren();
       for (const name of explainMethods) {
         const o = document.createElement("option");
@@ -57,6 +59,17 @@
     }
   }
 
+  // The label and its probability; for a photo unlike the training images (known is false),
+  // "unknown" with the novelty score that made it so.
+  function showVerdict(data) {
+    const unknown = data.known === false;
+    $("label").textContent = unknown ? "unknown: this photo is unlike the training images" : data.label;
+    $("probability").textContent = unknown ? `novelty ${data.novelty.toFixed(3)}` : percent(data.probability);
+    $("novelty").textContent = unknown
+      ? `Its closest class would be ${classes[data.index] || "?"} (${percent(data.probability)}).`
+      : (typeof data.novelty === "number" ? `novelty ${data.novelty.toFixed(3)}` : "");
+  }
+
   async function classify(file) {
     if (!file) return;
     const ticket = ++busy;
@@ -78,9 +91,8 @@
       return;
     }
     if (ticket !== busy) return; // a newer image was chosen meanwhile
-    $("label").textContent = data.label;
-    $("probability").textContent = percent(data.probability);
-    showBars(data.probabilities, data.label);
+    showVerdict(data);
+    showBars(data.probabilities, data.known === false ? null : data.label);
     $("latency").textContent = `server time ${data.latency_ms.toFixed(1)} ms` +
       (data.timings_ms ? ` (decode ${data.timings_ms.decode.toFixed(1)} ms, model ${data.timings_ms.inference.toFixed(1)} ms)` : "");
     const fig = $("overlay-figure");
