@@ -219,10 +219,8 @@ def folder_features(root: str | Path, pretrained: str = DEFAULT_BACKBONE, *, arc
     backbone = load_pretrained(pretrained, arch)
     p = backbone.preprocessing
     t0 = time.perf_counter()
-    prepared = prepare_dataset(root, image_size=p.size, resize=p.resize, channels=3, scale=p.scale, mean=p.mean,
-                               std=p.std, interpolation=p.interpolation, crop_fraction=p.crop_fraction,
-                               val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, workers=workers,
-                               progress=progress)
+    prepared = prepare_dataset(root, p, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
+                               workers=workers, progress=progress)
     t1 = time.perf_counter()
     parts = [s for s in (prepared.train, prepared.val, prepared.test) if s is not None and len(s)]
     paths = [q for s in parts for q in s.paths]

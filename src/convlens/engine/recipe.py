@@ -28,6 +28,7 @@ from convlens.config import (
     RECIPES,
     TrainConfig,
     auto_backbone,
+    decode_size,
     flag_of,
     layer_train_config,
     with_layers,
@@ -60,9 +61,22 @@ class Recipe:
         return self.backbone is not None
 
     @property
-    def preprocessing(self) -> Preprocessing | None:
-        """The backbone's preprocessing, whole (None from scratch: the data decide the channels)."""
-        return None if self.backbone is None else self.backbone.preprocessing
+    def preprocessing(self) -> Preprocessing:
+        """What the data are decoded at (:func:`input_preprocessing`)."""
+        return input_preprocessing(self.cfg, self.backbone)[0]
+
+
+def input_preprocessing(cfg: TrainConfig, backbone: Backbone | None = None) -> tuple[Preprocessing, bool]:
+    """The :class:`Preprocessing` a run decodes its data at, and whether the data decide the
+    channels: a backbone's whole (from its weights), or the configuration's fields
+    (``channels: 0`` = grayscale when every image is)."""
+    if backbone is not None:
+        return backbone.preprocessing, False
+    side, decoded = cfg.image_size, decode_size(cfg)
+    prep = Preprocessing(size=(side, side), channels=cfg.channels or 3, resize=cfg.resize, scale=cfg.scale,
+                         mean=tuple(cfg.mean), std=tuple(cfg.std), max_pixels=cfg.max_pixels,
+                         decode_size=(decoded, decoded))
+    return prep, cfg.channels == 0
 
 
 def resolve(overrides: dict[str, Any], config_file: str | Path | None = None,

@@ -38,7 +38,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from convlens import runtime
 from convlens.config import (
     TrainConfig,
-    decode_size,
     dump_yaml,
     parse_duration,
     to_dict,
@@ -68,7 +67,9 @@ from convlens.engine.factory import (
     create_step,
     soft_targets,
 )
+from convlens.engine.features import Backbone
 from convlens.engine.optim import progressive_side, progressive_size
+from convlens.engine.recipe import input_preprocessing
 from convlens.engine.resume import open_run
 from convlens.engine.run_folder import (
     BUNDLE_NAME,
@@ -160,24 +161,20 @@ def _validate(model: torch.nn.Module, loader: Any, prep: Any, dev: runtime.Devic
 
 # ----------------------------------------------------------------------------- train
 def prepare_data(cfg: TrainConfig, console: Console, split_file: str | Path | None = None,
-                 backbone: Any = None) -> Any:
-    """Check, split and cache ``cfg.data`` (resolved by the recipe); report skipped files.
+                 backbone: Backbone | None = None) -> Any:
+    """Check, split and cache ``cfg.data`` (resolved by the recipe) at the run's
+    :class:`Preprocessing` (a ``backbone``'s whole); report skipped files.
 
-    ``split_file``: reuse the split of an earlier run (``split.csv``). ``backbone``: a pretrained
-    backbone, whose preprocessing (interpolation, crop fraction) the cache follows.
+    ``split_file``: reuse the split of an earlier run (``split.csv``).
     """
     from convlens.data.check import skipped_message
     from convlens.data.prepare import prepare_dataset
 
-    p = None if backbone is None else backbone.preprocessing
-    pixels = {} if p is None else {"interpolation": p.interpolation, "crop_fraction": p.crop_fraction}
-    prepared = prepare_dataset(
-        cfg.data, image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels, scale=cfg.scale,
-        mean=tuple(cfg.mean), std=tuple(cfg.std), val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction, seed=cfg.seed, cache_dir=cfg.cache_dir, workers=cfg.workers,
-        max_pixels=cfg.max_pixels, min_side=cfg.min_side, progress=shows_progress(console), split_file=split_file,
-        decode_size=decode_size(cfg), **pixels,
-    )
+    prep, detect = input_preprocessing(cfg, backbone)
+    prepared = prepare_dataset(cfg.data, prep, detect_channels=detect, val_fraction=cfg.val_fraction,
+                               test_fraction=cfg.test_fraction, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                               workers=cfg.workers, min_side=cfg.min_side, progress=shows_progress(console),
+                               split_file=split_file)
     if prepared.skipped:
         say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
     return prepared
