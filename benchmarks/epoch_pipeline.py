@@ -58,7 +58,8 @@ def convlens_worker(args: Any) -> dict[str, Any]:
     from rich.console import Console
 
     from convlens.config import resolve_train_config
-    from convlens.engine.trainer import prepare_data, train
+    from convlens.engine.trainer import prepare_data
+    from convlens.engine.training import train
 
     quiet = Console(file=io.StringIO())
     with tempfile.TemporaryDirectory(prefix="convlens-bench-") as tmp:

@@ -52,7 +52,8 @@ def worker(args: Any, preset: str) -> dict[str, Any]:
     from rich.console import Console
 
     from convlens.config import resolve_train_config
-    from convlens.engine.trainer import prepare_data, train
+    from convlens.engine.trainer import prepare_data
+    from convlens.engine.training import train
 
     overrides: dict[str, Any] = {"data": args.data, "seed": args.run_seed, "device": "cpu",
                                  "threads": common.threads_of(args), "cache_dir": args.cache_dir}

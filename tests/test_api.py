@@ -121,9 +121,9 @@ def test_history_frame(finished: convlens.Run, monkeypatch: pytest.MonkeyPatch) 
 
 def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from convlens.engine import trainer, transfer
+    from convlens.engine import training
 
-    real_train = trainer.train
+    real_train = training.train
 
     def train_and_press_ctrl_c(cfg: Any, **kwargs: Any) -> Any:
         def press(epoch: int, step: int) -> None:
@@ -132,7 +132,7 @@ def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_
 
         return real_train(cfg, **{**kwargs, "on_step": press})
 
-    monkeypatch.setattr(transfer, "train_from_scratch", train_and_press_ctrl_c)
+    monkeypatch.setattr(training, "train", train_and_press_ctrl_c)
     run = convlens.train(two_class, **_tiny(tmp_path))
     assert run.interrupted and run.status == "interrupted"
     assert run.checkpoint == run.dir / "checkpoints" / "last.pt" and run.checkpoint.is_file()
@@ -141,7 +141,7 @@ def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_
     with pytest.raises(convlens.ConvlensError, match="interrupted"):
         run.load()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
-    monkeypatch.setattr(transfer, "train_from_scratch", real_train)
+    monkeypatch.setattr(training, "train", real_train)
     done = run.resume(console=_quiet())
     assert done.dir == run.dir and done.status == "finished" and [r["epoch"] for r in done.history] == [1, 2]
     assert done.load().classes == ["class_0", "class_1"]
@@ -149,15 +149,15 @@ def test_ctrl_c_checkpoints_and_returns_an_interrupted_run(two_class: Path, tmp_
 
 def test_a_second_ctrl_c_raises_keyboard_interrupt(two_class: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from convlens.engine import trainer, transfer
+    from convlens.engine import training
 
-    real_train = trainer.train
+    real_train = training.train
 
     def press_twice(epoch: int, step: int) -> None:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(transfer, "train_from_scratch", lambda cfg, **kw: real_train(cfg, **{**kw, "on_step": press_twice}))
+    monkeypatch.setattr(training, "train", lambda cfg, **kw: real_train(cfg, **{**kw, "on_step": press_twice}))
     with pytest.raises(KeyboardInterrupt):
         convlens.train(two_class, **_tiny(tmp_path))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -229,7 +229,7 @@ def test_predict_prints_tab_separated_lines_when_piped(finished: convlens.Run, t
 def test_train_chooses_the_backbone_as_the_cli_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Colour photos with the default preset take the pretrained path from Python too; naming a
     model (or ``pretrained="none"``) keeps training from scratch."""
-    from convlens.engine import transfer
+    from convlens.engine import recipe
 
     photos = make_dataset(tmp_path / "photos", classes=2, per_class=6, size=96)
     chosen: list[str] = []
@@ -237,11 +237,11 @@ def test_train_chooses_the_backbone_as_the_cli_does(tmp_path: Path, monkeypatch:
     class Chosen(Exception):
         pass
 
-    def record(cfg: Any) -> None:
-        chosen.append(cfg.pretrained)
+    def record(cfg: Any, backbone: Any) -> None:
+        chosen.append(backbone.source.arch)
         raise Chosen
 
-    monkeypatch.setattr(transfer, "backbone_config", record)
+    monkeypatch.setattr(recipe, "backbone_layer", record)
     opts = {"cache_dir": str(tmp_path / "cache"), "project": str(tmp_path / "runs"), "console": _quiet()}
     with pytest.raises(Chosen):
         convlens.train(photos, **opts)

@@ -210,19 +210,18 @@ def train(
     """
     from rich.console import Console
 
-    from convlens.config import chosen_keys
-    from convlens.engine import transfer
-    from convlens.engine.trainer import TrainingInterrupted, train_config
+    from convlens.engine.recipe import resolve
+    from convlens.engine.trainer import TrainingInterrupted
+    from convlens.engine.training import train as train_recipe
 
     overrides = {k: v for k, v in {"data": dir, "preset": preset, **options}.items() if v is not None}
     if "data" in overrides:
         overrides["data"] = os.fspath(overrides["data"])
     resume_dir = resume.dir if isinstance(resume, Run) else resume
-    cfg = train_config(overrides, config, resume_dir)
     try:
-        # the CLI's rule: pretrained (auto) for photo folders unless a model was named; see README
-        chosen = chosen_keys(overrides, os.fspath(config) if config else None, cfg.preset)
-        result = transfer.train(cfg, resume=resume_dir, console=console or Console(), chosen=chosen)
+        # the CLI's resolution and entry: pretrained (auto) for photo folders unless a model was named
+        recipe = resolve(overrides, os.fspath(config) if config else None, resume_dir)
+        result = train_recipe(recipe, console=console or Console())
     except TrainingInterrupted as e:
         (console or Console(stderr=True)).print(
             f"[yellow]interrupted[/yellow]; checkpoint saved to {e.checkpoint}. "

@@ -18,6 +18,7 @@ from convlens.config import (
     EXPLAIN_METHODS,
     EXPORT_FORMATS,
     PRESETS,
+    RECIPES,
     TrainConfig,
     field_types,
     flag_of,
@@ -102,7 +103,7 @@ def _train_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from convlens.engine.transfer import train_command
+    from convlens.engine.training import train_command
 
     return train_command(_train_overrides(a), config_file=a.config, resume=a.resume)
 
@@ -188,7 +189,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parsers
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; the help shows the default preset's value."""
-    defaults = TrainConfig(**PRESETS["default"])
+    defaults = TrainConfig(**RECIPES["default"])
     types_ = field_types(TrainConfig)
     p.add_argument("--config", metavar="FILE.yaml", default=None,
                    help="YAML file of configuration keys (flags override it)")

@@ -107,8 +107,13 @@ class TrainConfig:
     preset: str = field(default="default", metadata={"help": "recipe to start from: default | tutorial | quick"})
 
 
-# Presets override the dataclass defaults; a config file and flags override the preset.
-PRESETS: dict[str, dict[str, Any]] = {
+# Every recipe in one table. The presets a user names (default, tutorial, quick) override the
+# dataclass defaults, and a config file and flags override the preset; the others are chosen
+# from the data by the one resolution step (convlens.engine.recipe): "digits" for the embedded
+# demo (below the user's own choices), "pretrained" for a backbone (its fixed recipe, with the
+# backbone's preprocessing, epochs 1 + finetune_epochs and lr finetune_lr, above them: a flag it
+# replaces is named in a note).
+RECIPES: dict[str, dict[str, Any]] = {
     # The dataclass defaults: the best from-scratch accuracy per CPU-minute found on
     # cats_and_dogs_filtered, cat_breeds5 and the digits (vgg10, random 128 px crops of 144 px
     # images + flips, the first half of the 44 epochs at 96 px, SGD Nesterov one-cycle 0.2, label
@@ -142,7 +147,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A few seconds on a laptop: for smoke tests and the first look at a dataset.
     "quick": {"model": "tiny", "image_size": 32, "epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3,
               "val_every": 1, "progressive": 0.0, "mixup": 0.0},
+    # The embedded digits (8x8 scans): small inputs, no mirror symmetry, a few seconds of epochs.
+    "digits": {"image_size": 32, "flip": False, "flip_average": False, "crop_scale": 1.0, "epochs": 10,
+               "val_every": 1, "progressive": 0.0, "mixup": 0.0},
+    # A pretrained backbone: the head fit as epoch 1, then fine-tuning (AdamW, cosine, validated
+    # every epoch); none of the from-scratch recipe's crop margin, flip averaging, progressive
+    # resizing, mixup, EMA or time budget.
+    "pretrained": {"channels": 3, "crop_margin": 0.0, "flip_average": False, "optimizer": "adamw",
+                   "schedule": "cosine", "warmup_epochs": 0.0, "val_every": 1, "progressive": 0.0, "mixup": 0.0,
+                   "ema": False, "time": None},
 }
+PRESETS = ("default", "tutorial", "quick")  # the recipes a user may name
 
 
 # ---- transfer learning: when `convlens train DIR` starts from a pretrained backbone --------------
@@ -232,12 +247,6 @@ def flag_of(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def chosen_keys(overrides: dict[str, Any], config_file: str | Path | None, preset: str) -> set[str]:
-    """The configuration keys someone chose: a flag or keyword, the config file, or the preset
-    (the rest are defaults, which the digits demo and a pretrained backbone may replace)."""
-    return set(overrides) | set(read_config_file(config_file) if config_file else {}) | set(PRESETS[preset])
-
-
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (or JSON) mapping of configuration keys."""
     p = Path(path)
@@ -272,19 +281,36 @@ def build(cls: type[T], *layers: dict[str, Any] | None) -> T:
     return cls(**values)
 
 
+def layer_train_config(preset: str | None = None, config_file: str | Path | None = None,
+                       overrides: dict[str, Any] | None = None) -> tuple[TrainConfig, frozenset[str]]:
+    """Defaults -> preset -> config file -> overrides, validated; and the keys someone chose (a
+    flag or keyword, the config file, or the preset: the rest are defaults, which the recipes
+    chosen from the data may replace). The file is read once."""
+    file_values = read_config_file(config_file) if config_file else {}
+    name = (overrides or {}).get("preset") or file_values.get("preset") or preset or "default"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.{suggest(name, PRESETS)}")
+    cfg = build(TrainConfig, RECIPES[name], {"preset": name}, file_values, overrides)
+    validate_train_config(cfg)
+    chosen = {str(k).replace("-", "_") for k in (*(overrides or {}), *file_values, *RECIPES[name])}
+    return cfg, frozenset(chosen)
+
+
 def resolve_train_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults -> preset -> config file -> overrides, validated."""
-    file_values = read_config_file(config_file) if config_file else {}
-    name = (overrides or {}).get("preset") or file_values.get("preset") or preset or "default"
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.{suggest(name, PRESETS)}")
-    cfg = build(TrainConfig, PRESETS[name], {"preset": name}, file_values, overrides)
-    validate_train_config(cfg)
-    return cfg
+    """Defaults -> preset -> config file -> overrides, validated (:func:`layer_train_config`)."""
+    return layer_train_config(preset, config_file, overrides)[0]
+
+
+def with_layers(cfg: TrainConfig, *layers: dict[str, Any]) -> TrainConfig:
+    """``cfg`` with each mapping of ``layers`` laid over it in order, validated: how the one
+    resolution step (convlens.engine.recipe) adds the choices made from the data."""
+    out = build(TrainConfig, to_dict(cfg), *layers)
+    validate_train_config(out)
+    return out
 
 
 def check_choice(key: str, value: str, options: typing.Sequence[str]) -> str:

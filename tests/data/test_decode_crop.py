@@ -78,7 +78,8 @@ def test_prepare_caches_at_decode_size(tmp_path: Path) -> None:
         (tmp_path / "ds" / c).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(_gradient(30 + i, 40)).save(tmp_path / "ds" / c / f"{i}.png")
-    data = prepare_dataset(tmp_path / "ds", image_size=16, decode_size=18, cache_dir=tmp_path / "cache",
+    data = prepare_dataset(tmp_path / "ds", Preprocessing(size=(16, 16), decode_size=(18, 18)), detect_channels=True,
+                           cache_dir=tmp_path / "cache",
                            workers=1, progress=False, val_fraction=0.25)
     assert data.preprocessing.size == (16, 16) and data.preprocessing.decode_size == (18, 18)
     assert np.asarray(data.train.images).shape[1:3] == (18, 18)

@@ -12,10 +12,17 @@ from convlens.data.split import read_split_csv, write_split_csv
 from convlens.errors import ConfigError, DataError
 from tests.data.conftest import MAX_PIXELS, make_class_dataset, tree_hashes
 
+PIXEL_KEYS = ("channels", "mean", "std", "resize", "max_pixels")
 
-def _prep(root: Path, tmp_path: Path, **kw):
-    kw.setdefault("image_size", 12)
-    return prepare_dataset(root, cache_dir=tmp_path / "cache", workers=1, progress=False, **kw)
+
+def _prep(root: Path, tmp_path: Path, image_size: int | tuple[int, int] = 12, **kw):
+    """prepare_dataset with the Preprocessing built from keywords (channels 0 = detected)."""
+    size = (image_size, image_size) if isinstance(image_size, int) else image_size
+    pixels = {k: kw.pop(k) for k in PIXEL_KEYS if k in kw}
+    channels = pixels.pop("channels", 0)
+    prep = Preprocessing(size=size, channels=channels or 3, **pixels)
+    return prepare_dataset(root, prep, detect_channels=channels == 0, cache_dir=tmp_path / "cache", workers=1,
+                           progress=False, **kw)
 
 
 def test_prepare_skips_unusable_and_splits(zoo: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from convlens import display
 from convlens.config import parse_duration
 from convlens.engine import budget
 from convlens.engine.optim import ONECYCLE_DIV, ONECYCLE_FINAL_DIV, progressive_epochs
-from convlens.engine.trainer import train
+from convlens.engine.training import train
 from convlens.errors import ConfigError
 from tests.engine.helpers import csv_rows, make_dataset, quiet, tiny_config
 

@@ -26,7 +26,7 @@ from convlens.data.loader import BatchLoader
 from convlens.engine import distributed
 from convlens.engine.distributed import Dist
 from convlens.engine.factory import make_model
-from convlens.engine.trainer import train
+from convlens.engine.training import train
 from convlens.errors import ConfigError
 from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, quiet, tiny_config
 
@@ -242,7 +242,7 @@ FAILING_WORKER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from convlens.engine import distributed
-    from convlens.engine.trainer import train
+    from convlens.engine.training import train
     from tests.engine.helpers import tiny_config
 
     data, tmp = Path(sys.argv[1]), Path(sys.argv[2])

@@ -13,7 +13,8 @@ from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.ema import ModelEma
 from convlens.engine.optim import progressive_size
 from convlens.engine.resume import resume_config
-from convlens.engine.trainer import Trainer, TrainingInterrupted, train
+from convlens.engine.trainer import Trainer, TrainingInterrupted
+from convlens.engine.training import train
 from convlens.infer.bundle import load_model
 from convlens.models import create
 from tests.engine.helpers import make_dataset, quiet, tiny_config

@@ -11,7 +11,7 @@ import pytest
 from convlens.cli import main
 from convlens.engine import tensorboard
 from convlens.engine.runs import config_differences, find_runs, read_run
-from convlens.engine.trainer import train
+from convlens.engine.training import train
 from tests.engine.helpers import csv_rows, make_dataset, tiny_config
 
 
@@ -112,7 +112,7 @@ def test_pretrained_runs_write_metrics_and_tensorboard_too(tmp_path: Path) -> No
     from safetensors.torch import save_file
 
     from convlens.config import resolve_train_config
-    from convlens.engine import transfer
+    from convlens.engine import training
     from convlens.models import create
 
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def test_pretrained_runs_write_metrics_and_tensorboard_too(tmp_path: Path) -> No
     cfg = resolve_train_config(None, None, {
         "data": str(data), "cache_dir": str(tmp_path / "cache"), "project": str(tmp_path / "runs"), "workers": 1,
         "threads": 1, "val_fraction": 0.25, "pretrained": str(weights), "tensorboard": True, "name": "head"})
-    result = transfer.train(cfg)
+    result = training.train(cfg)
     row = read_run(result.run_dir).row()
     assert row["best_val_acc"] == pytest.approx(result.metrics["val_accuracy"]) and row["epochs"].startswith("1/")
     assert list(result.run_dir.glob("events.out.tfevents.*"))

@@ -14,13 +14,11 @@ import torch
 from convlens.config import TrainConfig
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.factory import class_weights, classification_loss
+from convlens.engine.recipe import resolve
 from convlens.engine.resume import resume_config
 from convlens.engine.run_folder import best_row, is_better, make_run_dir
-from convlens.engine.trainer import (
-    TrainingInterrupted,
-    command_config,
-    train,
-)
+from convlens.engine.trainer import TrainingInterrupted
+from convlens.engine.training import train
 from convlens.errors import ConfigError
 from convlens.evaluate import LabelledImages, evaluate
 from convlens.infer.bundle import load_model
@@ -203,15 +201,20 @@ def test_best_row_is_the_trainers_choice() -> None:
 
 
 def test_digits_defaults_unless_set_explicitly(tmp_path: Path) -> None:
+    def command_config(overrides: dict, config_file: str | None) -> TrainConfig:
+        return resolve(overrides, config_file).cfg
+
     cfg = command_config({}, None)
-    assert cfg.data is None and cfg.image_size == 32 and cfg.flip is False and cfg.epochs == 10 and cfg.mixup == 0.0
+    assert Path(cfg.data).name == "digits" and cfg.pretrained == "none"  # the embedded data, from scratch
+    assert cfg.image_size == 32 and cfg.flip is False and cfg.epochs == 10 and cfg.mixup == 0.0
     quick = command_config({"preset": "quick"}, None)  # the preset's own choices are kept
     assert quick.epochs == 2 and quick.image_size == 32 and quick.flip is False
     assert command_config({"image_size": 48}, None).image_size == 48
     f = tmp_path / "c.yaml"
     f.write_text("flip: true\n")
     assert command_config({}, str(f)).flip is True
-    assert command_config({"data": str(tmp_path)}, None).image_size == TrainConfig().image_size
+    data = make_dataset(tmp_path / "data", size=20)  # not photos: from scratch, at the default size
+    assert command_config({"data": str(data)}, None).image_size == TrainConfig().image_size
 
 
 def test_cli_train_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ EfficientNet-Lite0 stands in for real weights, except in the one real-photo test
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from convlens.cli import main
 from convlens.config import auto_backbone, resolve_train_config
-from convlens.engine import distributed, transfer
+from convlens.engine import distributed, recipe, training, transfer
 from convlens.engine import features as feats
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.trainer import TrainingInterrupted
@@ -63,7 +65,7 @@ def finetuned(tmp_path_factory: pytest.TempPathFactory, lite0_file: Path) -> tup
     """(data, work folder, run folder) of a one-process fine-tuning run (:data:`FINETUNE`)."""
     tmp = tmp_path_factory.mktemp("finetune")
     data = make_dataset(tmp / "data", per_class=6, size=40)
-    result = transfer.train(_cfg(data, tmp, name="single", pretrained=str(lite0_file), **FINETUNE), console=quiet())
+    result = training.train(_cfg(data, tmp, name="single", pretrained=str(lite0_file), **FINETUNE), console=quiet())
     return data, tmp, result.run_dir
 
 
@@ -76,6 +78,10 @@ def test_auto_rule() -> None:
     assert auto_backbone(True, "default", False, False, 32) == "none"  # tiny images
 
 
+def _choice(cfg: Any, model_chosen: bool) -> str:
+    return recipe.choose_pretrained(cfg, model_chosen)
+
+
 def test_resolve_pretrained_decodes_a_sample(tmp_path: Path) -> None:
     tiny = make_dataset(tmp_path / "tiny", size=20)
     photos = make_dataset(tmp_path / "photos", size=80)
@@ -84,12 +90,12 @@ def test_resolve_pretrained_decodes_a_sample(tmp_path: Path) -> None:
         (gray / c).mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((80, 80), 40 * i + (c == "b") * 100, np.uint8)).save(gray / c / f"{i}.png")
-    assert transfer.resolve_pretrained(_cfg(tiny, tmp_path), False).pretrained == "none"
-    assert transfer.resolve_pretrained(_cfg(photos, tmp_path), False).pretrained == "efficientnet_lite0"
-    assert transfer.resolve_pretrained(_cfg(photos, tmp_path, nproc=2), False).pretrained == "efficientnet_lite0"
-    assert transfer.resolve_pretrained(_cfg(photos, tmp_path), True).pretrained == "none"
-    assert transfer.resolve_pretrained(_cfg(gray, tmp_path), False).pretrained == "none"
-    assert transfer.resolve_pretrained(_cfg(photos, tmp_path, pretrained="x.pth"), False).pretrained == "x.pth"
+    assert _choice(_cfg(tiny, tmp_path), False) == "none"
+    assert _choice(_cfg(photos, tmp_path), False) == "efficientnet_lite0"
+    assert _choice(_cfg(photos, tmp_path, nproc=2), False) == "efficientnet_lite0"
+    assert _choice(_cfg(photos, tmp_path), True) == "none"
+    assert _choice(_cfg(gray, tmp_path), False) == "none"
+    assert _choice(_cfg(photos, tmp_path, pretrained="x.pth"), False) == "x.pth"
 
 
 @pytest.mark.parametrize("classes", [2, 3])
@@ -112,7 +118,7 @@ def test_pretrained_run_bundle_and_everything_downstream(tmp_path: Path, lite0_f
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     data = make_dataset(tmp_path / "data", per_class=8, size=40)
     cfg = _cfg(data, tmp_path, pretrained=str(lite0_file))
-    result = transfer.train(cfg)
+    result = training.train(cfg)
     bundle = result.bundle_path
     assert bundle is not None and bundle.is_file()
     m = result.metrics
@@ -143,7 +149,7 @@ def test_pretrained_run_bundle_and_everything_downstream(tmp_path: Path, lite0_f
         raise AssertionError("features should come from the cache")
 
     monkeypatch.setattr(feats, "extract_features", no_extraction)
-    again = transfer.train(replace(cfg, label_smoothing=0.0))  # another head: cached features only
+    again = training.train(replace(cfg, label_smoothing=0.0))  # another head: cached features only
     assert again.bundle_path is not None and again.run_dir != result.run_dir
 
 
@@ -155,7 +161,7 @@ def test_grayscale_dataset_replicates_channels_once(tmp_path: Path, lite0_file: 
         (data / c).mkdir(parents=True)
         for i in range(6):
             Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(data / c / f"{i}.png")
-    result = transfer.train(_cfg(data, tmp_path, pretrained=str(lite0_file), finetune_epochs=1, batch_size=4))
+    result = training.train(_cfg(data, tmp_path, pretrained=str(lite0_file), finetune_epochs=1, batch_size=4))
     out = capsys.readouterr().out
     assert out.count("channel is replicated") == 1
     assert len(result.history) == 2 and result.history[1]["val_acc"] is not None  # head, then one fine-tune epoch
@@ -173,7 +179,7 @@ def test_fine_tuning_resumes_to_the_same_weights(finetuned: tuple[Path, Path, Pa
 
     cfg = _cfg(data, tmp, name="cut", pretrained=str(lite0_file), **FINETUNE)
     with pytest.raises(TrainingInterrupted) as e:
-        transfer.train(cfg, console=quiet(), on_step=interrupt)
+        training.train(cfg, console=quiet(), on_step=interrupt)
     run = e.value.run_dir
     ckpt = load_checkpoint(e.value.checkpoint)
     assert (ckpt["epoch"], ckpt["step_in_epoch"], len(ckpt["history"])) == (1, 1, 1)
@@ -247,7 +253,7 @@ def test_options_a_backbone_replaces_are_named_once(tmp_path: Path, lite0_file: 
     cfg = _cfg(data, tmp_path, pretrained=str(lite0_file), lr=0.05)
     for chosen, said in (({"lr"}, True), ((), False)):
         console = quiet()
-        assert transfer.train(cfg, console=console, chosen=chosen).bundle_path
+        assert training.train(cfg, console=console, chosen=chosen).bundle_path
         assert ("--lr 0.05 do not apply" in console.file.getvalue()) is said
 
 
@@ -264,8 +270,8 @@ def test_real_lite0_on_a_few_dozen_photos(cats_dogs: Path, tmp_path: Path) -> No
             for i in range(start, start + n):
                 os.symlink(cats_dogs / subset / c / f"{c[:-1]}.{i}.jpg", data / subset / c / f"{i}.jpg")
     cfg = _cfg(data, tmp_path)
-    assert transfer.resolve_pretrained(cfg, False).pretrained == "efficientnet_lite0"
-    result = transfer.train(cfg)
+    assert _choice(cfg, False) == "efficientnet_lite0"
+    result = training.train(cfg)
     assert result.metrics["val_accuracy"] >= 0.9
 
 
@@ -303,7 +309,7 @@ def test_folder_features_cache_by_file_content(tmp_path: Path, lite0_file: Path,
 def test_finetune_lr_is_the_fine_tuning_learning_rate(tmp_path: Path, lite0_file: Path) -> None:
     """--finetune-lr reaches the optimiser's configuration; --lr (from scratch) does not."""
     data = make_dataset(tmp_path / "data", per_class=2, size=40)
-    cfg, _ = transfer.backbone_config(_cfg(data, tmp_path, pretrained=str(lite0_file), lr=0.05, finetune_lr=3e-4))
+    cfg = recipe.recipe_for(_cfg(data, tmp_path, pretrained=str(lite0_file), lr=0.05, finetune_lr=3e-4)).cfg
     assert (cfg.optimizer, cfg.lr, cfg.finetune_lr) == ("adamw", 3e-4, 3e-4)
     with pytest.raises(ConfigError, match=r"finetune_lr must be > 0. Received: finetune_lr=0.0"):
         _cfg(data, tmp_path, pretrained=str(lite0_file), finetune_lr=0.0)
@@ -313,10 +319,9 @@ def test_finetune_lr_without_finetune_epochs_is_named(tmp_path: Path, lite0_file
     data = make_dataset(tmp_path / "data", per_class=2, size=40)
     before = _cfg(data, tmp_path, pretrained=str(lite0_file), finetune_lr=3e-4)
     for epochs, said in ((0, True), (2, False)):
-        console = quiet()
         cfg = replace(before, finetune_epochs=epochs)
-        transfer.note_replaced_options(cfg, transfer.backbone_config(cfg)[0], {"finetune_lr"}, console)
-        assert ("--finetune-lr 0.0003 do not apply" in console.file.getvalue()) is said
+        notes = recipe.recipe_for(cfg, {"finetune_lr"}).notes
+        assert any("--finetune-lr 0.0003 do not apply" in n for n in notes) is said
 
 
 def test_backbone_options_in_a_from_scratch_run_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -330,3 +335,58 @@ def test_backbone_options_in_a_from_scratch_run_are_named(tmp_path: Path, capsys
     assert len(notes) == 1 and "--finetune-epochs, --head-flip" in notes[0] and "--finetune-lr" not in notes[0]
     assert main(["train", *common]) == 0
     assert "pretrained backbones only" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- one recipe, one door
+def test_a_pretrained_run_reads_and_hashes_its_weights_once(tmp_path: Path, lite0_file: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe reads the backbone once; features, the head fit and fine-tuning build from it."""
+    import convlens.models.pretrained as pt
+
+    reads: list[str] = []
+    hashes: list[str] = []
+    real_read, real_hash = pt.read_state_dict, pt.file_sha256
+    monkeypatch.setattr(pt, "read_state_dict", lambda p: reads.append(str(p)) or real_read(p))
+    monkeypatch.setattr(pt, "file_sha256", lambda p: hashes.append(str(p)) or real_hash(p))
+    data = make_dataset(tmp_path / "data", per_class=3, size=40)
+    result = training.train(_cfg(data, tmp_path, pretrained=str(lite0_file), finetune_epochs=1, batch_size=4),
+                            console=quiet())
+    assert result.bundle_path.is_file()
+    assert reads == [str(lite0_file)] and hashes == [str(lite0_file)]
+
+
+def test_the_resolved_recipe_names_what_the_user_chose(tmp_path: Path, lite0_file: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import convlens.config as config_mod
+
+    data = make_dataset(tmp_path / "data", per_class=2, size=40)
+    f = tmp_path / "c.yaml"
+    f.write_text("label_smoothing: 0.05\n")
+    opened: list[str] = []
+    real = config_mod.read_config_file
+    monkeypatch.setattr(config_mod, "read_config_file", lambda p: opened.append(str(p)) or real(p))
+    r = recipe.resolve({"data": str(data), "pretrained": str(lite0_file), "lr": 0.05, "finetune_lr": 2e-4,
+                        "finetune_epochs": 1, "cache_dir": str(tmp_path / "cache")}, str(f))
+    assert opened == [str(f)]  # read once: the chosen keys come from the same read
+    assert {"lr", "label_smoothing", "finetune_lr"} <= r.chosen
+    assert r.pretrained and r.cfg.lr == 2e-4 and r.cfg.epochs == 2 and r.cfg.optimizer == "adamw"
+    assert r.cfg.label_smoothing == 0.05 and r.preprocessing is r.backbone.preprocessing
+    (note,) = r.notes
+    assert "--lr 0.05" in note and "--finetune-lr" not in note.split("(")[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.cfg = r.cfg  # type: ignore[misc]
+
+
+def test_lr_find_sweeps_the_model_train_would_train(tmp_path: Path, lite0_file: Path) -> None:
+    """On a pretrained recipe lr-find sweeps fine-tuning (head fitted, last units) and suggests --finetune-lr."""
+    from convlens.engine.lr_find import lr_find
+
+    data = make_dataset(tmp_path / "data", per_class=4, size=40)
+    console = quiet()
+    r = recipe.recipe_for(_cfg(data, tmp_path, pretrained=str(lite0_file), batch_size=4))
+    result = lr_find(r, steps=6, out=None, console=console)
+    assert result.flag == "--finetune-lr" and len(result.lrs) == 6
+    assert "the fine-tuning learning rate of" in console.file.getvalue()
+    scratch = lr_find(recipe.recipe_for(_cfg(data, tmp_path, pretrained="none", model="tiny", image_size=16)),
+                      steps=6, out=None, console=quiet())
+    assert scratch.flag == "--lr"

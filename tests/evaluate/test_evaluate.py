@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from convlens.cli import main
-from convlens.engine.trainer import train
+from convlens.engine.training import train
 from convlens.evaluate import evaluate, load_labelled_folder
 from convlens.infer.bundle import load_model
 from tests.engine.helpers import make_dataset, tiny_config

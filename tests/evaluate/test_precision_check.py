@@ -13,7 +13,7 @@ import torch
 
 import convlens
 from convlens import runtime
-from convlens.engine.trainer import train
+from convlens.engine.training import train
 from convlens.errors import BundleError
 from convlens.evaluate import BF16_MAX_PROB_DIFF, bf16_agreement, predict_probabilities
 from convlens.infer.bundle import load_model, save_bundle

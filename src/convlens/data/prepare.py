@@ -6,6 +6,7 @@ can say so in one line (:func:`convlens.data.check.skipped_message`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,6 @@ import numpy as np
 
 from convlens.data.cache import CachedImages, CacheResult, build_cache
 from convlens.data.check import SkippedFiles
-from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import scan
 from convlens.data.split import (
@@ -71,67 +71,42 @@ class PreparedData:
         return f"{len(self.classes)} classes, {', '.join(parts)} images ({ch}, {self.preprocessing.size[0]}x{self.preprocessing.size[1]})"
 
 
-def _size(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(image_size, (int, np.integer)):
-        size = (int(image_size), int(image_size))
-    else:
-        try:
-            size = (int(image_size[0]), int(image_size[1]))
-        except (TypeError, ValueError, IndexError) as e:
-            raise ConfigError(f"image_size must be a number of pixels or (height, width). Received: image_size={image_size!r}") from e
-    if min(size) < 1 or max(size) > 8192:
-        raise ConfigError(f"image_size must be between 1 and 8192 pixels. Received: image_size={image_size!r}")
-    return size
-
-
-def prepare_dataset(root: str | os.PathLike[str], *, image_size: int | tuple[int, int],
-                    resize: str = "squash", channels: int = 0, scale: float = 1 / 255,
-                    interpolation: str = "bilinear", crop_fraction: float = 1.0,
-                    mean: tuple[float, ...] | list[float] = (0.0,), std: tuple[float, ...] | list[float] = (1.0,),
+def prepare_dataset(root: str | os.PathLike[str], prep: Preprocessing, *, detect_channels: bool = False,
                     val_fraction: float = DEFAULT_VAL_FRACTION, test_fraction: float = 0.0,
                     seed: int = DEFAULT_SEED, cache_dir: str | os.PathLike[str] | None = None,
-                    workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 8,
-                    progress: bool = True, split_file: str | os.PathLike[str] | None = None,
-                    decode_size: int | tuple[int, int] | None = None) -> PreparedData:
-    """Scan ``root``, decode every image once into the cache, split, and return the subsets.
+                    workers: int = 0, min_side: int = 8, progress: bool = True,
+                    split_file: str | os.PathLike[str] | None = None) -> PreparedData:
+    """Scan ``root``, decode every image once into the cache at ``prep`` (whole: its size, decode
+    size, resize policy, interpolation, crop fraction and pixel limit), split, and return the subsets.
 
-    ``decode_size``: cache the images at this (larger) size; the model input is the
-    ``image_size`` crop of it (random in training, centred elsewhere; see :class:`Preprocessing`).
-
+    ``detect_channels``: grayscale when every image is (``prep.channels`` otherwise). With
+    ``prep.decode_size`` the cache holds the larger images; the model input is the ``size`` crop
+    of them (random in training, centred elsewhere; see :class:`Preprocessing`).
     ``split_file`` reuses a ``split.csv`` from an earlier run (files it does not list are
     assigned by hash as usual).
     """
-    size = _size(image_size)
-    decoded = _size(decode_size) if decode_size else size
     check_fractions(val_fraction, test_fraction)
-    if channels not in (0, 1, 3):
-        raise ConfigError(f"channels must be 0 (auto), 1 or 3. Received: channels={channels}")
-    # Validate the preprocessing before minutes of decoding.
-    Preprocessing(size=size, channels=channels or 3, resize=resize, scale=scale, mean=tuple(mean), std=tuple(std),
-                  interpolation=interpolation, crop_fraction=crop_fraction, decode_size=decoded)
-    if any(s == 0 for s in std):
-        raise ConfigError(f"std must not contain zeros. Received: std={list(std)}")
-    if max_pixels < 1 or min_side < 1:
-        raise ConfigError(f"max_pixels and min_side must be positive. Received: max_pixels={max_pixels}, min_side={min_side}")
+    if any(s == 0 for s in prep.std):
+        raise ConfigError(f"std must not contain zeros. Received: std={list(prep.std)}")
+    if min_side < 1:
+        raise ConfigError(f"min_side must be positive. Received: min_side={min_side}")
 
     index = scan(root)
-    cache = build_cache(index.entries, index.root, size=decoded, resize=resize, interpolation=interpolation,
-                        crop_fraction=crop_fraction, channels=channels,
-                        max_pixels=max_pixels, min_side=min_side, cache_dir=cache_dir, workers=workers,
-                        progress=progress)
+    cache = build_cache(index.entries, index.root, size=prep.decode_size or prep.size, resize=prep.resize,
+                        interpolation=prep.interpolation, crop_fraction=prep.crop_fraction,
+                        channels=0 if detect_channels else prep.channels, max_pixels=prep.max_pixels,
+                        min_side=min_side, cache_dir=cache_dir, workers=workers, progress=progress)
     recs = cache.records
     usable = [e for e in index.entries if recs[e.rel].usable]
     skipped = SkippedFiles([recs[e.rel].to_error(index.root) for e in index.entries if not recs[e.rel].usable],
                            root=index.root)
 
     resolved = cache.channels
-    for name, v in (("mean", mean), ("std", std)):
+    for name, v in (("mean", prep.mean), ("std", prep.std)):
         if len(v) not in (1, resolved):
             raise ConfigError(f"{name} needs 1 or {resolved} values for this {'grayscale' if resolved == 1 else 'RGB'} "
                               f"dataset. Received: {name}={list(v)}")
-    prep = Preprocessing(size=size, channels=resolved, resize=resize, scale=scale, mean=tuple(mean),
-                         std=tuple(std), max_pixels=max_pixels, interpolation=interpolation,
-                         crop_fraction=crop_fraction, decode_size=decoded)
+    prep = dataclasses.replace(prep, channels=resolved)
 
     subsets = assign_subsets([e.rel for e in usable], [e.class_name for e in usable],
                              [recs[e.rel].sha256 for e in usable], [e.subset for e in usable],

@@ -23,6 +23,8 @@ from convlens.config import RESIZE_POLICIES, check_choice
 from convlens.data.decode import DEFAULT_MAX_PIXELS, decode, to_rgb
 from convlens.errors import ConfigError
 
+MAX_SIDE = 8192  # model inputs (and decode sizes) up to this many pixels a side
+
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
                   "nearest": Image.Resampling.NEAREST}
 
@@ -70,6 +72,8 @@ class Preprocessing:
         if not 0 < float(self.crop_fraction) <= 1:
             raise ConfigError(f"crop_fraction must be in (0, 1]. Received: crop_fraction={self.crop_fraction!r}")
         object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+        if min(self.size) < 1 or max(self.size) > MAX_SIDE:
+            raise ConfigError(f"image size must be between 1 and {MAX_SIDE} pixels. Received: size={self.size}")
         if self.decode_size is not None:
             d = (int(self.decode_size[0]), int(self.decode_size[1]))
             if d[0] < self.size[0] or d[1] < self.size[1]:

@@ -51,20 +51,29 @@ from convlens.data.loader import to_model_input
 from convlens.data.prepare import prepare_dataset
 from convlens.data.preprocess import Preprocessing
 from convlens.errors import DiskFullError
+from convlens.models.create import create_model
 from convlens.models.model import ConvlensModel
-from convlens.models.pretrained import PretrainedSource, load_backbone
+from convlens.models.pretrained import PretrainedSource, PretrainedWeights, read_pretrained
 
 FEATURES_VERSION = 2  # 2: rows of duplicate files were misaligned in version 1 caches
 
 
 @dataclass
 class Backbone:
-    """A pretrained model (its head still to be fitted), where its weights came from, and the
-    preprocessing its weights expect."""
+    """A pretrained model (its head still to be fitted), its weights as read (once) with where
+    they came from, and the preprocessing its weights expect."""
 
     model: ConvlensModel
-    source: PretrainedSource
+    weights: PretrainedWeights
     preprocessing: Preprocessing
+
+    @property
+    def source(self) -> PretrainedSource:
+        return self.weights.source
+
+    def create(self, num_classes: int) -> ConvlensModel:
+        """A fresh model of this backbone for ``num_classes`` (the weights are not read again)."""
+        return create_model(self.source.arch, num_classes, pretrained=self.weights)
 
     @property
     def num_features(self) -> int:
@@ -79,11 +88,12 @@ def backbone_preprocessing(source: PretrainedSource, channels: int = 3, max_pixe
     return Preprocessing(size=(size, size), channels=channels, **spec, **extra)
 
 
-def load_pretrained(pretrained: str = DEFAULT_BACKBONE, num_classes: int = 2, arch: str | None = None,
+def load_pretrained(pretrained: str = DEFAULT_BACKBONE, arch: str | None = None,
                     max_pixels: int | None = None) -> Backbone:
-    """Load a packaged (``efficientnet_lite0``) or local (path) backbone for ``num_classes``."""
-    model, source = load_backbone(pretrained, num_classes, arch)
-    return Backbone(model.eval(), source, backbone_preprocessing(source, max_pixels=max_pixels))
+    """Read a packaged (``efficientnet_lite0``) or local (path) backbone once."""
+    weights = read_pretrained(pretrained, arch)
+    model = create_model(weights.source.arch, 2, pretrained=weights)  # features only: the head is unused
+    return Backbone(model.eval(), weights, backbone_preprocessing(weights.source, max_pixels=max_pixels))
 
 
 def extract_features(model: ConvlensModel, images: Any, prep: Preprocessing, *, batch_size: int = 64,
@@ -219,13 +229,11 @@ def folder_features(root: str | Path, pretrained: str = DEFAULT_BACKBONE, *, arc
     ``subsets`` tells which images training with the same ``val_fraction``/``seed`` would hold
     out; the features of all are returned.
     """
-    backbone = load_pretrained(pretrained, 2, arch)
+    backbone = load_pretrained(pretrained, arch)
     p = backbone.preprocessing
     t0 = time.perf_counter()
-    prepared = prepare_dataset(root, image_size=p.size, resize=p.resize, channels=3, scale=p.scale, mean=p.mean,
-                               std=p.std, interpolation=p.interpolation, crop_fraction=p.crop_fraction,
-                               val_fraction=val_fraction, seed=seed, cache_dir=cache_dir, workers=workers,
-                               progress=progress)
+    prepared = prepare_dataset(root, p, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
+                               workers=workers, progress=progress)
     t1 = time.perf_counter()
     parts = [s for s in (prepared.train, prepared.val, prepared.test) if s is not None and len(s)]
     paths = [q for s in parts for q in s.paths]

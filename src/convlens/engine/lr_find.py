@@ -25,7 +25,9 @@ from convlens.engine.factory import (
     create_optimizer,
     create_step,
 )
-from convlens.engine.trainer import command_config, epoch_seed, prepare_data
+from convlens.engine.recipe import Recipe, recipe_for, resolve
+from convlens.engine.trainer import epoch_seed, prepare_data
+from convlens.engine.transfer import finetune_start
 from convlens.errors import ConfigError
 from convlens.files import write_bytes
 
@@ -39,6 +41,7 @@ class LRFindResult:
     smoothed: list[float]
     suggestion: float | None
     plot: Path | None
+    flag: str = "--lr"  # the option the suggestion is for: --finetune-lr for a pretrained backbone
 
 
 def smooth(losses: list[float], beta: float = 0.98) -> list[float]:
@@ -79,7 +82,7 @@ def suggest_lr(lrs: list[float], smoothed: list[float], skip_start: int | None =
 
 
 def lr_find(
-    cfg: TrainConfig,
+    recipe: Recipe | TrainConfig,
     *,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
@@ -88,7 +91,12 @@ def lr_find(
     out: str | Path | None = "lr_find.png",
     console: Console | None = None,
 ) -> LRFindResult:
-    """Run the sweep on ``cfg``'s data, model, optimizer, augmentation and loss; plot to ``out``."""
+    """Run the sweep on the model ``convlens train`` would train (the recipe's data, model,
+    optimizer, augmentation and loss); plot to ``out``. For a pretrained backbone that is the
+    fine-tuning step: the head fitted on the features, the last units training, batch-norm
+    statistics frozen, so the suggestion is a ``--finetune-lr``."""
+    recipe = recipe_for(recipe) if isinstance(recipe, TrainConfig) else recipe
+    cfg = recipe.cfg
     if not (0 < start_lr < end_lr):
         raise ConfigError(f"lr-find needs 0 < start_lr < end_lr. Received: start_lr={start_lr}, end_lr={end_lr}")
     if steps < 5:
@@ -97,9 +105,15 @@ def lr_find(
     runtime.tune_allocator()
     runtime.configure_threads(cfg.threads)
     dev = runtime.resolve_device(cfg.device, cfg.precision)
-    cfg, prepared = prepare_data(cfg, console)
-    model = create_model(cfg, len(prepared.classes), prepared.preprocessing.channels, dev)
-    model.train()
+    prepared = prepare_data(cfg, console, backbone=recipe.backbone)
+    if recipe.backbone is not None:
+        model = finetune_start(recipe.backbone, prepared, cfg, dev.device)
+        model.eval()  # frozen batch-norm statistics, as fine-tuning trains
+        what = f"the fine-tuning learning rate of {cfg.pretrained} (head fitted, last units training)"
+    else:
+        model = create_model(cfg, len(prepared.classes), prepared.preprocessing.channels, dev)
+        model.train()
+        what = f"{cfg.model} from scratch"
     optimizer = create_optimizer(model, cfg, lr=start_lr)
     step_fn = create_step(model, cfg, prepared, dev)
     loader, _ = create_loaders(cfg, prepared, dev)
@@ -112,7 +126,8 @@ def lr_find(
     losses: list[float] = []
     best, avg, beta = math.inf, 0.0, 0.9
     epoch, done = 0, False
-    console.print(f"lr-find: {steps} steps from {start_lr:.0e} to {end_lr:.0e} on {len(prepared.train.labels)} images")
+    console.print(f"lr-find: {what}, {steps} steps from {start_lr:.0e} to {end_lr:.0e} on "
+                  f"{len(prepared.train.labels)} images")
     while not done:
         loader.set_epoch(epoch)
         epoch += 1
@@ -143,16 +158,21 @@ def lr_find(
         plot = Path(out)
         write_bytes(plot, lr_find_png(lrs, [v if math.isfinite(v) else float("nan") for v in losses],
                                       smoothed, suggestion))
-    return LRFindResult(lrs, losses, smoothed, suggestion, plot)
+    return LRFindResult(lrs, losses, smoothed, suggestion, plot, flag="--finetune-lr" if recipe.pretrained else "--lr")
 
 
 def lr_find_command(overrides: dict[str, Any], config_file: str | None = None, out: str = "lr_find.png") -> int:
     """``convlens lr-find [DIR]``: print the suggested learning rate and write the plot."""
     console = Console()
-    result = lr_find(command_config(overrides, config_file), out=out, console=console)
+    recipe = resolve(overrides, config_file)
+    for note in recipe.notes:
+        console.print(note, highlight=False)
+    if "time" in recipe.chosen and recipe.cfg.time is not None:
+        console.print("note: lr-find runs a fixed sweep; --time applies to `convlens train`", highlight=False)
+    result = lr_find(recipe, out=out, console=console)
     if result.suggestion is None:
         console.print(f"no clear descent in the loss; look at {result.plot} and pick a learning rate by eye")
     else:
-        console.print(f"suggested learning rate: {result.suggestion:.2e} (use --lr {result.suggestion:.2g})")
+        console.print(f"suggested learning rate: {result.suggestion:.2e} (use {result.flag} {result.suggestion:.2g})")
     console.print(f"plot: {result.plot}")
     return 0

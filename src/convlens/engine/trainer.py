@@ -39,11 +39,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from convlens import runtime
 from convlens.config import (
     TrainConfig,
-    chosen_keys,
-    decode_size,
     dump_yaml,
     parse_duration,
-    resolve_train_config,
     to_dict,
 )
 from convlens.display import clock, shows_progress
@@ -72,8 +69,10 @@ from convlens.engine.factory import (
     create_step,
     soft_targets,
 )
+from convlens.engine.features import Backbone
 from convlens.engine.optim import progressive_side, progressive_size
-from convlens.engine.resume import open_run, resume_config
+from convlens.engine.recipe import input_preprocessing
+from convlens.engine.resume import open_run
 from convlens.engine.run_folder import (
     BUNDLE_NAME,
     RunResult,
@@ -86,13 +85,6 @@ from convlens.engine.run_folder import (
 from convlens.errors import ConfigError, DiskFullError
 from convlens.evaluate import bf16_check_size
 from convlens.files import write_bytes, write_json, write_text
-
-# The embedded digits are 8x8: train them small, never mirrored (a mirrored 2 is not a 2) and
-# without resized crops (a cropped 8 may be a 0; the 2-pixel random shifts of the crop margin
-# help), validated every epoch, for 10 epochs, without mixup (the recipe measured on them):
-# `convlens train` shows the pipeline in a minute.
-DIGITS_DEFAULTS = {"image_size": 32, "flip": False, "flip_average": False, "crop_scale": 1.0, "epochs": 10,
-                   "val_every": 1, "progressive": 0.0, "mixup": 0.0}
 
 
 class TrainingInterrupted(Exception):
@@ -171,46 +163,23 @@ def _validate(model: torch.nn.Module, loader: Any, prep: Any, dev: runtime.Devic
 
 # ----------------------------------------------------------------------------- train
 def prepare_data(cfg: TrainConfig, console: Console, split_file: str | Path | None = None,
-                 pixels: dict[str, Any] | None = None) -> tuple[TrainConfig, Any]:
-    """Check, split and cache ``cfg.data`` (the embedded digits when None); report skipped files.
+                 backbone: Backbone | None = None) -> Any:
+    """Check, split and cache ``cfg.data`` (resolved by the recipe) at the run's
+    :class:`Preprocessing` (a ``backbone``'s whole); report skipped files.
 
-    Returns the config with ``data`` resolved to a folder, and the ``PreparedData``.
-    ``split_file``: reuse the split of an earlier run (``split.csv``). ``pixels``: further
-    ``prepare_dataset`` pixel options (a pretrained backbone's interpolation and crop fraction).
+    ``split_file``: reuse the split of an earlier run (``split.csv``).
     """
     from convlens.data.check import skipped_message
     from convlens.data.prepare import prepare_dataset
 
-    if cfg.data is None:
-        from convlens.data.digits import ensure_digits_dataset
-
-        cfg = replace(cfg, data=str(ensure_digits_dataset()))
-    prepared = prepare_dataset(
-        cfg.data, image_size=cfg.image_size, resize=cfg.resize, channels=cfg.channels, scale=cfg.scale,
-        mean=tuple(cfg.mean), std=tuple(cfg.std), val_fraction=cfg.val_fraction,
-        test_fraction=cfg.test_fraction, seed=cfg.seed, cache_dir=cfg.cache_dir, workers=cfg.workers,
-        max_pixels=cfg.max_pixels, min_side=cfg.min_side, progress=shows_progress(console), split_file=split_file,
-        decode_size=decode_size(cfg), **(pixels or {}),
-    )
+    prep, detect = input_preprocessing(cfg, backbone)
+    prepared = prepare_dataset(cfg.data, prep, detect_channels=detect, val_fraction=cfg.val_fraction,
+                               test_fraction=cfg.test_fraction, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                               workers=cfg.workers, min_side=cfg.min_side, progress=shows_progress(console),
+                               split_file=split_file)
     if prepared.skipped:
         say(console, f"[yellow]{skipped_message(prepared.skipped)}[/yellow]")
-    return cfg, prepared
-
-
-def train(
-    cfg: TrainConfig,
-    resume: str | Path | None = None,
-    console: Console | None = None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> RunResult:
-    """Prepare ``cfg.data``, train, evaluate on the validation set and write the run folder.
-
-    ``resume``: a run folder (or checkpoint) to continue; ``cfg`` must then match the run's
-    saved configuration except for :data:`convlens.engine.resume.RESUME_MUTABLE` keys. ``on_step(epoch, step)`` is
-    called after every optimisation step (0-based). Raises :class:`TrainingInterrupted` after
-    writing a checkpoint when Ctrl-C is pressed.
-    """
-    return Trainer(cfg, resume=resume, console=console).fit(on_step)
+    return prepared
 
 
 class Trainer:
@@ -241,7 +210,6 @@ class Trainer:
         self.governor = runtime.ThreadGovernor(self.threads, adaptive=not cfg.threads)
         self.dev = dev = dist.start(runtime.resolve_device(cfg.device, cfg.precision))
         batch_size = dist.per_process_batch(cfg.batch_size)  # batch_size is the global batch
-        cfg = replace(cfg, nproc=dist.world_size)
         if dev.note:
             say(self.console, f"[yellow]note:[/yellow] {dev.note}")
 
@@ -250,7 +218,7 @@ class Trainer:
         if resume is not None:
             state, run_dir, split_file = open_run(resume, cfg, dist.is_main)
         with dist.main_first():  # rank 0 builds the cache; the others then read it
-            cfg, self.prepared = self.prepare(cfg, split_file)
+            self.prepared = self.prepare(cfg, split_file)
         self.cfg = cfg
         self.classes = list(self.prepared.classes)
         self.prep = self.prepared.preprocessing
@@ -319,7 +287,7 @@ class Trainer:
         self.ema = ModelEma(self.model, cfg.ema_decay) if cfg.ema else None
 
     # ----------------------------------------------------------------- the parts a subclass changes
-    def prepare(self, cfg: TrainConfig, split_file: Path | None) -> tuple[TrainConfig, Any]:
+    def prepare(self, cfg: TrainConfig, split_file: Path | None) -> Any:
         """Check, split and cache the data (:func:`prepare_data`); rank 0 runs it first."""
         return prepare_data(cfg, self.console, split_file=split_file)
 
@@ -481,13 +449,18 @@ class Trainer:
         plan = budget.Plan(budget_s=limit, epochs=epochs, epoch_s=epoch_s, finish_s=finish_s, spent_before_s=spent,
                            estimate_s=budget.estimate_seconds(epochs, *times), small_epoch_s=small_s,
                            first_train_s=self.steps_per_epoch * (small_step_s if first_small else speed.step_s))
-        self.cfg = replace(cfg, epochs=epochs)
-        self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch, epochs)
-        if self.dist.is_main:
-            write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+        self.set_epochs(epochs)
         say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "
                            f"(estimated {budget.format_seconds(plan.estimate_s)} in all)")
         return plan
+
+    def set_epochs(self, epochs: int) -> None:
+        """``--time``'s number of epochs: the one change made to a resolved configuration (the
+        schedule is rebuilt for it and config.yaml follows)."""
+        self.cfg = replace(self.cfg, epochs=epochs)
+        self.scheduler = create_scheduler(self.optimizer, self.cfg, self.steps_per_epoch, epochs)
+        if self.dist.is_main:
+            write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
 
     def _replan(self, first_train_s: float) -> None:
         """``--time``: refit the epochs to the first epoch's measured speed (the plan came from a few
@@ -496,12 +469,10 @@ class Trainer:
         new = None if plan is None else self.dist.broadcast(budget.replan(plan, first_train_s, self.cfg.progressive))
         if new is None or new.epochs == self.cfg.epochs:
             return
-        self.plan, self.cfg = new, replace(self.cfg, epochs=new.epochs)
-        self.scheduler = create_scheduler(self.optimizer, self.cfg, self.steps_per_epoch, new.epochs)
+        self.plan = new
+        self.set_epochs(new.epochs)
         self.scheduler.last_epoch = self.steps_per_epoch - 1  # one epoch of steps done: its next value
         self.scheduler.step()
-        if self.dist.is_main:
-            write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
         say(self.console, f"time budget: the first epoch took {new.first_epoch_ratio:.2f}x the estimate, so "
                            f"{new.epochs} epochs instead of {new.planned_epochs} "
                            f"(estimated {budget.format_seconds(new.estimate_s)} in all)")
@@ -629,22 +600,3 @@ def _chain(*hooks: Callable[[int, int], None] | None) -> Callable[[int, int], No
 def _fresh_partial() -> dict[str, Any]:
     """Running sums of the current epoch (saved in mid-epoch checkpoints)."""
     return {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-
-
-def command_config(overrides: dict[str, Any], config_file: str | Path | None) -> TrainConfig:
-    """Resolve the config of ``convlens train``/``lr-find``; digits defaults when no data is given."""
-    cfg = resolve_train_config(None, config_file, overrides)
-    if cfg.data is None:
-        # Only values nobody chose: a flag, the config file and the preset all win.
-        explicit = chosen_keys(overrides, config_file, cfg.preset)
-        cfg = replace(cfg, **{k: v for k, v in DIGITS_DEFAULTS.items() if k not in explicit})
-    return cfg
-
-
-def train_config(overrides: dict[str, Any], config_file: str | Path | None = None,
-                 resume: str | Path | None = None) -> TrainConfig:
-    """The configuration of ``convlens train`` and ``convlens.train()``: the run's own when resuming."""
-    if resume and config_file:
-        raise ConfigError(f"--config cannot be combined with --resume: a run continues with its own "
-                          f"config.yaml. Received: --config {str(config_file)!r}")
-    return resume_config(resume, overrides) if resume else command_config(overrides, config_file)

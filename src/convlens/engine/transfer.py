@@ -1,7 +1,8 @@
 """Transfer learning: a pretrained backbone, frozen features, a fitted linear head, optional fine-tuning.
 
-The fast path of ``convlens train DIR --pretrained NAME|PATH``, run by :class:`FineTuner`, the
-trainer (:class:`convlens.engine.trainer.Trainer`) with the backbone's parts:
+The pretrained strategy of the one trainer (:class:`convlens.engine.trainer.Trainer`): what
+:func:`convlens.engine.training.train` runs for a recipe with a backbone (``convlens train DIR``
+on photos, or ``--pretrained NAME|PATH``), as :class:`FineTuner`, with the backbone's parts:
 
 1. decode once into the cache at the backbone's own preprocessing (size, crop, interpolation,
    scaling: all stored in the bundle);
@@ -19,10 +20,7 @@ trainer (:class:`convlens.engine.trainer.Trainer`) with the backbone's parts:
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Collection
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,49 +28,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from convlens.config import TrainConfig, auto_backbone, chosen_keys, flag_of
-from convlens.data.decode import decode
-from convlens.data.scan import scan
-from convlens.engine import distributed
+from convlens.config import TrainConfig
 from convlens.engine.factory import class_weights, classification_loss, correct_count, soft_targets
-from convlens.engine.features import Backbone, cached_features, load_pretrained, subset_hashes
-from convlens.engine.run_folder import RunResult, say
-from convlens.engine.trainer import Trainer, TrainingInterrupted, prepare_data, train_config
-from convlens.engine.trainer import train as train_from_scratch
-from convlens.errors import ImageError
-from convlens.models.pretrained import load_backbone
+from convlens.engine.features import Backbone, cached_features, subset_hashes
+from convlens.engine.run_folder import say
+from convlens.engine.trainer import Trainer, prepare_data
 
 HEAD_L2 = 1.0  # L2 on the standardised head weights: best or tied on both datasets (docs/benchmarks.md)
 HEAD_MAX_ITER = 100
-SAMPLE_IMAGES = 24  # images decoded to decide whether a dataset is photos
-BACKBONE_ONLY = ("arch", "finetune_epochs", "finetune_lr", "head_flip")  # options only a pretrained run uses
-
-
-# ----------------------------------------------------------------------------- choice
-def resolve_pretrained(cfg: TrainConfig, model_chosen: bool) -> TrainConfig:
-    """Replace ``pretrained: auto`` by a backbone name or ``none`` (the rule: :func:`config.auto_backbone`).
-
-    Whether the images are photos is judged on up to :data:`SAMPLE_IMAGES` really decoded files.
-    """
-    if cfg.pretrained != "auto":
-        return cfg
-    # Not --nproc: the rule is about the data (torchrun's processes never see --nproc), and a
-    # pretrained run fine-tunes under DDP like any other.
-    if cfg.data is None or cfg.preset != "default" or model_chosen:
-        return replace(cfg, pretrained="none")
-    entries = scan(cfg.data).entries
-    sample = entries[:: max(1, len(entries) // SAMPLE_IMAGES)][:SAMPLE_IMAGES]
-    sides, gray = [], []
-    for e in sample:
-        try:
-            img, info = decode(e.path, max_pixels=cfg.max_pixels, min_side=1, keep_gray=True)
-        except ImageError:
-            continue  # reported by the check later
-        sides.append(min(img.size))
-        gray.append(info.grayscale)
-    median = float(np.median(sides)) if sides else 0.0
-    choice = auto_backbone(True, cfg.preset, model_chosen, bool(gray) and all(gray), median)
-    return replace(cfg, pretrained=choice)
 
 
 # ----------------------------------------------------------------------------- linear head
@@ -114,31 +77,22 @@ def trainable_units(model: Any) -> list[torch.nn.Module]:
     return [m for _, _, m in units[-max(2, len(units) // 4):]]
 
 
-def backbone_config(cfg: TrainConfig) -> tuple[TrainConfig, Backbone]:
-    """The backbone of ``cfg.pretrained`` and the configuration that trains it (recorded in the run).
-
-    Its preprocessing; epochs = the head fit + ``finetune_epochs``; the fine-tuning recipe (AdamW
-    at ``finetune_lr``, cosine, validated every epoch); no crop margin, flip averaging,
-    progressive resizing, mixup, EMA or time budget (the from-scratch recipe's).
-    """
-    backbone = load_pretrained(cfg.pretrained, 2, cfg.arch, cfg.max_pixels)
-    p = backbone.preprocessing
-    return replace(cfg, arch=backbone.source.arch, model=backbone.source.arch, image_size=p.size[0], resize=p.resize,
-                   scale=p.scale, mean=list(p.mean), std=list(p.std), channels=3, crop_margin=0.0,
-                   flip_average=False, epochs=1 + cfg.finetune_epochs, optimizer="adamw", lr=cfg.finetune_lr,
-                   schedule="cosine", warmup_epochs=0.0, val_every=1, progressive=0.0, mixup=0.0, ema=False,
-                   time=None), backbone
-
-
-def prepare_data_for(cfg: TrainConfig, console: Console, split_file: Path | None = None,
-                     backbone: Backbone | None = None) -> tuple[TrainConfig, Any]:
-    """:func:`prepare_data` for ``cfg`` (from :func:`backbone_config` when pretrained): at the
-    backbone's interpolation and crop fraction."""
-    if backbone is None and cfg.pretrained not in ("none", "auto"):
-        cfg, backbone = backbone_config(cfg)
-    pixels = None if backbone is None else {"interpolation": backbone.preprocessing.interpolation,
-                                            "crop_fraction": backbone.preprocessing.crop_fraction}
-    return prepare_data(cfg, console, split_file=split_file, pixels=pixels)
+def finetune_start(backbone: Backbone, prepared: Any, cfg: TrainConfig, device: str = "cpu") -> torch.nn.Module:
+    """The model fine-tuning starts from: the backbone with its head fitted on the (cached)
+    training features and only :func:`trainable_units` trainable (what lr-find sweeps)."""
+    num_classes = len(prepared.classes)
+    model = backbone.create(num_classes)
+    weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
+    w, b = fit_linear_head(_features(backbone, prepared, prepared.train, cfg), prepared.train.labels, num_classes,
+                           weights=weights, label_smoothing=cfg.label_smoothing)
+    fc = model.gap_linear_head()
+    with torch.no_grad():
+        fc.weight.copy_(w)
+        fc.bias.copy_(b)
+    model.requires_grad_(False)
+    for unit in trainable_units(model):
+        unit.requires_grad_(True)
+    return model.to(device)
 
 
 class FineTuner(Trainer):
@@ -153,22 +107,22 @@ class FineTuner(Trainer):
         self.marks = {"start": time.perf_counter()}
         super().__init__(cfg, resume=resume, console=console)
 
-    def prepare(self, cfg: TrainConfig, split_file: Path | None) -> tuple[TrainConfig, Any]:
+    def prepare(self, cfg: TrainConfig, split_file: Path | None) -> Any:
         source, p = self.backbone.source, self.backbone.preprocessing
         where = "ImageNet weights from the installed package" if source.packaged else source.path
         say(self.console, f"backbone: {source.arch} ({where}); {p.size[0]}x{p.size[1]} {p.interpolation} "
                           f"centre crop, {self.threads} threads"
                           + ("; --pretrained none trains from scratch" if source.packaged else ""))
-        cfg, prepared = prepare_data_for(cfg, self.console, split_file, self.backbone)
+        prepared = prepare_data(cfg, self.console, split_file, self.backbone)
         records = [prepared.cache.records[q] for q in prepared.train.paths[:2000]]
         if records and all(r.grayscale for r in records):
             say(self.console, "note: grayscale images: the channel is replicated 3x for the RGB backbone")
         self.marks["decode"] = time.perf_counter()
-        return cfg, prepared
+        return prepared
 
     def build_model(self, num_classes: int) -> torch.nn.Module:
         """The backbone (its head fitted in :meth:`begin`, or restored), only the last units training."""
-        model, _ = load_backbone(self.backbone.source.path, num_classes, self.backbone.source.arch)
+        model = self.backbone.create(num_classes)  # the weights as read once by the recipe
         model.requires_grad_(False)
         for unit in trainable_units(model):
             unit.requires_grad_(True)
@@ -232,73 +186,3 @@ class FineTuner(Trainer):
 def _features(backbone: Backbone, prepared: Any, subset: Any, cfg: TrainConfig, flip: bool = False) -> np.ndarray:
     return cached_features(backbone, subset.images, subset_hashes(prepared, subset.paths), prepared.root,
                            prep=prepared.preprocessing, cache_dir=cfg.cache_dir, precision="bf16", flip=flip)
-
-
-# ----------------------------------------------------------------------------- entry points
-def note_replaced_options(before: TrainConfig, after: TrainConfig, chosen: Collection[str], console: Console) -> None:
-    """Say which chosen options the pretrained recipe (:func:`backbone_config`) replaced, once:
-    a flag that silently did nothing would mislead."""
-    replaced = [k for k in sorted(chosen) if k not in ("data", "pretrained", "arch") and hasattr(before, k)
-                and (getattr(before, k) != getattr(after, k) or (k == "finetune_lr" and not after.finetune_epochs))]
-    if replaced and distributed.from_env().is_main:
-        flags = ", ".join(f"{flag_of(k)} {getattr(before, k)}" for k in replaced)
-        say(console, f"note: {after.pretrained} brings its own recipe, so {flags} do not apply "
-                     "(--finetune-epochs N adds fine-tuning epochs at --finetune-lr; --pretrained none trains from "
-                     "scratch with them)")
-
-
-def note_unused_backbone_options(chosen: Collection[str], console: Console) -> None:
-    """A from-scratch run says, once, which chosen options only a pretrained backbone uses."""
-    unused = [k for k in BACKBONE_ONLY if k in chosen]
-    if unused and distributed.from_env().is_main:
-        flags = ", ".join(flag_of(k) for k in unused)
-        say(console, f"note: this run trains from scratch, so {flags} (pretrained backbones only) do not apply; "
-                     "--pretrained efficientnet_lite0 uses them")
-
-
-def train(cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None,
-          chosen: Collection[str] = (), on_step: Any = None) -> RunResult:
-    """Train from ``cfg``: pretrained (``cfg.pretrained``; auto resolved here) or from scratch.
-
-    ``resume``: a run folder to continue (its config says which kind; a pretrained run interrupted
-    during fine-tuning continues it). ``chosen``: the keys the user set (:func:`config.chosen_keys`):
-    naming a model keeps ``pretrained: auto`` from scratch, and the others a backbone replaces are named.
-    """
-    if resume is None:
-        cfg = resolve_pretrained(cfg, "model" in chosen)
-    if cfg.pretrained in ("none", "auto"):  # a run records its choice: "auto" only in from-scratch runs
-        if resume is None:
-            note_unused_backbone_options(chosen, console or Console())
-        return train_from_scratch(cfg, resume=resume, console=console, on_step=on_step)
-    before, (cfg, backbone) = cfg, backbone_config(cfg)
-    if resume is None:
-        note_replaced_options(before, cfg, chosen, console or Console())
-    return FineTuner(cfg, backbone, resume=resume, console=console).fit(on_step)
-
-
-def train_command(overrides: dict[str, Any], config_file: str | None = None, resume: str | None = None) -> int:
-    """``convlens train``: returns the exit code (130 after Ctrl-C, with the resume command).
-
-    ``--nproc N`` starts N processes through torchrun, after checking and caching the data once here.
-    """
-    cfg = train_config(overrides, config_file, resume)
-    chosen = chosen_keys(overrides, config_file, cfg.preset)
-    if resume is None:  # chosen once, here: every process trains the same
-        cfg = resolve_pretrained(cfg, "model" in chosen)
-        overrides = {**overrides, "pretrained": cfg.pretrained}
-    if cfg.pretrained not in ("none", "auto") and not cfg.finetune_epochs and distributed.should_launch(cfg.nproc):
-        say(Console(), "note: a pretrained head without --finetune-epochs is fitted in one process")
-        cfg = replace(cfg, nproc=1)
-    if distributed.should_launch(cfg.nproc):
-        distributed.preflight(cfg.nproc, cfg.batch_size, cfg.device, cfg.precision)  # fail before starting
-        prepare_data_for(cfg, Console())  # check and cache once, before N processes start
-        return distributed.launch(cfg.nproc, distributed.cli_arguments(overrides, config_file, resume))
-    try:
-        train(cfg, resume=resume, chosen=chosen)
-    except TrainingInterrupted as e:
-        print(f"convlens train: interrupted; checkpoint saved to {e.checkpoint}. "
-              f"Resume with: convlens train --resume {e.run_dir}", file=sys.stderr)
-        return 130
-    finally:
-        distributed.cleanup()
-    return 0

@@ -194,12 +194,19 @@ def infer_arch(state: dict[str, torch.Tensor], path: Path) -> str:
                        f"pass --arch to see the first mismatching key. First keys: {list(state)[:3]}")
 
 
-def load_backbone(pretrained: str, num_classes: int, arch: str | None = None) -> tuple[ConvlensModel, PretrainedSource]:
-    """A model of ``arch`` for ``num_classes`` with the backbone weights of ``pretrained``.
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """A backbone's weights read, hashed and checked once (the classifier left out): what
+    :func:`convlens.models.create_model` builds pretrained models from, as often as a run needs."""
 
-    ``pretrained``: a packaged name (``efficientnet_lite0``) or a weight file path. The
-    classifier is freshly initialised (the caller fits it). Raises :class:`WeightsError`.
-    """
+    state: dict[str, torch.Tensor]
+    source: PretrainedSource
+
+
+def read_pretrained(pretrained: str, arch: str | None = None) -> PretrainedWeights:
+    """The one reader of backbone weights: ``pretrained`` is a packaged name
+    (``efficientnet_lite0``) or a weight file path; ``arch`` is inferred when None.
+    Raises :class:`WeightsError` (one line) for anything that does not fit exactly."""
     if pretrained in PACKAGED:
         if arch not in (None, pretrained):
             raise WeightsError(f"--arch {arch} does not match the packaged weights {pretrained}. "
@@ -212,11 +219,17 @@ def load_backbone(pretrained: str, num_classes: int, arch: str | None = None) ->
             raise WeightsError(f"--arch must be one of {', '.join(PRETRAINED_ARCHS)}. Received: arch={arch!r}")
     state = adapt_keys(read_state_dict(path))
     arch = arch or infer_arch(state, path)
-    model = create(arch, num_classes)
-    problem = first_mismatch(model, state)
+    with torch.device("meta"):  # shapes only
+        problem = first_mismatch(create(arch, 2), state)
     if problem:
         raise WeightsError(f"{str(path)!r} does not fit {arch}: {problem}. Pass the right --arch or weight file")
     backbone = {k: v for k, v in state.items() if not _is_classifier(k)}
-    model.load_state_dict(backbone, strict=False)  # strictness checked above, classifier excepted
-    source = PretrainedSource(arch, str(path), file_sha256(path), packaged, input_spec(arch))
-    return model, source
+    return PretrainedWeights(backbone, PretrainedSource(arch, str(path), file_sha256(path), packaged, input_spec(arch)))
+
+
+def pretrained_model(weights: PretrainedWeights, num_classes: int) -> ConvlensModel:
+    """A model of ``weights``' architecture for ``num_classes`` with its backbone weights; the
+    classifier freshly initialised (the caller fits it)."""
+    model = create(weights.source.arch, num_classes)
+    model.load_state_dict(weights.state, strict=False)  # strictness checked by read_pretrained, classifier excepted
+    return model

@@ -1,0 +1,169 @@
+"""The one resolution step of ``convlens train``, ``convlens lr-find`` and ``convlens.train()``.
+
+Defaults -> preset -> config file -> flags (:func:`convlens.config.layer_train_config`), then
+the choices made from the data, once, into one immutable :class:`Recipe`:
+
+- no data: the embedded digits, with the ``digits`` recipe under the user's own choices;
+- ``pretrained: auto``: a pretrained backbone for photo folders (the rule:
+  :func:`convlens.config.auto_backbone`, judged on a few really decoded images), else from scratch;
+- a backbone: its weights read and hashed once (:class:`~convlens.engine.features.Backbone`),
+  its preprocessing whole, and the ``pretrained`` recipe over the user's choices, each replaced
+  choice named in a note;
+- under torchrun, ``nproc`` is the number of processes.
+
+After this only ``--time`` changes the number of epochs (the trainer's budget, in one place).
+A resumed run takes its own saved configuration; nothing is chosen again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convlens.config import (
+    RECIPES,
+    TrainConfig,
+    auto_backbone,
+    decode_size,
+    flag_of,
+    layer_train_config,
+    with_layers,
+)
+from convlens.data.decode import decode
+from convlens.data.preprocess import Preprocessing
+from convlens.data.scan import scan
+from convlens.engine import distributed
+from convlens.engine.features import Backbone, load_pretrained
+from convlens.engine.resume import resume_config
+from convlens.errors import ConfigError, ImageError
+
+SAMPLE_IMAGES = 24  # images decoded to decide whether a dataset is photos
+BACKBONE_ONLY = ("arch", "finetune_epochs", "finetune_lr", "head_flip")  # options only a pretrained run uses
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a run trains, resolved once: the configuration, the keys the user chose, the
+    backbone (pretrained runs) and the notes to say about choices that do not apply."""
+
+    cfg: TrainConfig
+    chosen: frozenset[str] = frozenset()
+    backbone: Backbone | None = None
+    resume: Path | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def pretrained(self) -> bool:
+        return self.backbone is not None
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the data are decoded at (:func:`input_preprocessing`)."""
+        return input_preprocessing(self.cfg, self.backbone)[0]
+
+
+def input_preprocessing(cfg: TrainConfig, backbone: Backbone | None = None) -> tuple[Preprocessing, bool]:
+    """The :class:`Preprocessing` a run decodes its data at, and whether the data decide the
+    channels: a backbone's whole (from its weights), or the configuration's fields
+    (``channels: 0`` = grayscale when every image is)."""
+    if backbone is not None:
+        return backbone.preprocessing, False
+    side, decoded = cfg.image_size, decode_size(cfg)
+    prep = Preprocessing(size=(side, side), channels=cfg.channels or 3, resize=cfg.resize, scale=cfg.scale,
+                         mean=tuple(cfg.mean), std=tuple(cfg.std), max_pixels=cfg.max_pixels,
+                         decode_size=(decoded, decoded))
+    return prep, cfg.channels == 0
+
+
+def resolve(overrides: dict[str, Any], config_file: str | Path | None = None,
+            resume: str | Path | None = None) -> Recipe:
+    """The recipe of ``convlens train``'s flags (``overrides``), config file, or run to resume."""
+    if resume and config_file:
+        raise ConfigError(f"--config cannot be combined with --resume: a run continues with its own "
+                          f"config.yaml. Received: --config {str(config_file)!r}")
+    if resume:
+        return recipe_for(resume_config(resume, overrides), overrides, resume=resume)
+    cfg, chosen = layer_train_config(None, config_file, overrides)
+    return recipe_for(cfg, chosen)
+
+
+def recipe_for(cfg: TrainConfig, chosen: Collection[str] = (), resume: str | Path | None = None) -> Recipe:
+    """The data-dependent choices on top of a layered ``cfg`` (``chosen``: the keys a user set)."""
+    chosen = frozenset(str(k).replace("-", "_") for k in chosen)
+    world = {"nproc": distributed.from_env().world_size} if distributed.under_torchrun() else {}
+    if resume is not None:  # the run's own choices, recorded in its config
+        cfg = with_layers(cfg, world) if world else cfg
+        backbone = None if cfg.pretrained in ("none", "auto") else load_pretrained(cfg.pretrained, cfg.arch, cfg.max_pixels)
+        return Recipe(cfg, chosen, backbone, Path(resume))
+    below: dict[str, Any] = {}
+    if cfg.data is None:
+        from convlens.data.digits import ensure_digits_dataset
+
+        below = {k: v for k, v in RECIPES["digits"].items() if k not in chosen}
+        below["data"] = str(ensure_digits_dataset())
+    pretrained = choose_pretrained(cfg, "model" in chosen)
+    if pretrained == "none":
+        notes = unused_backbone_options(chosen)
+        return Recipe(with_layers(cfg, below, {"pretrained": pretrained}, world), chosen, notes=notes)
+    backbone = load_pretrained(pretrained, cfg.arch, cfg.max_pixels)
+    final = with_layers(cfg, below, {"pretrained": pretrained}, backbone_layer(cfg, backbone), world)
+    return Recipe(final, chosen, backbone, notes=replaced_options(cfg, final, chosen))
+
+
+def choose_pretrained(cfg: TrainConfig, model_chosen: bool) -> str:
+    """``cfg.pretrained`` with ``auto`` decided: a backbone name or ``none``.
+
+    Whether the images are photos is judged on up to :data:`SAMPLE_IMAGES` really decoded files.
+    The rule is about the data, not ``--nproc``: a pretrained run fine-tunes under DDP like any other.
+    """
+    if cfg.pretrained != "auto":
+        return cfg.pretrained
+    if cfg.data is None or cfg.preset != "default" or model_chosen:
+        return "none"
+    entries = scan(cfg.data).entries
+    sample = entries[:: max(1, len(entries) // SAMPLE_IMAGES)][:SAMPLE_IMAGES]
+    sides, gray = [], []
+    for e in sample:
+        try:
+            img, info = decode(e.path, max_pixels=cfg.max_pixels, min_side=1, keep_gray=True)
+        except ImageError:
+            continue  # reported by the check later
+        sides.append(min(img.size))
+        gray.append(info.grayscale)
+    median = float(np.median(sides)) if sides else 0.0
+    return auto_backbone(True, cfg.preset, model_chosen, bool(gray) and all(gray), median)
+
+
+def backbone_layer(cfg: TrainConfig, backbone: Backbone) -> dict[str, Any]:
+    """The ``pretrained`` recipe for ``backbone``: its preprocessing, the head fit + ``finetune_epochs``
+    epochs at ``finetune_lr``."""
+    p, arch = backbone.preprocessing, backbone.source.arch
+    return {**RECIPES["pretrained"], "arch": arch, "model": arch, "image_size": p.size[0], "resize": p.resize,
+            "scale": p.scale, "mean": list(p.mean), "std": list(p.std), "epochs": 1 + cfg.finetune_epochs,
+            "lr": cfg.finetune_lr}
+
+
+def replaced_options(before: TrainConfig, after: TrainConfig, chosen: Collection[str]) -> tuple[str, ...]:
+    """The note naming the chosen options the pretrained recipe replaced: a flag that silently
+    did nothing would mislead."""
+    replaced = [k for k in sorted(chosen) if k not in ("data", "pretrained", "arch") and hasattr(before, k)
+                and (getattr(before, k) != getattr(after, k) or (k == "finetune_lr" and not after.finetune_epochs))]
+    if not replaced:
+        return ()
+    flags = ", ".join(f"{flag_of(k)} {getattr(before, k)}" for k in replaced)
+    return (f"note: {after.pretrained} brings its own recipe, so {flags} do not apply "
+            "(--finetune-epochs N adds fine-tuning epochs at --finetune-lr; --pretrained none trains from "
+            "scratch with them)",)
+
+
+def unused_backbone_options(chosen: Collection[str]) -> tuple[str, ...]:
+    """The note naming the chosen options that only a pretrained backbone uses."""
+    unused = [k for k in BACKBONE_ONLY if k in chosen]
+    if not unused:
+        return ()
+    return (f"note: this run trains from scratch, so {', '.join(flag_of(k) for k in unused)} (pretrained "
+            "backbones only) do not apply; --pretrained efficientnet_lite0 uses them",)
