@@ -160,6 +160,7 @@ class FineTuner(Trainer):
         where = "ImageNet weights from the installed package" if source.packaged else source.path
         say(self.console, f"backbone: {source.arch} ({where}); {p.size[0]}x{p.size[1]} {p.interpolation} "
                           f"centre crop, {self.threads} threads"
+                          + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
                           + ("; --pretrained none trains from scratch" if source.packaged else ""))
         cfg, prepared = prepare_data_for(cfg, self.console, split_file, self.backbone)
         records = [prepared.cache.records[q] for q in prepared.train.paths[:2000]]
