@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets:
             data = Path(name) if Path(name).is_dir() else common.CATS_DOGS.parent / name
             for backbone, nproc in [(b, n) for b in args.backbones for n in args.nproc]:
-                cache = Path(args.cache_dir or Path(tmp) / f"cache-{name}-{backbone}-{nproc}")
+                cache = Path(args.cache_dir or Path(tmp) / f"cache-{data.name}-{backbone}-{nproc}")
                 runs = [("warm", False)] if args.no_cold else [("cold", True), ("warm", False)]
                 for label, _ in runs:
                     r = run_train(data, backbone, cache, Path(tmp) / "runs", args.finetune_epochs, args.extra, nproc)
