@@ -17,7 +17,7 @@ from convlens.data.preprocess import Preprocessing
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.features import Backbone, cached_features
 from convlens.engine.resume import resume_config
-from convlens.engine.trainer import train
+from convlens.engine.training import train
 from convlens.errors import DiskFullError
 from convlens.infer.bundle import read_weights
 from convlens.models import create

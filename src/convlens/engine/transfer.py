@@ -8,13 +8,15 @@ on photos, or ``--pretrained NAME|PATH``), as :class:`FineTuner`, with the backb
    scaling: all stored in the bundle);
 2. extract frozen features once (:mod:`convlens.engine.features`, cached on disk by file hash):
    in bf16 (the validation features only score the head on the way; the report evaluates the
-   whole model through the inference path ``predict`` uses);
+   whole model through the inference path ``predict`` uses); under ``--nproc``/torchrun every
+   rank computes its share and all ranks gather the rows over the process group;
 3. fit the dense head (GAP -> dense, so the exact CAM works) by full-batch L-BFGS on the
    features, with the run's class weights and label smoothing, and write it into the model:
    epoch 1 of the run, checkpointed like any epoch;
 4. optionally fine-tune the last units for ``finetune_epochs`` in the trainer's loop (AdamW at
    ``finetune_lr``, cosine, batch-norm statistics frozen): checkpoints, Ctrl-C, ``--resume``
-   and DDP (``--nproc``: rank 0 fits the head, every rank takes its weights) as from scratch;
+   and DDP (``--nproc``: rank 0 fits the head, every rank takes its weights) as from scratch
+   (without fine-tuning, a multi-process run ends after the head: the features were its work);
 5. the usual evaluation, report and bundle (:func:`convlens.engine.run_folder.finish_run`).
 """
 
@@ -29,6 +31,7 @@ import torch
 from rich.console import Console
 
 from convlens.config import TrainConfig
+from convlens.engine.distributed import Dist
 from convlens.engine.factory import class_weights, classification_loss, correct_count, soft_targets
 from convlens.engine.features import Backbone, cached_features, subset_hashes
 from convlens.engine.run_folder import say
@@ -83,7 +86,7 @@ def finetune_start(backbone: Backbone, prepared: Any, cfg: TrainConfig, device: 
     num_classes = len(prepared.classes)
     model = backbone.create(num_classes)
     weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
-    w, b = fit_linear_head(_features(backbone, prepared, prepared.train, cfg), prepared.train.labels, num_classes,
+    w, b = fit_linear_head(_features(backbone, prepared, prepared.train, cfg, Dist()), prepared.train.labels, num_classes,
                            weights=weights, label_smoothing=cfg.label_smoothing)
     fc = model.gap_linear_head()
     with torch.no_grad():
@@ -112,6 +115,7 @@ class FineTuner(Trainer):
         where = "ImageNet weights from the installed package" if source.packaged else source.path
         say(self.console, f"backbone: {source.arch} ({where}); {p.size[0]}x{p.size[1]} {p.interpolation} "
                           f"centre crop, {self.threads} threads"
+                          + (f" x {self.dist.world_size} processes" if self.dist.enabled else "")
                           + ("; --pretrained none trains from scratch" if source.packaged else ""))
         prepared = prepare_data(cfg, self.console, split_file, self.backbone)
         records = [prepared.cache.records[q] for q in prepared.train.paths[:2000]]
@@ -133,7 +137,9 @@ class FineTuner(Trainer):
         self.model.eval()  # frozen batch-norm statistics: small batches of a new dataset would spoil them
 
     def begin(self) -> None:
-        """Epoch 1: rank 0 fits the head on the features; every rank takes its weights."""
+        """Epoch 1: every rank extracts its share of the features, rank 0 fits the head on all of
+        them, every rank takes its weights."""
+        self.head_inputs = self._head_features()
         weight, bias, row = self.dist.broadcast(self._fit_head() if self.dist.is_main else None)
         fc = self.model.gap_linear_head()
         with torch.no_grad():
@@ -147,17 +153,25 @@ class FineTuner(Trainer):
         self.start_epoch = 1
         self.record(row)
 
+    def _head_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(training features, their labels, validation features) from the feature cache, on every
+        rank: each computes its share of what is missing (:func:`cached_features` with ``dist``)."""
+        cfg, prepared = self.cfg, self.prepared
+        backbone = self.backbone  # its own copy of the weights on the CPU: the model to train stays on its device
+        train_x = _features(backbone, prepared, prepared.train, cfg, self.dist)
+        train_y = prepared.train.labels
+        if cfg.head_flip:
+            train_x = np.concatenate([train_x, _features(backbone, prepared, prepared.train, cfg, self.dist, flip=True)])
+            train_y = np.concatenate([train_y, train_y])
+        val_x = _features(backbone, prepared, prepared.val, cfg, self.dist) if self.n_val else None
+        self.marks["features"] = time.perf_counter()
+        return train_x, train_y, val_x
+
     def _fit_head(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """The head's weight and bias fitted on (cached) features, and its history row."""
         cfg, prepared = self.cfg, self.prepared
-        backbone = self.backbone  # its own copy of the weights on the CPU: the model to train stays on its device
-        train_x = _features(backbone, prepared, prepared.train, cfg)
-        train_y = prepared.train.labels
-        if cfg.head_flip:
-            train_x = np.concatenate([train_x, _features(backbone, prepared, prepared.train, cfg, flip=True)])
-            train_y = np.concatenate([train_y, train_y])
-        val_x = _features(backbone, prepared, prepared.val, cfg) if self.n_val else None
-        self.marks["features"] = t = time.perf_counter()
+        train_x, train_y, val_x = self.head_inputs
+        t = time.perf_counter()
         num_classes = len(self.classes)
         weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
         w, b = fit_linear_head(train_x, train_y, num_classes, weights=weights, label_smoothing=cfg.label_smoothing)
@@ -183,6 +197,9 @@ class FineTuner(Trainer):
                             "head": head - features, "finetune": now - head}}
 
 
-def _features(backbone: Backbone, prepared: Any, subset: Any, cfg: TrainConfig, flip: bool = False) -> np.ndarray:
+def _features(backbone: Backbone, prepared: Any, subset: Any, cfg: TrainConfig, dist: Dist,
+              flip: bool = False) -> np.ndarray:
     return cached_features(backbone, subset.images, subset_hashes(prepared, subset.paths), prepared.root,
-                           prep=prepared.preprocessing, cache_dir=cfg.cache_dir, precision="bf16", flip=flip)
+                           prep=prepared.preprocessing, cache_dir=cfg.cache_dir, precision="bf16", flip=flip,
+                           dist=dist)
+
