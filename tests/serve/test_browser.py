@@ -103,17 +103,18 @@ def test_page_asks_for_the_api_key_once_and_keeps_it_for_the_tab(browser_page, t
         page.wait_for_selector("#key-form:not([hidden])", timeout=30_000)
         page.fill("#api-key", "a-wrong-key")
         page.click("#key-form button")
-        page.wait_for_function("document.getElementById('key-note').textContent.includes('not accepted')")
+        # Selector waits, not wait_for_function: the page's CSP forbids the eval that polling needs.
+        page.wait_for_selector("#key-note:has-text('not accepted')", timeout=30_000)
         assert page.is_visible("#key-form")
         page.fill("#api-key", "page-key-123")
         page.click("#key-form button")
-        page.wait_for_function("document.getElementById('model-info').textContent.includes('cats')")
+        page.wait_for_selector("#model-info:has-text('cats')", timeout=30_000)
         assert page.is_hidden("#key-form")
         assert page.evaluate("sessionStorage.getItem('convlens-api-key')") == "page-key-123"
         assert page.evaluate("localStorage.length") == 0
         # Reloading the tab keeps the key: no second prompt, and the API calls carry it.
         page.reload(wait_until="networkidle")
-        page.wait_for_function("document.getElementById('model-info').textContent.includes('cats')")
+        page.wait_for_selector("#model-info:has-text('cats')", timeout=30_000)
         assert page.is_hidden("#key-form")
         page.set_input_files("#file", str(real_photo))
         page.wait_for_selector("#result:not([hidden])", timeout=30_000)
