@@ -112,6 +112,14 @@ class Server:
         self.__exit__()
         raise SystemExit("server did not answer /health within 120 s")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far (Linux /proc; None elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         try:
@@ -133,6 +141,10 @@ class Samples:
         self.errors: Counter[str] = Counter()
         self.wall = 0.0
         self.sent = 0
+        # Server CPU seconds over the requests of the rounds without abuse: on a busy machine the
+        # steadier measure of what a request costs (time spent waiting for a core is not in it).
+        self.server_cpu = 0.0
+        self.cpu_ok = 0
 
     def summary(self, concurrency: int) -> dict[str, Any]:
         a = np.asarray(self.lat) if self.lat else np.zeros(1)
@@ -145,6 +157,7 @@ class Samples:
             | {"max": round(float(a.max()), 1), "mean": round(float(a.mean()), 1)},
             "server_latency_ms_p50": round(float(np.median(self.server_ms)), 1) if self.server_ms else None,
             "mean_batch_size": round(float(np.mean(self.batch_sizes)), 2) if self.batch_sizes else None,
+            "server_cpu_ms_per_request": round(1000 * self.server_cpu / self.cpu_ok, 2) if self.cpu_ok else None,
         }
 
 
@@ -288,9 +301,14 @@ def compare(servers: dict[str, Server], key: str, data: bytes, name: str, a: arg
 
                 abuser = threading.Thread(target=run_abuse)
                 abuser.start()
+            cpu0, ok0 = server.cpu_seconds(), len(samples[label].server_ms)
             load_round(server.url, key, data, name, per_round, a.concurrency, deadline, samples[label])
             if abuser is not None:
                 abuser.join()
+            cpu1 = server.cpu_seconds()
+            if cpu0 is not None and cpu1 is not None and not last_batched:  # the abuse's CPU is not the load's
+                samples[label].server_cpu += cpu1 - cpu0
+                samples[label].cpu_ok += len(samples[label].server_ms) - ok0
     return samples, abuse
 
 
@@ -313,7 +331,8 @@ def report(results: dict[str, dict[str, Any]], abuse: dict[str, Any]) -> dict[st
         print(f"{label:9s}: {load['ok']}/{load['requests']} ok, {load['errors']} errors {load['error_kinds'] or ''}; "
               f"{load['throughput_rps']} req/s at concurrency {load['concurrency']}; latency ms p50 {lat['p50']} "
               f"p90 {lat['p90']} p99 {lat['p99']} max {lat['max']} (server-side p50 {load['server_latency_ms_p50']}; "
-              f"mean batch {load['mean_batch_size']})", flush=True)
+              f"mean batch {load['mean_batch_size']}; server CPU {load['server_cpu_ms_per_request']} ms/request)",
+              flush=True)
     base, fast = results["unbatched"], results["batched"]
     speedup = fast["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else 0.0
     goal = {"speedup": round(speedup, 2), "speedup_goal": GOAL_SPEEDUP,

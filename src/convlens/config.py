@@ -37,7 +37,7 @@ AUGMENT_RANGES = {"rotation": (0.0, 0.5, False), "crop_scale": (0.0, 1.0, True),
 # convlens serve's batching: images per model batch (1 = off) and the longest wait for more (ms).
 # The defaults were chosen with benchmarks/serve_load.py (docs/benchmarks.md, "Serving").
 SERVE_RANGES = {"max_batch": (1.0, 1024.0, False), "max_wait": (0.0, 1000.0, False)}
-SERVE_DEFAULTS = {"max_batch": 16, "max_wait": 5.0}
+SERVE_DEFAULTS = {"max_batch": 4, "max_wait": 5.0}
 
 
 @dataclass
