@@ -1,18 +1,23 @@
 """Load and abuse test for ``convlens serve`` (a benchmark, not a unit test).
 
-Starts ``convlens serve`` on 127.0.0.1 in a subprocess, then
+Starts two ``convlens serve`` processes on 127.0.0.1, one with ``--max-batch 1`` (no batching)
+and one with the default micro-batching (or ``--max-batch``/``--max-wait``), both with an API
+key that every request sends, then
 
-1. sends ``--requests`` (default 1000) ``POST /predict`` uploads of a real photo at
-   ``--concurrency`` (default 8) and reports latency percentiles, throughput and the error
-   count (goal: zero errors);
-2. sends ``--malformed`` (default 120, at least 100) bad uploads: random bytes, truncated
-   JPEGs, huge dimensions (pixel bombs), wrong content types, empty bodies, oversized bodies,
-   corrupt streams and missing fields; each must get a 4xx (never a 5xx or a dropped
-   connection);
-3. checks that ``/health`` still answers.
+1. sends ``--requests`` (default 1000) ``POST /predict`` uploads of a real photo to each at
+   ``--concurrency`` (default 16), in ``--rounds`` alternating rounds (A B A B ...: on a shared
+   machine both settings see the same background load), and reports each one's throughput,
+   latency percentiles and errors, the speed-up and the goal of issue 22 (batched >= 2.5x the
+   requests/s of unbatched, 0 errors, p99 no worse);
+2. during the last batched round, sends ``--malformed`` (default 120, at least 100) bad uploads
+   from another client: random bytes, truncated JPEGs, huge dimensions (pixel bombs), wrong
+   content types, empty bodies, oversized bodies, corrupt streams and missing fields; each must
+   get a 4xx (never a 5xx or a dropped connection) and no good request of that round may fail;
+3. checks that ``/health`` still answers, and reads the batch sizes from ``/metrics``.
 
-Exit code 0 only when all three hold. Traffic goes to 127.0.0.1 only; every loop is bounded in
-count and time. Example (a quick smoke run)::
+Exit code 0 only when there were no errors, every bad upload got a 4xx and both servers are
+healthy (the speed goal is reported, not enforced: it depends on the machine). Traffic goes to
+127.0.0.1 only; every loop is bounded in count and time. Example (a quick smoke run)::
 
     python benchmarks/serve_load.py --requests 50 --malformed 100
 """
@@ -24,11 +29,13 @@ import io
 import json
 import os
 import random
+import secrets
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections import Counter
@@ -81,12 +88,14 @@ def photo_bytes(path: str | None) -> tuple[bytes, str]:
 class Server:
     """``python -m convlens serve`` as a child process; stopped (by its own pid) on exit."""
 
-    def __init__(self, model: Path, port: int, max_upload_mb: float, workers: int) -> None:
+    def __init__(self, model: Path, port: int, max_upload_mb: float, workers: int, key: str,
+                 extra: list[str]) -> None:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "convlens", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-               "--max-upload-mb", str(max_upload_mb), "--workers", str(workers)]
+               "--max-upload-mb", str(max_upload_mb), "--workers", str(workers), *extra]
+        env = dict(os.environ, CONVLENS_API_KEY=key)  # not on the command line, where ps shows it
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def __enter__(self) -> Server:
         deadline = time.monotonic() + 120
@@ -103,6 +112,14 @@ class Server:
         self.__exit__()
         raise SystemExit("server did not answer /health within 120 s")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far (Linux /proc; None elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         try:
@@ -114,46 +131,78 @@ class Server:
 
 
 # ----------------------------------------------------------------------------- load
-def load_test(url: str, data: bytes, name: str, n: int, concurrency: int, max_seconds: float) -> dict[str, Any]:
-    deadline = time.monotonic() + max_seconds
+class Samples:
+    """What the rounds of one setting add up to."""
+
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.server_ms: list[float] = []
+        self.batch_sizes: list[int] = []
+        self.errors: Counter[str] = Counter()
+        self.wall = 0.0
+        self.sent = 0
+        # Server CPU seconds over the requests of the rounds without abuse: on a busy machine the
+        # steadier measure of what a request costs (time spent waiting for a core is not in it).
+        self.server_cpu = 0.0
+        self.cpu_ok = 0
+
+    def summary(self, concurrency: int) -> dict[str, Any]:
+        a = np.asarray(self.lat) if self.lat else np.zeros(1)
+        ok = len(self.server_ms)
+        return {
+            "requests": self.sent, "concurrency": concurrency, "ok": ok, "errors": sum(self.errors.values()),
+            "error_kinds": dict(self.errors), "wall_s": round(self.wall, 2),
+            "throughput_rps": round(ok / self.wall, 1) if self.wall else 0.0,
+            "latency_ms": {f"p{q}": round(float(np.percentile(a, q)), 1) for q in (50, 90, 95, 99)}
+            | {"max": round(float(a.max()), 1), "mean": round(float(a.mean()), 1)},
+            "server_latency_ms_p50": round(float(np.median(self.server_ms)), 1) if self.server_ms else None,
+            "mean_batch_size": round(float(np.mean(self.batch_sizes)), 2) if self.batch_sizes else None,
+            "server_cpu_ms_per_request": round(1000 * self.server_cpu / self.cpu_ok, 2) if self.cpu_ok else None,
+        }
+
+
+def load_round(url: str, key: str, data: bytes, name: str, n: int, concurrency: int, deadline: float,
+               into: Samples) -> None:
+    """``n`` uploads from ``concurrency`` keep-alive clients; results added to ``into``."""
     counter = iter(range(n))
-    lat: list[float] = []
-    server_ms: list[float] = []
-    errors: Counter[str] = Counter()
+    lock = threading.Lock()
 
     def worker() -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as c:
             for _ in counter:  # shared iterator: each index is taken by exactly one thread
                 if time.monotonic() > deadline:
-                    errors["not sent (time limit)"] += 1
+                    with lock:
+                        into.errors["not sent (time limit)"] += 1
                     continue
                 t0 = time.perf_counter()
                 try:
                     r = c.post("/predict", files={"file": (name, data, "image/jpeg")})
                 except httpx.HTTPError as e:
-                    errors[type(e).__name__] += 1
+                    with lock:
+                        into.errors[type(e).__name__] += 1
                     continue
-                lat.append((time.perf_counter() - t0) * 1000)
-                if r.status_code != 200:
-                    errors[f"HTTP {r.status_code}"] += 1
-                else:
-                    server_ms.append(r.json()["latency_ms"])
+                ms = (time.perf_counter() - t0) * 1000
+                with lock:
+                    into.lat.append(ms)
+                    if r.status_code != 200:
+                        into.errors[f"HTTP {r.status_code}"] += 1
+                    else:
+                        body = r.json()
+                        into.server_ms.append(body["latency_ms"])
+                        into.batch_sizes.append(body.get("batch_size", 1))
 
-    # One warm-up request (first-call costs are not steady-state latency).
-    httpx.post(url + "/predict", files={"file": (name, data, "image/jpeg")}, timeout=60)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         for f in [pool.submit(worker) for _ in range(concurrency)]:
             f.result()
-    wall = time.perf_counter() - t0
-    a = np.asarray(lat) if lat else np.zeros(1)
-    return {
-        "requests": n, "concurrency": concurrency, "ok": len(server_ms), "errors": sum(errors.values()),
-        "error_kinds": dict(errors), "wall_s": round(wall, 2), "throughput_rps": round(len(lat) / wall, 1),
-        "latency_ms": {f"p{q}": round(float(np.percentile(a, q)), 1) for q in (50, 90, 95, 99)}
-        | {"max": round(float(a.max()), 1), "mean": round(float(a.mean()), 1)},
-        "server_latency_ms_p50": round(float(np.median(server_ms)), 1) if server_ms else None,
-    }
+    into.wall += time.perf_counter() - t0
+    into.sent += n
+
+
+def warm_up(url: str, key: str, data: bytes, name: str, concurrency: int) -> None:
+    """First-call costs (and the first batches' allocations) are not steady-state latency."""
+    scratch = Samples()
+    load_round(url, key, data, name, 2 * concurrency, concurrency, time.monotonic() + 120, scratch)
 
 
 # ----------------------------------------------------------------------------- malformed
@@ -203,17 +252,20 @@ def _corrupt_png(seed: int) -> bytes:
     return bytes(d)
 
 
-def abuse_test(url: str, cases: list[tuple[str, dict[str, Any]]], max_seconds: float) -> dict[str, Any]:
+def abuse_test(url: str, key: str, cases: list[tuple[str, dict[str, Any]]], max_seconds: float) -> dict[str, Any]:
+    """Each bad upload (with a valid key, so it reaches the decoder) must get a 4xx JSON error."""
     deadline = time.monotonic() + max_seconds
     statuses: dict[str, Counter[str]] = {}
     bad: list[str] = []
-    with httpx.Client(base_url=url, timeout=60) as c:
+    with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as c:
         for i, (kind, kwargs) in enumerate(cases):
             if time.monotonic() > deadline:
                 bad.append(f"{kind}: not sent (time limit)")
                 continue
             route = "/explain" if i % 3 == 0 else "/predict"
             try:
+                if "headers" in kwargs:  # its own content type, and the key
+                    kwargs = kwargs | {"headers": kwargs["headers"] | {"Authorization": f"Bearer {key}"}}
                 r = c.post(route, **kwargs)
                 code = str(r.status_code)
                 if not 400 <= r.status_code < 500 or "message" not in r.json():
@@ -227,53 +279,132 @@ def abuse_test(url: str, cases: list[tuple[str, dict[str, Any]]], max_seconds: f
 
 
 # ----------------------------------------------------------------------------- main
+GOAL_SPEEDUP = 2.5  # issue 22: batched requests/s over --max-batch 1's, at concurrency 16
+
+
+def compare(servers: dict[str, Server], key: str, data: bytes, name: str, a: argparse.Namespace,
+            cases: list[tuple[str, dict[str, Any]]]) -> tuple[dict[str, Samples], dict[str, Any]]:
+    """Alternating rounds of each setting; the bad uploads run during the last batched round."""
+    samples = {label: Samples() for label in servers}
+    deadline = time.monotonic() + a.max_seconds
+    per_round = max(1, a.requests // a.rounds)
+    abuse: dict[str, Any] = {}
+    for server in servers.values():
+        warm_up(server.url, key, data, name, a.concurrency)
+    for r in range(a.rounds):
+        for label, server in servers.items():
+            last_batched = r == a.rounds - 1 and label == "batched"
+            abuser = None
+            if last_batched:
+                def run_abuse(url: str = server.url) -> None:
+                    abuse.update(abuse_test(url, key, cases, a.max_seconds))
+
+                abuser = threading.Thread(target=run_abuse)
+                abuser.start()
+            cpu0, ok0 = server.cpu_seconds(), len(samples[label].server_ms)
+            load_round(server.url, key, data, name, per_round, a.concurrency, deadline, samples[label])
+            if abuser is not None:
+                abuser.join()
+            cpu1 = server.cpu_seconds()
+            if cpu0 is not None and cpu1 is not None and not last_batched:  # the abuse's CPU is not the load's
+                samples[label].server_cpu += cpu1 - cpu0
+                samples[label].cpu_ok += len(samples[label].server_ms) - ok0
+    return samples, abuse
+
+
+def batch_histogram(url: str, key: str) -> dict[str, float]:
+    """``convlens_batch_size`` count and sum from /metrics (every batch the server ran)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in ("convlens_batch_size_count", "convlens_batch_size_sum"):
+                out[s.name.rsplit("_", 1)[1]] = s.value
+    return out
+
+
+def report(results: dict[str, dict[str, Any]], abuse: dict[str, Any]) -> dict[str, Any]:
+    for label, load in results.items():
+        lat = load["latency_ms"]
+        print(f"{label:9s}: {load['ok']}/{load['requests']} ok, {load['errors']} errors {load['error_kinds'] or ''}; "
+              f"{load['throughput_rps']} req/s at concurrency {load['concurrency']}; latency ms p50 {lat['p50']} "
+              f"p90 {lat['p90']} p99 {lat['p99']} max {lat['max']} (server-side p50 {load['server_latency_ms_p50']}; "
+              f"mean batch {load['mean_batch_size']}; server CPU {load['server_cpu_ms_per_request']} ms/request)",
+              flush=True)
+    base, fast = results["unbatched"], results["batched"]
+    speedup = fast["throughput_rps"] / base["throughput_rps"] if base["throughput_rps"] else 0.0
+    goal = {"speedup": round(speedup, 2), "speedup_goal": GOAL_SPEEDUP,
+            "p99_ratio": round(fast["latency_ms"]["p99"] / base["latency_ms"]["p99"], 2),
+            "met": speedup >= GOAL_SPEEDUP and fast["errors"] == 0 and base["errors"] == 0
+            and fast["latency_ms"]["p99"] <= base["latency_ms"]["p99"]}
+    print(f"speed-up {goal['speedup']}x (goal {GOAL_SPEEDUP}x), p99 batched/unbatched {goal['p99_ratio']}: "
+          f"goal {'met' if goal['met'] else 'NOT met'}")
+    print(f"malformed (during the last batched round): {abuse['sent'] - abuse['not_4xx']}/{abuse['sent']} "
+          "got a 4xx with a JSON message")
+    for kind, codes in abuse["by_kind"].items():
+        print(f"  {kind:32s} {dict(codes)}")
+    for f in abuse["failures"]:
+        print(f"  FAILED {f}")
+    return goal
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="bundle or .onnx to serve (default: a fresh tutorial_cnn at 150 px)")
     ap.add_argument("--photo", default=None, help=f"image to upload (default: {PHOTO.name} from ../shared)")
-    ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=1000, help="uploads per setting")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds per setting")
+    ap.add_argument("--max-batch", type=int, default=None, help="the batched server's --max-batch (default: serve's)")
+    ap.add_argument("--max-wait", type=float, default=None, help="the batched server's --max-wait in ms")
     ap.add_argument("--malformed", type=int, default=120, help="bad uploads to send (at least 100)")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes")
     ap.add_argument("--max-upload-mb", type=float, default=2.0)
-    ap.add_argument("--max-seconds", type=float, default=600, help="time cap for each phase")
+    ap.add_argument("--max-seconds", type=float, default=600, help="time cap for the load and for the abuse")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = ap.parse_args(argv)
     if a.malformed < 100:
         ap.error(f"--malformed must be at least 100. Received: {a.malformed}")
+    if a.rounds < 1 or a.requests < a.rounds:
+        ap.error(f"--rounds must be at least 1 and at most --requests. Received: {a.rounds}")
     data, name = photo_bytes(a.photo)
+    key = secrets.token_urlsafe(24)
+    batched = [*(["--max-batch", str(a.max_batch)] if a.max_batch else []),
+               *(["--max-wait", str(a.max_wait)] if a.max_wait is not None else [])]
     with tempfile.TemporaryDirectory(prefix="convlens-bench-") as tmp:
         model = Path(a.model) if a.model else tiny_bundle(Path(tmp))
-        port = free_port()
-        print(f"serving {model.name} on 127.0.0.1:{port} ({a.workers} worker(s)); uploading {name} "
-              f"({len(data) / 1024:.0f} kB)", flush=True)
-        with Server(model, port, a.max_upload_mb, a.workers) as server:
-            load = load_test(server.url, data, name, a.requests, a.concurrency, a.max_seconds)
-            lat = load["latency_ms"]
-            print(f"load: {load['ok']}/{a.requests} ok, {load['errors']} errors {load['error_kinds'] or ''}; "
-                  f"{load['throughput_rps']} req/s at concurrency {a.concurrency}; latency ms p50 {lat['p50']} "
-                  f"p90 {lat['p90']} p95 {lat['p95']} p99 {lat['p99']} max {lat['max']} "
-                  f"(server-side p50 {load['server_latency_ms_p50']})", flush=True)
-            cases = malformed_cases(data, a.malformed, int(a.max_upload_mb * 1024 * 1024))
-            abuse = abuse_test(server.url, cases, a.max_seconds)
-            print(f"malformed: {abuse['sent'] - abuse['not_4xx']}/{abuse['sent']} got a 4xx with a JSON message")
-            for kind, codes in abuse["by_kind"].items():
-                print(f"  {kind:32s} {dict(codes)}")
-            for f in abuse["failures"]:
-                print(f"  FAILED {f}")
-            try:
-                health = httpx.get(server.url + "/health", timeout=10)
-                healthy = health.status_code == 200 and health.json().get("status") == "ok"
-            except httpx.HTTPError:
-                healthy = False
-            print(f"health after abuse: {'ok' if healthy else 'NOT ANSWERING'}")
-    result = {"load": load, "malformed": abuse, "healthy_after": healthy, "model": str(model.name),
-              "cpu_count": os.cpu_count()}
+        print(f"serving {model.name} on 127.0.0.1 ({a.workers} worker(s)) with --max-batch 1 and "
+              f"{' '.join(batched) or 'the default batching'}; uploading {name} ({len(data) / 1024:.0f} kB), "
+              f"{a.requests} requests each in {a.rounds} alternating rounds", flush=True)
+        cases = malformed_cases(data, a.malformed, int(a.max_upload_mb * 1024 * 1024))
+        with Server(model, free_port(), a.max_upload_mb, a.workers, key, ["--max-batch", "1"]) as one, \
+                Server(model, free_port(), a.max_upload_mb, a.workers, key, batched) as many:
+            samples, abuse = compare({"unbatched": one, "batched": many}, key, data, name, a, cases)
+            results = {label: s.summary(a.concurrency) for label, s in samples.items()}
+            goal = report(results, abuse)
+            healthy = all(_healthy(s.url) for s in (one, many))
+            batches = batch_histogram(many.url, key)
+            print(f"batched server ran {batches.get('count', 0):.0f} batches, mean size "
+                  f"{batches.get('sum', 0) / max(1.0, batches.get('count', 0)):.2f}; "
+                  f"health after load and abuse: {'ok' if healthy else 'NOT ANSWERING'}")
+    result = {"load": results, "goal": goal, "malformed": abuse, "healthy_after": healthy, "model": str(model.name),
+              "batches": batches, "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
     if a.json:
         from convlens.files import write_json
 
         write_json(a.json, result)
-    return 0 if load["errors"] == 0 and abuse["not_4xx"] == 0 and healthy else 1
+    errors = sum(r["errors"] for r in results.values())
+    return 0 if errors == 0 and abuse["not_4xx"] == 0 and healthy else 1
+
+
+def _healthy(url: str) -> bool:
+    try:
+        health = httpx.get(url + "/health", timeout=10)
+        return health.status_code == 200 and health.json().get("status") == "ok"
+    except httpx.HTTPError:
+        return False
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from convlens.config import (
     EXPORT_FORMATS,
     PRESETS,
     RECIPES,
+    SERVE_DEFAULTS,
     TrainConfig,
     field_types,
     flag_of,
@@ -162,7 +163,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from convlens.serve import serve_command
 
     return serve_command(a.model, host=a.host, port=a.port, workers=a.workers,
-                         max_upload_mb=a.max_upload_mb)
+                         max_upload_mb=a.max_upload_mb, max_batch=a.max_batch, max_wait_ms=a.max_wait,
+                         api_key=a.api_key, api_key_file=a.api_key_file, no_auth=a.no_auth)
 
 
 def _cmd_audit(a: argparse.Namespace) -> int:
@@ -399,6 +401,18 @@ def _serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=8000, help="port")
     s.add_argument("--workers", type=int, default=1, help="worker processes")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    s.add_argument("--max-batch", type=int, default=None, metavar="N",
+                   help="most images per model batch: concurrent /predict requests are answered by one "
+                        f"batch (1 = no batching; default {SERVE_DEFAULTS['max_batch']})")
+    s.add_argument("--max-wait", type=float, default=None, metavar="MS",
+                   help="longest wait for more images to fill a batch, in milliseconds "
+                        f"(default {SERVE_DEFAULTS['max_wait']:g})")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+                        "(default: $CONVLENS_API_KEY)")
+    s.add_argument("--api-key-file", default=None, metavar="FILE", help="accepted API keys, one per line")
+    s.add_argument("--no-auth", action="store_true",
+                   help="serve a non-loopback --host without an API key (refused otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:

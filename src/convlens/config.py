@@ -34,6 +34,11 @@ AUGMENT_RANGES = {"rotation": (0.0, 0.5, False), "crop_scale": (0.0, 1.0, True),
                   "color_jitter": (0.0, 1.0, False), "erasing": (0.0, 1.0, False),
                   "mixup": (0.0, 100.0, False), "cutmix": (0.0, 100.0, False)}
 
+# convlens serve's batching: images per model batch (1 = off) and the longest wait for more (ms).
+# The defaults were chosen with benchmarks/serve_load.py (docs/benchmarks.md, "Serving").
+SERVE_RANGES = {"max_batch": (1.0, 1024.0, False), "max_wait": (0.0, 1000.0, False)}
+SERVE_DEFAULTS = {"max_batch": 4, "max_wait": 5.0}
+
 
 @dataclass
 class TrainConfig:
@@ -322,12 +327,19 @@ def check_choice(key: str, value: str, options: typing.Sequence[str]) -> str:
     return value
 
 
-def check_range(key: str, value: float) -> float:
-    """``value`` as a float when it lies in ``AUGMENT_RANGES[key]``; else a :class:`ConfigError`."""
-    lo, hi, lo_open = AUGMENT_RANGES[key]
+def check_range(key: str, value: float, ranges: dict[str, tuple[float, float, bool]] = AUGMENT_RANGES) -> float:
+    """``value`` as a float when it lies in ``ranges[key]``; else a :class:`ConfigError`."""
+    lo, hi, lo_open = ranges[key]
     if not ((lo < value if lo_open else lo <= value) and value <= hi):
         raise ConfigError(f"{key} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]. Received: {key}={value!r}")
     return float(value)
+
+
+def check_serve_range(key: str, value: float) -> float:
+    """A ``convlens serve`` batching setting in ``SERVE_RANGES`` (``max_batch`` a whole number)."""
+    if key == "max_batch" and not float(value).is_integer():
+        raise ConfigError(f"max_batch must be a whole number of images. Received: max_batch={value!r}")
+    return check_range(key, value, SERVE_RANGES)
 
 
 def validate_train_config(cfg: TrainConfig) -> None:

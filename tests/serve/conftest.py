@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def make_client(app: Any) -> Any:
+    """FastAPI's TestClient for ``app`` (server errors become 500 responses, as over the wire)."""
+    with warnings.catch_warnings():  # starlette's note about httpx vs httpx2
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    return TestClient(app, raise_server_exceptions=False)
 
 
 class LiveServer:

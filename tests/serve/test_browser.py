@@ -125,3 +125,34 @@ def _wait_for_text(page, selector: str, ok, timeout_s: float = 30.0) -> None:
     while not ok(page.inner_text(selector)):
         assert time.monotonic() < deadline, f"{selector} never matched: {page.inner_text(selector)!r}"
         page.wait_for_timeout(50)
+
+
+def test_page_asks_for_the_api_key_once_and_keeps_it_for_the_tab(browser_page, tiny_bundle: Path,
+                                                                 real_photo: Path) -> None:
+    from convlens.serve.app import create_app
+    from tests.serve.conftest import LiveServer
+
+    page = browser_page
+    with LiveServer(create_app(tiny_bundle, api_keys=["page-key-123"])) as server:
+        page.goto(server.url + "/", wait_until="networkidle")
+        page.wait_for_selector("#key-form:not([hidden])", timeout=30_000)
+        page.fill("#api-key", "a-wrong-key")
+        page.click("#key-form button")
+        # Selector waits, not wait_for_function: the page's CSP forbids the eval that polling needs.
+        page.wait_for_selector("#key-note:has-text('not accepted')", timeout=30_000)
+        assert page.is_visible("#key-form")
+        page.fill("#api-key", "page-key-123")
+        page.click("#key-form button")
+        page.wait_for_selector("#model-info:has-text('cats')", timeout=30_000)
+        assert page.is_hidden("#key-form")
+        assert page.evaluate("sessionStorage.getItem('convlens-api-key')") == "page-key-123"
+        assert page.evaluate("localStorage.length") == 0
+        # Reloading the tab keeps the key: no second prompt, and the API calls carry it.
+        page.reload(wait_until="networkidle")
+        page.wait_for_selector("#model-info:has-text('cats')", timeout=30_000)
+        assert page.is_hidden("#key-form")
+        page.set_input_files("#file", str(real_photo))
+        page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+        assert page.inner_text("#label") in ("cats", "dogs")
+        assert page.inner_text("#status") == ""
+        page.evaluate("sessionStorage.clear()")

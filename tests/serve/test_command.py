@@ -1,4 +1,4 @@
-"""``convlens serve``: argument checks, the non-loopback warning and how uvicorn is started."""
+"""``convlens serve``: argument checks, keys, the non-loopback refusal and how uvicorn is started."""
 
 from __future__ import annotations
 
@@ -38,23 +38,97 @@ def test_default_bind_is_local_and_quiet(tiny_bundle: Path, fake_uvicorn: list, 
     assert "warning" not in err and "http://127.0.0.1:8000" in err
 
 
-def test_public_bind_warns_in_one_line(tiny_bundle: Path, fake_uvicorn: list, capsys: pytest.CaptureFixture[str]) -> None:
-    assert serve_command(str(tiny_bundle), host="0.0.0.0", port=8123) == 0
+def test_public_bind_without_a_key_is_refused(tiny_bundle: Path, fake_uvicorn: list,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONVLENS_API_KEY", raising=False)
+    assert main(["serve", str(tiny_bundle), "--host", "0.0.0.0", "--port", "8123"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "0.0.0.0" in err[0] and "--api-key" in err[0] and "--no-auth" in err[0]
+    assert not fake_uvicorn
+
+
+def test_public_bind_with_no_auth_warns_in_one_line(tiny_bundle: Path, fake_uvicorn: list,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVLENS_API_KEY", "ignored-with-no-auth")
+    assert serve_command(str(tiny_bundle), host="0.0.0.0", port=8123, no_auth=True) == 0
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "127.0.0.1" in warnings[0]
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "--no-auth" in warnings[0]
     assert fake_uvicorn[0][1]["host"] == "0.0.0.0"
+    assert fake_uvicorn[0][0][0].state.serve.auth is False
+
+
+def test_public_bind_with_a_key_serves_with_auth(tiny_bundle: Path, fake_uvicorn: list, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONVLENS_API_KEY", raising=False)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nkey-one\n\n  key-two  \n", encoding="utf-8")
+    assert main(["serve", str(tiny_bundle), "--host", "0.0.0.0", "--api-key", "key-zero",
+                 "--api-key-file", str(keys), "--max-batch", "8", "--max-wait", "2.5"]) == 0
+    (args, kwargs), = fake_uvicorn
+    state = args[0].state.serve
+    assert state.auth is True and state.batcher.max_batch == 8 and state.batcher.max_wait_s == 0.0025
+    err = capsys.readouterr().err
+    assert "3 API key(s)" in err and "warning" not in err
+
+
+def test_the_key_can_come_from_the_environment(tiny_bundle: Path, fake_uvicorn: list,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVLENS_API_KEY", "from-env")
+    assert serve_command(str(tiny_bundle), host="0.0.0.0") == 0
+    assert fake_uvicorn[0][0][0].state.serve.auth is True
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--max-batch", "0"], "max_batch must be in [1, 1024]. Received: max_batch=0"),
+    (["--max-batch", "5000"], "max_batch must be in [1, 1024]"),
+    (["--max-wait", "-1"], "max_wait must be in [0, 1000]. Received: max_wait=-1.0"),
+    (["--max-wait", "nan"], "max_wait must be in"),
+    (["--api-key", ""], "--api-key: the API key is empty"),
+    (["--api-key", "two words"], "printable ASCII without spaces"),
+    (["--api-key-file", "/nonexistent/keys.txt"], "cannot be read"),
+    (["--api-key", "k", "--no-auth"], "cannot be combined"),
+])
+def test_bad_flags_are_one_line_exit_2(tiny_bundle: Path, fake_uvicorn: list, capsys: pytest.CaptureFixture[str],
+                                       argv: list[str], match: str) -> None:
+    assert main(["serve", str(tiny_bundle), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+    assert not fake_uvicorn
+
+
+def test_empty_or_unreadable_key_file_is_one_line(tiny_bundle: Path, fake_uvicorn: list, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n", encoding="utf-8")
+    assert main(["serve", str(tiny_bundle), "--api-key-file", str(empty)]) == 2
+    assert "holds no key" in capsys.readouterr().err
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00key")
+    assert main(["serve", str(tiny_bundle), "--api-key-file", str(binary)]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bundle), "--api-key-file", str(tmp_path)]) == 2  # a folder
+    assert "cannot be read" in capsys.readouterr().err
+    monkeypatch.setenv("CONVLENS_API_KEY", "")
+    assert main(["serve", str(tiny_bundle)]) == 2
+    assert "CONVLENS_API_KEY: the API key is empty" in capsys.readouterr().err
+    assert not fake_uvicorn
 
 
 def test_several_workers_use_the_app_factory(tiny_onnx: Path, fake_uvicorn: list,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from convlens.serve.app import ENV_MAX_UPLOAD_MB, ENV_MODEL, ENV_WORKERS, create_app_from_env
+    from convlens.serve import app as serve_app
+    from convlens.serve.app import ENV_MAX_UPLOAD_MB, ENV_MODEL, create_app_from_env
 
     # serve_command sets these for the worker processes; setenv here restores them afterwards.
-    monkeypatch.setenv(ENV_MODEL, "unset")
-    monkeypatch.setenv(ENV_MAX_UPLOAD_MB, "unset")
-    monkeypatch.setenv(ENV_WORKERS, "unset")
-    assert serve_command(str(tiny_onnx), workers=3, max_upload_mb=2.5) == 0
+    for name in ("ENV_MODEL", "ENV_MAX_UPLOAD_MB", "ENV_WORKERS", "ENV_MAX_BATCH", "ENV_MAX_WAIT_MS", "ENV_API_KEYS"):
+        monkeypatch.setenv(getattr(serve_app, name), "unset")
+    assert serve_command(str(tiny_onnx), workers=3, max_upload_mb=2.5, max_batch=4, max_wait_ms=1,
+                         api_key="worker-key") == 0
     (args, kwargs), = fake_uvicorn
     assert args == ("convlens.serve.app:create_app_from_env",)
     assert kwargs["factory"] is True and kwargs["workers"] == 3
@@ -63,7 +137,9 @@ def test_several_workers_use_the_app_factory(tiny_onnx: Path, fake_uvicorn: list
 
     assert os.environ[ENV_MODEL] == str(tiny_onnx.resolve()) and os.environ[ENV_MAX_UPLOAD_MB] == "2.5"
     app = create_app_from_env()
-    assert app.state.serve.kind == "onnx" and app.state.serve.max_upload_bytes == int(2.5 * 1024 * 1024)
+    state = app.state.serve
+    assert state.kind == "onnx" and state.max_upload_bytes == int(2.5 * 1024 * 1024)
+    assert state.batcher.max_batch == 4 and state.batcher.max_wait_s == 0.001 and state.auth is True
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -1,17 +1,26 @@
 """The HTTP API and web page of ``convlens serve`` (FastAPI on uvicorn).
 
 Routes: ``POST /predict`` and ``POST /explain`` (multipart field ``file``), ``GET /health``,
-``GET /model``, ``GET /`` (the page), ``/docs`` and ``/redoc`` (served from local files, like
-the page: nothing is fetched from a CDN). Both model routes answer with ``Prediction.to_dict()``
-(``novelty``, ``known``: ``label`` is ``unknown`` for a photo unlike the training images) and take
-``?reject=false``, ``?novelty_threshold=X`` and ``?neighbours=K`` as ``convlens predict`` does.
+``GET /model``, ``GET /metrics`` (Prometheus), ``GET /`` (the page), ``/docs`` and ``/redoc``
+(served from local files, like the page: nothing is fetched from a CDN). Both model routes answer
+with ``Prediction.to_dict()`` (``novelty``, ``known``: ``label`` is ``unknown`` for a photo unlike
+the training images) and take ``?reject=false``, ``?novelty_threshold=X`` and ``?neighbours=K`` as
+``convlens predict`` does. With API keys every route but ``/health``, the page and the docs needs
+``Authorization: Bearer KEY`` (:mod:`convlens.serve.auth`).
 
 Bad input never produces a 500: the upload limit is enforced by :class:`BodyLimit` while the
 body streams in (413), uploads are decoded by the one decoder (:mod:`convlens.data.decode`)
 whose errors map to 400 (empty, truncated, corrupt), 415 (not an image, or not a multipart
 upload) and 413 (over the pixel limit). Every error body is JSON: ``{"error", "message"}``.
 Model calls are serialised by a lock: the torch backend is not safe to call from several
-threads at once, and on a CPU concurrent calls would only fight over the same cores.
+threads at once, and on a CPU concurrent calls would only fight over the same cores. Concurrent
+``/predict`` requests are gathered into one model batch (:mod:`convlens.serve.batching`): each
+request decodes its own upload (so a bad file fails only its own request), only decoded images
+join a batch, and the batch runs through the same ``Classifier.iter_predict`` as one image does.
+
+``/explain`` is not batched: each request may ask for its own method and class, Grad-CAM needs a
+backward pass per image, and its cost is dominated by drawing and PNG-encoding the overlay, not
+by the forward pass. It takes the same lock, between batches.
 """
 
 from __future__ import annotations
@@ -34,18 +43,29 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convlens import __version__
+from convlens.config import SERVE_DEFAULTS, check_serve_range
 from convlens.data.decode import decode
 from convlens.errors import ImageError, UserError
+from convlens.serve.auth import ApiKeyMiddleware, KeyCheck
+from convlens.serve.batching import BatchResult, MicroBatcher
+from convlens.serve.metrics import MetricsMiddleware, ServeMetrics
+from convlens.serve.responses import error_response
 
 MB = 1024 * 1024
 DISPLAY_SIDE = 512  # longest side of the overlay sent back to the page
 ENV_MODEL = "CONVLENS_SERVE_MODEL"
 ENV_MAX_UPLOAD_MB = "CONVLENS_SERVE_MAX_UPLOAD_MB"
 ENV_WORKERS = "CONVLENS_SERVE_WORKERS"
+ENV_MAX_BATCH = "CONVLENS_SERVE_MAX_BATCH"
+ENV_MAX_WAIT_MS = "CONVLENS_SERVE_MAX_WAIT_MS"
+ENV_API_KEYS = "CONVLENS_SERVE_API_KEYS"  # newline-separated, for worker processes only
+DEFAULT_MAX_BATCH = int(SERVE_DEFAULTS["max_batch"])
+DEFAULT_MAX_WAIT_MS = float(SERVE_DEFAULTS["max_wait"])
 
 # ImageError.kind -> HTTP status. Unknown kinds are the client's fault too (400).
 STATUS_BY_KIND = {
@@ -58,11 +78,6 @@ STATUS_BY_KIND = {
 # anything else, so "works offline" is enforced, not just intended.
 PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-
-
-def error_response(status: int, error: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The one JSON error shape: ``{"error": <short code>, "message": <one line>}``."""
-    return JSONResponse({"error": error, "message": message}, status_code=status, headers=headers)
 
 
 # ----------------------------------------------------------------------------- upload limit
@@ -132,7 +147,7 @@ class BodyLimit:
 # ----------------------------------------------------------------------------- state
 @dataclass
 class ServeState:
-    """What the routes share: the classifier, its description and the inference lock."""
+    """What the routes share: the classifier, its description, the batcher and the metrics."""
 
     classifier: Any
     source: str
@@ -143,6 +158,9 @@ class ServeState:
     started: float = field(default_factory=time.time)
     requests: int = 0
     errors: int = 0
+    metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    batcher: MicroBatcher | None = None
+    auth: bool = False
 
     @property
     def meta(self) -> Any:
@@ -154,6 +172,23 @@ class ServeState:
         from convlens.explain import supported_methods
 
         return list(supported_methods(self.classifier.backend))
+
+    def predict_batch(self, items: list[tuple[Image.Image, tuple[tuple[str, Any], ...]]]) -> list[Any]:
+        """``(decoded upright image, its request's options)`` -> a Prediction or ImageError each:
+        ``Classifier.iter_predict``, the path of ``convlens predict`` and of one image (called
+        under ``lock``). Requests with the same options (nearly always all of them) share one
+        model batch; each other set of options gets its own."""
+        out: list[Any] = [None] * len(items)
+        groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+        for i, (_, options) in enumerate(items):
+            groups.setdefault(options, []).append(i)
+        for options, idx in groups.items():
+            images = [items[i][0] for i in idx]
+            for i, r in zip(idx, self.classifier.iter_predict(images, batch_size=len(images), **dict(options)),
+                            strict=True):
+                out[i] = r
+        self.requests += len(items)
+        return out
 
 
 def _load_classifier(model: Any) -> tuple[Any, str, str]:
@@ -215,9 +250,9 @@ def png_base64(rgb: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _prediction_json(pred: Any) -> dict[str, Any]:
-    """``Prediction.to_dict()`` (label, probabilities, novelty, known, neighbours...) without the
-    path: an upload's name is ``filename``."""
+def prediction_json(pred: Any) -> dict[str, Any]:
+    """A Prediction as served: ``Prediction.to_dict()`` (every field it has), less the source
+    path (the response names the upload as ``filename``)."""
     d = pred.to_dict()
     d.pop("path", None)
     return d
@@ -235,13 +270,18 @@ def _novelty_options(reject: bool = Query(True, description="false: never answer
     return {"reject": reject, "novelty_threshold": novelty_threshold, "neighbours": neighbours}
 
 
-def _timings(t0: float, t1: float, t2: float) -> dict[str, Any]:
-    """Latency since ``t0``, with its decode (``t0``-``t1``) and inference (``t1``-``t2``) parts."""
-    def ms(a: float, b: float) -> float:
-        return round((b - a) * 1000, 2)
+def _timings(t0: float, t1: float, batch: BatchResult | None = None, t2: float | None = None) -> dict[str, Any]:
+    """Latency since ``t0`` with its parts: decode (``t0``-``t1``), then the queue and the
+    model batch (``batch``), or inference up to ``t2`` for an unbatched call."""
+    def ms(seconds: float) -> float:
+        return round(seconds * 1000, 2)
 
-    return {"latency_ms": ms(t0, time.perf_counter()),
-            "timings_ms": {"decode": ms(t0, t1), "inference": ms(t1, t2)}}
+    parts = {"decode": ms(t1 - t0)}
+    if batch is not None:
+        parts |= {"queue": ms(batch.wait_s), "inference": ms(batch.run_s)}
+    elif t2 is not None:
+        parts["inference"] = ms(t2 - t1)
+    return {"latency_ms": ms(time.perf_counter() - t0), "timings_ms": parts}
 
 
 # What an upload can go wrong with, for the API docs of both model routes.
@@ -250,41 +290,92 @@ _UPLOAD_ERRORS = {413: {"description": "upload or pixel count over the limit"},
 
 
 # ----------------------------------------------------------------------------- app
-def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | None = None) -> FastAPI:
+def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | None = None,
+               max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+               api_keys: list[str] | None = None) -> FastAPI:
     """Build the app for a bundle path, an ONNX path or an already loaded ``Classifier``.
 
     ``max_pixels`` defaults to the bundle's own pixel limit (decompression bombs -> 413).
+    ``max_batch`` images at most per model batch, waiting at most ``max_wait_ms`` for more
+    (``max_batch=1``: no batching). ``api_keys``: require ``Authorization: Bearer KEY`` with
+    one of them (see :mod:`convlens.serve.auth`); None or empty: no authentication.
     """
     from fastapi_offline import FastAPIOffline
 
+    max_batch = int(check_serve_range("max_batch", max_batch))
+    max_wait_ms = check_serve_range("max_wait", max_wait_ms)
     clf, source, kind = _load_classifier(model)
     prep = clf.preprocessing
     state = ServeState(clf, source, kind, max_upload_bytes=int(max_upload_mb * MB),
-                       max_pixels=int(max_pixels or prep.max_pixels))
+                       max_pixels=int(max_pixels or prep.max_pixels), auth=bool(api_keys))
+    state.batcher = MicroBatcher(state.predict_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000,
+                                 lock=state.lock, on_batch=state.metrics.batch_size.observe)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        yield
+        state.batcher.close()
+
+    # With keys, the open /openapi.json does not name the classes (the docs page fetches it
+    # without a key); /model tells them to a client that has one.
+    what = "Image classifier" if state.auth else f"Image classifier ({', '.join(clf.classes)})"
     app = FastAPIOffline(
         title="convlens",
         version=__version__,
-        description=(f"Image classifier ({', '.join(clf.classes)}) served by convlens. Upload an image as "
-                     "multipart/form-data field `file`."),
+        description=(f"{what} served by convlens. Upload an image as multipart/form-data field `file`."
+                     + (" Every route but /health needs `Authorization: Bearer KEY`." if state.auth else "")),
+        lifespan=lifespan,
     )
     app.state.serve = state
-    if state.explain_methods:
-        # Import the overlay's colour maps now, not during the first /explain request.
-        from matplotlib import colormaps
-
-        from convlens.explain.figures import overlay  # noqa: F401
-
-        colormaps["jet"]
-        if kind == "onnx":
-            # ONNX maps use explain.cam's geometry (torch): import it at start-up, when present.
-            with contextlib.suppress(ImportError):
-                import convlens.explain.cam  # noqa: F401
+    _warm_explain(state)
+    # Outermost first: count everything, then headers, then keys, then the upload limit.
     app.add_middleware(BodyLimit, max_bytes=state.max_upload_bytes)
+    if api_keys:
+        app.add_middleware(ApiKeyMiddleware, check=KeyCheck(api_keys))
+        _document_bearer(app)
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     _add_error_handlers(app, state)
     _add_page(app)
     _add_service_routes(app, state)
     _add_model_routes(app, state)
     return app
+
+
+def _warm_explain(state: ServeState) -> None:
+    """Import the overlay's colour maps now, not during the first /explain request."""
+    if not state.explain_methods:
+        return
+    from matplotlib import colormaps
+
+    from convlens.explain.figures import overlay  # noqa: F401
+
+    colormaps["jet"]
+    if state.kind == "onnx":
+        # ONNX maps use explain.cam's geometry (torch): import it at start-up, when present.
+        with contextlib.suppress(ImportError):
+            import convlens.explain.cam  # noqa: F401
+
+
+def _document_bearer(app: FastAPI) -> None:
+    """The OpenAPI schema declares the bearer key, so /docs offers 'Authorize' and sends it."""
+    from convlens.serve.auth import is_open
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "a key given to `convlens serve`"}}
+            for path, ops in schema.get("paths", {}).items():
+                if not is_open(path):
+                    for op in ops.values():
+                        op["security"] = [{"apiKey": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_error_handlers(app: FastAPI, state: ServeState) -> None:
@@ -329,19 +420,35 @@ def _add_error_handlers(app: FastAPI, state: ServeState) -> None:
         return error_response(500, "internal_error", f"internal error ({type(exc).__name__}); see the server log")
 
 
+class SecurityHeaders:
+    """Pure ASGI middleware: ``nosniff`` on every response, the page's CSP on the page and its files."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        page = path == "/" or path.startswith("/static/")
+
+        async def add_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                if page:
+                    headers["Content-Security-Policy"] = PAGE_CSP
+            await send(message)
+
+        await self.app(scope, receive, add_headers)
+
+
 def _add_page(app: FastAPI) -> None:
-    """``GET /`` and its static files, under a content security policy."""
+    """``GET /`` and its static files (under the CSP of :class:`SecurityHeaders`)."""
     static = resources.files("convlens.serve") / "static"
     page = (static / "index.html").read_text(encoding="utf-8")
     app.mount("/static", StaticFiles(packages=[("convlens.serve", "static")]), name="static")
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        if request.url.path == "/" or request.url.path.startswith("/static/"):
-            response.headers["Content-Security-Policy"] = PAGE_CSP
-        return response
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -374,7 +481,14 @@ def _add_service_routes(app: FastAPI, state: ServeState) -> None:
             "novelty": None if not state.classifier.has_novelty else {
                 "threshold": state.classifier.novelty_threshold,
                 **{k: (meta.novelty or {}).get(k) for k in ("method", "k", "accept", "rule")}},
+            "max_batch": state.batcher.max_batch, "max_wait_ms": state.batcher.max_wait_s * 1000,
         }
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics (text exposition format)",
+             response_class=Response)
+    def metrics() -> Response:
+        body, content_type = state.metrics.exposition()
+        return Response(body, media_type=content_type)
 
 
 def _add_model_routes(app: FastAPI, state: ServeState) -> None:
@@ -387,15 +501,23 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
                 options: dict[str, Any] = Depends(_novelty_options)) -> dict[str, Any]:
         t0 = time.perf_counter()
         state.classifier.rejection(**options)  # a bad option: 400 before the upload is decoded
-        up = read_upload(file, state)
-        t1 = time.perf_counter()
-        with state.lock:
-            pred = state.classifier.predict(up.image, **options)[0]
-            state.requests += 1
-        t2 = time.perf_counter()
-        return {**_prediction_json(pred), "filename": up.name,
+        t1 = t0
+        batcher = state.batcher
+
+        def decoded() -> tuple[Upload, tuple[Image.Image, tuple[tuple[str, Any], ...]]]:
+            nonlocal t1
+            up = read_upload(file, state)
+            t1 = time.perf_counter()
+            return up, (up.image, tuple(sorted(options.items())))
+
+        up, done = batcher.run(decoded)
+        pred = done.value
+        if isinstance(pred, ImageError):
+            raise pred
+        state.metrics.prediction(pred)
+        return {**prediction_json(pred), "filename": up.name,
                 "image": {"width": up.width, "height": up.height, "format": up.format, "bytes": up.size_bytes},
-                **_timings(t0, t1, t2)}
+                "batch_size": done.batch_size, **_timings(t0, t1, done)}
 
     @app.post("/explain", tags=["model"], summary="Classify one image and draw its class activation map",
               responses={400: {"description": "bad image, unknown class or method"},
@@ -413,17 +535,19 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
         method = method or (methods[0] if methods else "cam")
         up = read_upload(file, state)
         t1 = time.perf_counter()
-        with state.lock:
+        with state.lock:  # between batches (see the module's docstring: explain is not batched)
             e = state.classifier.explanations(up.image, method=method, class_name=class_name)[0]
-            pred = state.classifier.predict(up.image, **options)[0]
+            pred = state.predict_batch([(up.image, tuple(sorted(options.items())))])[0]
             explained, heat = e.explained, e.heat
-            state.requests += 1
+        if isinstance(pred, ImageError):
+            raise pred
         t2 = time.perf_counter()
+        state.metrics.prediction(pred)
         shown = display_image(up, state)
         png = png_base64(overlay(shown, heat))
-        return {**_prediction_json(pred), "filename": up.name, "method": method, "explained": explained,
+        return {**prediction_json(pred), "filename": up.name, "method": method, "explained": explained,
                 "overlay_png": png, "overlay_size": {"width": shown.shape[1], "height": shown.shape[0]},
-                **_timings(t0, t1, t2)}
+                **_timings(t0, t1, t2=t2)}
 
 
 def create_app_from_env() -> FastAPI:
@@ -432,7 +556,11 @@ def create_app_from_env() -> FastAPI:
     model = os.environ.get(ENV_MODEL)
     if not model:
         raise UserError(f"{ENV_MODEL} is not set; start the server with `convlens serve MODEL`")
-    app = create_app(model, max_upload_mb=float(os.environ.get(ENV_MAX_UPLOAD_MB, "10")))
+    keys = [k for k in os.environ.get(ENV_API_KEYS, "").split("\n") if k]
+    app = create_app(model, max_upload_mb=float(os.environ.get(ENV_MAX_UPLOAD_MB, "10")),
+                     max_batch=int(os.environ.get(ENV_MAX_BATCH, str(DEFAULT_MAX_BATCH))),
+                     max_wait_ms=float(os.environ.get(ENV_MAX_WAIT_MS, str(DEFAULT_MAX_WAIT_MS))),
+                     api_keys=keys or None)
     workers = max(1, int(os.environ.get(ENV_WORKERS, "1")))
     if workers > 1 and "torch" in sys.modules:
         # N processes each using every core would fight over them: share the cores out.

@@ -7,6 +7,37 @@
   let explainMethods = [];
   let classes = [];
   let busy = 0;
+  // A server started with API keys answers 401; the page then asks for a key once and keeps it
+  // in this tab's session storage (gone when the tab closes), sending it with every API call.
+  const KEY_STORE = "convlens-api-key";
+
+  function api(url, options) {
+    const key = sessionStorage.getItem(KEY_STORE);
+    const headers = key ? { Authorization: "Bearer " + key } : {};
+    return fetch(url, { ...options, headers }).then((r) => {
+      if (r.status === 401) askForKey(key !== null);
+      return r;
+    });
+  }
+
+  function askForKey(rejected) {
+    if (rejected) sessionStorage.removeItem(KEY_STORE);
+    $("key-note").textContent = rejected ? "that key was not accepted; try another"
+      : "kept in this tab only (session storage)";
+    $("key-form").hidden = false;
+    $("api-key").focus();
+  }
+
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = $("api-key").value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORE, key);
+    $("api-key").value = "";
+    $("key-form").hidden = true;
+    setStatus("", false);
+    loadModel();
+  });
 
   function setStatus(text, isError) {
     status.textContent = text;
@@ -17,7 +48,7 @@
 
   async function loadModel() {
     try {
-      const r = await fetch("/model");
+      const r = await api("/model");
       const m = await r.json();
       if (!r.ok) throw new Error(m.message || r.statusText);
       const s = m.input_size;
@@ -83,7 +114,7 @@
     const url = useExplain ? `/explain?method=${encodeURIComponent(methodSel.value)}` : "/predict";
     let data;
     try {
-      const r = await fetch(url, { method: "POST", body });
+      const r = await api(url, { method: "POST", body });
       data = await r.json().catch(() => ({ message: r.statusText }));
       if (!r.ok) throw new Error(`${r.status}: ${data.message || r.statusText}`);
     } catch (e) {
