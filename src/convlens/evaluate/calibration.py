@@ -43,13 +43,18 @@ def log_loss(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature in [:data:`MIN_T`, :data:`MAX_T`] minimising :func:`log_loss` of held-out
-    ``logits``; 1.0 with fewer than :data:`MIN_IMAGES` rows or a single class present."""
+    ``logits``; 1.0 with fewer than :data:`MIN_IMAGES` rows, a single class present, or no
+    mistake among them (then the loss falls all the way to T -> 0: perfectly separated held-out
+    images say nothing about how sure the model should be on the next one)."""
     from scipy.optimize import minimize_scalar
 
     y = np.asarray(labels, dtype=np.int64)
+    z = np.asarray(logits, dtype=np.float64).reshape(len(y), -1)
     if len(y) < MIN_IMAGES or len(np.unique(y)) < 2:
         return 1.0
-    z = np.asarray(logits, dtype=np.float64)
+    act = activation_for(z.shape[1])
+    if (decide(probabilities(z, act), act) == y).all():
+        return 1.0
     # log T: the loss is smooth and unimodal in it, and T > 0 holds by construction.
     res = minimize_scalar(lambda u: log_loss(z, y, float(np.exp(u))), bounds=(np.log(MIN_T), np.log(MAX_T)),
                           method="bounded", options={"xatol": 1e-4})
