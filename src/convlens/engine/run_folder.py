@@ -100,12 +100,11 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
                train_features: np.ndarray | None = None, training: dict[str, Any] | None = None) -> RunResult:
     """Evaluate the (best) model on the validation set, write the bundle and the report.
 
-    ``extra``: more entries for the bundle's metrics; ``plan``: the ``--time`` budget plan, named
-    in the report. ``calibration``: a fitted temperature's record
-    (:func:`convlens.evaluate.calibration.calibration_record`), or images the model did not train
-    on (a subset) to fit one on here, or None (no temperature). ``train_features``: the training
-    images' pooled features when the caller has them (a frozen backbone's cached features), else
-    they are computed with the final model. ``training``: rows of the report's "How it was trained".
+    ``extra``: more bundle metrics; ``plan``: the ``--time`` plan, named in the report.
+    ``calibration``: a temperature's record (``evaluate.calibration.calibration_record``), or
+    held-out images (a subset) to fit one on, or None. ``train_features``: the training images'
+    pooled features when the caller has them (a frozen backbone's cache), else computed with the
+    final model. ``training``: rows of the report's "How it was trained".
     """
     import torch
 
@@ -126,8 +125,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
                "train_loss": history[-1]["train_loss"] if history else None}
     agreement = bf16_agreement(model, meta, prepared.val.images, device, cfg.batch_size) if has_val else None
     if agreement is not None:  # what precision="auto" means for this model, from here on
-        meta.precision = agreement["precision"]
-        summary["bf16_agreement"] = agreement
+        meta.precision, summary["bf16_agreement"] = agreement["precision"], agreement
         if meta.precision == "fp32":
             say(console, f"note: bf16 moved this model's probabilities by up to {agreement['max_prob_diff']:.1e} "
                          f"on {agreement['images']} validation images, so it predicts in fp32 (exact, slower)")
@@ -160,12 +158,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
                        val_ece=metrics["calibration"]["ece"])
         summary["novelty"]["val_unknown_rate"] = metrics["novelty"]["unknown_rate"]
     else:
-        from convlens.evaluate.report import render_report
-
-        write_text(run_dir / "report.html", render_report(
-            title=f"convlens run {run_dir.name}", metrics={"classes": list(prepared.classes)},
-            figures={"curves": curves} if curves is not None else {}, history=history, config_yaml=config_yaml,
-            training=training, notes=["No validation set (val_fraction=0): nothing was evaluated."]))
+        write_unvalidated_report(run_dir, list(prepared.classes), curves, history, config_yaml, training)
     if prepared.test is not None and len(prepared.test.labels) > 0:
         test = evaluate(model, meta, prepared.test, out_dir=run_dir / "test", device=device,
                         batch_size=cfg.batch_size, config_yaml=config_yaml, novelty=index,
@@ -176,12 +169,21 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     bundle_path = save_bundle(run_dir / BUNDLE_NAME, model, meta, novelty=index)
     say(console, novelty_line(index, summary["novelty"].get("val_unknown_rate")))
     acc = summary.get("val_accuracy")
-    say(console,
-        f"[bold green]done[/bold green]: best epoch {summary['best_epoch']}"
-        + (f", validation accuracy {acc:.4f}" if acc is not None else "")
-        + f"\n  run folder: {run_dir}\n  bundle:     {bundle_path}\n  report:     {run_dir / 'report.html'}"
-    )
+    say(console, f"[bold green]done[/bold green]: best epoch {summary['best_epoch']}"
+                 + (f", validation accuracy {acc:.4f}" if acc is not None else "")
+                 + f"\n  run folder: {run_dir}\n  bundle:     {bundle_path}\n  report:     {run_dir / 'report.html'}")
     return RunResult(run_dir=run_dir, bundle_path=bundle_path, metrics=summary, history=history)
+
+
+def write_unvalidated_report(run_dir: Path, classes: list[str], curves: bytes | None, history: list[dict[str, Any]],
+                             config_yaml: str, training: dict[str, Any] | None) -> None:
+    """``report.html`` of a run without a validation set: how it trained, nothing evaluated."""
+    from convlens.evaluate.report import render_report
+
+    write_text(run_dir / "report.html", render_report(
+        title=f"convlens run {run_dir.name}", metrics={"classes": classes},
+        figures={"curves": curves} if curves is not None else {}, history=history, config_yaml=config_yaml,
+        training=training, notes=["No validation set (val_fraction=0): nothing was evaluated."]))
 
 
 def fit_calibration(calibration: dict[str, Any] | Any, outputs: Any) -> dict[str, Any] | None:

@@ -290,6 +290,24 @@ def _unlike_gallery(images: Any, labels: np.ndarray, scores: np.ndarray, paths: 
     return plots.gallery_png([images[i] for i in rows], caps, ncols=UNLIKE_PER_CLASS)
 
 
+def _measure(meta: BundleMeta, outputs: tuple[np.ndarray, np.ndarray | None], labels: np.ndarray,
+             paths: list[str], novelty: NoveltyIndex | None) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    """Probabilities, metrics (with the uncalibrated curve under a temperature, and the novelty
+    entry) and novelty scores from :func:`predict_outputs`' logits and pooled features."""
+    logits, pooled = outputs
+    classes = list(meta.classes)
+    probs = probabilities(logits, meta.output_activation)
+    metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
+    if meta.temperature != 1.0 and len(labels):  # what the logits gave before the temperature divided them
+        metrics["calibration"]["temperature"] = meta.temperature
+        metrics["calibration"]["uncalibrated"] = reliability(
+            labels, probabilities(logits * meta.temperature, meta.output_activation), classes, meta.threshold)
+    scores = novelty.scores(pooled) if novelty is not None and pooled is not None and len(labels) else None
+    if scores is not None:
+        metrics["novelty"] = novelty_summary(novelty, scores, labels, paths=paths, classes=classes)
+    return probs, metrics, scores
+
+
 def evaluate(
     model: torch.nn.Module,
     meta: BundleMeta,
@@ -318,12 +336,9 @@ def evaluate(
     Returns the metrics dict (see :func:`compute_metrics`) plus ``worst_mistakes`` (path, true
     and predicted class with probabilities) and ``skipped`` (unusable files).
 
-    ``outputs``: the ``(logits, pooled features)`` of :func:`predict_outputs` when the caller
-    already ran that pass (training does: the novelty threshold is chosen on them). A bundle's
-    temperature (``meta.temperature``, already inside ``model``) is measured both ways: the
-    calibration entry keeps the uncalibrated curve and ECE too. ``novelty``: the model's
-    :class:`NoveltyIndex`: the unknown rate at its threshold and, per class, the images most
-    unlike the training images. ``training``: rows of the report's "How it was trained" table.
+    ``outputs``: :func:`predict_outputs`' ``(logits, pooled)`` when the caller ran that pass;
+    ``meta.temperature`` is measured both ways; ``novelty``: the unknown rate at the index's
+    threshold and the most novel images; ``training``: rows of "How it was trained".
     """
     from convlens.evaluate.report import render_report
     from convlens.files import write_bytes, write_json, write_text
@@ -334,39 +349,26 @@ def evaluate(
     labels = np.asarray(data.labels, dtype=np.int64)
     classes = list(meta.classes)
     if outputs is None:
-        run = meta.inference_precision(precision)
-        outputs = (predict_outputs(model, data.images, meta.preprocessing, batch_size, device, run)
-                   if novelty is not None else
-                   (predict_logits(model, data.images, meta.preprocessing, batch_size, device, run), None))
-    logits, pooled = outputs
-    probs = probabilities(logits, meta.output_activation)
-    metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
-    if meta.temperature != 1.0 and len(labels):  # what the logits gave before the temperature divided them
-        metrics["calibration"]["temperature"] = meta.temperature
-        metrics["calibration"]["uncalibrated"] = reliability(
-            labels, probabilities(logits * meta.temperature, meta.output_activation), classes, meta.threshold)
-    scores = novelty.scores(pooled) if novelty is not None and pooled is not None and len(labels) else None
-    if scores is not None:
-        metrics["novelty"] = novelty_summary(novelty, scores, labels, paths=list(data.paths), classes=classes)
+        run, prep = meta.inference_precision(precision), meta.preprocessing
+        outputs = (predict_outputs(model, data.images, prep, batch_size, device, run) if novelty is not None
+                   else (predict_logits(model, data.images, prep, batch_size, device, run), None))
+    probs, metrics, scores = _measure(meta, outputs, labels, list(data.paths), novelty)
     pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
     paths = list(data.paths)
     worst = worst_mistakes(labels, probs, meta.threshold, GALLERY_SIZE) if len(labels) else []
     unsure = least_confident_correct(labels, probs, meta.threshold, GALLERY_SIZE) if len(labels) else []
-    metrics["worst_mistakes"] = [
-        {"path": paths[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
-         "p_true": float(probs[i, labels[i]]), "p_predicted": float(probs[i, pred[i]])}
-        for i in worst
-    ]
+    metrics["worst_mistakes"] = [{"path": paths[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
+                                  "p_true": float(probs[i, labels[i]]), "p_predicted": float(probs[i, pred[i]])}
+                                 for i in worst]
     metrics["skipped"] = [{"path": e.path, "kind": e.kind, "message": e.message} for e in skipped]
     if out_dir is None:
         return metrics
 
     out = Path(out_dir)
-    figures = _figures(metrics, data.images, labels, probs, pred, paths, classes, worst, unsure)
+    figures = {**({"curves": curves} if curves is not None else {}),
+               **_figures(metrics, data.images, labels, probs, pred, paths, classes, worst, unsure)}
     if scores is not None:
         figures["unlike"] = _unlike_gallery(data.images, labels, scores, paths, classes, novelty.threshold)
-    if curves is not None:
-        figures = {"curves": curves, **figures}
     files = {"confusion": "confusion_matrix.png", "calibration": "calibration.png", "roc": "roc.png",
              "mistakes": "worst_mistakes.png", "uncertain": "least_confident.png", "unlike": "most_unlike.png"}
     for key, name in files.items():
@@ -402,7 +404,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
 
     from convlens import runtime
     from convlens.evaluate.result import Evaluation
-    from convlens.infer.bundle import load_model
+    from convlens.infer.bundle import load_model, read_novelty
 
     runtime.tune_allocator()
     runtime.configure_threads()
@@ -419,7 +421,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
     bundle_path = Path(bundle)
     out_dir = Path(out) if out else (bundle_path if bundle_path.is_dir() else bundle_path.parent) / "eval"
     metrics = evaluate(model, meta, data, out_dir=out_dir, batch_size=batch_size, device=dev.device,
-                       precision=precision,
+                       precision=precision, novelty=read_novelty(bundle, meta),
                        config_yaml=yaml.safe_dump(meta.config, sort_keys=False) if meta.config else None,
                        title=f"convlens evaluation of {bundle_path.name}", subtitle=f"on {dir}")
     return Evaluation(bundle=bundle_path, data=Path(dir), dir=out_dir, metrics=metrics,
