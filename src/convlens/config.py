@@ -29,6 +29,9 @@ OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcam++")
 EXPORT_FORMATS = ("onnx", "torchscript")
+# The share of validation images a trained model's novelty threshold keeps as known (--accept);
+# owned here, below every package, so convlens.infer.novelty and the trainer read one number.
+DEFAULT_ACCEPT = 0.95
 # Augmentation strengths: (low, high, low bound open).
 AUGMENT_RANGES = {"rotation": (0.0, 0.5, False), "crop_scale": (0.0, 1.0, True),
                   "color_jitter": (0.0, 1.0, False), "erasing": (0.0, 1.0, False),
@@ -66,6 +69,8 @@ class TrainConfig:
     finetune_epochs: int = field(default=0, metadata={"help": "after fitting the head on frozen features, fine-tune the last blocks for N epochs"})
     finetune_lr: float = field(default=1e-4, metadata={"help": "fine-tuning's learning rate (AdamW, cosine; ~1/50 of a from-scratch one)"})
     head_flip: bool = field(default=False, metadata={"help": "also fit the pretrained head on mirrored images' features"})
+    # --- novelty (the bundle's `unknown` rule; see README "Unknown photos") ---
+    accept: float = field(default=DEFAULT_ACCEPT, metadata={"help": "share of validation images the novelty threshold keeps as known; predictions less like the training images are `unknown`"})
     # --- input scaling (stored in the bundle: training and prediction always agree) ---
     scale: float = field(default=1 / 255, metadata={"help": "pixel scale: 1/255 maps 0-255 to 0-1; 1.0 keeps 0-255 (tutorial)"})
     mean: list[float] = field(default_factory=lambda: [0.0], metadata={"help": "per-channel mean subtracted after scaling"})
@@ -374,6 +379,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
         ("val_every", cfg.val_every >= 1, ">= 1"),
         ("progressive", 0 <= cfg.progressive < 1, "in [0, 1)"),
         ("ema_decay", 0 < cfg.ema_decay < 1, "in (0, 1)"),
+        ("accept", 0 < cfg.accept <= 1, "in (0, 1]"),
     ]
     for key, ok, rule in checks:
         if not ok:

@@ -21,7 +21,7 @@ from convlens.engine.training import train
 from convlens.errors import DiskFullError
 from convlens.infer.bundle import read_weights
 from convlens.models import create
-from convlens.models.pretrained import PretrainedSource
+from convlens.models.pretrained import PretrainedSource, PretrainedWeights
 from tests.data.conftest import tree_hashes
 from tests.engine.helpers import csv_rows, make_dataset, quiet, tiny_config
 
@@ -97,7 +97,8 @@ def test_a_full_disk_before_the_first_checkpoint_says_where_else_to_write(data: 
 def _backbone() -> Backbone:
     torch.manual_seed(0)
     source = PretrainedSource(arch="tiny", path="tiny", sha256="0" * 64, packaged=False)
-    return Backbone(create("tiny", 2).eval(), source, Preprocessing(size=(16, 16)))
+    model = create("tiny", 2).eval()
+    return Backbone(model, PretrainedWeights(model.state_dict(), source), Preprocessing(size=(16, 16)))
 
 
 def test_the_feature_cache_is_checked_before_computing_and_keeps_its_last_array(tmp_path: Path, enospc_at,

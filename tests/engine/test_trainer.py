@@ -136,6 +136,8 @@ def test_resume_refuses_a_finished_run_and_changed_settings(two_class: Path, tmp
     run = train(tiny_config(two_class, tmp_path, epochs=1), console=quiet()).run_dir
     with pytest.raises(ConfigError, match="cannot change lr when resuming"):
         resume_config(run, {"lr": 0.5})
+    with pytest.raises(ConfigError, match="cannot change accept when resuming"):  # recorded: the threshold's rule
+        resume_config(run, {"accept": 0.99})
     from convlens.engine.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="already finished"):
@@ -226,6 +228,8 @@ def test_cli_train_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFix
         (["train", "--resume", str(tmp_path / "runs" / "missing")], "does not exist"),
         (["train", "--resume", str(tmp_path), "--config", str(cfg_file)], "cannot be combined with --resume"),
         (["train", str(tmp_path / "no-such-folder"), "--project", str(tmp_path / "runs")], "does not exist"),
+        (["train", "--accept", "0", "--project", str(tmp_path / "runs")], "accept must be in (0, 1]. Received: accept=0"),
+        (["train", "--accept", "1.5", "--project", str(tmp_path / "runs")], "accept must be in (0, 1]"),
     ]
     for argv, needle in cases:
         assert main(argv) == 2, argv

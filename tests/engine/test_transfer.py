@@ -401,3 +401,64 @@ def test_lr_find_sweeps_the_model_train_would_train(tmp_path: Path, lite0_file: 
     scratch = lr_find(recipe.recipe_for(_cfg(data, tmp_path, pretrained="none", model="tiny", image_size=16)),
                       steps=6, out=None, console=quiet())
     assert scratch.flag == "--lr"
+
+
+def _correlated(n: int, seed: int, flip: float = 0.0, extra: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two classes separated only along x0 - x1 (a shared nuisance dominates both): a weak L2
+    finds that direction, a strong one shrinks towards the class means' and misses it. ``flip``:
+    the share of labels flipped at random; ``extra``: irrelevant noise features."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    nuisance = rng.normal(0, 3, n)
+    x = np.stack([0.5 * (2 * y - 1) + nuisance, nuisance], 1)
+    x = np.concatenate([x, rng.normal(0, 1, (n, extra))], 1).astype(np.float32)
+    noisy = rng.random(n) < flip
+    return x, np.where(noisy, 1 - y, y)
+
+
+def test_head_l2_chosen_by_cross_validation() -> None:
+    x, y = _correlated(200, 0)
+    clean = transfer.select_head(x, y, 2)
+    assert clean.folds == transfer.HEAD_FOLDS and clean.cv_accuracy > 0.9
+    assert clean.l2 <= 0.1  # separable, noise-free: a weak L2
+    assert [c["l2"] for c in clean.candidates] == sorted(transfer.HEAD_L2_GRID)
+    assert clean.oof_logits is not None and clean.oof_logits.shape == (200, 1)
+    again = transfer.select_head(x, y, 2)
+    assert again.candidates == clean.candidates and again.l2 == clean.l2  # deterministic
+    xn, yn = _correlated(120, 1, flip=0.3, extra=60)
+    noisy = transfer.select_head(xn, yn, 2)
+    assert noisy.l2 > clean.l2  # noisy labels and features: more regularisation
+    # a class with one image cannot be cross-validated: the default, said so by folds == 0
+    few = transfer.select_head(x[:5], np.array([0, 0, 0, 0, 1]), 2)
+    assert (few.folds, few.l2, few.oof_logits) == (0, transfer.HEAD_L2, None)
+
+
+def test_pretrained_run_is_calibrated_and_knows_unknowns(tmp_path: Path, lite0_file: Path) -> None:
+    """A real tiny pretrained run: the bundle holds the temperature fitted on the head's
+    out-of-fold logits and a novelty index; with 8 validation images the threshold falls back to
+    the training images and the report says so; the report shows ECE before and after."""
+    from convlens.infer.bundle import read_meta, read_novelty
+    from convlens.infer.novelty import RULE_TRAINING
+
+    data = make_dataset(tmp_path / "data", per_class=16, size=40)
+    for a, b in (("class_0", "class_1"), ("class_1", "class_0")):  # a few wrong labels: held-out mistakes to fit T on
+        for f in sorted((data / a).iterdir())[:3]:
+            f.rename(data / b / f"swapped_{f.name}")
+    result = training.train(_cfg(data, tmp_path, pretrained=str(lite0_file), accept=0.9), console=quiet())
+    meta = read_meta(result.bundle_path)
+    split = csv_rows(result.run_dir / "split.csv")
+    n_train = sum(r["subset"] == "train" for r in split)
+    cal = result.metrics["calibration"]
+    assert meta.temperature == cal["temperature"] != 1.0 and cal["images"] == n_train
+    assert "out-of-fold" in cal["fitted_on"] and cal["heldout_loss"][1] <= cal["heldout_loss"][0]
+    index = read_novelty(result.bundle_path)
+    assert index is not None and index.rule == RULE_TRAINING and index.accept == 0.9 and len(index.labels) == n_train
+    assert set(index.paths) == {r["path"] for r in split if r["subset"] == "train"}  # relative to the dataset root
+    head = result.metrics["head"]
+    assert head["folds"] == 5 and head["l2"] in transfer.HEAD_L2_GRID
+    report = (result.run_dir / "report.html").read_text()
+    assert "ECE" in report and "before" in report and "fewer than 20 validation images" in report
+    assert "How it was trained" in report and "cross-validation" in report
+    assert "loss and accuracy per epoch" not in report  # no one-point curves without fine-tuning
+    metrics = yaml.safe_load((result.run_dir / "metrics.json").read_text())
+    assert metrics["calibration"]["uncalibrated"]["ece"] >= 0 and metrics["novelty"]["threshold"] == index.threshold

@@ -222,6 +222,7 @@ class Trainer:
         self.cfg = cfg
         self.classes = list(self.prepared.classes)
         self.prep = self.prepared.preprocessing
+        self.prepared, self.calibration_set = self.hold_out(self.prepared)
         if state is not None and list(state["classes"]) != self.classes:
             raise CheckpointError(f"the dataset's classes {self.classes} differ from the run's "
                                   f"{list(state['classes'])}; resume with the same data")
@@ -294,6 +295,31 @@ class Trainer:
     def build_model(self, num_classes: int) -> torch.nn.Module:
         """The model to train, on the device: ``cfg.model``, initialised from ``cfg.seed``."""
         return create_model(self.cfg, num_classes, self.prep.channels, self.dev)
+
+    def hold_out(self, prepared: Any) -> tuple[Any, Any]:
+        """The data without the images held out to fit the temperature, and those images: a small
+        slice of the training split chosen by the seed (``evaluate.calibration.calibration_slice``),
+        the same on every rank and on ``--resume``."""
+        from convlens.data.cache import CachedImages
+        from convlens.data.prepare import Subset
+        from convlens.evaluate.calibration import calibration_slice
+
+        train = prepared.train
+        held = calibration_slice(train.labels, self.cfg.seed)
+        if not len(held):
+            return prepared, None
+        keep = np.setdiff1d(np.arange(len(train.labels)), held)
+
+        def part(idx: np.ndarray, name: str) -> Subset:
+            return Subset(CachedImages(train.images.array, train.images.rows[idx]), train.labels[idx],
+                          [train.paths[i] for i in idx], name)
+
+        return replace(prepared, train=part(keep, train.name)), part(held, "calibration")
+
+    def finish_inputs(self) -> dict[str, Any]:
+        """:func:`finish_run`'s ``calibration``, ``train_features`` and ``training`` for this run:
+        the held-out slice to fit the temperature on; features from the final model."""
+        return {"calibration": self.calibration_set}
 
     def begin(self) -> None:
         """A fresh run's work before the loop (nothing here)."""
@@ -395,8 +421,10 @@ class Trainer:
         if self.best_weights is not None:
             self.eval_model.load_state_dict(self.best_weights)
         model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
+        inputs = self.finish_inputs()
         result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
-                            curves, self.console, extra=self.extra_metrics(), plan=self.plan)
+                            inputs.pop("curves", curves), self.console, extra=self.extra_metrics(), plan=self.plan,
+                            **inputs)
         result.stopped_early = stopped_early
         if self.plan is not None:
             self.plan.used_s = time.perf_counter() - self.t0

@@ -8,7 +8,6 @@ and caching the data once here.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from convlens.config import TrainConfig, with_layers
+from convlens.config import TrainConfig
 from convlens.engine import distributed
 from convlens.engine.recipe import Recipe, recipe_for, resolve
 from convlens.engine.run_folder import RunResult, say
@@ -48,10 +47,6 @@ def train_command(overrides: dict[str, Any], config_file: str | None = None, res
     """``convlens train``: returns the exit code (130 after Ctrl-C, with the resume command)."""
     recipe = resolve(overrides, config_file, resume)
     cfg = recipe.cfg
-    if cfg.pretrained not in ("none", "auto") and not cfg.finetune_epochs and distributed.should_launch(cfg.nproc):
-        say(Console(), "note: a pretrained head without --finetune-epochs is fitted in one process")
-        recipe = dataclasses.replace(recipe, cfg=with_layers(cfg, {"nproc": 1}))
-        cfg = recipe.cfg
     if distributed.should_launch(cfg.nproc):
         distributed.preflight(cfg.nproc, cfg.batch_size, cfg.device, cfg.precision)  # fail before starting
         prepare_data(cfg, Console(), backbone=recipe.backbone)  # check and cache once, before N processes start

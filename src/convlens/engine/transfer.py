@@ -23,6 +23,7 @@ on photos, or ``--pretrained NAME|PATH``), as :class:`FineTuner`, with the backb
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,27 +38,38 @@ from convlens.engine.features import Backbone, cached_features, subset_hashes
 from convlens.engine.run_folder import say
 from convlens.engine.trainer import Trainer, prepare_data
 
-HEAD_L2 = 1.0  # L2 on the standardised head weights: best or tied on both datasets (docs/benchmarks.md)
+HEAD_L2 = 1.0  # L2 on the standardised head weights when too few images to cross-validate
+HEAD_L2_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # what cross-validation chooses from (docs/benchmarks.md)
+# Label smoothing tried by cross-validation: 0.1 was never better than none by more than noise on
+# the shared datasets (docs/benchmarks.md), and it shrinks the logits the temperature then undoes.
+HEAD_SMOOTHING = (0.0,)
+HEAD_FOLDS = 5
 HEAD_MAX_ITER = 100
 
 
 # ----------------------------------------------------------------------------- linear head
 def fit_linear_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
                     weights: torch.Tensor | None = None, label_smoothing: float = 0.0, l2: float = HEAD_L2,
-                    max_iter: int = HEAD_MAX_ITER) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_iter: int = HEAD_MAX_ITER,
+                    init: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A dense layer ``(weight (out_units, C), bias)`` fitted by full-batch L-BFGS on features.
 
     Minimises the training loss (:func:`classification_loss`: one sigmoid unit for two classes,
     softmax otherwise) plus ``l2 * |W|^2 / 2`` on standardised features; the standardisation is
     folded back into the returned weights, so ``features @ weight.T + bias`` are the logits.
+    ``init``: a previous fit's ``(weight, bias)`` to start from (a warm start along an L2 path;
+    the optimum is the same, it is reached in fewer steps).
     """
     x = torch.from_numpy(np.asarray(features, dtype=np.float32))
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
     targets = soft_targets(torch.from_numpy(np.asarray(labels, dtype=np.int64)), num_classes)
     out_units = 1 if num_classes == 2 else num_classes
-    w = torch.zeros(out_units, x.shape[1], requires_grad=True)
-    b = torch.zeros(out_units, requires_grad=True)
+    if init is None:
+        w, b = torch.zeros(out_units, x.shape[1]), torch.zeros(out_units)
+    else:  # the same logits in standardised coordinates
+        w, b = init[0] * sd, init[1] + init[0] @ mu
+    w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-6, tolerance_change=1e-9)
 
@@ -71,6 +83,89 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, num_classes: int, 
     with torch.no_grad():
         weight = w / sd
         return weight, b - weight @ mu
+
+
+def head_logits(features: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+    """The dense layer on pooled features: what the model's head computes, float32 ``(N, out_units)``."""
+    with torch.no_grad():
+        return (torch.from_numpy(np.asarray(features, dtype=np.float32)) @ weight.T + bias).numpy()
+
+
+@dataclass
+class HeadChoice:
+    """The head's settings chosen by cross-validation on the training features, and the evidence."""
+
+    l2: float
+    label_smoothing: float
+    folds: int  # 0: too few images per class to cross-validate (the defaults were kept)
+    cv_accuracy: float | None
+    cv_loss: float | None  # out-of-fold log loss after temperature scaling (a proper score, scale-free)
+    candidates: list[dict[str, float]]  # every setting tried with its cross-validated accuracy and loss
+    oof_logits: np.ndarray | None  # (N, out_units) at the chosen setting: what the temperature is fitted on
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"l2": self.l2, "label_smoothing": self.label_smoothing, "folds": self.folds,
+                "cv_accuracy": self.cv_accuracy, "cv_loss": self.cv_loss, "candidates": self.candidates,
+                "seconds": self.seconds}
+
+
+def cross_validated_logits(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: list[Any],
+                           l2s: tuple[float, ...], *, flipped: np.ndarray | None = None,
+                           **fit: Any) -> dict[float, np.ndarray]:
+    """For each L2 in ``l2s``, every image's logits from the head fitted on the other folds (an
+    image and its mirror stay on the same side). Along the path from the strongest L2 down each
+    fit starts from the previous one: the weak-L2 fits, slow from zero, then take a few steps."""
+    out_units = 1 if num_classes == 2 else num_classes
+    out = {l2: np.zeros((len(labels), out_units), dtype=np.float32) for l2 in l2s}
+    for train, held in folds:
+        x, y = features[train], labels[train]
+        if flipped is not None:
+            x, y = np.concatenate([x, flipped[train]]), np.concatenate([y, y])
+        init = None
+        for l2 in sorted(l2s, reverse=True):
+            init = fit_linear_head(x, y, num_classes, l2=l2, init=init, **fit)
+            out[l2][held] = head_logits(features[held], *init)
+    return out
+
+
+def select_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, flipped: np.ndarray | None = None,
+                weights: torch.Tensor | None = None, smoothing: tuple[float, ...] = HEAD_SMOOTHING,
+                grid: tuple[float, ...] = HEAD_L2_GRID, folds: int = HEAD_FOLDS, seed: int = 0) -> HeadChoice:
+    """The L2 strength (and label smoothing) of the head, chosen by stratified ``folds``-fold
+    cross-validation on the training features alone (deterministic in ``seed``).
+
+    The one-standard-error rule: the strongest L2 whose out-of-fold accuracy is within one
+    binomial standard error of the best (differences smaller than that are noise; the stronger
+    head was the better one on held-out photos: docs/benchmarks.md). With fewer than two images
+    in some class nothing is cross-validated and :data:`HEAD_L2` is kept.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    from convlens.evaluate.calibration import fit_temperature, log_loss
+
+    t0 = time.perf_counter()
+    y = np.asarray(labels, dtype=np.int64)
+    k = min(folds, int(np.bincount(y, minlength=num_classes)[np.unique(y)].min()))
+    if k < 2:
+        return HeadChoice(HEAD_L2, 0.0, 0, None, None, [], None, time.perf_counter() - t0)
+    splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+    x = np.asarray(features, dtype=np.float32)
+    candidates, logits = [], {}
+    for ls in smoothing:
+        path = cross_validated_logits(x, y, num_classes, splits, tuple(grid), flipped=flipped, weights=weights,
+                                      label_smoothing=ls)
+        for l2, oof in path.items():
+            logits[(l2, ls)] = oof
+            candidates.append({"l2": l2, "label_smoothing": ls,
+                               "cv_accuracy": correct_count(torch.from_numpy(oof), torch.from_numpy(y)) / len(y),
+                               "cv_loss": log_loss(oof, y, fit_temperature(oof, y))})
+    top = max(c["cv_accuracy"] for c in candidates)
+    near = [c for c in candidates if c["cv_accuracy"] >= top - float(np.sqrt(top * (1 - top) / len(y))) - 1e-12]
+    best = max(near, key=lambda c: (c["l2"], c["cv_accuracy"], -c["cv_loss"]))
+    return HeadChoice(best["l2"], best["label_smoothing"], k, best["cv_accuracy"], best["cv_loss"],
+                      sorted(candidates, key=lambda c: (c["label_smoothing"], c["l2"])),
+                      logits[(best["l2"], best["label_smoothing"])], time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -153,48 +248,108 @@ class FineTuner(Trainer):
         self.start_epoch = 1
         self.record(row)
 
-    def _head_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(training features, their labels, validation features) from the feature cache, on every
-        rank: each computes its share of what is missing (:func:`cached_features` with ``dist``)."""
+    def _head_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(training features, their labels, the mirrored images' features with --head-flip,
+        validation features) from the feature cache, on every rank: each computes its share of
+        what is missing (:func:`cached_features` with ``dist``)."""
         cfg, prepared = self.cfg, self.prepared
         backbone = self.backbone  # its own copy of the weights on the CPU: the model to train stays on its device
         train_x = _features(backbone, prepared, prepared.train, cfg, self.dist)
-        train_y = prepared.train.labels
-        if cfg.head_flip:
-            train_x = np.concatenate([train_x, _features(backbone, prepared, prepared.train, cfg, self.dist, flip=True)])
-            train_y = np.concatenate([train_y, train_y])
+        flip_x = _features(backbone, prepared, prepared.train, cfg, self.dist, flip=True) if cfg.head_flip else None
         val_x = _features(backbone, prepared, prepared.val, cfg, self.dist) if self.n_val else None
         self.marks["features"] = time.perf_counter()
-        return train_x, train_y, val_x
+        return train_x, prepared.train.labels, flip_x, val_x
 
     def _fit_head(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """The head's weight and bias fitted on (cached) features, and its history row."""
+        """The head's weight and bias fitted on (cached) features at the L2 cross-validation
+        chose (:func:`select_head`), and its history row; the choice and the temperature fitted on
+        its out-of-fold logits are kept in ``self.head`` (and in checkpoints)."""
+        from convlens.evaluate.calibration import calibration_record, fit_temperature
+
         cfg, prepared = self.cfg, self.prepared
-        train_x, train_y, val_x = self.head_inputs
+        train_x, train_y, flip_x, val_x = self.head_inputs
         t = time.perf_counter()
         num_classes = len(self.classes)
         weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
-        w, b = fit_linear_head(train_x, train_y, num_classes, weights=weights, label_smoothing=cfg.label_smoothing)
+        choice = select_head(train_x, train_y, num_classes, flipped=flip_x, weights=weights, seed=cfg.seed)
+        fit_x, fit_y = (train_x, train_y) if flip_x is None else (np.concatenate([train_x, flip_x]),
+                                                                  np.concatenate([train_y, train_y]))
+        w, b = fit_linear_head(fit_x, fit_y, num_classes, weights=weights, label_smoothing=choice.label_smoothing,
+                               l2=choice.l2)
         seconds = time.perf_counter() - t
+        self.head = {"choice": choice.to_dict(), "calibration": None if choice.oof_logits is None else
+                     calibration_record(choice.oof_logits, train_y, fit_temperature(choice.oof_logits, train_y),
+                                        f"out-of-fold logits of the head's {choice.folds}-fold cross-validation")}
+        say(self.console, f"head: L2 {choice.l2:g} chosen by {choice.folds}-fold cross-validation "
+                          f"(accuracy {choice.cv_accuracy:.4f}) in {choice.seconds:.1f}s" if choice.folds else
+                          f"head: L2 {choice.l2:g} (too few images per class to cross-validate)")
 
         def loss_acc(x: np.ndarray, y: np.ndarray, *loss_options: Any) -> tuple[float, float]:
-            logits = torch.from_numpy(x) @ w.T + b  # the model's dense layer on pooled features
+            logits = torch.from_numpy(head_logits(x, w, b))  # the model's dense layer on pooled features
             yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
             loss = classification_loss(logits, soft_targets(yt, num_classes), *loss_options)
             return float(loss), correct_count(logits, yt) / len(y)
 
         # Training: the loss the fine-tuning epochs report (class weights, smoothing); validation: plain.
-        tl, ta = loss_acc(train_x, train_y, weights, cfg.label_smoothing)
+        tl, ta = loss_acc(fit_x, fit_y, weights, cfg.label_smoothing)
         vl, va = loss_acc(val_x, prepared.val.labels) if val_x is not None else (None, None)
         return w, b, {"epoch": 1, "lr": 0.0, "train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va,
-                      "img_per_s": len(train_y) / max(seconds, 1e-9), "seconds": seconds}
+                      "img_per_s": len(fit_y) / max(seconds, 1e-9), "seconds": seconds}
+
+    def hold_out(self, prepared: Any) -> tuple[Any, Any]:
+        """Nothing: the head's temperature comes from its cross-validation's out-of-fold logits."""
+        return prepared, None
+
+    def snapshot(self, epoch_done: int, step_in_epoch: int, finished: bool = False) -> dict[str, Any]:
+        return {**super().snapshot(epoch_done, step_in_epoch, finished), "head": getattr(self, "head", None)}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        super()._restore(state)
+        self.head = state.get("head")
+
+    def head_only(self) -> bool:
+        """Whether the final weights are the fitted head on the frozen backbone (no fine-tuning
+        epoch ran, or none beat the head)."""
+        return self.cfg.finetune_epochs == 0 or self.best.get("epoch") == 1
+
+    def finish_inputs(self) -> dict[str, Any]:
+        """The head's temperature and the cached training features when the backbone stayed
+        frozen; a fine-tuned model is described by its own features (and is not calibrated:
+        its training images are no longer held out from anything). No curves without fine-tuning."""
+        head = getattr(self, "head", None) or {}
+        frozen = self.head_only()
+        # Cached by the head fit (this process, rank 0, holds every row): no collective here.
+        train = _features(self.backbone, self.prepared, self.prepared.train, self.cfg, Dist()) if frozen else None
+        return {"calibration": head.get("calibration") if frozen else None, "train_features": train,
+                "training": self.training_rows(head), **({"curves": None} if len(self.history) <= 1 else {})}
+
+    def training_rows(self, head: dict[str, Any]) -> dict[str, Any]:
+        """The report's "How it was trained": the phases and their seconds, the head's choice."""
+        phases = self.extra_metrics()["seconds"]
+        rows: dict[str, Any] = {f"{k} (s)": round(v, 1) for k, v in phases.items() if k != "finetune" or v > 0.05}
+        choice = head.get("choice") or {}
+        if choice.get("folds"):
+            tried = ", ".join(f"{c['l2']:g}: {c['cv_accuracy']:.4f}" for c in choice["candidates"])
+            rows["head L2 (chosen)"] = f"{choice['l2']:g} by {choice['folds']}-fold cross-validation on the " \
+                                       f"training features, accuracy {choice['cv_accuracy']:.4f}"
+            rows["L2 tried (cross-validated accuracy)"] = tried
+        elif choice:
+            rows["head L2"] = f"{choice['l2']:g} (too few images per class to cross-validate)"
+        cal = head.get("calibration")
+        if cal and self.head_only():
+            rows["temperature"] = f"{cal['temperature']:.3f}, fitted on the {cal['fitted_on']}"
+        elif self.cfg.finetune_epochs:
+            rows["fine-tuning"] = f"{self.cfg.finetune_epochs} epochs; best epoch {self.best.get('epoch')}"
+        return rows
 
     def extra_metrics(self) -> dict[str, Any]:
         m, now = self.marks, time.perf_counter()
         features, head = m.get("features", m["decode"]), m.get("head", m["decode"])  # resumed: none
+        choice = (getattr(self, "head", None) or {}).get("choice")
         return {"pretrained": self.backbone.source.to_dict(),
                 "seconds": {"decode": m["decode"] - m["start"], "features": features - m["decode"],
-                            "head": head - features, "finetune": now - head}}
+                            "head": head - features, "finetune": now - head},
+                **({"head": choice} if choice else {})}
 
 
 def _features(backbone: Backbone, prepared: Any, subset: Any, cfg: TrainConfig, dist: Dist,

@@ -21,6 +21,7 @@ from convlens.evaluate.metrics import (
     compute_metrics,
     least_confident_correct,
     predict_labels,
+    reliability,
     worst_mistakes,
 )
 
@@ -30,11 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from convlens.evaluate.result import Evaluation
     from convlens.infer.bundle import BundleMeta
+    from convlens.infer.novelty import NoveltyIndex
 
 __all__ = ["LabelledImages", "evaluate", "evaluate_bundle", "evaluate_command", "load_labelled_folder",
-           "predict_logits", "predict_probabilities"]
+           "predict_logits", "predict_outputs", "predict_probabilities"]
 
 GALLERY_SIZE = 16
+UNLIKE_PER_CLASS = 4  # the report's "most unlike the training images" gallery: this many per class
 # precision="auto" runs a model in bf16 only when bf16 moved its class probabilities by at most
 # this much on the images checked (issue 13's goal is 1e-2 over a whole validation set; the check
 # sees a sample, hence the margin). EfficientNet-Lite's depthwise blocks miss it (1.4e-2 to
@@ -122,6 +125,38 @@ def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: i
     if not outs:
         return np.zeros((0, 1), dtype=np.float32)
     return np.concatenate(outs).astype(np.float32)
+
+
+def predict_outputs(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64, device: str = "cpu",
+                    precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(N, out_units)`` and pooled features ``(N, C)`` (float32) in one pass of
+    :meth:`ConvlensModel.forward_pooled`, with :func:`predict_logits`'s backend, normalisation,
+    layout and precision: the features novelty is measured in, from the pass the report uses."""
+    import torch
+
+    from convlens import runtime
+    from convlens.data.loader import to_model_input
+    from convlens.infer import TorchBackend
+
+    contiguous = all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
+    backend = TorchBackend(model, device, precision)
+    logits, pooled = [], []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(backend.device)
+            x = to_model_input(x, prep, channels_last=backend.channels_last, low_precision=backend.dev.amp_dtype)
+            if backend.dev.amp_dtype is not None:
+                runtime.first_conv_in_fp32(backend.model)
+            with torch.inference_mode(), runtime.autocast(backend.dev):
+                z, f = backend.model.forward_pooled(x)
+            logits.append(z.float().cpu().numpy().reshape(len(x), -1))
+            pooled.append(f.float().cpu().numpy())
+    finally:
+        if contiguous and backend.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+    if not logits:
+        return np.zeros((0, 1), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(logits).astype(np.float32), np.concatenate(pooled).astype(np.float32)
 
 
 def predict_probabilities(model: torch.nn.Module, meta: BundleMeta, images: Any, batch_size: int = 64,
@@ -223,6 +258,56 @@ def _figures(metrics: dict[str, Any], images: Any, labels: np.ndarray, probs: np
     return figures
 
 
+def novelty_summary(index: NoveltyIndex, scores: np.ndarray, labels: np.ndarray, paths: list[str],
+                    classes: list[str]) -> dict[str, Any]:
+    """The report's novelty entry: the threshold and how it was chosen, the share of these images
+    above it (``unknown``), and per class the :data:`UNLIKE_PER_CLASS` most novel images."""
+    from convlens.infer.novelty import RULE_VALIDATION
+
+    how = (f"the smallest novelty that keeps {index.accept:.0%} of the {index.validation_images} validation images"
+           if index.rule == RULE_VALIDATION else
+           f"fewer than 20 validation images: the smallest novelty that keeps {index.accept:.0%} of the "
+           f"{index.validation_images} training images, each scored against the others (leave-one-out)")
+    return {"method": f"cosine distance to the {index.k}-th nearest of {len(index.labels)} training images",
+            "threshold": index.threshold, "accept": index.accept, "rule": index.rule, "chosen_by": how,
+            "unknown_rate": float(np.mean(scores > index.threshold)), "median": float(np.median(scores)),
+            "most_unlike": {c: [{"path": paths[i], "novelty": float(scores[i])} for i in _most_unlike(labels, scores, k)]
+                            for k, c in enumerate(classes)}}
+
+
+def _most_unlike(labels: np.ndarray, scores: np.ndarray, k: int) -> list[int]:
+    idx = np.flatnonzero(labels == k)
+    return [int(i) for i in idx[np.argsort(-scores[idx], kind="stable")][:UNLIKE_PER_CLASS]]
+
+
+def _unlike_gallery(images: Any, labels: np.ndarray, scores: np.ndarray, paths: list[str], classes: list[str],
+                    threshold: float) -> bytes:
+    from convlens.evaluate import plots
+
+    rows = [i for k in range(len(classes)) for i in _most_unlike(labels, scores, k)]
+    caps = [f"{Path(paths[i]).name[:22]}\n{classes[labels[i]]}: novelty {scores[i]:.3f}"
+            + (" unknown" if scores[i] > threshold else "") for i in rows]
+    return plots.gallery_png([images[i] for i in rows], caps, ncols=UNLIKE_PER_CLASS)
+
+
+def _measure(meta: BundleMeta, outputs: tuple[np.ndarray, np.ndarray | None], labels: np.ndarray,
+             paths: list[str], novelty: NoveltyIndex | None) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+    """Probabilities, metrics (with the uncalibrated curve under a temperature, and the novelty
+    entry) and novelty scores from :func:`predict_outputs`' logits and pooled features."""
+    logits, pooled = outputs
+    classes = list(meta.classes)
+    probs = probabilities(logits, meta.output_activation)
+    metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
+    if meta.temperature != 1.0 and len(labels):  # what the logits gave before the temperature divided them
+        metrics["calibration"]["temperature"] = meta.temperature
+        metrics["calibration"]["uncalibrated"] = reliability(
+            labels, probabilities(logits * meta.temperature, meta.output_activation), classes, meta.threshold)
+    scores = novelty.scores(pooled) if novelty is not None and pooled is not None and len(labels) else None
+    if scores is not None:
+        metrics["novelty"] = novelty_summary(novelty, scores, labels, paths=paths, classes=classes)
+    return probs, metrics, scores
+
+
 def evaluate(
     model: torch.nn.Module,
     meta: BundleMeta,
@@ -239,6 +324,9 @@ def evaluate(
     console: Console | None = None,
     precision: str = "auto",
     notes: Sequence[str] = (),
+    outputs: tuple[np.ndarray, np.ndarray | None] | None = None,
+    novelty: NoveltyIndex | None = None,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (a subset with ``images``/``labels``/``paths``, or a folder).
 
@@ -247,6 +335,10 @@ def evaluate(
     ``worst_mistakes.png``, ``roc.png`` (two classes) and a self-contained ``report.html``.
     Returns the metrics dict (see :func:`compute_metrics`) plus ``worst_mistakes`` (path, true
     and predicted class with probabilities) and ``skipped`` (unusable files).
+
+    ``outputs``: :func:`predict_outputs`' ``(logits, pooled)`` when the caller ran that pass;
+    ``meta.temperature`` is measured both ways; ``novelty``: the unknown rate at the index's
+    threshold and the most novel images; ``training``: rows of "How it was trained".
     """
     from convlens.evaluate.report import render_report
     from convlens.files import write_bytes, write_json, write_text
@@ -256,27 +348,29 @@ def evaluate(
     skipped = list(getattr(data, "skipped", []) or [])
     labels = np.asarray(data.labels, dtype=np.int64)
     classes = list(meta.classes)
-    probs = predict_probabilities(model, meta, data.images, batch_size, device, precision)
-    metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
+    if outputs is None:
+        run, prep = meta.inference_precision(precision), meta.preprocessing
+        outputs = (predict_outputs(model, data.images, prep, batch_size, device, run) if novelty is not None
+                   else (predict_logits(model, data.images, prep, batch_size, device, run), None))
+    probs, metrics, scores = _measure(meta, outputs, labels, list(data.paths), novelty)
     pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
     paths = list(data.paths)
     worst = worst_mistakes(labels, probs, meta.threshold, GALLERY_SIZE) if len(labels) else []
     unsure = least_confident_correct(labels, probs, meta.threshold, GALLERY_SIZE) if len(labels) else []
-    metrics["worst_mistakes"] = [
-        {"path": paths[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
-         "p_true": float(probs[i, labels[i]]), "p_predicted": float(probs[i, pred[i]])}
-        for i in worst
-    ]
+    metrics["worst_mistakes"] = [{"path": paths[i], "true": classes[labels[i]], "predicted": classes[pred[i]],
+                                  "p_true": float(probs[i, labels[i]]), "p_predicted": float(probs[i, pred[i]])}
+                                 for i in worst]
     metrics["skipped"] = [{"path": e.path, "kind": e.kind, "message": e.message} for e in skipped]
     if out_dir is None:
         return metrics
 
     out = Path(out_dir)
-    figures = _figures(metrics, data.images, labels, probs, pred, paths, classes, worst, unsure)
-    if curves is not None:
-        figures = {"curves": curves, **figures}
+    figures = {**({"curves": curves} if curves is not None else {}),
+               **_figures(metrics, data.images, labels, probs, pred, paths, classes, worst, unsure)}
+    if scores is not None:
+        figures["unlike"] = _unlike_gallery(data.images, labels, scores, paths, classes, novelty.threshold)
     files = {"confusion": "confusion_matrix.png", "calibration": "calibration.png", "roc": "roc.png",
-             "mistakes": "worst_mistakes.png", "uncertain": "least_confident.png"}
+             "mistakes": "worst_mistakes.png", "uncertain": "least_confident.png", "unlike": "most_unlike.png"}
     for key, name in files.items():
         if key in figures:
             write_bytes(out / name, figures[key])
@@ -288,7 +382,7 @@ def evaluate(
                      + "; ".join(f"{e.path} ({e.kind})" for e in skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     write_text(out / "report.html", render_report(
         title=title, subtitle=subtitle, metrics=metrics, figures=figures, config_yaml=config_yaml,
-        history=history, notes=notes, model_info=model_info(meta)))
+        history=history, notes=notes, model_info=model_info(meta), training=training))
     if console is not None:
         acc = metrics.get("accuracy")
         console.print(f"evaluated {len(labels)} images: accuracy {acc:.4f}, macro F1 {metrics['macro']['f1']:.4f}"
@@ -310,7 +404,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
 
     from convlens import runtime
     from convlens.evaluate.result import Evaluation
-    from convlens.infer.bundle import load_model
+    from convlens.infer.bundle import load_model, read_novelty
 
     runtime.tune_allocator()
     runtime.configure_threads()
@@ -327,7 +421,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
     bundle_path = Path(bundle)
     out_dir = Path(out) if out else (bundle_path if bundle_path.is_dir() else bundle_path.parent) / "eval"
     metrics = evaluate(model, meta, data, out_dir=out_dir, batch_size=batch_size, device=dev.device,
-                       precision=precision,
+                       precision=precision, novelty=read_novelty(bundle, meta),
                        config_yaml=yaml.safe_dump(meta.config, sort_keys=False) if meta.config else None,
                        title=f"convlens evaluation of {bundle_path.name}", subtitle=f"on {dir}")
     return Evaluation(bundle=bundle_path, data=Path(dir), dir=out_dir, metrics=metrics,

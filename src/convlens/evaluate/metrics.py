@@ -121,31 +121,35 @@ def compute_metrics(
         else:
             out["roc_auc"] = None
         out["thresholds"] = threshold_table(y, p1)
-        frac_pos, mean_pred = calibration_curve(y, p1, n_bins=n_bins, strategy="uniform")
-        out["calibration"] = {
-            "kind": f"p({classes[1]})",
-            "mean_predicted": mean_pred.tolist(),
-            "fraction_positive": frac_pos.tolist(),
-        }
+    elif len(present) == n_classes:
+        out["roc_auc"] = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels))
     else:
-        if len(present) == n_classes:
-            out["roc_auc"] = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels))
-        else:
-            out["roc_auc"] = None
+        out["roc_auc"] = None
+    out["calibration"] = reliability(y, probs, classes, threshold, n_bins)
+    return out
+
+
+def reliability(y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float = 0.5,
+                n_bins: int = 10) -> dict[str, Any]:
+    """The reliability curve (two classes: of ``p(class 1)``; more: of the top-1 confidence) and
+    the ECE of the predicted class's probability."""
+    y = np.asarray(y_true, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    pred = predict_labels(probs, threshold)
+    if len(classes) == 2:
+        frac, mean_pred = calibration_curve(y, probs[:, 1], n_bins=n_bins, strategy="uniform") \
+            if len(np.unique(y)) > 1 else (np.array([y.mean()]), np.array([probs[:, 1].mean()]))
+        kind = f"p({classes[1]})"
+    else:
         correct = (pred == y).astype(np.int64)
         conf = probs.max(axis=1)
         if len(np.unique(correct)) > 1:
             frac, mean_pred = calibration_curve(correct, conf, n_bins=n_bins, strategy="uniform")
         else:  # all right or all wrong: calibration_curve needs both outcomes
             frac, mean_pred = np.array([correct.mean()]), np.array([conf.mean()])
-        out["calibration"] = {
-            "kind": "top-1 confidence",
-            "mean_predicted": mean_pred.tolist(),
-            "fraction_positive": frac.tolist(),
-        }
-    conf = probs[np.arange(len(y)), pred]
-    out["calibration"]["ece"] = expected_calibration_error(conf, pred == y, n_bins)
-    return out
+        kind = "top-1 confidence"
+    return {"kind": kind, "mean_predicted": mean_pred.tolist(), "fraction_positive": frac.tolist(),
+            "ece": expected_calibration_error(probs[np.arange(len(y)), pred], pred == y, n_bins)}
 
 
 def _lowest_p_true(y_true: np.ndarray, probs: np.ndarray, threshold: float, k: int,

@@ -58,14 +58,19 @@ def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> by
 
 
 def calibration_png(calibration: dict[str, Any]) -> bytes:
-    """Reliability diagram: observed frequency against mean predicted probability per bin."""
+    """Reliability diagram: observed frequency against mean predicted probability per bin; with
+    an ``uncalibrated`` entry (a temperature-scaled model) the curve before scaling too."""
     fig = Figure(figsize=(4.8, 4.4))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    ece, before = calibration.get("ece"), calibration.get("uncalibrated")
+    if before:
+        ax.plot(before.get("mean_predicted", []), before.get("fraction_positive", []), "-s", color="#b0b0b0",
+                label=f"before temperature (ECE {before.get('ece', float('nan')):.3f})")
     ax.plot(calibration.get("mean_predicted", []), calibration.get("fraction_positive", []), "-o",
-            label="model")
+            label="model" if not before else f"T = {calibration.get('temperature', 1.0):.2f}"
+            + (f" (ECE {ece:.3f})" if ece is not None else ""))
     kind = calibration.get("kind", "probability")
-    ece = calibration.get("ece")
     ax.set(xlabel=f"mean predicted {kind}", xlim=(0, 1), ylim=(0, 1),
            ylabel="observed frequency" if kind.startswith("p(") else "observed accuracy",
            title="calibration" + (f" (ECE {ece:.3f})" if ece is not None else ""))

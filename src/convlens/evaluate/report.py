@@ -50,6 +50,39 @@ def _training_section(figures: dict[str, bytes], history: Sequence[dict[str, Any
     return parts
 
 
+def _how_trained(training: dict[str, Any] | None) -> list[str]:
+    """"How it was trained" (a pretrained head: the phases and their seconds, the regularisation
+    cross-validation chose and its score) as a two-column table."""
+    if not training:
+        return []
+    return ["<h2>How it was trained</h2>", html_table(["", ""], [[k, v] for k, v in training.items()], align=None)]
+
+
+def _calibration_text(metrics: dict[str, Any]) -> list[str]:
+    cal = metrics.get("calibration") or {}
+    before = cal.get("uncalibrated")
+    if not before:
+        return []
+    return [f"<p>Probabilities are divided by a temperature T = {html_cell(cal.get('temperature'), 3)} fitted on "
+            f"training images the model did not fit (never these): ECE {html_cell(before.get('ece'), 3)} before, "
+            f"{html_cell(cal.get('ece'), 3)} after. The predicted classes are the same either way.</p>"]
+
+
+def _novelty_section(metrics: dict[str, Any], figures: dict[str, bytes]) -> list[str]:
+    nov = metrics.get("novelty")
+    if not nov:
+        return []
+    parts = ["<h2>Unknown photos (novelty)</h2>",
+             f"<p>Novelty: {html.escape(nov['method'])} (0 = like a training image). Above the threshold "
+             f"{html_cell(nov['threshold'], 4)} a prediction is <b>unknown</b>; the threshold is "
+             f"{html.escape(nov['chosen_by'])}. Here {html_cell(100 * nov['unknown_rate'], 1)}% of these images are "
+             "unknown. Change it with --accept at training or --novelty-threshold at prediction.</p>"]
+    if "unlike" in figures:
+        parts.append("<p>Per class, the images least like the training images:</p>")
+        parts.append(img_tag(figures["unlike"], "images most unlike the training images"))
+    return parts
+
+
 def _class_sections(metrics: dict[str, Any]) -> list[str]:
     """"Per class" (with the macro and weighted averages) and, for two classes, "Decision threshold"."""
     parts = []
@@ -83,11 +116,13 @@ def render_report(
     notes: Sequence[str] = (),
     subtitle: str = "",
     model_info: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
 ) -> str:
     """The report as one HTML string.
 
     ``figures`` keys used: ``curves``, ``confusion``, ``roc``, ``calibration``, ``mistakes``,
-    ``uncertain`` (any missing one is left out). ``model_info``: rows of a "Model" table.
+    ``uncertain``, ``unlike`` (any missing one is left out). ``model_info``: rows of a "Model"
+    table; ``training``: rows of "How it was trained".
     """
     figures = figures or {}
     parts = [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
@@ -104,6 +139,7 @@ def render_report(
         f"<div class='card'><b>{html_cell(v)}</b><span>{html.escape(k)}</span></div>"
         for k, v in cards if v is not None) + "</div>")
 
+    parts.extend(_how_trained(training))
     parts.extend(_training_section(figures, history))
     parts.extend(_class_sections(metrics))
 
@@ -113,6 +149,8 @@ def render_report(
         parts.append("<h2>Errors and calibration</h2><div class='figs'>")
         parts.extend(img_tag(figures[k], alt) for k, alt in figs)
         parts.append("</div>")
+    parts.extend(_calibration_text(metrics))
+    parts.extend(_novelty_section(metrics, figures))
 
     for key, head in (("mistakes", "Worst mistakes (lowest probability for the true class)"),
                       ("uncertain", "Least confident correct predictions")):

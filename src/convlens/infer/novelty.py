@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from convlens.config import DEFAULT_ACCEPT
 from convlens.errors import BundleError
 
 METHOD = "knn-cosine"
 DEFAULT_K = 10  # any k in 5-50 gave the same separation on Lite0 features
-DEFAULT_ACCEPT = 0.95  # share of validation images kept as known
 MIN_VALIDATION = 20  # fewer validation images than this: the threshold comes from the training images
 MAX_REFERENCE = 10_000  # training rows kept (evenly per class beyond it): 25 MB of fp16 at 1280 features
 RULE_VALIDATION = "validation"
