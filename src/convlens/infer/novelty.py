@@ -19,6 +19,7 @@ numpy only (no torch): the ONNX path uses it too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -108,17 +109,23 @@ class NoveltyIndex:
     def dim(self) -> int:
         return int(self.reference.shape[1])
 
+    @functools.cached_property
+    def reference32(self) -> np.ndarray:
+        """The reference in float32, converted once (not on every query: at 10,000 rows the
+        conversion costs more than the search)."""
+        return self.reference.astype(np.float32)
+
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Novelty of each row of pooled ``features`` (N, C): 1 - similarity to the k-th nearest."""
         f = np.asarray(features)
         if f.ndim != 2 or f.shape[1] != self.dim:
             raise ValueError(f"novelty needs (N, {self.dim}) features. Received: shape={f.shape}")
-        return distance(kth_similarity(normalise(f), self.reference, self.k))
+        return distance(kth_similarity(normalise(f), self.reference32, self.k))
 
     def neighbours(self, features: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
         """For each row, the ``n`` most similar reference rows: ``(row, cosine similarity)``, best first."""
         q = normalise(features)
-        ref = self.reference.astype(np.float32)
+        ref = self.reference32
         n = min(int(n), len(ref))
         out: list[list[tuple[int, float]]] = []
         for start in range(0, len(q), _CHUNK):
