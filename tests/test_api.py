@@ -218,12 +218,13 @@ def test_predict_prints_tab_separated_lines_when_piped(finished: convlens.Run, t
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["predict", str(finished.bundle_path), str(two_class), "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "file\tlabel\tprobability\ttop-2"
+    assert lines[0] == "file\tlabel\tprobability\tnovelty\ttop-2"  # the run's bundle has a novelty index
     rows = [ln.split("\t") for ln in lines[1:]]
     assert len(rows) == 24
-    for path, label, p, top in rows:
-        assert Path(path).is_file() and label in ("class_0", "class_1") and 0.5 <= float(p) <= 1.0
-        assert top.startswith(label)
+    for path, label, p, novelty, top in rows:
+        assert Path(path).is_file() and label in ("class_0", "class_1", "unknown") and 0.5 <= float(p) <= 1.0
+        assert float(novelty) >= 0 and top.split()[0] in ("class_0", "class_1")
+        assert label == "unknown" or top.startswith(label)
 
 
 def test_train_chooses_the_backbone_as_the_cli_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
