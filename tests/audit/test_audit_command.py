@@ -161,6 +161,26 @@ def test_quarantine_by_kind_and_by_listed_paths_then_undo(planted: tuple[Path, l
     assert _tree(root) == before
 
 
+def test_the_page_of_a_quarantining_audit_says_where_each_photo_went(planted: tuple[Path, list[str]],
+                                                                     tmp_path: Path) -> None:
+    """A quarantine into names already taken renames; the page written by the same run shows the
+    moved photos (thumbnails from their new place) and names where they went."""
+    root, moved = planted
+    q = tmp_path / "q"
+    for rel in moved:  # the quarantine folder already holds files of these names
+        (q / rel).parent.mkdir(parents=True, exist_ok=True)
+        (q / rel).write_bytes(b"the user's own file")
+    page = tmp_path / "audit.html"
+    assert audit_command(str(root), quarantine_dir=str(q), kinds="label", html_path=str(page),
+                         features_fn=colour_features) == 1
+    manifest = json.loads((q / "convlens-quarantine.json").read_text())
+    html_text = page.read_text()
+    for f in manifest["files"]:
+        assert f["to"] != f["path"] and f"moved to {q / f['to']}" in html_text  # renamed, and said so
+    assert "(cannot decode)" not in html_text  # every thumbnail read from the photo's new place
+    assert all((q / rel).read_bytes() == b"the user's own file" for rel in moved)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--quarantine", "Q"], "--quarantine needs what to move"),
     (["--quarantine", "Q", "--kinds", "labels"], "--kinds takes label, duplicate, outlier"),

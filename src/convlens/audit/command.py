@@ -91,6 +91,9 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
         print_moves(moves, console, f"file(s) ({', '.join(chosen)}) to {moves.destination}", "audit")
         if json_path:
             cio.write_json(json_path, {**report.to_dict(), "moves": moves.to_dict()})
+        if html_path:  # the page says where each moved photo went (its new name when renamed)
+            cio.write_text(html_path, output.render_page(report, {m["path"]: m["new_path"]
+                                                                  for m in moves.to_dict()["moved"]}))
     elif quarantine_dir:
         console.print(f"no {', '.join(chosen)} findings: nothing moved")
     return report.exit_code

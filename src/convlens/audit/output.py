@@ -102,15 +102,20 @@ def thumbnail(path: Path, side: int = THUMB) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _item(report: AuditReport, rel: str, caption: str, bad: str = "") -> str:
-    src = thumbnail(report.root / rel)
+def _item(report: AuditReport, rel: str, caption: str, bad: str = "", moved: dict[str, str] | None = None) -> str:
+    where = (moved or {}).get(rel)
+    src = thumbnail(Path(where) if where else report.root / rel)
     img = f"<img alt='{html.escape(rel)}' src='{src}'>" if src else "<div>(cannot decode)</div>"
     extra = f"<br><span class='bad'>{html.escape(bad)}</span>" if bad else ""
+    extra += f"<br>moved to {html.escape(where)}" if where else ""
     return f"<div class='item'>{img}{html.escape(rel)}<br>{html.escape(caption)}{extra}</div>"
 
 
-def render_page(report: AuditReport) -> str:
-    """The whole audit as one self-contained HTML page (images embedded, no scripts, no network)."""
+def render_page(report: AuditReport, moved: dict[str, str] | None = None) -> str:
+    """The whole audit as one self-contained HTML page (images embedded, no scripts, no network).
+
+    ``moved``: dataset-relative path -> where a quarantine of the same run put the file (its new
+    name when the old one was taken); those items say so."""
     from convlens.display import html_table
     from convlens.evaluate.report import html_page
 
@@ -122,18 +127,19 @@ def render_page(report: AuditReport) -> str:
     parts.append(f"<h2>{KIND_TEXT['label'].capitalize()} ({len(issues)})</h2>")
     parts.append("<div class='grid'>" + "".join(
         _item(report, r["path"], f"#{r['rank']} filed as {r['given']}",
-              f"looks like {r['suggested']} ({r['confidence']:.2f})") for r in issues[:PAGE_LIMIT]) + "</div>")
+              f"looks like {r['suggested']} ({r['confidence']:.2f})", moved) for r in issues[:PAGE_LIMIT]) + "</div>")
     groups = report.near_duplicates()
     parts.append(f"<h2>{KIND_TEXT['duplicate'].capitalize()} ({len(groups)} groups)</h2>")
     for g in groups[:PAGE_LIMIT // 2]:
         note = "different classes" if g["label_conflict"] else ("train/validation leak" if g["split_leak"] else "")
         parts.append(f"<div class='group'>similarity {g['similarity']:.3f} <span class='bad'>{note}</span>"
                      "<div class='grid'>" + "".join(
-                         _item(report, p, report.class_of(p)) for p in g["paths"]) + "</div></div>")
+                         _item(report, p, report.class_of(p), moved=moved) for p in g["paths"]) + "</div></div>")
     outliers = report.outliers()
     parts.append(f"<h2>{KIND_TEXT['outlier'].capitalize()} ({len(outliers)})</h2>")
     parts.append("<div class='grid'>" + "".join(
-        _item(report, r["path"], f"in {r['class']}, score {r['score']:.3f}") for r in outliers[:PAGE_LIMIT]) + "</div>")
+        _item(report, r["path"], f"in {r['class']}, score {r['score']:.3f}", moved=moved)
+        for r in outliers[:PAGE_LIMIT]) + "</div>")
     shown = [("label errors", len(issues)), ("outliers", len(outliers))]
     more = [f"{n - PAGE_LIMIT} more {k}" for k, n in shown if n > PAGE_LIMIT]
     if more:
