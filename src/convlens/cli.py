@@ -66,6 +66,12 @@ def _add_inference_precision(s: argparse.ArgumentParser) -> None:
                    help="auto: bf16 where the CPU or GPU computes it natively (AVX512-BF16/AMX), else fp32")
 
 
+def _add_engine(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--engine", default="auto", metavar="{auto,torch,onnx}",
+                   help="auto: onnxruntime for a bundle predicting in fp32 on a CPU (exported and verified "
+                        "once, cached), else torch")
+
+
 # ----------------------------------------------------------------------------- verbs
 def _cmd_summary(a: argparse.Namespace) -> int:
     from convlens.models.summary import print_model_list, print_summary
@@ -118,7 +124,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from convlens.evaluate import evaluate_command
 
     return evaluate_command(a.bundle, a.dir, out=a.out, batch_size=a.batch_size, device=a.device,
-                            precision=a.precision)
+                            precision=a.precision, engine=a.engine)
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
@@ -127,7 +133,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return predict_command(a.model, a.paths, top_k=a.top_k, tta="crops" if a.tta_crops else a.tta,
                            threshold=a.threshold, out=a.out, batch_size=a.batch_size, device=a.device,
                            precision=a.precision, reject=not a.no_reject, novelty_threshold=a.novelty_threshold,
-                           neighbours=a.neighbours)
+                           neighbours=a.neighbours, engine=a.engine)
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
@@ -162,7 +168,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from convlens.serve import serve_command
 
     return serve_command(a.model, host=a.host, port=a.port, workers=a.workers,
-                         max_upload_mb=a.max_upload_mb)
+                         max_upload_mb=a.max_upload_mb, engine=a.engine)
 
 
 def _cmd_audit(a: argparse.Namespace) -> int:
@@ -314,6 +320,7 @@ def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=64, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     _add_inference_precision(s)
+    _add_engine(s)
 
 
 @_verb("predict", "classify images with a bundle or an ONNX model", _cmd_predict)
@@ -335,6 +342,7 @@ def _predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=32, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     _add_inference_precision(s)
+    _add_engine(s)
 
 
 @_verb("explain", "draw class activation maps for images", _cmd_explain)
@@ -399,6 +407,7 @@ def _serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=8000, help="port")
     s.add_argument("--workers", type=int, default=1, help="worker processes")
     s.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    _add_engine(s)
 
 
 def build_parser() -> argparse.ArgumentParser:

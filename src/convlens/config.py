@@ -29,6 +29,9 @@ OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcam++")
 EXPORT_FORMATS = ("onnx", "torchscript")
+# What runs a bundle's predictions (convlens.infer.engine): auto = onnxruntime where the model
+# predicts in fp32 on a CPU (faster, and verified to agree), else torch.
+ENGINES = ("auto", "torch", "onnx")
 # Augmentation strengths: (low, high, low bound open).
 AUGMENT_RANGES = {"rotation": (0.0, 0.5, False), "crop_scale": (0.0, 1.0, True),
                   "color_jitter": (0.0, 1.0, False), "erasing": (0.0, 1.0, False),

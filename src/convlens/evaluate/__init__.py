@@ -114,11 +114,17 @@ def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: i
     contiguous = all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
     backend = TorchBackend(model, device, precision)
     try:
-        outs = [backend.image_logits(np.asarray(images[start:start + batch_size]), prep)
-                for start in range(0, len(images), batch_size)]
+        return backend_logits(backend, images, prep, batch_size)
     finally:
         if contiguous and backend.channels_last:
             model.to(memory_format=torch.contiguous_format)
+
+
+def backend_logits(backend: Any, images: Any, prep: Any, batch_size: int = 64) -> np.ndarray:
+    """Logits ``(N, out_units)`` of uint8 images through any :class:`convlens.infer.Backend`
+    (torch, or the onnx engine's), in batches of ``batch_size``."""
+    outs = [backend.image_logits(np.asarray(images[start:start + batch_size]), prep)
+            for start in range(0, len(images), batch_size)]
     if not outs:
         return np.zeros((0, 1), dtype=np.float32)
     return np.concatenate(outs).astype(np.float32)
@@ -224,7 +230,7 @@ def _figures(metrics: dict[str, Any], images: Any, labels: np.ndarray, probs: np
 
 
 def evaluate(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     meta: BundleMeta,
     data: Any,
     *,
@@ -239,8 +245,12 @@ def evaluate(
     console: Console | None = None,
     precision: str = "auto",
     notes: Sequence[str] = (),
+    backend: Any = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (a subset with ``images``/``labels``/``paths``, or a folder).
+
+    ``backend``: a loaded classifier's backend (``convlens evaluate``: torch or the onnx engine)
+    that computes the logits instead of ``model`` (then None) on ``device`` in ``precision``.
 
     With ``out_dir``, writes ``metrics.json``, ``predictions.csv`` (every file's probabilities),
     ``confusion_matrix.png``, ``calibration.png``,
@@ -256,7 +266,10 @@ def evaluate(
     skipped = list(getattr(data, "skipped", []) or [])
     labels = np.asarray(data.labels, dtype=np.int64)
     classes = list(meta.classes)
-    probs = predict_probabilities(model, meta, data.images, batch_size, device, precision)
+    if backend is not None:
+        probs = probabilities(backend_logits(backend, data.images, meta.preprocessing, batch_size), meta.output_activation)
+    else:
+        probs = predict_probabilities(model, meta, data.images, batch_size, device, precision)
     metrics = compute_metrics(labels, probs, classes, threshold=meta.threshold)
     pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
     paths = list(data.paths)
@@ -298,24 +311,25 @@ def evaluate(
 
 def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str], *,
                     out: str | os.PathLike[str] | None = None, batch_size: int = 64, device: str = "auto",
-                    precision: str = "auto", console: Console | None = None) -> Evaluation:
+                    precision: str = "auto", console: Console | None = None, engine: str = "auto") -> Evaluation:
     """Evaluate a model bundle on a labelled folder; write metrics, figures and ``report.html``.
 
     This is ``convlens.evaluate(bundle, dir)`` and what ``convlens evaluate`` runs. ``out``
     defaults to ``eval/`` beside the bundle. Unusable images are skipped (one line on
-    ``console``) and listed in ``metrics["skipped"]``.
+    ``console``) and listed in ``metrics["skipped"]``. ``engine``: as :func:`convlens.load`'s
+    (the same engine ``convlens predict`` uses, so the report and later predictions agree).
     """
     import yaml
     from rich.console import Console
 
     from convlens import runtime
     from convlens.evaluate.result import Evaluation
-    from convlens.infer.bundle import load_model
+    from convlens.infer import load
 
     runtime.tune_allocator()
     runtime.configure_threads()
-    dev = runtime.inference_device(device, precision)
-    model, meta = load_model(bundle, device=dev.device)
+    clf = load(bundle, device=device, precision=precision, engine=engine)
+    meta = clf.meta
     console = console or Console()
     data = load_labelled_folder(dir, meta)
     if data.note:
@@ -326,8 +340,7 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
         console.print(f"[yellow]{skipped_message(data.skipped)}[/yellow]")
     bundle_path = Path(bundle)
     out_dir = Path(out) if out else (bundle_path if bundle_path.is_dir() else bundle_path.parent) / "eval"
-    metrics = evaluate(model, meta, data, out_dir=out_dir, batch_size=batch_size, device=dev.device,
-                       precision=precision,
+    metrics = evaluate(None, meta, data, out_dir=out_dir, batch_size=batch_size, backend=clf.backend,
                        config_yaml=yaml.safe_dump(meta.config, sort_keys=False) if meta.config else None,
                        title=f"convlens evaluation of {bundle_path.name}", subtitle=f"on {dir}")
     return Evaluation(bundle=bundle_path, data=Path(dir), dir=out_dir, metrics=metrics,
@@ -335,13 +348,13 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
 
 
 def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: int = 64,
-                     device: str = "auto", precision: str = "auto") -> int:
+                     device: str = "auto", precision: str = "auto", engine: str = "auto") -> int:
     """``convlens evaluate BUNDLE DIR``: metrics, figures and report.html in ``out``."""
     from rich.console import Console
 
     console = Console()
     ev = evaluate_bundle(bundle, dir, out=out, batch_size=batch_size, device=device, precision=precision,
-                         console=console)
+                         console=console, engine=engine)
     metrics = ev.metrics
     acc = metrics["accuracy"]
     line = f"accuracy {acc:.4f}  macro F1 {metrics['macro']['f1']:.4f}  log loss {metrics['loss']:.4f}"

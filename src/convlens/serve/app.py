@@ -46,6 +46,7 @@ DISPLAY_SIDE = 512  # longest side of the overlay sent back to the page
 ENV_MODEL = "CONVLENS_SERVE_MODEL"
 ENV_MAX_UPLOAD_MB = "CONVLENS_SERVE_MAX_UPLOAD_MB"
 ENV_WORKERS = "CONVLENS_SERVE_WORKERS"
+ENV_ENGINE = "CONVLENS_SERVE_ENGINE"
 
 # ImageError.kind -> HTTP status. Unknown kinds are the client's fault too (400).
 STATUS_BY_KIND = {
@@ -156,11 +157,11 @@ class ServeState:
         return list(supported_methods(self.classifier.backend))
 
 
-def _load_classifier(model: Any) -> tuple[Any, str, str]:
+def _load_classifier(model: Any, engine: str = "auto") -> tuple[Any, str, str]:
     if isinstance(model, (str, os.PathLike)):
         from convlens.infer import load
 
-        clf = load(model, device="cpu")
+        clf = load(model, device="cpu", engine=engine)
         kind = "onnx" if Path(model).suffix.lower() == ".onnx" else "bundle"
         return clf, os.fspath(model), kind
     kind = "onnx" if getattr(model.backend, "session", None) is not None else "bundle"
@@ -250,14 +251,16 @@ _UPLOAD_ERRORS = {413: {"description": "upload or pixel count over the limit"},
 
 
 # ----------------------------------------------------------------------------- app
-def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | None = None) -> FastAPI:
+def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | None = None,
+               engine: str = "auto") -> FastAPI:
     """Build the app for a bundle path, an ONNX path or an already loaded ``Classifier``.
 
-    ``max_pixels`` defaults to the bundle's own pixel limit (decompression bombs -> 413).
+    ``max_pixels`` defaults to the bundle's own pixel limit (decompression bombs -> 413);
+    ``engine`` is :func:`convlens.load`'s, for a path.
     """
     from fastapi_offline import FastAPIOffline
 
-    clf, source, kind = _load_classifier(model)
+    clf, source, kind = _load_classifier(model, engine)
     prep = clf.preprocessing
     state = ServeState(clf, source, kind, max_upload_bytes=int(max_upload_mb * MB),
                        max_pixels=int(max_pixels or prep.max_pixels))
@@ -432,7 +435,8 @@ def create_app_from_env() -> FastAPI:
     model = os.environ.get(ENV_MODEL)
     if not model:
         raise UserError(f"{ENV_MODEL} is not set; start the server with `convlens serve MODEL`")
-    app = create_app(model, max_upload_mb=float(os.environ.get(ENV_MAX_UPLOAD_MB, "10")))
+    app = create_app(model, max_upload_mb=float(os.environ.get(ENV_MAX_UPLOAD_MB, "10")),
+                     engine=os.environ.get(ENV_ENGINE, "auto"))
     workers = max(1, int(os.environ.get(ENV_WORKERS, "1")))
     if workers > 1 and "torch" in sys.modules:
         # N processes each using every core would fight over them: share the cores out.
