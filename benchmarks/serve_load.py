@@ -81,10 +81,10 @@ def photo_bytes(path: str | None) -> tuple[bytes, str]:
 class Server:
     """``python -m convlens serve`` as a child process; stopped (by its own pid) on exit."""
 
-    def __init__(self, model: Path, port: int, max_upload_mb: float, workers: int) -> None:
+    def __init__(self, model: Path, port: int, max_upload_mb: float, workers: int, engine: str = "auto") -> None:
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "convlens", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-               "--max-upload-mb", str(max_upload_mb), "--workers", str(workers)]
+               "--max-upload-mb", str(max_upload_mb), "--workers", str(workers), "--engine", engine]
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--malformed", type=int, default=120, help="bad uploads to send (at least 100)")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes")
+    ap.add_argument("--engine", default="auto", help="the server's --engine (auto, torch or onnx)")
     ap.add_argument("--max-upload-mb", type=float, default=2.0)
     ap.add_argument("--max-seconds", type=float, default=600, help="time cap for each phase")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         print(f"serving {model.name} on 127.0.0.1:{port} ({a.workers} worker(s)); uploading {name} "
               f"({len(data) / 1024:.0f} kB)", flush=True)
-        with Server(model, port, a.max_upload_mb, a.workers) as server:
+        with Server(model, port, a.max_upload_mb, a.workers, a.engine) as server:
             load = load_test(server.url, data, name, a.requests, a.concurrency, a.max_seconds)
             lat = load["latency_ms"]
             print(f"load: {load['ok']}/{a.requests} ok, {load['errors']} errors {load['error_kinds'] or ''}; "

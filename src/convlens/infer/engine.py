@@ -118,14 +118,18 @@ def _cached(model: Path, record: Path, key: str) -> bool:
         return False
 
 
-def cached_onnx(bundle: str | os.PathLike[str], meta: BundleMeta, folder: Path | None = None) -> tuple[Path, bool]:
+def cached_onnx(bundle: str | os.PathLike[str], meta: BundleMeta, folder: Path | None = None,
+                before_export: Callable[[], object] | None = None) -> tuple[Path, bool]:
     """The verified fp32 ONNX export of ``bundle`` (with a ``pooled`` output) and whether it was
-    exported now. Raises :class:`convlens.export.onnx.ExportError` when it cannot be exported."""
+    exported now (``before_export`` is called first). Raises
+    :class:`convlens.export.onnx.ExportError` when it cannot be exported."""
     key = cache_key(bundle, meta)
     folder = folder or cache_folder()
     model, record = folder / f"{key}.onnx", folder / f"{key}.json"
     if _cached(model, record, key):
         return model, False
+    if before_export is not None:
+        before_export()
     from convlens.export.onnx import export_onnx
     from convlens.files import write_json
 
@@ -141,6 +145,9 @@ class BundleOnnxBackend(OnnxBackend):
     """An :class:`OnnxBackend` over a bundle's cached export. It draws the exact CAM from the
     graph; Grad-CAM and Grad-CAM++ come from the bundle's torch model (``torch_backend()``,
     called once, on first use: serving and predicting never need it)."""
+
+    device = "cpu"
+    precision = "fp32"  # what this engine computes in, named as TorchBackend names it
 
     def __init__(self, path: Path, torch_backend: Callable[[], Any], *, threads: int = 0) -> None:
         super().__init__(path, threads=threads)
@@ -173,7 +180,9 @@ def onnx_engine(bundle: Path, meta: BundleMeta, engine: str, torch_backend: Call
     from convlens.export.onnx import ExportError
 
     try:
-        path, _ = cached_onnx(bundle, meta)
+        path, _ = cached_onnx(bundle, meta, before_export=lambda: print(
+            f"note: preparing {bundle.name} for onnxruntime (a verified export, once: later runs reuse it; "
+            "--engine torch skips it)", file=sys.stderr, flush=True))
     except (ExportError, OSError) as e:  # a damaged bundle (BundleError) is never papered over
         if engine == "onnx":
             raise
