@@ -1,12 +1,13 @@
 """Engine benchmark: torch fp32 vs onnxruntime (``--engine``) on a real bundle, as the verbs run it.
 
-For one bundle (the default model: ``convlens train DIR``), in one process and on the same
-images, interleaving the engines so a busy machine slows both alike (medians of ``--repeats``):
+For one bundle (the default model: ``convlens train DIR``), on the same images, alternating
+the engines so a busy machine slows both alike (medians of ``--repeats``):
 
 * ``export``: the onnx engine's one-off cost, a verified export into a fresh cache folder
   (seconds), and each engine's load time once cached;
 * ``throughput``: ``Classifier.predict_proba`` on uint8 images at ``--batch-size`` (img/s; what
-  ``predict``, ``serve`` and the API run after decoding) and batch-1 latency (ms);
+  ``predict``, ``serve`` and the API run after decoding) and batch-1 latency (ms), each engine in
+  its own process, alternating;
 * ``agreement``: the largest probability (and novelty) difference on real photos;
 * ``evaluate``: ``convlens.evaluate(bundle, --data)`` wall seconds per engine (decoding included,
   the same for both), with the onnx engine's export already cached;
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> Any:
     p.add_argument("--cli-images", type=int, default=5)
     p.add_argument("--skip", nargs="*", default=[], choices=["evaluate", "predict-cli"])
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--worker", default=None, choices=ENGINES, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -75,26 +77,42 @@ def export_and_load(bundle: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return out, clfs
 
 
-def throughput(clfs: dict[str, Any], images: Any, a: Any) -> dict[str, Any]:
-    """img/s at the batch size and batch-1 ms per engine, interleaved, medians of the repeats."""
+def throughput_worker(bundle: Path, engine: str, files: list[Path], a: Any) -> dict[str, float]:
+    """One engine in this process: img/s at the batch size and batch-1 ms after a warm-up."""
+    import numpy as np
+
+    import convlens
+
+    clf = convlens.load(bundle, device="cpu", engine=engine)
+    images = np.stack([clf.preprocessing.load(p) for p in files])
     n = a.batch_size
-    rates: dict[str, list[float]] = {e: [] for e in ENGINES}
-    lat: dict[str, list[float]] = {e: [] for e in ENGINES}
-    for clf in clfs.values():  # warm-up: first calls allocate and pick kernels
-        clf.predict_proba(images[:n])
-        clf.predict_proba(images[:1])
+    clf.predict_proba(images[:n])  # warm-up: first calls allocate and pick kernels
+    clf.predict_proba(images[:1])
+    t = time.perf_counter()
+    for b in range(a.batches):
+        clf.predict_proba(images[(b * n) % (len(images) - n):][:n])
+    rate = a.batches * n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for i in range(a.calls):
+        clf.predict_proba(images[i % len(images)][None])
+    return {"img_per_s": rate, "batch1_ms": (time.perf_counter() - t) / a.calls * 1000}
+
+
+def throughput(bundle: Path, files: list[Path], a: Any) -> dict[str, Any]:
+    """Each engine in its own process (thread pools must not meet), alternating, ``--repeats``
+    times; medians."""
+    runs: dict[str, list[dict[str, float]]] = {e: [] for e in ENGINES}
+    listing = json.dumps([str(p) for p in files])
     for _ in range(a.repeats):
-        for e, clf in clfs.items():
-            t = time.perf_counter()
-            for b in range(a.batches):
-                clf.predict_proba(images[(b * n) % (len(images) - n):][:n])
-            rates[e].append(a.batches * n / (time.perf_counter() - t))
-            t = time.perf_counter()
-            for i in range(a.calls):
-                clf.predict_proba(images[i % len(images)][None])
-            lat[e].append((time.perf_counter() - t) / a.calls * 1000)
-    return {e: {"img_per_s": round(statistics.median(rates[e]), 1), "img_per_s_all": [round(r) for r in rates[e]],
-                "batch1_ms": round(statistics.median(lat[e]), 1)} for e in ENGINES}
+        for e in ENGINES:
+            out = subprocess.run([sys.executable, __file__, "--model", str(bundle), "--data", str(a.data),
+                                  "--batch-size", str(a.batch_size), "--batches", str(a.batches),
+                                  "--calls", str(a.calls), "--worker", e], input=listing, text=True,
+                                 check=True, capture_output=True, env=os.environ).stdout
+            runs[e].append(json.loads(out.strip().splitlines()[-1]))
+    return {e: {"img_per_s": round(statistics.median(r["img_per_s"] for r in runs[e]), 1),
+                "img_per_s_all": [round(r["img_per_s"]) for r in runs[e]],
+                "batch1_ms": round(statistics.median(r["batch1_ms"] for r in runs[e]), 1)} for e in ENGINES}
 
 
 def agreement(clfs: dict[str, Any], images: Any) -> dict[str, Any]:
@@ -147,16 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     bundle, data = Path(a.model), Path(a.data)
     runtime.tune_allocator()
     threads = runtime.configure_threads()
+    if a.worker:  # one engine's throughput, the image list on stdin, one JSON line out
+        print(json.dumps(throughput_worker(bundle, a.worker, [Path(p) for p in json.loads(sys.stdin.read())], a)))
+        return 0
     res: dict[str, Any] = {"model": bundle.name, "threads": threads, "load_before": load_avg()}
     with tempfile.TemporaryDirectory(prefix="convlens-bench-cache-") as cache:
         os.environ["CONVLENS_CACHE_DIR"] = cache  # a cold cache: the export is timed
         res["export"], clfs = export_and_load(bundle)
         print(f"export (cold) {res['export']}", flush=True)
         files = photos(data)
-        step = max(1, len(files) // (a.batch_size * 2))
-        prep = clfs["torch"].preprocessing
-        images = np.stack([prep.load(p) for p in files[::step][:a.batch_size * 2]])
-        res["throughput"] = throughput(clfs, images, a)
+        sample = files[::max(1, len(files) // (a.batch_size * 2))][:a.batch_size * 2]
+        images = np.stack([clfs["torch"].preprocessing.load(p) for p in sample])
+        res["throughput"] = throughput(bundle, sample, a)
         print(f"throughput {res['throughput']}", flush=True)
         res["agreement"] = agreement(clfs, images)
         print(f"agreement {res['agreement']}", flush=True)
