@@ -1,8 +1,8 @@
 """Which engine runs a bundle's predictions: PyTorch, or onnxruntime over a cached, verified export.
 
 ``engine="auto"`` (every inference verb's default) picks onnxruntime when the bundle predicts in
-fp32 on a CPU: on the default model (EfficientNet-Lite0, 224 px) it runs 1.6-1.9x faster than
-PyTorch fp32 and agrees to ~2e-6 (docs/benchmarks.md). bf16 (PyTorch only) and GPUs stay on
+fp32 on a CPU: on the default model (EfficientNet-Lite0, 224 px) it ran 2x faster than PyTorch
+fp32 (batch 32; 3x at batch 1), with probabilities within 5e-7 (docs/benchmarks.md, "Engines"). bf16 (PyTorch only) and GPUs stay on
 torch. ``torch`` / ``onnx`` force one; ``onnx`` refuses a bf16 request or a GPU device.
 
 The ONNX file is exported once per bundle content, verified against PyTorch exactly as
