@@ -158,3 +158,24 @@ def test_bad_engine_is_one_line_exit_2(verb: str, bundle: Path, images: list[Pat
     assert main([verb, str(bundle), *extra, "--engine", "onx"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "engine must be one of auto, torch, onnx. Received: engine='onx'" in err
+
+
+def test_serve_runs_the_engine_and_still_draws_gradcam(bundle: Path, images: list[Path]) -> None:
+    import warnings
+
+    from convlens.serve.app import create_app
+
+    with warnings.catch_warnings():  # starlette's note about httpx
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    want = convlens.load(bundle, device="cpu", engine="torch").predict(images[0])[0]
+    for engine, backend in (("auto", eng.BundleOnnxBackend), ("torch", TorchBackend)):
+        app = create_app(bundle, engine=engine)
+        assert isinstance(app.state.serve.classifier.backend, backend)
+        with TestClient(app) as client:
+            assert client.get("/model").json()["explain_methods"] == ["cam", "gradcam", "gradcam++"]
+            upload = {"file": ("a.png", images[0].read_bytes(), "image/png")}
+            got = client.post("/predict", files=upload).json()
+            assert got["label"] == want.label and abs(got["probability"] - want.probability) < 1e-5
+            r = client.post("/explain?method=gradcam", files=upload)
+            assert r.status_code == 200 and r.json()["overlay_png"]
