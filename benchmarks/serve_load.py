@@ -361,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-wait", type=float, default=None, help="the batched server's --max-wait in ms")
     ap.add_argument("--malformed", type=int, default=120, help="bad uploads to send (at least 100)")
     ap.add_argument("--workers", type=int, default=1, help="server worker processes")
+    ap.add_argument("--engine", default="auto", help="the server's --engine (auto, torch or onnx)")
     ap.add_argument("--max-upload-mb", type=float, default=2.0)
     ap.add_argument("--max-seconds", type=float, default=600, help="time cap for the load and for the abuse")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -379,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{' '.join(batched) or 'the default batching'}; uploading {name} ({len(data) / 1024:.0f} kB), "
               f"{a.requests} requests each in {a.rounds} alternating rounds", flush=True)
         cases = malformed_cases(data, a.malformed, int(a.max_upload_mb * 1024 * 1024))
-        with Server(model, free_port(), a.max_upload_mb, a.workers, key, ["--max-batch", "1"]) as one, \
-                Server(model, free_port(), a.max_upload_mb, a.workers, key, batched) as many:
+        engine = ["--engine", a.engine]
+        with Server(model, free_port(), a.max_upload_mb, a.workers, key, ["--max-batch", "1", *engine]) as one, \
+                Server(model, free_port(), a.max_upload_mb, a.workers, key, [*batched, *engine]) as many:
             samples, abuse = compare({"unbatched": one, "batched": many}, key, data, name, a, cases)
             results = {label: s.summary(a.concurrency) for label, s in samples.items()}
             goal = report(results, abuse)

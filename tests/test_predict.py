@@ -56,7 +56,7 @@ def test_probabilities_sigmoid_and_softmax_are_stable() -> None:
 def test_predict_equals_independent_computation(which: str, photos: list[Path], request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(which)
     model, meta = load_model(path, "cpu")
-    clf = convlens.load(path, device="cpu", precision="fp32")
+    clf = convlens.load(path, device="cpu", precision="fp32", engine="torch")
     preds = clf.predict(photos, batch_size=2)
     assert [p.path for p in preds] == [str(p) for p in photos]
     for pred, photo in zip(preds, photos, strict=True):
@@ -105,7 +105,7 @@ def test_backend_normalises_images_as_the_bundle_says(scale: float, precision: s
 
 
 def test_bf16_probabilities_stay_close_to_fp32(photos: list[Path], bundle3: Path) -> None:
-    fp32 = convlens.load(bundle3, device="cpu", precision="fp32")
+    fp32 = convlens.load(bundle3, device="cpu", precision="fp32", engine="torch")
     bf16 = convlens.load(bundle3, device="cpu", precision="bf16")
     assert (fp32.backend.precision, bf16.backend.precision) == ("fp32", "bf16")
     a = np.array([list(p.probabilities.values()) for p in fp32.predict(photos)])
@@ -375,7 +375,7 @@ def test_load_dispatches_onnx(tmp_path: Path, photos: list[Path], bundle: Path) 
     onnx.export_onnx(bundle, path)
     clf = convlens.load(path)
     assert type(clf.backend).__name__ == "OnnxBackend" and clf.classes == ["cat", "dog"]
-    torch_preds = convlens.load(bundle, device="cpu", precision="fp32").predict(photos[:2])  # ONNX runs fp32
+    torch_preds = convlens.load(bundle, device="cpu", precision="fp32", engine="torch").predict(photos[:2])  # ONNX runs fp32
     for a, b in zip(clf.predict(photos[:2]), torch_preds, strict=True):
         assert abs(a.probabilities["dog"] - b.probabilities["dog"]) < 1e-4
     # An ONNX model with a `cam` output draws the exact CAM, the same map as the bundle; no Grad-CAM.

@@ -67,6 +67,12 @@ def _add_inference_precision(s: argparse.ArgumentParser) -> None:
                    help="auto: bf16 where the CPU or GPU computes it natively (AVX512-BF16/AMX), else fp32")
 
 
+def _add_engine(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--engine", default="auto", metavar="{auto,torch,onnx}",
+                   help="auto: onnxruntime for a bundle predicting in fp32 on a CPU (exported and verified "
+                        "once, cached), else torch")
+
+
 # ----------------------------------------------------------------------------- verbs
 def _cmd_summary(a: argparse.Namespace) -> int:
     from convlens.models.summary import print_model_list, print_summary
@@ -119,7 +125,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from convlens.evaluate import evaluate_command
 
     return evaluate_command(a.bundle, a.dir, out=a.out, batch_size=a.batch_size, device=a.device,
-                            precision=a.precision)
+                            precision=a.precision, engine=a.engine)
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
@@ -128,7 +134,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return predict_command(a.model, a.paths, top_k=a.top_k, tta="crops" if a.tta_crops else a.tta,
                            threshold=a.threshold, out=a.out, batch_size=a.batch_size, device=a.device,
                            precision=a.precision, reject=not a.no_reject, novelty_threshold=a.novelty_threshold,
-                           neighbours=a.neighbours)
+                           neighbours=a.neighbours, engine=a.engine)
 
 
 def _cmd_explain(a: argparse.Namespace) -> int:
@@ -164,7 +170,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
     return serve_command(a.model, host=a.host, port=a.port, workers=a.workers,
                          max_upload_mb=a.max_upload_mb, max_batch=a.max_batch, max_wait_ms=a.max_wait,
-                         api_key=a.api_key, api_key_file=a.api_key_file, no_auth=a.no_auth)
+                         api_key=a.api_key, api_key_file=a.api_key_file, no_auth=a.no_auth, engine=a.engine)
 
 
 def _cmd_audit(a: argparse.Namespace) -> int:
@@ -316,6 +322,7 @@ def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=64, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     _add_inference_precision(s)
+    _add_engine(s)
 
 
 @_verb("predict", "classify images with a bundle or an ONNX model", _cmd_predict)
@@ -337,6 +344,7 @@ def _predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=32, help="batch size")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     _add_inference_precision(s)
+    _add_engine(s)
 
 
 @_verb("explain", "draw class activation maps for images", _cmd_explain)
@@ -413,6 +421,7 @@ def _serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--api-key-file", default=None, metavar="FILE", help="accepted API keys, one per line")
     s.add_argument("--no-auth", action="store_true",
                    help="serve a non-loopback --host without an API key (refused otherwise)")
+    _add_engine(s)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,10 @@ EXPORT_FORMATS = ("onnx", "torchscript")
 # The share of validation images a trained model's novelty threshold keeps as known (--accept);
 # owned here, below every package, so convlens.infer.novelty and the trainer read one number.
 DEFAULT_ACCEPT = 0.95
+
+# What runs a bundle's predictions (convlens.infer.engine): auto = onnxruntime where the model
+# predicts in fp32 on a CPU (faster, and verified to agree), else torch.
+ENGINES = ("auto", "torch", "onnx")
 # Augmentation strengths: (low, high, low bound open).
 AUGMENT_RANGES = {"rotation": (0.0, 0.5, False), "crop_scale": (0.0, 1.0, True),
                   "color_jitter": (0.0, 1.0, False), "erasing": (0.0, 1.0, False),

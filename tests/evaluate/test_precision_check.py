@@ -72,7 +72,9 @@ def test_the_bundle_records_the_choice_and_every_path_follows_it(tmp_path: Path)
     images = _images(8)
     exact = predict_probabilities(model, loaded, images, precision="fp32")
     np.testing.assert_array_equal(predict_probabilities(model, loaded, images), exact)
-    np.testing.assert_allclose(convlens.load(path, device="cpu").predict_proba(images), exact, atol=1e-6)
+    np.testing.assert_allclose(convlens.load(path, device="cpu", engine="torch").predict_proba(images), exact, atol=1e-6)
+    # engine auto runs this fp32 bundle through onnxruntime: the same numbers but for float rounding
+    np.testing.assert_allclose(convlens.load(path, device="cpu").predict_proba(images), exact, atol=1e-5)
 
 
 def test_bundles_without_the_field_are_auto_and_a_bad_value_is_refused(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def test_novelty_output_equals_pytorch_and_the_index(novelty_case: Case, novelty
 
 def test_onnx_predictions_equal_torch_including_unknown(novelty_case: Case, novelty_onnx: Path) -> None:
     bundle, groups = novelty_case
-    torch_preds = convlens.load(bundle, device="cpu", precision="fp32").predict(_all(groups))
+    torch_preds = convlens.load(bundle, device="cpu", precision="fp32", engine="torch").predict(_all(groups))
     onnx_clf = convlens.load(novelty_onnx)
     assert onnx_clf.novelty_threshold == read_novelty(bundle).threshold
     onnx_preds = onnx_clf.predict(_all(groups))
@@ -68,7 +68,7 @@ def test_novelty_without_class_maps(novelty_case: Case, tmp_path: Path) -> None:
     result, _ = export_onnx(bundle, tmp_path / "nocam.onnx", with_cam=False)
     assert result.outputs == ["logits", NOVELTY_NAME]
     got = convlens.load(tmp_path / "nocam.onnx").predict(_all(groups))
-    want = convlens.load(bundle, device="cpu", precision="fp32").predict(_all(groups))
+    want = convlens.load(bundle, device="cpu", precision="fp32", engine="torch").predict(_all(groups))
     assert [p.label for p in got] == [p.label for p in want]
 
 

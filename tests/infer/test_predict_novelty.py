@@ -25,7 +25,7 @@ Case = tuple[Path, dict[str, list[Path]]]
 
 
 def _clf(path: Path) -> convlens.infer.Classifier:
-    return convlens.load(path, device="cpu", precision="fp32")
+    return convlens.load(path, device="cpu", precision="fp32", engine="torch")
 
 
 def test_foreign_images_are_unknown_and_keep_the_models_answer(novelty_case: Case) -> None:

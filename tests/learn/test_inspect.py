@@ -73,7 +73,7 @@ def test_flip_averaged_bundle_predicts_as_predict(tmp_path, photo) -> None:
     meta = dataclasses.replace(make_meta(model, ("cats", "dogs"), 24), flip_average=True)
     b = save_bundle(tmp_path / "flip.convlens", model, meta)
     r = inspect_model(b, photo, tmp_path / "out", max_maps=2)
-    ref = load(b, device="cpu", precision="fp32").predict(photo)[0]
+    ref = load(b, device="cpu", precision="fp32", engine="torch").predict(photo)[0]
     for c in ("cats", "dogs"):
         assert r.prediction["probabilities"][c] == pytest.approx(ref.probabilities[c], abs=1e-5)
 

@@ -117,14 +117,33 @@ def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: i
     contiguous = all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
     backend = TorchBackend(model, device, precision)
     try:
-        outs = [backend.image_logits(np.asarray(images[start:start + batch_size]), prep)
-                for start in range(0, len(images), batch_size)]
+        return backend_logits(backend, images, prep, batch_size)
     finally:
         if contiguous and backend.channels_last:
             model.to(memory_format=torch.contiguous_format)
+
+
+def backend_logits(backend: Any, images: Any, prep: Any, batch_size: int = 64) -> np.ndarray:
+    """Logits ``(N, out_units)`` of uint8 images through any :class:`convlens.infer.Backend`
+    (torch, or the onnx engine's), in batches of ``batch_size``."""
+    outs = [backend.image_logits(np.asarray(images[start:start + batch_size]), prep)
+            for start in range(0, len(images), batch_size)]
     if not outs:
         return np.zeros((0, 1), dtype=np.float32)
     return np.concatenate(outs).astype(np.float32)
+
+
+def backend_outputs(backend: Any, images: Any, prep: Any, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and pooled features of uint8 images through any backend's ``image_outputs`` (one
+    pass each batch), in batches of ``batch_size``."""
+    logits, pooled = [], []
+    for start in range(0, len(images), batch_size):
+        z, f = backend.image_outputs(np.asarray(images[start:start + batch_size]), prep)
+        logits.append(np.asarray(z, dtype=np.float32))
+        pooled.append(np.asarray(f, dtype=np.float32))
+    if not logits:
+        return np.zeros((0, 1), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(logits), np.concatenate(pooled)
 
 
 def predict_outputs(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64, device: str = "cpu",
@@ -308,8 +327,21 @@ def _measure(meta: BundleMeta, outputs: tuple[np.ndarray, np.ndarray | None], la
     return probs, metrics, scores
 
 
+def _outputs(model: Any, backend: Any, meta: BundleMeta, images: Any, batch_size: int, device: str,
+             precision: str, pooled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(logits, pooled features or None)`` of ``images``: through a loaded classifier's
+    ``backend`` (``convlens evaluate``: torch or onnx) or ``model`` in the bundle's precision."""
+    prep = meta.preprocessing
+    if backend is not None:
+        return (backend_outputs(backend, images, prep, batch_size) if pooled
+                else (backend_logits(backend, images, prep, batch_size), None))
+    run = meta.inference_precision(precision)
+    return (predict_outputs(model, images, prep, batch_size, device, run) if pooled
+            else (predict_logits(model, images, prep, batch_size, device, run), None))
+
+
 def evaluate(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     meta: BundleMeta,
     data: Any,
     *,
@@ -327,18 +359,18 @@ def evaluate(
     outputs: tuple[np.ndarray, np.ndarray | None] | None = None,
     novelty: NoveltyIndex | None = None,
     training: dict[str, Any] | None = None,
+    backend: Any = None,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (a subset with ``images``/``labels``/``paths``, or a folder).
 
     With ``out_dir``, writes ``metrics.json``, ``predictions.csv`` (every file's probabilities),
-    ``confusion_matrix.png``, ``calibration.png``,
-    ``worst_mistakes.png``, ``roc.png`` (two classes) and a self-contained ``report.html``.
-    Returns the metrics dict (see :func:`compute_metrics`) plus ``worst_mistakes`` (path, true
-    and predicted class with probabilities) and ``skipped`` (unusable files).
-
+    ``confusion_matrix.png``, ``calibration.png``, ``worst_mistakes.png``, ``roc.png`` (two
+    classes) and a self-contained ``report.html``. Returns the metrics dict (see
+    :func:`compute_metrics`) plus ``worst_mistakes`` and ``skipped`` (unusable files).
+    ``backend``: a loaded classifier's (torch or onnx) instead of ``model`` (then None);
     ``outputs``: :func:`predict_outputs`' ``(logits, pooled)`` when the caller ran that pass;
-    ``meta.temperature`` is measured both ways; ``novelty``: the unknown rate at the index's
-    threshold and the most novel images; ``training``: rows of "How it was trained".
+    ``novelty``: the unknown rate at the index's threshold and the most novel images;
+    ``training``: rows of "How it was trained"; ``meta.temperature`` is measured both ways.
     """
     from convlens.evaluate.report import render_report
     from convlens.files import write_bytes, write_json, write_text
@@ -349,9 +381,7 @@ def evaluate(
     labels = np.asarray(data.labels, dtype=np.int64)
     classes = list(meta.classes)
     if outputs is None:
-        run, prep = meta.inference_precision(precision), meta.preprocessing
-        outputs = (predict_outputs(model, data.images, prep, batch_size, device, run) if novelty is not None
-                   else (predict_logits(model, data.images, prep, batch_size, device, run), None))
+        outputs = _outputs(model, backend, meta, data.images, batch_size, device, precision, novelty is not None)
     probs, metrics, scores = _measure(meta, outputs, labels, list(data.paths), novelty)
     pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
     paths = list(data.paths)
@@ -392,24 +422,25 @@ def evaluate(
 
 def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str], *,
                     out: str | os.PathLike[str] | None = None, batch_size: int = 64, device: str = "auto",
-                    precision: str = "auto", console: Console | None = None) -> Evaluation:
+                    precision: str = "auto", console: Console | None = None, engine: str = "auto") -> Evaluation:
     """Evaluate a model bundle on a labelled folder; write metrics, figures and ``report.html``.
 
     This is ``convlens.evaluate(bundle, dir)`` and what ``convlens evaluate`` runs. ``out``
     defaults to ``eval/`` beside the bundle. Unusable images are skipped (one line on
-    ``console``) and listed in ``metrics["skipped"]``.
+    ``console``) and listed in ``metrics["skipped"]``. ``engine``: as :func:`convlens.load`'s
+    (the same engine ``convlens predict`` uses, so the report and later predictions agree).
     """
     import yaml
     from rich.console import Console
 
     from convlens import runtime
     from convlens.evaluate.result import Evaluation
-    from convlens.infer.bundle import load_model, read_novelty
+    from convlens.infer import load
 
     runtime.tune_allocator()
     runtime.configure_threads()
-    dev = runtime.inference_device(device, precision)
-    model, meta = load_model(bundle, device=dev.device)
+    clf = load(bundle, device=device, precision=precision, engine=engine)
+    meta = clf.meta
     console = console or Console()
     data = load_labelled_folder(dir, meta)
     if data.note:
@@ -420,8 +451,8 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
         console.print(f"[yellow]{skipped_message(data.skipped)}[/yellow]")
     bundle_path = Path(bundle)
     out_dir = Path(out) if out else (bundle_path if bundle_path.is_dir() else bundle_path.parent) / "eval"
-    metrics = evaluate(model, meta, data, out_dir=out_dir, batch_size=batch_size, device=dev.device,
-                       precision=precision, novelty=read_novelty(bundle, meta),
+    metrics = evaluate(None, meta, data, out_dir=out_dir, batch_size=batch_size, backend=clf.backend,
+                       novelty=clf.novelty_index,
                        config_yaml=yaml.safe_dump(meta.config, sort_keys=False) if meta.config else None,
                        title=f"convlens evaluation of {bundle_path.name}", subtitle=f"on {dir}")
     return Evaluation(bundle=bundle_path, data=Path(dir), dir=out_dir, metrics=metrics,
@@ -429,13 +460,13 @@ def evaluate_bundle(bundle: str | os.PathLike[str], dir: str | os.PathLike[str],
 
 
 def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: int = 64,
-                     device: str = "auto", precision: str = "auto") -> int:
+                     device: str = "auto", precision: str = "auto", engine: str = "auto") -> int:
     """``convlens evaluate BUNDLE DIR``: metrics, figures and report.html in ``out``."""
     from rich.console import Console
 
     console = Console()
     ev = evaluate_bundle(bundle, dir, out=out, batch_size=batch_size, device=device, precision=precision,
-                         console=console)
+                         console=console, engine=engine)
     metrics = ev.metrics
     acc = metrics["accuracy"]
     line = f"accuracy {acc:.4f}  macro F1 {metrics['macro']['f1']:.4f}  log loss {metrics['loss']:.4f}"

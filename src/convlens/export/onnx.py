@@ -50,6 +50,7 @@ from convlens.infer.onnx_backend import (
     LOGITS_NAME,
     METADATA_KEY,
     NOVELTY_NAME,
+    POOLED_NAME,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -116,10 +117,10 @@ def _novelty_module(index: NoveltyIndex) -> torch.nn.Module:
     return Novelty().eval()
 
 
-def _export_module(model: torch.nn.Module, with_cam: bool,
-                   index: NoveltyIndex | None = None) -> tuple[torch.nn.Module, list[str]]:
-    """The module to export (the model, or one returning ``(logits[, cam][, novelty])``) and its
-    output names."""
+def _export_module(model: torch.nn.Module, with_cam: bool, index: NoveltyIndex | None = None,
+                   pooled: bool = False) -> tuple[torch.nn.Module, list[str]]:
+    """The module to export (the model, or one returning ``(logits[, cam][, novelty][, pooled])``)
+    and its output names."""
     import torch
     import torch.nn.functional as F
 
@@ -132,6 +133,7 @@ def _export_module(model: torch.nn.Module, with_cam: bool,
             self.model = model
             self.linear = linear
             self.novelty = novelty
+            self.pooled = pooled
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
             if self.linear is None:
@@ -144,11 +146,14 @@ def _export_module(model: torch.nn.Module, with_cam: bool,
                 outs = [self.model.forward_head(features), F.conv2d(features, self.linear.weight[:, :, None, None])]
             if self.novelty is not None:
                 outs.append(self.novelty(pooled))
+            if self.pooled:
+                outs.append(pooled)
             return tuple(outs)
 
-    if linear is None and novelty is None:
+    if linear is None and novelty is None and not pooled:
         return model.eval(), [LOGITS_NAME]
-    names = [LOGITS_NAME, *([CAM_NAME] if linear is not None else []), *([NOVELTY_NAME] if novelty is not None else [])]
+    names = [LOGITS_NAME, *([CAM_NAME] if linear is not None else []), *([NOVELTY_NAME] if novelty is not None else []),
+             *([POOLED_NAME] if pooled else [])]
     return _Outputs().eval(), names
 
 
@@ -175,15 +180,20 @@ def _reference_fp16(proto: onnx.ModelProto, ref16: np.ndarray) -> None:
 def _reference_outputs(module: torch.nn.Module, model: torch.nn.Module, names: list[str],
                        index: NoveltyIndex | None) -> Callable[[np.ndarray], list[np.ndarray]]:
     """What ONNX must reproduce: the module's logits (and maps), and novelty as the numpy index
-    scores PyTorch's pooled features (the prediction path's own computation)."""
+    scores PyTorch's pooled features (the prediction path's own computation), and those pooled
+    features themselves."""
     import torch
 
     def reference(x: np.ndarray) -> list[np.ndarray]:
         outs = _torch_outputs(module, x)
-        if index is not None:
+        if index is not None or POOLED_NAME in names:
             with torch.inference_mode():
                 _, pooled = model.forward_pooled(torch.from_numpy(np.ascontiguousarray(x)))
-            outs[names.index(NOVELTY_NAME)] = index.scores(pooled.float().numpy())
+            pooled = pooled.float().numpy().reshape(len(x), -1)
+            if index is not None:
+                outs[names.index(NOVELTY_NAME)] = index.scores(pooled)
+            if POOLED_NAME in names:
+                outs[names.index(POOLED_NAME)] = pooled
         return outs
 
     return reference
@@ -303,11 +313,14 @@ def _opset(proto: onnx.ModelProto) -> int | None:
 
 
 def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | None, *,
-                atol: float = DEFAULT_ATOL, with_cam: bool = True) -> tuple[ExportResult, bytes]:
+                atol: float = DEFAULT_ATOL, with_cam: bool = True, pooled: bool = False,
+                extra_info: dict[str, Any] | None = None) -> tuple[ExportResult, bytes]:
     """Export ``bundle`` to fp32 ONNX at ``out`` (atomically) after checking it against PyTorch.
 
     Returns the result and the model's bytes; with ``out=None`` nothing is written (the int8
-    path quantises the bytes and writes only its own file). Raises
+    path quantises the bytes and writes only its own file). ``pooled``: also output the pooled
+    features (``pooled``, N x C; the onnx engine's novelty index and ``--neighbours`` score
+    them); ``extra_info`` joins the ``export`` record. Raises
     :class:`ExportError` when onnxruntime's outputs differ from PyTorch's by more than ``atol``.
     """
     import torch
@@ -323,13 +336,13 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     example = torch.from_numpy(sample_inputs(prep, (2,), seed=1)[0])
     inputs = sample_inputs(prep, (1, 3), seed=0)
     for cam in ((True, False) if with_cam else (False,)):
-        module, names = _export_module(model, cam, index)
+        module, names = _export_module(model, cam, index, pooled)
         proto, exporter = _torch_to_onnx(module, example, names, notes)
         if index is not None:
             _reference_fp16(proto, np.ascontiguousarray(index.reference.T))
         session = make_session(proto.SerializeToString())
         diffs = compare_outputs(_reference_outputs(module, model, names, index), session, inputs, names)
-        for name in (LOGITS_NAME, NOVELTY_NAME):
+        for name in (LOGITS_NAME, NOVELTY_NAME, POOLED_NAME):
             if diffs.get(name, 0.0) > atol:
                 raise ExportError(f"ONNX {name} differ from PyTorch by {diffs[name]:.2e} (> {atol:g}) with the "
                                   f"{exporter} exporter; the model was not written. Report the model's layers")
@@ -341,7 +354,8 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     info = {"format": "onnx", "int8": False, "exporter": exporter, "opset": _opset(proto),
             "outputs": names, "max_abs_diff": diffs[LOGITS_NAME], "torch": torch.__version__,
             **({"novelty_max_abs_diff": diffs[NOVELTY_NAME]} if NOVELTY_NAME in diffs else {}),
-            "convlens": __version__, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            **({"pooled_max_abs_diff": diffs[POOLED_NAME]} if POOLED_NAME in diffs else {}),
+            "convlens": __version__, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra_info or {})}
     set_metadata(proto, meta, info)
     data = proto.SerializeToString()
     if out is not None:

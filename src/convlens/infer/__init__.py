@@ -5,6 +5,8 @@
 - :mod:`~convlens.infer.classifier`: :class:`Classifier` (one forward pass and decision for every
   path), :class:`Prediction`, the torch backend and :func:`load`.
 - :mod:`~convlens.infer.onnx_backend`: the torch-free backend over an exported ``.onnx`` file.
+- :mod:`~convlens.infer.engine`: which engine runs a bundle (``--engine auto|torch|onnx``) and the
+  cache of verified ONNX exports the onnx engine runs.
 - :mod:`~convlens.infer.commands`: the ``convlens predict`` and ``convlens explain`` verbs.
 
 Nothing here imports torch at module level: ``convlens predict model.onnx`` runs without it.

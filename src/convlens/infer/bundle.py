@@ -196,6 +196,12 @@ def _read_meta(z: zipfile.ZipFile, where: str) -> BundleMeta:
         raise BundleError(f"{where} has a damaged model.json ({e})") from e
 
 
+def weights_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the bundle's ``weights.safetensors`` as stored (torch-free; computed, not the recorded one)."""
+    with _open(path) as z:
+        return hashlib.sha256(_member(z, "weights.safetensors", str(path), "it is incomplete")).hexdigest()
+
+
 def read_novelty(path: str | os.PathLike[str], meta: BundleMeta | None = None) -> NoveltyIndex | None:
     """The bundle's novelty index (torch-free), or None for a bundle written without one.
 

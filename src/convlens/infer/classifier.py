@@ -501,29 +501,47 @@ def check_positive(**values: int) -> None:
 
 
 # ----------------------------------------------------------------------------- loading
-def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "auto") -> Classifier:
+def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "auto",
+         engine: str = "auto") -> Classifier:
     """Load a model bundle (``.convlens``, or a folder holding ``model.convlens``) or an ONNX file.
 
     ``precision``: ``auto`` (bf16 where the hardware has it natively, unless training measured
     bf16 moving this model's probabilities too far: then fp32), ``bf16`` or ``fp32``;
-    ONNX models run in fp32. A bundle's novelty index is read (strictly) here, once: its
-    predictions carry ``novelty`` and can be ``unknown`` (:class:`Prediction`).
+    ONNX models run in fp32. ``engine``: ``auto`` runs a bundle that predicts in fp32 on a CPU
+    through onnxruntime (an export verified against PyTorch, cached under the convlens cache
+    folder: the first load of a bundle exports it, a few seconds), anything else with torch;
+    ``torch`` or ``onnx`` force one (:mod:`convlens.infer.engine`). A bundle's novelty index is
+    read (strictly) here, once: its predictions carry ``novelty`` and can be ``unknown``
+    (:class:`Prediction`).
     """
+    from convlens.infer.engine import check_engine, onnx_engine, resolve_engine
     from convlens.runtime import check_inference_precision
 
     check_inference_precision(precision)  # before reading a model, for ONNX files too
+    check_engine(engine)
     p = Path(os.path.expanduser(os.fspath(path)))
     if p.suffix.lower() == ".onnx":
         if not p.is_file():
             raise BundleError(f"ONNX model {str(p)!r} does not exist; check the path")
         if str(precision).lower() == "bf16":
             raise ConfigError(f"ONNX models run in fp32; use --precision auto or fp32. Received: precision={precision!r}")
+        if engine == "torch":
+            raise ConfigError(f"an .onnx file runs with onnxruntime; use --engine auto or onnx, or pass the "
+                              f".convlens bundle. Received: engine={engine!r}")
         from convlens.infer.onnx_backend import OnnxBackend
 
         backend = OnnxBackend(p)
         return Classifier(backend.meta, backend)
-    from convlens.infer.bundle import load_model, read_novelty
+    from convlens.infer.bundle import load_model, read_meta, read_novelty
 
+    meta = read_meta(p)
+    if resolve_engine(engine, meta, device, precision) == "onnx":
+        def torch_backend() -> TorchBackend:  # for the maps the graph cannot draw (Grad-CAM)
+            return TorchBackend(load_model(p, device="cpu")[0], "cpu", "fp32")
+
+        onnx = onnx_engine(p, meta, engine, torch_backend)
+        if onnx is not None:
+            return Classifier(meta, onnx, read_novelty(p, meta))
     model, meta = load_model(p, device="cpu")
     index = read_novelty(p, meta)
     return Classifier(meta, TorchBackend(model, device, meta.inference_precision(precision)), index)

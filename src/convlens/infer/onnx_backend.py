@@ -29,6 +29,9 @@ CAM_NAME = "cam"
 # Optional output of a model whose bundle has a novelty index: the novelty score (N), computed
 # in the graph from the pooled features and the training features (an fp16 initializer).
 NOVELTY_NAME = "novelty"
+# Optional output of the onnx engine's cached export (convlens.infer.engine): the pooled features
+# (N x C), scored by the bundle's novelty index in numpy as the torch backend's are.
+POOLED_NAME = "pooled"
 
 
 def _import_ort() -> Any:
@@ -118,6 +121,13 @@ class OnnxBackend:
             raise BundleError(f"{self.path.name} has no {NOVELTY_NAME!r} output; its bundle had no novelty index")
         logits, novelty = self.session.run([LOGITS_NAME, NOVELTY_NAME], {self.input_name: self._check(prep.normalize(images))})
         return np.asarray(logits, dtype=np.float32), np.asarray(novelty, dtype=np.float32)
+
+    def image_outputs(self, images: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 NHWC images -> ``(logits, pooled)`` from one run (a graph with a ``pooled`` output)."""
+        if POOLED_NAME not in self.output_names:
+            raise BundleError(f"{self.path.name} has no {POOLED_NAME!r} output; use its .convlens bundle")
+        logits, pooled = self.session.run([LOGITS_NAME, POOLED_NAME], {self.input_name: self._check(prep.normalize(images))})
+        return np.asarray(logits, dtype=np.float32), np.asarray(pooled, dtype=np.float32)
 
     @property
     def int8(self) -> bool:

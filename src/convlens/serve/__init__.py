@@ -32,18 +32,22 @@ def is_loopback(host: str) -> bool:
 
 def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
                   max_upload_mb: float = 10.0, max_batch: int | None = None, max_wait_ms: float | None = None,
-                  api_key: str | None = None, api_key_file: str | None = None, no_auth: bool = False) -> int:
+                  api_key: str | None = None, api_key_file: str | None = None, no_auth: bool = False,
+                  engine: str = "auto") -> int:
     """Serve ``model`` (a ``.convlens`` bundle or a ``.onnx`` file) until interrupted. Returns 0.
 
     Keys from ``api_key`` (else ``$CONVLENS_API_KEY``) and ``api_key_file`` are required as
     ``Authorization: Bearer KEY``; a non-loopback ``host`` without a key is refused unless
-    ``no_auth``.
+    ``no_auth``. ``engine``: as :func:`convlens.load`'s (``auto``: onnxruntime for a bundle
+    predicting in fp32).
     """
     import uvicorn
 
+    from convlens.infer.engine import check_engine
     from convlens.serve import app as serve_app
     from convlens.serve.auth import ENV_API_KEY, collect_keys
 
+    check_engine(engine)
     max_batch = SERVE_DEFAULTS["max_batch"] if max_batch is None else max_batch
     max_wait_ms = SERVE_DEFAULTS["max_wait"] if max_wait_ms is None else max_wait_ms
     if not 0 <= int(port) <= 65535:
@@ -66,7 +70,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, workers
         print(f"warning: serving on {host} without authentication (--no-auth): anyone who can reach it "
               "can use the model", file=sys.stderr)
     options = {"max_upload_mb": max_upload_mb, "max_batch": int(max_batch), "max_wait_ms": float(max_wait_ms),
-               "api_keys": keys or None}
+               "api_keys": keys or None, "engine": engine}
     # Build the app before binding the port: a bad bundle is a one-line error, not a traceback
     # from a worker process.
     app = serve_app.create_app(model, **options)
@@ -89,6 +93,7 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, workers
     os.environ[serve_app.ENV_MAX_BATCH] = str(int(max_batch))
     os.environ[serve_app.ENV_MAX_WAIT_MS] = str(float(max_wait_ms))
     os.environ[serve_app.ENV_API_KEYS] = "\n".join(keys)
+    os.environ[serve_app.ENV_ENGINE] = engine  # the workers find the export in the cache the app above filled
     uvicorn.run("convlens.serve.app:create_app_from_env", factory=True, host=host, port=int(port),
                 workers=int(workers), log_level="info")
     return 0

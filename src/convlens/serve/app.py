@@ -66,6 +66,7 @@ ENV_MAX_WAIT_MS = "CONVLENS_SERVE_MAX_WAIT_MS"
 ENV_API_KEYS = "CONVLENS_SERVE_API_KEYS"  # newline-separated, for worker processes only
 DEFAULT_MAX_BATCH = int(SERVE_DEFAULTS["max_batch"])
 DEFAULT_MAX_WAIT_MS = float(SERVE_DEFAULTS["max_wait"])
+ENV_ENGINE = "CONVLENS_SERVE_ENGINE"
 
 # ImageError.kind -> HTTP status. Unknown kinds are the client's fault too (400).
 STATUS_BY_KIND = {
@@ -191,11 +192,11 @@ class ServeState:
         return out
 
 
-def _load_classifier(model: Any) -> tuple[Any, str, str]:
+def _load_classifier(model: Any, engine: str = "auto") -> tuple[Any, str, str]:
     if isinstance(model, (str, os.PathLike)):
         from convlens.infer import load
 
-        clf = load(model, device="cpu")
+        clf = load(model, device="cpu", engine=engine)
         kind = "onnx" if Path(model).suffix.lower() == ".onnx" else "bundle"
         return clf, os.fspath(model), kind
     kind = "onnx" if getattr(model.backend, "session", None) is not None else "bundle"
@@ -292,19 +293,20 @@ _UPLOAD_ERRORS = {413: {"description": "upload or pixel count over the limit"},
 # ----------------------------------------------------------------------------- app
 def create_app(model: Any, *, max_upload_mb: float = 10.0, max_pixels: int | None = None,
                max_batch: int = DEFAULT_MAX_BATCH, max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
-               api_keys: list[str] | None = None) -> FastAPI:
+               api_keys: list[str] | None = None, engine: str = "auto") -> FastAPI:
     """Build the app for a bundle path, an ONNX path or an already loaded ``Classifier``.
 
     ``max_pixels`` defaults to the bundle's own pixel limit (decompression bombs -> 413).
     ``max_batch`` images at most per model batch, waiting at most ``max_wait_ms`` for more
     (``max_batch=1``: no batching). ``api_keys``: require ``Authorization: Bearer KEY`` with
     one of them (see :mod:`convlens.serve.auth`); None or empty: no authentication.
+    ``engine`` is :func:`convlens.load`'s, for a path.
     """
     from fastapi_offline import FastAPIOffline
 
     max_batch = int(check_serve_range("max_batch", max_batch))
     max_wait_ms = check_serve_range("max_wait", max_wait_ms)
-    clf, source, kind = _load_classifier(model)
+    clf, source, kind = _load_classifier(model, engine)
     prep = clf.preprocessing
     state = ServeState(clf, source, kind, max_upload_bytes=int(max_upload_mb * MB),
                        max_pixels=int(max_pixels or prep.max_pixels), auth=bool(api_keys))
@@ -560,7 +562,7 @@ def create_app_from_env() -> FastAPI:
     app = create_app(model, max_upload_mb=float(os.environ.get(ENV_MAX_UPLOAD_MB, "10")),
                      max_batch=int(os.environ.get(ENV_MAX_BATCH, str(DEFAULT_MAX_BATCH))),
                      max_wait_ms=float(os.environ.get(ENV_MAX_WAIT_MS, str(DEFAULT_MAX_WAIT_MS))),
-                     api_keys=keys or None)
+                     api_keys=keys or None, engine=os.environ.get(ENV_ENGINE, "auto"))
     workers = max(1, int(os.environ.get(ENV_WORKERS, "1")))
     if workers > 1 and "torch" in sys.modules:
         # N processes each using every core would fight over them: share the cores out.

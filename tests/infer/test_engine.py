@@ -1,0 +1,181 @@
+"""The inference engine: auto runs an fp32 CPU bundle through onnxruntime (a verified export,
+cached by content), with the same predictions, novelty and maps as torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import convlens
+import convlens.export.onnx as export_onnx_module
+from convlens.cli import main
+from convlens.errors import ConfigError
+from convlens.infer import TorchBackend
+from convlens.infer import engine as eng
+from convlens.infer.bundle import read_meta, save_bundle
+from tests.bundles import make_meta, make_model, write_images
+
+Case = tuple[Path, dict[str, list[Path]]]
+
+
+def fp32_bundle(path: Path, seed: int = 0) -> Path:
+    """A bundle that predicts in fp32 (as training records for Lite backbones)."""
+    model = make_model("tiny", 2, 3, seed, size=32, random_biases=True)
+    meta = make_meta(model, ("cats", "dogs"))
+    meta.precision = "fp32"
+    return save_bundle(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engine_cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVLENS_CACHE_DIR", str(cache))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fp32_bundle(tmp_path_factory.mktemp("fp32") / "model.convlens")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_images(tmp_path_factory.mktemp("imgs"), 6, size=(45, 37))
+
+
+def onnx_files(cache: Path) -> list[Path]:
+    return sorted((cache / "onnx").glob("*.onnx"))
+
+
+def test_resolve_engine_rules(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convlens import runtime
+
+    fp32 = read_meta(bundle)
+    assert eng.resolve_engine("auto", fp32, "cpu") == "onnx"
+    assert eng.resolve_engine("auto", fp32, "cpu", "bf16") == "torch"  # an explicit bf16 request wins
+    assert eng.resolve_engine("torch", fp32, "cpu") == "torch"
+    auto = make_meta(make_model("tiny", 2), ("cats", "dogs"))  # precision auto: the hardware decides
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    assert eng.resolve_engine("auto", auto, "cpu") == "torch"
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    assert eng.resolve_engine("auto", auto, "cpu") == "onnx"
+    with pytest.raises(ConfigError, match="engine onnx runs in fp32"):
+        eng.resolve_engine("onnx", fp32, "cpu", "bf16")
+    with pytest.raises(ConfigError, match="engine onnx runs on the CPU"):
+        eng.resolve_engine("onnx", fp32, "cuda")
+    with pytest.raises(ConfigError, match=r"engine must be one of auto, torch, onnx. Received: engine='onx'"):
+        eng.resolve_engine("onx", fp32, "cpu")
+
+
+def test_auto_runs_onnx_equal_to_torch_and_reuses_the_cache(bundle: Path, images: list[Path], cache: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    clf = convlens.load(bundle, device="cpu")
+    assert isinstance(clf.backend, eng.BundleOnnxBackend)
+    assert len(onnx_files(cache)) == 1
+    ref = convlens.load(bundle, device="cpu", engine="torch")
+    assert isinstance(ref.backend, TorchBackend) and ref.backend.precision == "fp32"
+    got, want = clf.predict(images, top_k=2), ref.predict(images, top_k=2)
+    assert [p.label for p in got] == [p.label for p in want]
+    np.testing.assert_allclose([list(p.probabilities.values()) for p in got],
+                               [list(p.probabilities.values()) for p in want], atol=1e-5)
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached export should have been used")
+
+    monkeypatch.setattr(export_onnx_module, "export_onnx", no_export)
+    again = convlens.load(bundle, device="cpu")
+    assert again.backend.path == clf.backend.path
+    assert [p.to_dict() for p in again.predict(images)] == [p.to_dict() for p in clf.predict(images)]
+
+
+def test_changed_weights_export_again(bundle: Path, tmp_path: Path, cache: Path) -> None:
+    convlens.load(bundle, device="cpu")
+    before = set(onnx_files(cache))
+    other = fp32_bundle(tmp_path / "model.convlens", seed=1)
+    path, exported = eng.cached_onnx(other, read_meta(other))
+    assert exported and path not in before
+    assert eng.cached_onnx(other, read_meta(other)) == (path, False)
+
+
+def test_damaged_cached_file_is_exported_again(bundle: Path, images: list[Path]) -> None:
+    meta = read_meta(bundle)
+    path, _ = eng.cached_onnx(bundle, meta)
+    good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[len(damaged) // 2] ^= 0xFF  # same size, one byte changed
+    path.write_bytes(bytes(damaged))
+    assert eng.cached_onnx(bundle, meta) == (path, True)
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["bytes"] == path.stat().st_size
+    path.with_suffix(".json").unlink()  # an interrupted write: the model without its record
+    assert eng.cached_onnx(bundle, meta) == (path, True)
+    assert convlens.load(bundle, device="cpu").predict(images)
+
+
+def test_novelty_known_and_neighbours_equal_between_engines(novelty_case: Case) -> None:
+    bundle, groups = novelty_case
+    paths = [p for g in ("train", "known", "foreign") for p in groups[g]]
+    onnx = convlens.load(bundle, device="cpu", engine="onnx")
+    torch = convlens.load(bundle, device="cpu", precision="fp32", engine="torch")
+    assert isinstance(onnx.backend, eng.BundleOnnxBackend) and onnx.novelty_index is not None
+    got, want = onnx.predict(paths, neighbours=2), torch.predict(paths, neighbours=2)
+    assert [(p.label, p.known) for p in got] == [(p.label, p.known) for p in want]
+    assert sum(not p.known for p in got) == len(groups["foreign"])
+    np.testing.assert_allclose([p.novelty for p in got], [p.novelty for p in want], atol=1e-5)
+    np.testing.assert_allclose([p.probability for p in got], [p.probability for p in want], atol=1e-5)
+    assert [[n["path"] for n in p.neighbours] for p in got] == [[n["path"] for n in p.neighbours] for p in want]
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_explain_works_with_engine_auto(bundle: Path, images: list[Path], method: str) -> None:
+    clf = convlens.load(bundle, device="cpu")
+    assert isinstance(clf.backend, eng.BundleOnnxBackend) and method in clf.backend.explain_methods
+    ref = convlens.load(bundle, device="cpu", engine="torch")
+    got, want = clf.explain(images[:2], method=method), ref.explain(images[:2], method=method)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, atol=1e-3)
+
+
+def test_evaluate_engines_agree(bundle: Path, tmp_path: Path) -> None:
+    for cls, seed in (("cats", 0), ("dogs", 1)):
+        write_images(tmp_path / "data" / cls, 4, seed=seed)
+    runs = {e: convlens.evaluate(bundle, tmp_path / "data", out=tmp_path / e, engine=e, device="cpu")
+            for e in ("torch", "onnx")}
+    assert runs["torch"].metrics["accuracy"] == runs["onnx"].metrics["accuracy"]
+    assert abs(runs["torch"].metrics["loss"] - runs["onnx"].metrics["loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("verb", ["predict", "evaluate", "serve"])
+def test_bad_engine_is_one_line_exit_2(verb: str, bundle: Path, images: list[Path], capsys) -> None:
+    extra = {"predict": [str(images[0])], "evaluate": [str(images[0].parent)], "serve": []}[verb]
+    assert main([verb, str(bundle), *extra, "--engine", "onx"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "engine must be one of auto, torch, onnx. Received: engine='onx'" in err
+
+
+def test_serve_runs_the_engine_and_still_draws_gradcam(bundle: Path, images: list[Path]) -> None:
+    import warnings
+
+    from convlens.serve.app import create_app
+
+    with warnings.catch_warnings():  # starlette's note about httpx
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    want = convlens.load(bundle, device="cpu", engine="torch").predict(images[0])[0]
+    for engine, backend in (("auto", eng.BundleOnnxBackend), ("torch", TorchBackend)):
+        app = create_app(bundle, engine=engine)
+        assert isinstance(app.state.serve.classifier.backend, backend)
+        with TestClient(app) as client:
+            assert client.get("/model").json()["explain_methods"] == ["cam", "gradcam", "gradcam++"]
+            upload = {"file": ("a.png", images[0].read_bytes(), "image/png")}
+            got = client.post("/predict", files=upload).json()
+            assert got["label"] == want.label and abs(got["probability"] - want.probability) < 1e-5
+            r = client.post("/explain?method=gradcam", files=upload)
+            assert r.status_code == 200 and r.json()["overlay_png"]
