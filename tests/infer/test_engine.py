@@ -179,3 +179,21 @@ def test_serve_runs_the_engine_and_still_draws_gradcam(bundle: Path, images: lis
             assert got["label"] == want.label and abs(got["probability"] - want.probability) < 1e-5
             r = client.post("/explain?method=gradcam", files=upload)
             assert r.status_code == 200 and r.json()["overlay_png"]
+
+
+def test_a_short_predict_runs_torch_until_an_export_exists(tmp_path: Path, images: list[Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few images do not pay for a first export: torch runs them; once serve, evaluate or a
+    long job has exported the bundle, the same short job runs onnxruntime."""
+    monkeypatch.setenv("CONVLENS_CACHE_DIR", str(tmp_path / "fresh"))
+    model = fp32_bundle(tmp_path / "m.convlens", seed=5)
+    short = convlens.load(model, engine="auto", images=len(images))
+    assert isinstance(short.backend, TorchBackend) and not (tmp_path / "fresh" / "onnx").exists()
+    long = convlens.load(model, engine="auto", images=eng.EXPORT_PAYS_OFF)
+    assert isinstance(long.backend, eng.BundleOnnxBackend)
+    again = convlens.load(model, engine="auto", images=1)
+    assert isinstance(again.backend, eng.BundleOnnxBackend)  # the cached export is always used
+    p_torch = [p.probabilities for p in short.predict(images)]
+    p_onnx = [p.probabilities for p in again.predict(images)]
+    for a, b in zip(p_torch, p_onnx, strict=True):
+        assert all(abs(a[c] - b[c]) < 1e-5 for c in a)

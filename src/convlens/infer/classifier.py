@@ -502,7 +502,7 @@ def check_positive(**values: int) -> None:
 
 # ----------------------------------------------------------------------------- loading
 def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "auto",
-         engine: str = "auto") -> Classifier:
+         engine: str = "auto", images: int | None = None) -> Classifier:
     """Load a model bundle (``.convlens``, or a folder holding ``model.convlens``) or an ONNX file.
 
     ``precision``: ``auto`` (bf16 where the hardware has it natively, unless training measured
@@ -510,7 +510,9 @@ def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "a
     ONNX models run in fp32. ``engine``: ``auto`` runs a bundle that predicts in fp32 on a CPU
     through onnxruntime (an export verified against PyTorch, cached under the convlens cache
     folder: the first load of a bundle exports it, a few seconds), anything else with torch;
-    ``torch`` or ``onnx`` force one (:mod:`convlens.infer.engine`). A bundle's novelty index is
+    ``torch`` or ``onnx`` force one (:mod:`convlens.infer.engine`). ``images``: how many images
+    this load will predict, when known: ``auto`` then exports only for a job long enough to pay
+    for the export (a cached export is always used). A bundle's novelty index is
     read (strictly) here, once: its predictions carry ``novelty`` and can be ``unknown``
     (:class:`Prediction`).
     """
@@ -539,7 +541,7 @@ def load(path: str | os.PathLike[str], device: str = "auto", precision: str = "a
         def torch_backend() -> TorchBackend:  # for the maps the graph cannot draw (Grad-CAM)
             return TorchBackend(load_model(p, device="cpu")[0], "cpu", "fp32")
 
-        onnx = onnx_engine(p, meta, engine, torch_backend)
+        onnx = onnx_engine(p, meta, engine, torch_backend, images)
         if onnx is not None:
             return Classifier(meta, onnx, read_novelty(p, meta))
     model, meta = load_model(p, device="cpu")

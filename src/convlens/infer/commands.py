@@ -124,7 +124,7 @@ def predict_command(
         raise ConfigError(f"--out must end in .csv or .json. Received: out={out!r}")
     files, ignored = expand_paths(paths)
     tune_allocator()
-    clf = load(model, device=device, precision=precision, engine=engine)
+    clf = load(model, device=device, precision=precision, engine=engine, images=len(files))
     clf._threshold(threshold)
     clf.rejection(reject, novelty_threshold, neighbours)  # bad options: one line before any work
     stdout, stderr = Console(), Console(stderr=True)

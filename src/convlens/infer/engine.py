@@ -38,6 +38,10 @@ from convlens.infer.onnx_backend import OnnxBackend
 # Bump when the cached graph's layout changes (its outputs, how it is verified).
 CACHE_FORMAT = 1
 ALL_MAPS = ("cam", "gradcam", "gradcam++")
+# Images one `convlens predict` must run before a first export (12-15 s here) pays for itself
+# (docs/benchmarks.md, "Engines"): a shorter job runs torch until serve, evaluate or a long
+# predict has made the export.
+EXPORT_PAYS_OFF = 2000
 
 
 def check_engine(engine: str) -> str:
@@ -173,12 +177,18 @@ class BundleOnnxBackend(OnnxBackend):
         return self.torch_backend().class_maps(x, method, class_index)
 
 
-def onnx_engine(bundle: Path, meta: BundleMeta, engine: str, torch_backend: Callable[[], Any]
-                ) -> BundleOnnxBackend | None:
+def onnx_engine(bundle: Path, meta: BundleMeta, engine: str, torch_backend: Callable[[], Any],
+                images: int | None = None) -> BundleOnnxBackend | None:
     """The onnx engine's backend for ``bundle``; None when ``engine`` is ``auto`` and the export
-    failed (the caller then runs torch, after one line on stderr saying why)."""
+    failed (the caller then runs torch, after one line on stderr saying why), or was not made yet
+    and a job of ``images`` images (when known) is too short to pay for it."""
     from convlens.export.onnx import ExportError
 
+    if engine == "auto" and images is not None and images < EXPORT_PAYS_OFF:
+        key = cache_key(bundle, meta)
+        folder = cache_folder()
+        if not _cached(folder / f"{key}.onnx", folder / f"{key}.json", key):
+            return None
     try:
         path, _ = cached_onnx(bundle, meta, before_export=lambda: print(
             f"note: preparing {bundle.name} for onnxruntime (a verified export, once: later runs reuse it; "
