@@ -13,6 +13,13 @@ SHARED = Path(os.environ.get("CONVLENS_SHARED", REPO.parent / "shared")) / "data
 
 # Keep the suite deterministic and polite on 2 cores.
 os.environ.setdefault("CONVLENS_WORKERS", "2")
+# The suite's decode caches, feature caches and onnx-engine exports go to a folder of its own
+# (shared by the whole session, and by its subprocesses through the environment), never into the
+# user's cache folder.
+if "CONVLENS_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["CONVLENS_CACHE_DIR"] = tempfile.mkdtemp(prefix="convlens-tests-cache-")
 
 
 def _need(path: Path) -> Path:
