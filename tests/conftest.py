@@ -17,9 +17,12 @@ os.environ.setdefault("CONVLENS_WORKERS", "2")
 # (shared by the whole session, and by its subprocesses through the environment), never into the
 # user's cache folder.
 if "CONVLENS_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["CONVLENS_CACHE_DIR"] = tempfile.mkdtemp(prefix="convlens-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["CONVLENS_CACHE_DIR"], ignore_errors=True)
 
 
 def _need(path: Path) -> Path:
