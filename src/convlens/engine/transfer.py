@@ -23,6 +23,7 @@ on photos, or ``--pretrained NAME|PATH``), as :class:`FineTuner`, with the backb
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from convlens.config import TrainConfig
+from convlens.config import TrainConfig, parse_duration
+from convlens.engine import budget
 from convlens.engine.distributed import Dist
 from convlens.engine.factory import class_weights, classification_loss, correct_count, soft_targets
 from convlens.engine.features import Backbone, cached_features, subset_hashes
@@ -105,9 +107,11 @@ class FineTuner(Trainer):
     first_epoch = 1  # the head fit
 
     def __init__(self, cfg: TrainConfig, backbone: Backbone, resume: str | Path | None = None,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, time_plan: budget.PretrainedPlan | None = None) -> None:
         self.backbone = backbone
         self.marks = {"start": time.perf_counter()}
+        self.time_plan = time_plan  # --time: what the recipe chose (its probe counts as time spent)
+        self.budget_start = self.marks["start"] - (time_plan.spent_before_s if time_plan else 0.0)
         super().__init__(cfg, resume=resume, console=console)
 
     def prepare(self, cfg: TrainConfig, split_file: Path | None) -> Any:
@@ -152,6 +156,33 @@ class FineTuner(Trainer):
                           + f"  {row['seconds']:.1f}s")
         self.start_epoch = 1
         self.record(row)
+        if self.cfg.time:
+            self.plan = self._fit_finetuning_to_budget()
+
+    def _plan_time(self) -> None:
+        """The from-scratch plan does not apply: the recipe chose what the budget buys
+        (:func:`budget.plan_pretrained`) and :meth:`begin` fits the fine-tuning epochs after the head."""
+        return None
+
+    def _fit_finetuning_to_budget(self) -> budget.PretrainedPlan:
+        """``--time``, after the head: as many of the planned fine-tuning epochs as fit what is
+        left, from a few measured steps; the schedule is rebuilt for them."""
+        cfg = self.cfg
+        plan = self.time_plan or budget.PretrainedPlan(  # under torchrun: the launcher's choice, as flags
+            budget_s=parse_duration(cfg.time), backbone=cfg.pretrained, head_flip=cfg.head_flip,
+            estimate_s=0.0, spent_before_s=0.0, feature_img_s={}, options=[], finetune_epochs=cfg.finetune_epochs)
+        epochs = 0
+        if cfg.finetune_epochs:
+            speed = self.measure_speed()
+            val_batches = len(self.val_loader) if self.val_loader is not None else 0
+            epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches)
+            finish_s = budget.finish_seconds(speed, val_batches, budget.REPORT_PASSES, self.check_batches())
+            spent = time.perf_counter() - self.budget_start
+            epochs = self.dist.broadcast(budget.finetune_epochs_that_fit(plan.budget_s, spent, epoch_s, finish_s,
+                                                                         cfg.finetune_epochs))
+            plan = replace(plan, finetune_epoch_s=epoch_s)
+            self.set_epochs(1 + epochs)
+        return replace(plan, finetune_epochs=epochs)
 
     def _head_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(training features, their labels, validation features) from the feature cache, on every
