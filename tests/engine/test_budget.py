@@ -183,6 +183,9 @@ def test_pretrained_plan_takes_the_most_preferred_option_that_fits() -> None:
         assert _pick(seconds / budget.SAFETY + 0.01) == option
     assert _pick(cost[LADDER[1]] / budget.SAFETY - 0.01) == LADDER[0]  # a second short: the one before
     assert _pick(1.0) == LADDER[0]  # nothing fits: the fastest, the default
+    tuned = (*LADDER[:1], budget.PretrainedOption("lite0", finetune_epochs=2))
+    plan = budget.plan_pretrained(1.0, 2.0, 800, 200, SPEEDS, tuned)  # as fast as the head: fine-tuning fits later
+    assert (plan.backbone, plan.finetune_epochs) == ("lite0", 2)
     assert _pick(1e6, {"lite0": 100.0}) == LADDER[1]  # no probed speed for lite2: not a candidate
     plan = budget.plan_pretrained(1e6, 2.0, 800, 200, SPEEDS, LADDER)
     assert [o["estimate_s"] for o in plan.options] == pytest.approx(list(cost.values()))

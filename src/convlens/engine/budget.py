@@ -248,10 +248,12 @@ class PretrainedPlan:
     def to_dict(self) -> dict[str, Any]:
         return {k: _rounded(v) for k, v in asdict(self).items()}
 
-    def summary(self) -> str:
-        """The choice in a few words, for the console line and the report."""
+    def summary(self, planned: bool = False) -> str:
+        """The choice in a few words, for the console line and the report (``planned``: before
+        the fine-tuning epochs are fitted, when they are a maximum)."""
         rows = " on flip-augmented rows" if self.head_flip else ""
-        tune = f", then {self.finetune_epochs} fine-tuning epochs" if self.finetune_epochs else ""
+        tune = (f", then {'up to ' if planned else ''}{self.finetune_epochs} fine-tuning epochs"
+                if self.finetune_epochs else "")
         return f"{self.backbone} head{rows}{tune}"
 
 
@@ -281,7 +283,8 @@ def option_seconds(option: PretrainedOption, n_train: int, n_val: int, img_s: fl
 def plan_pretrained(budget_s: float, spent_s: float, n_train: int, n_val: int, feature_img_s: dict[str, float],
                     options: tuple[PretrainedOption, ...] = PRETRAINED_OPTIONS) -> PretrainedPlan:
     """The most preferred of ``options`` (the last) whose estimate fits the budget, among those
-    whose backbone has a probed speed; the first such option when none fits (the fastest)."""
+    whose backbone has a probed speed; when none fits, the fastest (the most preferred of equally
+    fast ones: their fine-tuning epochs are fitted later to what is left, maybe none)."""
     if budget_s <= 0:
         raise ValueError(f"the budget must be positive. Received: budget_s={budget_s}")
     known = [o for o in options if o.backbone in feature_img_s]
@@ -290,7 +293,10 @@ def plan_pretrained(budget_s: float, spent_s: float, n_train: int, n_val: int, f
     rows = [{"backbone": o.backbone, "head_flip": o.head_flip, "finetune_epochs": o.finetune_epochs,
              "estimate_s": spent_s + option_seconds(o, n_train, n_val, feature_img_s[o.backbone])} for o in known]
     fits = [i for i, r in enumerate(rows) if r["estimate_s"] <= budget_s * SAFETY]
-    pick = fits[-1] if fits else 0
+    if not fits:  # the fastest; of equally fast ones the most preferred (fine-tuning then fits what is left: maybe none)
+        fastest = min(r["estimate_s"] for r in rows)
+        fits = [i for i, r in enumerate(rows) if r["estimate_s"] == fastest]
+    pick = fits[-1]
     chosen = known[pick]
     return PretrainedPlan(budget_s=budget_s, backbone=chosen.backbone, head_flip=chosen.head_flip,
                           finetune_epochs=chosen.finetune_epochs, estimate_s=rows[pick]["estimate_s"], spent_before_s=spent_s,

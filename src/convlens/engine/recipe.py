@@ -98,6 +98,7 @@ def resolve(overrides: dict[str, Any], config_file: str | Path | None = None,
 
 def recipe_for(cfg: TrainConfig, chosen: Collection[str] = (), resume: str | Path | None = None) -> Recipe:
     """The data-dependent choices on top of a layered ``cfg`` (``chosen``: the keys a user set)."""
+    t0 = time.perf_counter()  # --time on a pretrained run counts from here (the sample decoded, the probe)
     chosen = frozenset(str(k).replace("-", "_") for k in chosen)
     world = {"nproc": distributed.from_env().world_size} if distributed.under_torchrun() else {}
     if resume is not None:  # the run's own choices, recorded in its config
@@ -116,7 +117,7 @@ def recipe_for(cfg: TrainConfig, chosen: Collection[str] = (), resume: str | Pat
         return Recipe(with_layers(cfg, below, {"pretrained": pretrained}, world), chosen, notes=notes)
     plan, backbone = None, None
     if cfg.time and not world:  # under torchrun the launcher has planned: its choices are flags
-        plan, backbone = pretrained_budget(cfg, chosen, pretrained, below.get("data") or cfg.data)
+        plan, backbone = pretrained_budget(cfg, chosen, pretrained, below.get("data") or cfg.data, t0)
         cfg = with_layers(cfg, {"pretrained": plan.backbone, "head_flip": plan.head_flip,
                                 "finetune_epochs": plan.finetune_epochs})
         pretrained = plan.backbone
@@ -140,12 +141,13 @@ def budget_options(cfg: TrainConfig, chosen: Collection[str], pretrained: str) -
     return options
 
 
-def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str, data: str) -> tuple[budget.PretrainedPlan, Backbone]:
+def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str, data: str,
+                      t0: float) -> tuple[budget.PretrainedPlan, Backbone]:
     """``--time`` on a pretrained run: each candidate backbone's feature speed probed on a batch,
-    the plan (:func:`~convlens.engine.budget.plan_pretrained`) and the chosen backbone as read."""
+    the plan (:func:`~convlens.engine.budget.plan_pretrained`) and the chosen backbone as read
+    (``t0``: when the resolution began, the budget's start)."""
     from convlens.config import parse_duration
 
-    t0 = time.perf_counter()
     options = budget_options(cfg, chosen, pretrained)
     backbones = {name: load_pretrained(name, cfg.arch if name == pretrained else None, cfg.max_pixels)
                  for name in dict.fromkeys(o.backbone for o in options)}
@@ -159,8 +161,8 @@ def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str
 def budget_note(plan: budget.PretrainedPlan) -> str:
     """The console line saying what ``--time`` chose, and from what."""
     speeds = ", ".join(f"{name} {s:.0f} img/s" for name, s in plan.feature_img_s.items())
-    return (f"time budget {budget.format_seconds(plan.budget_s)}: {plan.summary()} "
-            f"(estimated {budget.format_seconds(plan.estimate_s)} before fine-tuning; features {speeds})")
+    return (f"time budget {budget.format_seconds(plan.budget_s)}: {plan.summary(planned=True)} "
+            f"(the head {budget.format_seconds(plan.estimate_s)} at most, with nothing cached; features {speeds})")
 
 
 def choose_pretrained(cfg: TrainConfig, model_chosen: bool) -> str:

@@ -182,6 +182,9 @@ class FineTuner(Trainer):
                                                                          cfg.finetune_epochs))
             plan = replace(plan, finetune_epoch_s=epoch_s)
             self.set_epochs(1 + epochs)
+            say(self.console, f"time budget: {epochs} of {cfg.finetune_epochs} fine-tuning epochs of ~{epoch_s:.0f} s "
+                              f"fit what the head left ({budget.format_seconds(plan.budget_s - spent)}, "
+                              f"~{finish_s:.0f} s of it for the final evaluation)")
         return replace(plan, finetune_epochs=epochs)
 
     def _head_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
