@@ -9,8 +9,7 @@ the choices made from the data, once, into one immutable :class:`Recipe`:
 - a backbone: its weights read and hashed once (:class:`~convlens.engine.features.Backbone`),
   its preprocessing whole, and the ``pretrained`` recipe over the user's choices, each replaced
   choice named in a note;
-- under torchrun, ``nproc`` is the number of processes.
-
+- under torchrun, ``nproc`` is the number of processes;
 - ``--time`` on a pretrained run: the backbone, flip rows and fine-tuning the budget buys
   (:func:`pretrained_budget`; the planner is :func:`convlens.engine.budget.plan_pretrained`).
 
@@ -35,6 +34,7 @@ from convlens.config import (
     decode_size,
     flag_of,
     layer_train_config,
+    parse_duration,
     with_layers,
 )
 from convlens.data.decode import decode
@@ -146,8 +146,6 @@ def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str
     """``--time`` on a pretrained run: each candidate backbone's feature speed probed on a batch,
     the plan (:func:`~convlens.engine.budget.plan_pretrained`) and the chosen backbone as read
     (``t0``: when the resolution began, the budget's start)."""
-    from convlens.config import parse_duration
-
     options = budget_options(cfg, chosen, pretrained)
     backbones = {name: load_pretrained(name, cfg.arch if name == pretrained else None, cfg.max_pixels)
                  for name in dict.fromkeys(o.backbone for o in options)}
