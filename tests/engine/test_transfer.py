@@ -422,3 +422,7 @@ def test_time_budget_on_a_pretrained_run_records_its_plan(tmp_path: Path, lite0_
     assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["epochs"] == 2
     assert result.metrics["time_budget"]["backbone"] == str(lite0_file)
     assert "time budget 2m00s: " in out.file.getvalue()
+    tuner = object.__new__(transfer.FineTuner)  # the guard alone: 12 training images at 1 img/s need 12 s
+    tuner.n_train, tuner.budget_start = 12, transfer.time.perf_counter()
+    slow = dataclasses.replace(r.time_plan, budget_s=10.0, feature_img_s={str(lite0_file): 1.0})
+    assert tuner._budget_spent(slow) and not tuner._budget_spent(dataclasses.replace(slow, budget_s=60.0))

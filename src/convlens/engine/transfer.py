@@ -172,7 +172,7 @@ class FineTuner(Trainer):
             budget_s=parse_duration(cfg.time), backbone=cfg.pretrained, head_flip=cfg.head_flip,
             estimate_s=0.0, spent_before_s=0.0, feature_img_s={}, options=[], finetune_epochs=cfg.finetune_epochs)
         epochs = 0
-        if cfg.finetune_epochs:
+        if cfg.finetune_epochs and not self._budget_spent(plan):
             speed = self.measure_speed()
             val_batches = len(self.val_loader) if self.val_loader is not None else 0
             epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches)
@@ -181,10 +181,13 @@ class FineTuner(Trainer):
             epochs = self.dist.broadcast(budget.finetune_epochs_that_fit(plan.budget_s, spent, epoch_s, finish_s,
                                                                          cfg.finetune_epochs))
             plan = replace(plan, finetune_epoch_s=epoch_s)
-            self.set_epochs(1 + epochs)
             say(self.console, f"time budget: {epochs} of {cfg.finetune_epochs} fine-tuning epochs of ~{epoch_s:.0f} s "
                               f"fit what the head left ({budget.format_seconds(plan.budget_s - spent)}, "
                               f"~{finish_s:.0f} s of it for the final evaluation)")
+        elif cfg.finetune_epochs:
+            say(self.console, "time budget: too little left after the head for a fine-tuning epoch")
+        if cfg.finetune_epochs:
+            self.set_epochs(1 + epochs)
         return replace(plan, finetune_epochs=epochs)
 
     def _head_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -222,6 +225,13 @@ class FineTuner(Trainer):
         vl, va = loss_acc(val_x, prepared.val.labels) if val_x is not None else (None, None)
         return w, b, {"epoch": 1, "lr": 0.0, "train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va,
                       "img_per_s": len(train_y) / max(seconds, 1e-9), "seconds": seconds}
+
+    def _budget_spent(self, plan: budget.PretrainedPlan) -> bool:
+        """Whether what is left of the budget is less than one feature pass over the training
+        images (an epoch costs more): then not even the speed probe's steps are spent."""
+        img_s = plan.feature_img_s.get(plan.backbone)
+        left = plan.budget_s * budget.SAFETY - (time.perf_counter() - self.budget_start)
+        return img_s is not None and left < self.n_train / img_s
 
     def extra_metrics(self) -> dict[str, Any]:
         m, now = self.marks, time.perf_counter()
