@@ -166,10 +166,10 @@ RECIPES: dict[str, dict[str, Any]] = {
                "val_every": 1, "progressive": 0.0, "mixup": 0.0},
     # A pretrained backbone: the head fit as epoch 1, then fine-tuning (AdamW, cosine, validated
     # every epoch); none of the from-scratch recipe's crop margin, flip averaging, progressive
-    # resizing, mixup, EMA or time budget.
+    # resizing, mixup or EMA; --time chooses what the run does (engine.budget.plan_pretrained).
     "pretrained": {"channels": 3, "crop_margin": 0.0, "flip_average": False, "optimizer": "adamw",
                    "schedule": "cosine", "warmup_epochs": 0.0, "val_every": 1, "progressive": 0.0, "mixup": 0.0,
-                   "ema": False, "time": None},
+                   "ema": False},
 }
 PRESETS = ("default", "tutorial", "quick")  # the recipes a user may name
 

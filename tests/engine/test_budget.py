@@ -163,3 +163,44 @@ def test_a_pessimistic_probe_is_corrected_after_the_first_epoch(tmp_path: Path, 
     assert f"{plan['epochs']} epochs instead of {plan['planned_epochs']}" in out.file.getvalue()
     # The schedule was rebuilt for the new total: it still ends at its final learning rate.
     assert float(rows[-1]["lr"]) == pytest.approx(0.1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- pretrained runs
+LADDER = (budget.PretrainedOption("lite0"), budget.PretrainedOption("lite0", head_flip=True),
+          budget.PretrainedOption("lite2", head_flip=True, finetune_epochs=3))
+SPEEDS = {"lite0": 100.0, "lite2": 40.0}
+
+
+def _pick(budget_s: float, speeds: dict[str, float] = SPEEDS, spent_s: float = 2.0) -> budget.PretrainedOption:
+    plan = budget.plan_pretrained(budget_s, spent_s, 800, 200, speeds, LADDER)
+    return budget.PretrainedOption(plan.backbone, plan.head_flip, plan.finetune_epochs)
+
+
+def test_pretrained_plan_takes_the_most_preferred_option_that_fits() -> None:
+    cost = {o: 2.0 + budget.option_seconds(o, 800, 200, SPEEDS[o.backbone]) for o in LADDER}
+    assert cost[LADDER[0]] < cost[LADDER[1]] < cost[LADDER[2]]  # flips and the bigger backbone cost more
+    for option, seconds in cost.items():  # just enough budget for each option: that option
+        assert _pick(seconds / budget.SAFETY + 0.01) == option
+    assert _pick(cost[LADDER[1]] / budget.SAFETY - 0.01) == LADDER[0]  # a second short: the one before
+    assert _pick(1.0) == LADDER[0]  # nothing fits: the fastest, the default
+    tuned = (*LADDER[:1], budget.PretrainedOption("lite0", finetune_epochs=2))
+    plan = budget.plan_pretrained(1.0, 2.0, 800, 200, SPEEDS, tuned)  # as fast as the head: fine-tuning fits later
+    assert (plan.backbone, plan.finetune_epochs) == ("lite0", 2)
+    assert _pick(1e6, {"lite0": 100.0}) == LADDER[1]  # no probed speed for lite2: not a candidate
+    plan = budget.plan_pretrained(1e6, 2.0, 800, 200, SPEEDS, LADDER)
+    assert [o["estimate_s"] for o in plan.options] == pytest.approx(list(cost.values()))
+    assert plan.to_dict()["feature_img_s"] == SPEEDS and "lite2 head on flip-augmented rows" in plan.summary()
+
+
+def test_pretrained_plan_rejects_what_it_cannot_plan() -> None:
+    with pytest.raises(ValueError, match="budget"):
+        budget.plan_pretrained(0, 0, 10, 2, SPEEDS, LADDER)
+    with pytest.raises(ValueError, match="speed"):
+        budget.plan_pretrained(60, 0, 10, 2, {"other": 5.0}, LADDER)
+
+
+def test_finetune_epochs_fill_what_the_head_left() -> None:
+    # 100 s budget, 40 s spent, 10 s to finish: 97 - 50 = 47 s left, 15 s epochs -> 3
+    assert budget.finetune_epochs_that_fit(100, 40, 15, 10, most=10) == 3
+    assert budget.finetune_epochs_that_fit(100, 40, 15, 10, most=2) == 2  # at most what was asked
+    assert budget.finetune_epochs_that_fit(100, 95, 15, 10, most=10) == 0  # over already: none

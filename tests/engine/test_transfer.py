@@ -462,3 +462,28 @@ def test_pretrained_run_is_calibrated_and_knows_unknowns(tmp_path: Path, lite0_f
     assert "loss and accuracy per epoch" not in report  # no one-point curves without fine-tuning
     metrics = yaml.safe_load((result.run_dir / "metrics.json").read_text())
     assert metrics["calibration"]["uncalibrated"]["ece"] >= 0 and metrics["novelty"]["threshold"] == index.threshold
+
+
+def test_time_budget_on_a_pretrained_run_records_its_plan(tmp_path: Path, lite0_file: Path) -> None:
+    """--time on a pretrained run: the recipe probes the backbone and plans, the head is fitted,
+    the asked fine-tuning epoch fits what is left, and budget.json says so."""
+    data = make_dataset(tmp_path / "data", per_class=6, size=40)
+    cfg = _cfg(data, tmp_path, pretrained=str(lite0_file), time="2m", finetune_epochs=1, batch_size=4)
+    chosen = {"data", "pretrained", "time", "finetune_epochs", "batch_size"}
+    r = recipe.recipe_for(cfg, chosen)
+    assert r.time_plan is not None and r.time_plan.backbone == str(lite0_file)
+    assert r.time_plan.feature_img_s[str(lite0_file)] > 0 and r.time_plan.finetune_epochs == 1
+    assert any(n.startswith("time budget 2m00s: ") for n in r.notes)
+    out = quiet()
+    result = training.train(r, console=out)
+    plan = json.loads((result.run_dir / "budget.json").read_text())
+    assert plan["budget_s"] == 120 and plan["backbone"] == str(lite0_file) and plan["finetune_epochs"] == 1
+    assert plan["finetune_epoch_s"] > 0 and 0 < plan["used_s"] <= 1.1 * 120
+    assert [row["epoch"] for row in csv_rows(result.run_dir / "metrics.csv")] == ["1", "2"]  # head, then 1 epoch
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["epochs"] == 2
+    assert result.metrics["time_budget"]["backbone"] == str(lite0_file)
+    assert "time budget 2m00s: " in out.file.getvalue()
+    tuner = object.__new__(transfer.FineTuner)  # the guard alone: 12 training images at 1 img/s need 12 s
+    tuner.n_train, tuner.budget_start = 12, transfer.time.perf_counter()
+    slow = dataclasses.replace(r.time_plan, budget_s=10.0, feature_img_s={str(lite0_file): 1.0})
+    assert tuner._budget_spent(slow) and not tuner._budget_spent(dataclasses.replace(slow, budget_s=60.0))

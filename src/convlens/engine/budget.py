@@ -65,6 +65,10 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
+    def summary(self) -> str:
+        """The choice in a few words, for the console line and the report."""
+        return f"{self.epochs} epochs"
+
 
 def epoch_seconds(speed: Speed, steps_per_epoch: int, val_batches: int) -> float:
     """Expected seconds of one epoch: its training steps, its validation and the bookkeeping."""
@@ -192,3 +196,115 @@ def format_seconds(seconds: float) -> str:
     if s >= 3600:
         return f"{s // 3600}h{s // 60 % 60:02d}m"
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# ----------------------------------------------------------------------------- pretrained runs
+# ``--time`` on a pretrained run: the backbone's frozen features and the head fit are the run's
+# work, so the budget chooses what that work is (docs/benchmarks.md, "What --time buys a
+# pretrained run"), from the feature speed probed on a few batches of each candidate backbone.
+@dataclass(frozen=True)
+class PretrainedOption:
+    """One thing a pretrained run can do: a backbone's head, on flip-augmented rows or not, and
+    up to ``finetune_epochs`` fine-tuning epochs after it (as many as fit what the head leaves)."""
+
+    backbone: str
+    head_flip: bool = False
+    finetune_epochs: int = 0
+
+
+# In order of preference, each measured at least as accurate as the one before on the shared
+# datasets (docs/benchmarks.md, "What --time buys a pretrained run"): the planner takes the last
+# one whose estimate fits. The first is the default without --time. Two fine-tuning epochs after
+# the Lite0 head gained on imagenette8 (96.75% -> 97.5%, ECE 0.195 -> 0.100) and cat_breeds5 (+1
+# image), and the run keeps its best epoch, the head's included, so they cannot lose on the
+# validation set; more epochs were not measured. Not offered: Lite1/Lite2 (+1.25/+1.75 points on
+# imagenette8 but -3 on cat_breeds5, and 5-fold CV on the training rows does not tell the two
+# apart), flip-augmented rows (no gain on either) and concatenated backbones (no better than Lite2).
+PRETRAINED_OPTIONS: tuple[PretrainedOption, ...] = (
+    PretrainedOption("efficientnet_lite0"),
+    PretrainedOption("efficientnet_lite0", finetune_epochs=2),
+)
+HEAD_S = 5.0  # fitting the head on cached features (2-core CPU, with its regularisation search)
+DECODE_IMG_S = 150.0  # decoding into the cache at a backbone's size (2-core CPU, loaded: ~3x slower idle)
+REPORT_PASSES = 2  # the report scores the validation set through predict's path (fp32: ~2 bf16 passes)
+CHECK_IMAGES = 256  # finish_run's bf16-against-fp32 check (evaluate.bf16_check_size), counted as 3 passes
+
+
+@dataclass
+class PretrainedPlan:
+    """What ``--time`` chose for a pretrained run; saved as ``budget.json`` in the run folder."""
+
+    budget_s: float
+    backbone: str
+    head_flip: bool
+    estimate_s: float
+    spent_before_s: float
+    feature_img_s: dict[str, float]  # probed on a few batches of each candidate backbone
+    options: list[dict[str, Any]]  # every candidate with its estimate
+    finetune_epochs: int = 0  # at most this many; after the head, as many as fit what is left
+    finetune_epoch_s: float | None = None
+    used_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _rounded(v) for k, v in asdict(self).items()}
+
+    def summary(self, planned: bool = False) -> str:
+        """The choice in a few words, for the console line and the report (``planned``: before
+        the fine-tuning epochs are fitted, when they are a maximum)."""
+        rows = " on flip-augmented rows" if self.head_flip else ""
+        tune = (f", then {'up to ' if planned else ''}{self.finetune_epochs} fine-tuning epochs"
+                if self.finetune_epochs else "")
+        return f"{self.backbone} head{rows}{tune}"
+
+
+def _rounded(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 2)
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_rounded(x) for x in v]
+    return v
+
+
+def option_seconds(option: PretrainedOption, n_train: int, n_val: int, img_s: float) -> float:
+    """Expected wall time of a pretrained run's head doing ``option`` at ``img_s`` features per
+    second: decoding, the training rows (twice with flips) and validation rows, the head, and the
+    finish (the report's pass over the validation set, the bf16 check, the figures and the
+    bundle). Fine-tuning takes what is left (:func:`finetune_epochs_that_fit`)."""
+    if img_s <= 0:
+        raise ValueError(f"the feature speed must be positive. Received: img_s={img_s}")
+    rows = n_train * (2 if option.head_flip else 1) + n_val
+    check = min(CHECK_IMAGES, n_val) * 3
+    return ((n_train + n_val) / DECODE_IMG_S + rows / img_s + HEAD_S
+            + (REPORT_PASSES * n_val + check) / img_s + FINISH_OVERHEAD_S)
+
+
+def plan_pretrained(budget_s: float, spent_s: float, n_train: int, n_val: int, feature_img_s: dict[str, float],
+                    options: tuple[PretrainedOption, ...] = PRETRAINED_OPTIONS) -> PretrainedPlan:
+    """The most preferred of ``options`` (the last) whose estimate fits the budget, among those
+    whose backbone has a probed speed; when none fits, the fastest (the most preferred of equally
+    fast ones: their fine-tuning epochs are fitted later to what is left, maybe none)."""
+    if budget_s <= 0:
+        raise ValueError(f"the budget must be positive. Received: budget_s={budget_s}")
+    known = [o for o in options if o.backbone in feature_img_s]
+    if not known:
+        raise ValueError(f"no option's backbone has a measured speed. Received: {sorted(feature_img_s)}")
+    rows = [{"backbone": o.backbone, "head_flip": o.head_flip, "finetune_epochs": o.finetune_epochs,
+             "estimate_s": spent_s + option_seconds(o, n_train, n_val, feature_img_s[o.backbone])} for o in known]
+    fits = [i for i, r in enumerate(rows) if r["estimate_s"] <= budget_s * SAFETY]
+    if not fits:  # the fastest; of equally fast ones the most preferred (fine-tuning then fits what is left: maybe none)
+        fastest = min(r["estimate_s"] for r in rows)
+        fits = [i for i, r in enumerate(rows) if r["estimate_s"] == fastest]
+    pick = fits[-1]
+    chosen = known[pick]
+    return PretrainedPlan(budget_s=budget_s, backbone=chosen.backbone, head_flip=chosen.head_flip,
+                          finetune_epochs=chosen.finetune_epochs, estimate_s=rows[pick]["estimate_s"], spent_before_s=spent_s,
+                          feature_img_s=dict(feature_img_s), options=rows)
+
+
+def finetune_epochs_that_fit(budget_s: float, spent_s: float, epoch_s: float, finish_s: float, most: int) -> int:
+    """The fine-tuning epochs (0 to ``most``) that fit what is left of the budget after the head."""
+    if epoch_s <= 0:
+        raise ValueError(f"the epoch time must be positive. Received: epoch_s={epoch_s}")
+    return max(0, min(most, math.floor((budget_s * SAFETY - spent_s - finish_s) / epoch_s)))

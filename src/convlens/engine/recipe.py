@@ -9,7 +9,9 @@ the choices made from the data, once, into one immutable :class:`Recipe`:
 - a backbone: its weights read and hashed once (:class:`~convlens.engine.features.Backbone`),
   its preprocessing whole, and the ``pretrained`` recipe over the user's choices, each replaced
   choice named in a note;
-- under torchrun, ``nproc`` is the number of processes.
+- under torchrun, ``nproc`` is the number of processes;
+- ``--time`` on a pretrained run: the backbone, flip rows and fine-tuning the budget buys
+  (:func:`pretrained_budget`; the planner is :func:`convlens.engine.budget.plan_pretrained`).
 
 After this only ``--time`` changes the number of epochs (the trainer's budget, in one place).
 A resumed run takes its own saved configuration; nothing is chosen again.
@@ -17,8 +19,9 @@ A resumed run takes its own saved configuration; nothing is chosen again.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +34,14 @@ from convlens.config import (
     decode_size,
     flag_of,
     layer_train_config,
+    parse_duration,
     with_layers,
 )
 from convlens.data.decode import decode
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import scan
-from convlens.engine import distributed
-from convlens.engine.features import Backbone, load_pretrained
+from convlens.engine import budget, distributed
+from convlens.engine.features import Backbone, feature_speed, load_pretrained
 from convlens.engine.resume import resume_config
 from convlens.errors import ConfigError, ImageError
 
@@ -55,6 +59,7 @@ class Recipe:
     backbone: Backbone | None = None
     resume: Path | None = None
     notes: tuple[str, ...] = ()
+    time_plan: budget.PretrainedPlan | None = None  # --time on a pretrained run: what it chose
 
     @property
     def pretrained(self) -> bool:
@@ -93,6 +98,7 @@ def resolve(overrides: dict[str, Any], config_file: str | Path | None = None,
 
 def recipe_for(cfg: TrainConfig, chosen: Collection[str] = (), resume: str | Path | None = None) -> Recipe:
     """The data-dependent choices on top of a layered ``cfg`` (``chosen``: the keys a user set)."""
+    t0 = time.perf_counter()  # --time on a pretrained run counts from here (the sample decoded, the probe)
     chosen = frozenset(str(k).replace("-", "_") for k in chosen)
     world = {"nproc": distributed.from_env().world_size} if distributed.under_torchrun() else {}
     if resume is not None:  # the run's own choices, recorded in its config
@@ -109,9 +115,52 @@ def recipe_for(cfg: TrainConfig, chosen: Collection[str] = (), resume: str | Pat
     if pretrained == "none":
         notes = unused_backbone_options(chosen)
         return Recipe(with_layers(cfg, below, {"pretrained": pretrained}, world), chosen, notes=notes)
-    backbone = load_pretrained(pretrained, cfg.arch, cfg.max_pixels)
+    plan, backbone = None, None
+    if cfg.time and not world:  # under torchrun the launcher has planned: its choices are flags
+        plan, backbone = pretrained_budget(cfg, chosen, pretrained, below.get("data") or cfg.data, t0)
+        cfg = with_layers(cfg, {"pretrained": plan.backbone, "head_flip": plan.head_flip,
+                                "finetune_epochs": plan.finetune_epochs})
+        pretrained = plan.backbone
+    backbone = backbone or load_pretrained(pretrained, cfg.arch, cfg.max_pixels)
     final = with_layers(cfg, below, {"pretrained": pretrained}, backbone_layer(cfg, backbone), world)
-    return Recipe(final, chosen, backbone, notes=replaced_options(cfg, final, chosen))
+    notes = replaced_options(cfg, final, chosen) + ((budget_note(plan),) if plan else ())
+    return Recipe(final, chosen, backbone, notes=notes, time_plan=plan)
+
+
+def budget_options(cfg: TrainConfig, chosen: Collection[str], pretrained: str) -> tuple[budget.PretrainedOption, ...]:
+    """The options ``--time`` chooses among: :data:`~convlens.engine.budget.PRETRAINED_OPTIONS`
+    on ``pretrained``'s backbone when the user named one (every backbone with ``auto``), with the
+    user's own ``--head-flip``/``--finetune-epochs`` kept (fine-tuning then up to their N)."""
+    options = budget.PRETRAINED_OPTIONS
+    if cfg.pretrained != "auto":
+        options = tuple(dict.fromkeys(replace(o, backbone=pretrained) for o in options))
+    if "head_flip" in chosen:
+        options = tuple(dict.fromkeys(replace(o, head_flip=cfg.head_flip) for o in options))
+    if "finetune_epochs" in chosen:
+        options = tuple(dict.fromkeys(replace(o, finetune_epochs=cfg.finetune_epochs) for o in options))
+    return options
+
+
+def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str, data: str,
+                      t0: float) -> tuple[budget.PretrainedPlan, Backbone]:
+    """``--time`` on a pretrained run: each candidate backbone's feature speed probed on a batch,
+    the plan (:func:`~convlens.engine.budget.plan_pretrained`) and the chosen backbone as read
+    (``t0``: when the resolution began, the budget's start)."""
+    options = budget_options(cfg, chosen, pretrained)
+    backbones = {name: load_pretrained(name, cfg.arch if name == pretrained else None, cfg.max_pixels)
+                 for name in dict.fromkeys(o.backbone for o in options)}
+    speeds = {name: feature_speed(b) for name, b in backbones.items()}
+    n = len(scan(data).entries)
+    n_val = round(n * cfg.val_fraction)
+    plan = budget.plan_pretrained(parse_duration(cfg.time), time.perf_counter() - t0, n - n_val, n_val, speeds, options)
+    return plan, backbones[plan.backbone]
+
+
+def budget_note(plan: budget.PretrainedPlan) -> str:
+    """The console line saying what ``--time`` chose, and from what."""
+    speeds = ", ".join(f"{name} {s:.0f} img/s" for name, s in plan.feature_img_s.items())
+    return (f"time budget {budget.format_seconds(plan.budget_s)}: {plan.summary(planned=True)} "
+            f"(the head {budget.format_seconds(plan.estimate_s)} at most, with nothing cached; features {speeds})")
 
 
 def choose_pretrained(cfg: TrainConfig, model_chosen: bool) -> str:

@@ -150,7 +150,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
                            batch_size=cfg.batch_size, history=history if curves is not None else None,
                            curves=curves, config_yaml=config_yaml,
                            title=f"convlens run {run_dir.name}", subtitle=f"validation set of {cfg.data}"
-                           + (f"; time budget {cfg.time}: {cfg.epochs} epochs" if plan is not None else ""),
+                           + (f"; time budget {cfg.time}: {plan.summary()}" if plan is not None else ""),
                            console=console, outputs=val_out, novelty=index, training=training,
                            notes=[agreement_note(agreement)] if agreement is not None else [])
         summary.update(val_accuracy=metrics["accuracy"], val_loss=metrics["loss"],

@@ -430,7 +430,7 @@ class Trainer:
             self.plan.used_s = time.perf_counter() - self.t0
             write_json(self.run_dir / "budget.json", self.plan.to_dict())
             say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
-                               f"{cfg.epochs} epochs in {budget.format_seconds(self.plan.used_s)}")
+                               f"{self.plan.summary()} in {budget.format_seconds(self.plan.used_s)}")
             result.metrics["time_budget"] = self.plan.to_dict()
         return result
 
@@ -439,8 +439,9 @@ class Trainer:
         """What validation, best-epoch selection and the bundle use: the EMA weights with --ema."""
         return self.ema.module if self.ema is not None else self.model
 
-    def _plan_time(self) -> budget.Plan:
-        """``--time``: measure the speed on a few steps, then fix the epochs and the schedule."""
+    def measure_speed(self, size: tuple[int, int] | None = None, validation: bool = True) -> budget.Speed:
+        """Seconds per training step (at ``size``, None = the full size) and per validation batch,
+        measured on a throw-away copy of the model (:func:`budget.measure_speed`)."""
         from convlens.data.loader import to_model_input
 
         cfg, dev = self.cfg, self.dev
@@ -457,18 +458,20 @@ class Trainer:
                 model(to_model_input(batch[0].to(dev.device), self.prep, channels_last=cfg.channels_last))
 
         self.train_loader.set_epoch(0)
-        speed = budget.measure_speed(self.model, self.optimizer, step_at(None), self.train_loader, validate,
-                                     self.val_loader)
+        return budget.measure_speed(self.model, self.optimizer, step_at(size), self.train_loader, validate,
+                                    self.val_loader if validation else None)
+
+    def _plan_time(self) -> budget.Plan | None:
+        """``--time``: measure the speed on a few steps, then fix the epochs and the schedule."""
+        cfg = self.cfg
+        speed = self.measure_speed()
         val_batches = len(self.val_loader) if self.val_loader is not None else 0
         epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches / cfg.val_every)
         small_s = small_step_s = None  # progressive resizing: its epochs at the smaller size cost less (measured)
         if cfg.progressive > 0:
-            small_step_s = budget.measure_speed(self.model, self.optimizer, step_at(progressive_side(cfg.image_size)),
-                                                self.train_loader, validate, None).step_s
+            small_step_s = self.measure_speed(progressive_side(cfg.image_size), validation=False).step_s
             small_s = epoch_s - self.steps_per_epoch * (speed.step_s - small_step_s)
-        checked = bf16_check_size(self.n_val, dev.device)  # finish_run's bf16 check (evaluate.bf16_agreement)
-        finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1,
-                                         math.ceil(checked / cfg.batch_size))
+        finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1, self.check_batches())
         limit = parse_duration(cfg.time)
         spent = time.perf_counter() - self.t0
         times = (epoch_s, finish_s, spent, small_s, cfg.progressive)
@@ -482,11 +485,15 @@ class Trainer:
                            f"(estimated {budget.format_seconds(plan.estimate_s)} in all)")
         return plan
 
+    def check_batches(self) -> int:
+        """Batches of finish_run's bf16-against-fp32 check (evaluate.bf16_agreement)."""
+        return math.ceil(bf16_check_size(self.n_val, self.dev.device) / self.cfg.batch_size)
+
     def set_epochs(self, epochs: int) -> None:
         """``--time``'s number of epochs: the one change made to a resolved configuration (the
-        schedule is rebuilt for it and config.yaml follows)."""
+        schedule is rebuilt for the epochs after :attr:`first_epoch` and config.yaml follows)."""
         self.cfg = replace(self.cfg, epochs=epochs)
-        self.scheduler = create_scheduler(self.optimizer, self.cfg, self.steps_per_epoch, epochs)
+        self.scheduler = create_scheduler(self.optimizer, self.cfg, self.steps_per_epoch, epochs - self.first_epoch)
         if self.dist.is_main:
             write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
 

@@ -39,7 +39,8 @@ def train(recipe: Recipe | TrainConfig, console: Console | None = None,
         for note in recipe.notes:
             say(console, note)
     if recipe.backbone is not None:
-        return FineTuner(recipe.cfg, recipe.backbone, resume=recipe.resume, console=console).fit(on_step)
+        return FineTuner(recipe.cfg, recipe.backbone, resume=recipe.resume, console=console,
+                         time_plan=recipe.time_plan).fit(on_step)
     return Trainer(recipe.cfg, resume=recipe.resume, console=console).fit(on_step)
 
 
@@ -51,7 +52,10 @@ def train_command(overrides: dict[str, Any], config_file: str | None = None, res
         distributed.preflight(cfg.nproc, cfg.batch_size, cfg.device, cfg.precision)  # fail before starting
         prepare_data(cfg, Console(), backbone=recipe.backbone)  # check and cache once, before N processes start
         # Every process trains the same: the backbone chosen here, not again from the data.
-        args = {**overrides, "pretrained": cfg.pretrained} if resume is None else overrides
+        # With --time, the launcher's plan too (each process would probe the speeds again).
+        chose = {"pretrained": cfg.pretrained} if recipe.time_plan is None else {
+            "pretrained": cfg.pretrained, "head_flip": cfg.head_flip, "finetune_epochs": cfg.finetune_epochs}
+        args = {**overrides, **chose} if resume is None else overrides
         return distributed.launch(cfg.nproc, distributed.cli_arguments(args, config_file, resume))
     try:
         train(recipe)

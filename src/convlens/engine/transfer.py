@@ -23,7 +23,7 @@ on photos, or ``--pretrained NAME|PATH``), as :class:`FineTuner`, with the backb
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from convlens.config import TrainConfig
+from convlens.config import TrainConfig, parse_duration
+from convlens.engine import budget
 from convlens.engine.distributed import Dist
 from convlens.engine.factory import class_weights, classification_loss, correct_count, soft_targets
 from convlens.engine.features import Backbone, cached_features, subset_hashes
@@ -200,9 +201,11 @@ class FineTuner(Trainer):
     first_epoch = 1  # the head fit
 
     def __init__(self, cfg: TrainConfig, backbone: Backbone, resume: str | Path | None = None,
-                 console: Console | None = None) -> None:
+                 console: Console | None = None, time_plan: budget.PretrainedPlan | None = None) -> None:
         self.backbone = backbone
         self.marks = {"start": time.perf_counter()}
+        self.time_plan = time_plan  # --time: what the recipe chose (its probe counts as time spent)
+        self.budget_start = self.marks["start"] - (time_plan.spent_before_s if time_plan else 0.0)
         super().__init__(cfg, resume=resume, console=console)
 
     def prepare(self, cfg: TrainConfig, split_file: Path | None) -> Any:
@@ -247,6 +250,39 @@ class FineTuner(Trainer):
                           + f"  {row['seconds']:.1f}s")
         self.start_epoch = 1
         self.record(row)
+        if self.cfg.time:
+            self.plan = self._fit_finetuning_to_budget()
+
+    def _plan_time(self) -> None:
+        """The from-scratch plan does not apply: the recipe chose what the budget buys
+        (:func:`budget.plan_pretrained`) and :meth:`begin` fits the fine-tuning epochs after the head."""
+        return None
+
+    def _fit_finetuning_to_budget(self) -> budget.PretrainedPlan:
+        """``--time``, after the head: as many of the planned fine-tuning epochs as fit what is
+        left, from a few measured steps; the schedule is rebuilt for them."""
+        cfg = self.cfg
+        plan = self.time_plan or budget.PretrainedPlan(  # under torchrun: the launcher's choice, as flags
+            budget_s=parse_duration(cfg.time), backbone=cfg.pretrained, head_flip=cfg.head_flip,
+            estimate_s=0.0, spent_before_s=0.0, feature_img_s={}, options=[], finetune_epochs=cfg.finetune_epochs)
+        epochs = 0
+        if cfg.finetune_epochs and not self._budget_spent(plan):
+            speed = self.measure_speed()
+            val_batches = len(self.val_loader) if self.val_loader is not None else 0
+            epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches)
+            finish_s = budget.finish_seconds(speed, val_batches, budget.REPORT_PASSES, self.check_batches())
+            spent = time.perf_counter() - self.budget_start
+            epochs = self.dist.broadcast(budget.finetune_epochs_that_fit(plan.budget_s, spent, epoch_s, finish_s,
+                                                                         cfg.finetune_epochs))
+            plan = replace(plan, finetune_epoch_s=epoch_s)
+            say(self.console, f"time budget: {epochs} of {cfg.finetune_epochs} fine-tuning epochs of ~{epoch_s:.0f} s "
+                              f"fit what the head left ({budget.format_seconds(plan.budget_s - spent)}, "
+                              f"~{finish_s:.0f} s of it for the final evaluation)")
+        elif cfg.finetune_epochs:
+            say(self.console, "time budget: too little left after the head for a fine-tuning epoch")
+        if cfg.finetune_epochs:
+            self.set_epochs(1 + epochs)
+        return replace(plan, finetune_epochs=epochs)
 
     def _head_features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(training features, their labels, the mirrored images' features with --head-flip,
@@ -341,6 +377,13 @@ class FineTuner(Trainer):
         elif self.cfg.finetune_epochs:
             rows["fine-tuning"] = f"{self.cfg.finetune_epochs} epochs; best epoch {self.best.get('epoch')}"
         return rows
+
+    def _budget_spent(self, plan: budget.PretrainedPlan) -> bool:
+        """Whether what is left of the budget is less than one feature pass over the training
+        images (an epoch costs more): then not even the speed probe's steps are spent."""
+        img_s = plan.feature_img_s.get(plan.backbone)
+        left = plan.budget_s * budget.SAFETY - (time.perf_counter() - self.budget_start)
+        return img_s is not None and left < self.n_train / img_s
 
     def extra_metrics(self) -> dict[str, Any]:
         m, now = self.marks, time.perf_counter()
