@@ -204,3 +204,14 @@ def test_finetune_epochs_fill_what_the_head_left() -> None:
     assert budget.finetune_epochs_that_fit(100, 40, 15, 10, most=10) == 3
     assert budget.finetune_epochs_that_fit(100, 40, 15, 10, most=2) == 2  # at most what was asked
     assert budget.finetune_epochs_that_fit(100, 95, 15, 10, most=10) == 0  # over already: none
+
+
+def test_the_budget_note_says_when_even_the_fastest_path_is_over_the_budget() -> None:
+    from convlens.engine.recipe import budget_note
+
+    def plan(estimate_s: float) -> budget.PretrainedPlan:
+        return budget.plan_pretrained(60.0, 0.0, 2000, 1000, {"efficientnet_lite0": 2000 * 3000 / estimate_s})
+
+    fits, over = plan(30.0), budget.plan_pretrained(60.0, 0.0, 2000, 1000, {"efficientnet_lite0": 20.0})
+    assert fits.estimate_s <= 60 and "more than the budget" not in budget_note(fits)
+    assert over.estimate_s > 60 and "more than the budget" in budget_note(over)

@@ -159,8 +159,11 @@ def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str
 def budget_note(plan: budget.PretrainedPlan) -> str:
     """The console line saying what ``--time`` chose, and from what."""
     speeds = ", ".join(f"{name} {s:.0f} img/s" for name, s in plan.feature_img_s.items())
+    over = ("; that is more than the budget: nothing faster fits this data here"
+            if plan.estimate_s > plan.budget_s else "")
     return (f"time budget {budget.format_seconds(plan.budget_s)}: {plan.summary(planned=True)} "
-            f"(the head {budget.format_seconds(plan.estimate_s)} at most, with nothing cached; features {speeds})")
+            f"(the head {budget.format_seconds(plan.estimate_s)} at most, with nothing cached{over}; "
+            f"features {speeds})")
 
 
 def choose_pretrained(cfg: TrainConfig, model_chosen: bool) -> str:
