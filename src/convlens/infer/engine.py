@@ -123,15 +123,18 @@ def _cached(model: Path, record: Path, key: str) -> bool:
 
 
 def cached_onnx(bundle: str | os.PathLike[str], meta: BundleMeta, folder: Path | None = None,
-                before_export: Callable[[], object] | None = None) -> tuple[Path, bool]:
+                before_export: Callable[[], object] | None = None, export: bool = True) -> tuple[Path | None, bool]:
     """The verified fp32 ONNX export of ``bundle`` (with a ``pooled`` output) and whether it was
-    exported now (``before_export`` is called first). Raises
-    :class:`convlens.export.onnx.ExportError` when it cannot be exported."""
+    exported now (``before_export`` is called first); with ``export=False`` only a cached one
+    (else ``(None, False)``). Raises :class:`convlens.export.onnx.ExportError` when it cannot
+    be exported."""
     key = cache_key(bundle, meta)
     folder = folder or cache_folder()
     model, record = folder / f"{key}.onnx", folder / f"{key}.json"
     if _cached(model, record, key):
         return model, False
+    if not export:
+        return None, False
     if before_export is not None:
         before_export()
     from convlens.export.onnx import export_onnx
@@ -184,13 +187,9 @@ def onnx_engine(bundle: Path, meta: BundleMeta, engine: str, torch_backend: Call
     and a job of ``images`` images (when known) is too short to pay for it."""
     from convlens.export.onnx import ExportError
 
-    if engine == "auto" and images is not None and images < EXPORT_PAYS_OFF:
-        key = cache_key(bundle, meta)
-        folder = cache_folder()
-        if not _cached(folder / f"{key}.onnx", folder / f"{key}.json", key):
-            return None
+    short = engine == "auto" and images is not None and images < EXPORT_PAYS_OFF
     try:
-        path, _ = cached_onnx(bundle, meta, before_export=lambda: print(
+        path, _ = cached_onnx(bundle, meta, export=not short, before_export=lambda: print(
             f"note: preparing {bundle.name} for onnxruntime (a verified export, once: later runs reuse it; "
             "--engine torch skips it)", file=sys.stderr, flush=True))
     except (ExportError, OSError) as e:  # a damaged bundle (BundleError) is never papered over
@@ -199,4 +198,4 @@ def onnx_engine(bundle: Path, meta: BundleMeta, engine: str, torch_backend: Call
         print(f"note: running {bundle.name} with torch: its onnxruntime export failed ({first_line(e)})",
               file=sys.stderr)
         return None
-    return BundleOnnxBackend(path, torch_backend, threads=onnx_threads())
+    return None if path is None else BundleOnnxBackend(path, torch_backend, threads=onnx_threads())
