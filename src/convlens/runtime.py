@@ -152,28 +152,29 @@ def autocast(dev: DeviceInfo) -> Iterator[None]:
             yield
 
 
-def model_logits(model: Any, x: Any, dev: DeviceInfo) -> Any:
-    """The one inference forward pass: inference mode, ``dev``'s precision, float32 logits.
-
-    Under autocast the first convolution runs in fp32 unless bf16 holds the inputs exactly
-    (:func:`first_conv_in_fp32` decides, once per batch).
-    """
+@contextlib.contextmanager
+def inference_pass(model: Any, dev: DeviceInfo) -> Iterator[None]:
+    """The one inference forward pass's set-up: inference mode in ``dev``'s precision; under
+    autocast the first convolution runs in fp32 unless bf16 holds the inputs exactly
+    (:func:`first_conv_in_fp32` decides, once per batch)."""
     import torch
 
     if dev.amp_dtype is not None:
         first_conv_in_fp32(model)
     with torch.inference_mode(), autocast(dev):
+        yield
+
+
+def model_logits(model: Any, x: Any, dev: DeviceInfo) -> Any:
+    """The one inference forward pass (:func:`inference_pass`): float32 logits."""
+    with inference_pass(model, dev):
         return model(x).float()
 
 
 def model_pooled(model: Any, x: Any, dev: DeviceInfo) -> tuple[Any, Any]:
     """:func:`model_logits`' pass through ``model.forward_pooled``: float32 ``(logits, pooled)``,
     the pooled features (N x C) computed in the same forward pass as the logits."""
-    import torch
-
-    if dev.amp_dtype is not None:
-        first_conv_in_fp32(model)
-    with torch.inference_mode(), autocast(dev):
+    with inference_pass(model, dev):
         logits, pooled = model.forward_pooled(x)
         return logits.float(), pooled.float()
 

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,23 +105,29 @@ def load_labelled_folder(root: str | os.PathLike[str], meta: BundleMeta, workers
                           np.asarray(labels, dtype=np.int64), paths, skipped, note)
 
 
-def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64,
-                   device: str = "cpu", precision: str = "auto") -> np.ndarray:
-    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images, through
-    ``convlens predict``'s own backend (:class:`convlens.infer.TorchBackend`): the same
-    normalisation, layout, precision and forward pass."""
+@contextlib.contextmanager
+def _torch_backend(model: torch.nn.Module, device: str, precision: str) -> Iterator[Any]:
+    """``convlens predict``'s own backend (:class:`convlens.infer.TorchBackend`) over the caller's
+    model, whose layout is put back afterwards (a bundle is saved from contiguous weights)."""
     import torch
 
     from convlens.infer import TorchBackend
 
-    # The caller's model keeps its layout (a bundle is saved from contiguous weights).
     contiguous = all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
     backend = TorchBackend(model, device, precision)
     try:
-        return backend_logits(backend, images, prep, batch_size)
+        yield backend
     finally:
         if contiguous and backend.channels_last:
             model.to(memory_format=torch.contiguous_format)
+
+
+def predict_logits(model: torch.nn.Module, images: Any, prep: Any, batch_size: int = 64,
+                   device: str = "cpu", precision: str = "auto") -> np.ndarray:
+    """Logits ``(N, out_units)`` in float32 for uint8 ``N x H x W x C`` images, through
+    ``convlens predict``'s own backend: the same normalisation, layout, precision and forward pass."""
+    with _torch_backend(model, device, precision) as backend:
+        return backend_logits(backend, images, prep, batch_size)
 
 
 def backend_logits(backend: Any, images: Any, prep: Any, batch_size: int = 64) -> np.ndarray:
@@ -151,31 +158,8 @@ def predict_outputs(model: torch.nn.Module, images: Any, prep: Any, batch_size: 
     """Logits ``(N, out_units)`` and pooled features ``(N, C)`` (float32) in one pass of
     :meth:`ConvlensModel.forward_pooled`, with :func:`predict_logits`'s backend, normalisation,
     layout and precision: the features novelty is measured in, from the pass the report uses."""
-    import torch
-
-    from convlens import runtime
-    from convlens.data.loader import to_model_input
-    from convlens.infer import TorchBackend
-
-    contiguous = all(p.is_contiguous() for p in model.parameters() if p.ndim == 4)
-    backend = TorchBackend(model, device, precision)
-    logits, pooled = [], []
-    try:
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(backend.device)
-            x = to_model_input(x, prep, channels_last=backend.channels_last, low_precision=backend.dev.amp_dtype)
-            if backend.dev.amp_dtype is not None:
-                runtime.first_conv_in_fp32(backend.model)
-            with torch.inference_mode(), runtime.autocast(backend.dev):
-                z, f = backend.model.forward_pooled(x)
-            logits.append(z.float().cpu().numpy().reshape(len(x), -1))
-            pooled.append(f.float().cpu().numpy())
-    finally:
-        if contiguous and backend.channels_last:
-            model.to(memory_format=torch.contiguous_format)
-    if not logits:
-        return np.zeros((0, 1), dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(logits).astype(np.float32), np.concatenate(pooled).astype(np.float32)
+    with _torch_backend(model, device, precision) as backend:
+        return backend_outputs(backend, images, prep, batch_size)
 
 
 def predict_probabilities(model: torch.nn.Module, meta: BundleMeta, images: Any, batch_size: int = 64,
