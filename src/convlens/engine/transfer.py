@@ -176,21 +176,41 @@ def trainable_units(model: Any) -> list[torch.nn.Module]:
     return [m for _, _, m in units[-max(2, len(units) // 4):]]
 
 
-def finetune_start(backbone: Backbone, prepared: Any, cfg: TrainConfig, device: str = "cpu") -> torch.nn.Module:
-    """The model fine-tuning starts from: the backbone with its head fitted on the (cached)
-    training features and only :func:`trainable_units` trainable (what lr-find sweeps)."""
-    num_classes = len(prepared.classes)
+def fit_head(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, *, flipped: np.ndarray | None = None,
+             weights: torch.Tensor | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, HeadChoice]:
+    """The head a pretrained run fits: its L2 chosen by :func:`select_head`, then fitted on all
+    the training rows (and their mirrors' with ``flipped``). Training and lr-find both use it."""
+    choice = select_head(train_x, train_y, num_classes, flipped=flipped, weights=weights, seed=seed)
+    fit_x, fit_y = (train_x, train_y) if flipped is None else (np.concatenate([train_x, flipped]),
+                                                               np.concatenate([train_y, train_y]))
+    w, b = fit_linear_head(fit_x, fit_y, num_classes, weights=weights, label_smoothing=choice.label_smoothing,
+                           l2=choice.l2)
+    return w, b, choice
+
+
+def fine_tuning_model(backbone: Backbone, num_classes: int) -> torch.nn.Module:
+    """The backbone for ``num_classes`` (the weights as read once by the recipe) with only
+    :func:`trainable_units` trainable: what fine-tuning updates."""
     model = backbone.create(num_classes)
-    weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
-    w, b = fit_linear_head(_features(backbone, prepared, prepared.train, cfg, Dist()), prepared.train.labels, num_classes,
-                           weights=weights, label_smoothing=cfg.label_smoothing)
+    model.requires_grad_(False)
+    for unit in trainable_units(model):
+        unit.requires_grad_(True)
+    return model
+
+
+def finetune_start(backbone: Backbone, prepared: Any, cfg: TrainConfig, device: str = "cpu") -> torch.nn.Module:
+    """The model fine-tuning starts from, as training fits it: the head of :func:`fit_head` on the
+    (cached) training features, only the last units trainable (what lr-find sweeps)."""
+    num_classes = len(prepared.classes)
+    model = fine_tuning_model(backbone, num_classes)
+    flipped = _features(backbone, prepared, prepared.train, cfg, Dist(), flip=True) if cfg.head_flip else None
+    w, b, _ = fit_head(_features(backbone, prepared, prepared.train, cfg, Dist()), prepared.train.labels,
+                       num_classes, flipped=flipped, seed=cfg.seed,
+                       weights=class_weights(prepared.train.labels, num_classes, cfg.class_weights))
     fc = model.gap_linear_head()
     with torch.no_grad():
         fc.weight.copy_(w)
         fc.bias.copy_(b)
-    model.requires_grad_(False)
-    for unit in trainable_units(model):
-        unit.requires_grad_(True)
     return model.to(device)
 
 
@@ -224,11 +244,7 @@ class FineTuner(Trainer):
 
     def build_model(self, num_classes: int) -> torch.nn.Module:
         """The backbone (its head fitted in :meth:`begin`, or restored), only the last units training."""
-        model = self.backbone.create(num_classes)  # the weights as read once by the recipe
-        model.requires_grad_(False)
-        for unit in trainable_units(model):
-            unit.requires_grad_(True)
-        model = model.to(self.dev.device)
+        model = fine_tuning_model(self.backbone, num_classes).to(self.dev.device)
         return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
     def set_train_mode(self) -> None:
@@ -307,11 +323,9 @@ class FineTuner(Trainer):
         t = time.perf_counter()
         num_classes = len(self.classes)
         weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
-        choice = select_head(train_x, train_y, num_classes, flipped=flip_x, weights=weights, seed=cfg.seed)
+        w, b, choice = fit_head(train_x, train_y, num_classes, flipped=flip_x, weights=weights, seed=cfg.seed)
         fit_x, fit_y = (train_x, train_y) if flip_x is None else (np.concatenate([train_x, flip_x]),
                                                                   np.concatenate([train_y, train_y]))
-        w, b = fit_linear_head(fit_x, fit_y, num_classes, weights=weights, label_smoothing=choice.label_smoothing,
-                               l2=choice.l2)
         seconds = time.perf_counter() - t
         self.head = {"choice": choice.to_dict(), "calibration": None if choice.oof_logits is None else
                      calibration_record(choice.oof_logits, train_y, fit_temperature(choice.oof_logits, train_y),
