@@ -150,8 +150,11 @@ def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str
     backbones = {name: load_pretrained(name, cfg.arch if name == pretrained else None, cfg.max_pixels)
                  for name in dict.fromkeys(o.backbone for o in options)}
     speeds = {name: feature_speed(b) for name, b in backbones.items()}
-    n = len(scan(data).entries)
-    n_val = round(n * cfg.val_fraction)
+    entries = scan(data).entries
+    n = len(entries)
+    # A pre-split folder's own validation set; else the share the split will hold out.
+    n_val = (sum(e.subset == "val" for e in entries) if any(e.subset for e in entries)
+             else round(n * cfg.val_fraction))
     plan = budget.plan_pretrained(parse_duration(cfg.time), time.perf_counter() - t0, n - n_val, n_val, speeds, options)
     return plan, backbones[plan.backbone]
 
