@@ -47,13 +47,18 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
+    """``path``, or its nearest parent that exists (a folder a write will make may not yet)."""
+    p = Path(path).absolute()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return p
+
+
 def free_bytes(folder: str | os.PathLike[str]) -> int:
     """Bytes a normal user may still write on the filesystem of ``folder`` (or of its nearest
     existing parent: the folder may not be made yet)."""
-    p = Path(folder).absolute()
-    while not p.exists() and p.parent != p:
-        p = p.parent
-    return shutil.disk_usage(p).free
+    return shutil.disk_usage(nearest_existing(folder)).free
 
 
 def ensure_space(folder: str | os.PathLike[str], needed: int, what: object = None,

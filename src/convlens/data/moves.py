@@ -274,15 +274,9 @@ def _plan(root: Path, dest: Path, items: list[dict[str, Any]], received: str) ->
     return plan
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _check_writable(dirs: set[Path], received: str) -> None:
     """Refuse before moving anything when a folder a move needs is read-only (or not ours)."""
-    for d in sorted({_nearest_existing(d) for d in dirs}):
+    for d in sorted({cio.nearest_existing(d) for d in dirs}):
         if not os.access(d, os.W_OK | os.X_OK):
             raise DataError(f"cannot move files: {d} is read-only (or not writable by you); nothing was moved. "
                             f"Make it writable or copy the dataset first. Received: {received}")
@@ -294,7 +288,7 @@ def _write_manifest(manifest: Path, data: dict[str, Any], received: str, exclusi
     except FileExistsError as e:
         raise DataError(f"the manifest {manifest} exists already; choose another name. Received: {received}") from e
     except OSError as e:
-        free = shutil.disk_usage(_nearest_existing(manifest.parent)).free
+        free = cio.free_bytes(manifest.parent)
         raise DataError(f"cannot write the manifest {manifest}: {e.strerror or e} ({cio.human_bytes(free)} free "
                         f"there); nothing was moved. Received: {received}") from e
 
@@ -349,11 +343,11 @@ def _execute(root: Path, dest: Path, plan: list[dict[str, Any]], manifest: Path,
 def _failure_line(entry: dict[str, Any], e: OSError, dest: Path, done: int, total: int, undo_cmd: str,
                   received: str) -> str:
     target = dest / entry["to"]
-    free = shutil.disk_usage(_nearest_existing(target.parent)).free
+    free = cio.free_bytes(target.parent)
     what = "nothing was moved" if not done else (f"moved {done} of {total} file(s), the others are untouched; "
                                                  f"undo with `{undo_cmd}`")
     return (f"could not move {entry['path']} to {target}: {e.strerror or e} ({cio.human_bytes(free)} free in "
-            f"{_nearest_existing(target.parent)}); the file is still in place and no partial copy is left; {what}. "
+            f"{cio.nearest_existing(target.parent)}); the file is still in place and no partial copy is left; {what}. "
             f"Received: {received}")
 
 
@@ -413,8 +407,8 @@ def undo_quarantine(manifest_path: str | os.PathLike[str]) -> UndoReport:
             try:
                 move_file(src, dst, f.get("sha256", ""))
             except OSError as e:
-                why = f"{e.strerror or e} ({cio.human_bytes(shutil.disk_usage(_nearest_existing(dst.parent)).free)} "\
-                      f"free in {_nearest_existing(dst.parent)})"
+                why = f"{e.strerror or e} ({cio.human_bytes(cio.free_bytes(dst.parent))} "\
+                      f"free in {cio.nearest_existing(dst.parent)})"
         if why is None:
             report.restored.append(f["path"])
             if dest != root:
