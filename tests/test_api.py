@@ -238,7 +238,7 @@ def test_train_chooses_the_backbone_as_the_cli_does(tmp_path: Path, monkeypatch:
     class Chosen(Exception):
         pass
 
-    def record(cfg: Any, backbone: Any) -> None:
+    def record(backbone: Any, *_: Any) -> None:
         chosen.append(backbone.source.arch)
         raise Chosen
 

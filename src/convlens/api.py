@@ -45,8 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # A new verb: a function here that returns an object with _repr_html_, added to __all__ and to the
 # lazy names of convlens/__init__.py (and its types to __init__.pyi).
-__all__ = ["AuditReport", "CheckReport", "Evaluation", "Run", "audit", "check", "evaluate", "export", "load",
-           "read_history", "train"]
+__all__ = ["AuditReport", "CheckReport", "Evaluation", "Run", "audit", "check", "evaluate", "export", "load", "train"]
 
 # Headline numbers of a run, in display order (the bundle's metrics summary keys).
 HEADLINE = ("best_epoch", "epochs_trained", "val_accuracy", "val_loss", "val_macro_f1", "val_roc_auc",
@@ -69,11 +68,6 @@ def check(dir: str | os.PathLike[str], *, workers: int = 0, max_pixels: int = DE
 
 
 # ----------------------------------------------------------------------------- runs
-def read_history(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.csv`` (one dict per epoch; empty when there is none)."""
-    return runs.read_history(Path(run_dir) / runs.METRICS_NAME)
-
-
 @dataclass
 class Run:
     """One training run: its folder, configuration, per-epoch history and best metrics.

@@ -1,6 +1,6 @@
-"""Packages that are also verbs: ``convlens.evaluate(...)`` and ``convlens.export(...)``.
+"""Packages that are also verbs: ``convlens.audit(...)``, ``convlens.evaluate(...)``, ``convlens.export(...)``.
 
-``convlens.evaluate`` and ``convlens.export`` are sub-packages, and Python's import system sets
+``convlens.audit``, ``convlens.evaluate`` and ``convlens.export`` are sub-packages, and Python's import system sets
 ``convlens.<name>`` to the sub-package whenever it is imported, so a plain function of that name
 in ``convlens/__init__.py`` would be replaced at the first ``import convlens.export.onnx``.
 Instead each of these packages is made callable: calling it runs its verb function.

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convlens.audit.findings import duplicate_groups, find_all, normalize, resolve_folds
+from convlens.audit.findings import duplicate_groups, find_all, resolve_folds
 from convlens.errors import DataError
+from convlens.infer.novelty import normalise
 
 
 def _clusters(seed: int = 0, k: int = 3, n: int = 120, d: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +54,7 @@ def test_copies_group_together_and_a_stray_is_an_outlier() -> None:
 
 def test_duplicate_groups_match_a_brute_force_pairwise_check() -> None:
     rng = np.random.default_rng(0)
-    x = normalize(rng.normal(0, 1, (300, 8)))
+    x = normalise(rng.normal(0, 1, (300, 8)))
     groups, _ = duplicate_groups(x, 0.97, block=64)  # several blocks
     s = x @ x.T
     pairs = {(i, j) for i in range(300) for j in range(i + 1, 300) if s[i, j] >= 0.97}

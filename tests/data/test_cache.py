@@ -149,7 +149,13 @@ def test_exif_upright_in_cache(tmp_path: Path) -> None:
     c = build_cache(scan(root).entries, root, size=(40, 20), resize="crop", cache_dir=tmp_path / "c", workers=1, progress=False)
     up = Preprocessing(size=(40, 20), resize="crop").load(root / "a" / "rot.jpg")
     np.testing.assert_array_equal(c.array[c.rows["a/rot.jpg"]], up)
-    assert "exif" in c.records["a/rot.jpg"].warnings
+    assert "exif" in c.records["a/rot.jpg"].info.warnings
+    # files.json gives a later build the same record (what decoding learned included) without decoding
+    again = build_cache(scan(root).entries, root, size=(40, 20), resize="crop", cache_dir=tmp_path / "c", workers=1,
+                        progress=False)
+    assert again.decoded == 0
+    assert [again.records[r].to_dict() for r in ("a/rot.jpg", "b/x.jpg")] == [
+        c.records[r].to_dict() for r in ("a/rot.jpg", "b/x.jpg")]
 
 
 # ----------------------------------------------------------------------------- a full disk

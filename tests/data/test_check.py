@@ -34,10 +34,10 @@ def test_every_file_is_classified_correctly(zoo: Path) -> None:
         if status == "unusable":
             assert r.kind == what, (rel, r.kind, r.message)
         elif status == "warning":
-            assert set(r.warnings) == set(what), (rel, r.warnings)
-            assert len(r.details) == len(r.warnings)
+            assert set(r.info.warnings) == set(what), (rel, r.info.warnings)
+            assert len(r.details) == len(r.info.warnings)
         else:
-            assert r.warnings == []
+            assert r.info.warnings == []
 
 
 def test_exif_and_class_of_nested_files(zoo: Path) -> None:
@@ -45,7 +45,7 @@ def test_exif_and_class_of_nested_files(zoo: Path) -> None:
     assert got["dogs/nested/deeper.jpg"].class_name == "dogs"
     assert "orientation 6" in got["cats/exif_rotated.jpg"].details[0]
     assert "content is PNG" in got["cats/png_named.jpg"].details[0]
-    assert got["dogs/gray16.png"].grayscale and not got["dogs/rgba.png"].grayscale
+    assert got["dogs/gray16.png"].info.grayscale and not got["dogs/rgba.png"].info.grayscale
 
 
 def test_dataset_problems_label_conflict(zoo: Path) -> None:
@@ -224,7 +224,7 @@ def test_cat_breeds_webp_named_png_and_non_jfif_jpegs(cat_breeds: Path) -> None:
     entries = [e for e in index.entries if e.rel in wanted] + non_jfif
     recs = {r.rel: r for r in inspect_entries(entries, workers=1, progress=False)}
     webp = recs["American_Wirehair/Cat1035.png"]
-    assert webp.status == "warning" and "ext_mismatch" in webp.warnings and webp.format == "WEBP"
+    assert webp.status == "warning" and "ext_mismatch" in webp.info.warnings and webp.info.format == "WEBP"
     assert recs["American_Curl/Cat672.jpg"].usable
     assert all(recs[e.rel].usable for e in non_jfif)
 

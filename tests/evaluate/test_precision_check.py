@@ -112,7 +112,7 @@ def test_a_training_run_measures_records_and_reports_it(tmp_path: Path) -> None:
 @needs_bf16
 def test_a_run_whose_model_fails_the_check_predicts_in_fp32_and_says_so(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import convlens.evaluate as ev
+    import convlens.evaluate.bf16 as ev
 
     monkeypatch.setattr(ev, "BF16_MAX_PROB_DIFF", 0.0)  # no bf16 difference is small enough
     data = make_dataset(tmp_path / "ds", classes=2, per_class=12)

@@ -79,21 +79,22 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
                            cache_dir=cache_dir,
                            workers=workers, progress=shows_progress(), features_fn=features_fn)
     output.print_report(report, console, top=top)
-    for path, write in ((json_path, lambda p: cio.write_json(p, report.to_dict())),
-                        (csv_path, lambda p: cio.write_text(p, output.findings_csv(report))),
-                        (html_path, lambda p: cio.write_text(p, output.render_page(report)))):
-        if path:  # written before anything moves, so a failed move still leaves them
-            write(path)
-            console.print(f"written: {path}", markup=False, soft_wrap=True)
-    files = report.chosen(chosen) if quarantine_dir else []
-    if files and quarantine_dir:
-        moves = quarantine_files(report.root, files, quarantine_dir, verb="audit")
-        print_moves(moves, console, f"file(s) ({', '.join(chosen)}) to {moves.destination}", "audit")
-        if json_path:
-            cio.write_json(json_path, {**report.to_dict(), "moves": moves.to_dict()})
-        if html_path:  # the page says where each moved photo went (its new name when renamed)
-            cio.write_text(html_path, output.render_page(report, {m["path"]: m["new_path"]
-                                                                  for m in moves.to_dict()["moved"]}))
-    elif quarantine_dir:
-        console.print(f"no {', '.join(chosen)} findings: nothing moved")
+    moves = None
+    try:
+        files = report.chosen(chosen) if quarantine_dir else []
+        if files:
+            moves = quarantine_files(report.root, files, quarantine_dir, verb="audit")
+            print_moves(moves, console, f"file(s) ({', '.join(chosen)}) to {moves.destination}", "audit")
+        elif quarantine_dir:
+            console.print(f"no {', '.join(chosen)} findings: nothing moved")
+    finally:  # written once, even when a move fails; with the moves, the page says where each photo went
+        moved = moves.to_dict() if moves else None
+        for path, write in ((json_path, lambda p: cio.write_json(p, {**report.to_dict(),
+                                                                     **({"moves": moved} if moved else {})})),
+                            (csv_path, lambda p: cio.write_text(p, output.findings_csv(report))),
+                            (html_path, lambda p: cio.write_text(p, output.render_page(
+                                report, {m["path"]: m["new_path"] for m in moved["moved"]} if moved else None)))):
+            if path:
+                write(path)
+                console.print(f"written: {path}", markup=False, soft_wrap=True)
     return report.exit_code

@@ -21,6 +21,7 @@ import numpy as np
 
 from convlens.data.groups import linked_groups
 from convlens.errors import DataError
+from convlens.infer.novelty import normalise
 
 DEFAULT_FOLDS = 5
 DEFAULT_NEIGHBOURS = 10
@@ -53,13 +54,6 @@ class Findings:
     outlier_scores: np.ndarray  # N, in (0, 1]; near 0 = unlike everything else
     outliers: np.ndarray  # indices flagged, most unusual first
     folds: int = DEFAULT_FOLDS
-
-
-def normalize(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float32), so a dot product is a cosine similarity."""
-    x = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
 
 
 def resolve_folds(labels: np.ndarray, num_classes: int, folds: int, class_names: list[str] | None = None) -> int:
@@ -166,7 +160,7 @@ def find_all(features: np.ndarray, labels: np.ndarray, num_classes: int, *, fold
     k = resolve_folds(labels, num_classes, folds, class_names)
     probs = out_of_sample_probabilities(features, labels, num_classes, folds=k, seed=seed)
     issues, quality = label_issues(labels, probs)
-    unit = normalize(features)
+    unit = normalise(features)  # a dot product of rows is then a cosine similarity
     groups, sims = duplicate_groups(unit, min_similarity)
     scores, outliers = outlier_scores(unit, neighbours(unit))
     return Findings(pred_probs=probs, label_quality=quality, label_issues=issues, duplicate_groups=groups,

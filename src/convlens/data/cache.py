@@ -31,7 +31,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +194,7 @@ def _cache_worker(params: dict[str, Any], item: tuple[int, str, str]) -> tuple[i
                             draft_size=prep.draft_size, keep_gray=mode != 3)
     if img is None:
         return i, rec, None
-    if not mode and rec.grayscale:
+    if not mode and rec.info.grayscale:
         prep = replace(prep, channels=1)
     arr = prep.from_pil(img)
     img.close()
@@ -276,7 +276,7 @@ def _channel_guess(channels: int, records: dict[str, FileRecord], unknown: list[
     known_usable = [r for r in records.values() if r.usable]
     resolved: int | None = channels or None
     if resolved is None:
-        if any(not r.grayscale for r in known_usable):
+        if any(not r.info.grayscale for r in known_usable):
             resolved = 3
         elif not unknown:
             resolved = 1 if known_usable else 3
@@ -412,7 +412,7 @@ def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int
         mismatch = _fill(tmp, (len(candidates), h, w, guess), old_array, reuse, row_of, todo, records,
                          wparams, workers, progress)
         usable = [rel for rel in candidates if records[rel].usable]
-        final_channels = resolved or (1 if usable and all(records[r].grayscale for r in usable) else 3)
+        final_channels = resolved or (1 if usable and all(records[r].info.grayscale for r in usable) else 3)
         if mismatch or final_channels > guess:
             tmp.unlink()
             _write_files_json(files_json, check_params, records, entries)
@@ -477,5 +477,5 @@ def _write_index(path: Path, params: dict[str, Any], array_name: str, shape: tup
 
 def _write_files_json(path: Path, check_params: dict[str, Any], records: dict[str, FileRecord],
                       entries: list[ImageEntry]) -> None:
-    data = {"check": check_params, "files": {e.rel: asdict(records[e.rel]) for e in entries if e.rel in records}}
+    data = {"check": check_params, "files": {e.rel: records[e.rel].to_dict() for e in entries if e.rel in records}}
     cio.write_text(path, json.dumps(data, separators=(",", ":")))

@@ -12,7 +12,7 @@ import functools
 import os
 import shlex
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ WARNING_TEXT = {
 # ----------------------------------------------------------------------------- per file
 @dataclass
 class FileRecord:
-    """What decoding one file found. ``status`` is ``ok``, ``warning`` or ``unusable``."""
+    """What checking one file found: ``info`` is what decoding learned (defaults when unusable).
+    ``status`` is ``ok``, ``warning`` or ``unusable``."""
 
     rel: str
     class_name: str = ""
@@ -61,16 +62,10 @@ class FileRecord:
     status: str = "ok"
     kind: str = ""  # the ImageError kind when unusable
     message: str = ""
-    warnings: list[str] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)  # one readable line per warning
+    details: list[str] = field(default_factory=list)  # one readable line per info.warnings entry
     sha256: str = ""
     phash: str = ""
-    grayscale: bool = False
-    format: str = ""
-    mode: str = ""
-    width: int = 0
-    height: int = 0
-    frames: int = 1
+    info: ImageInfo = field(default_factory=lambda: ImageInfo(path=""))
 
     @property
     def usable(self) -> bool:
@@ -79,9 +74,17 @@ class FileRecord:
     def to_error(self, root: Path) -> ImageError:
         return ImageError(root / self.rel, self.kind, self.message)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form the image cache's files.json stores: ``info``'s fields beside the others."""
+        d = asdict(self)
+        info = d.pop("info")
+        del info["path"]
+        return {**d, **info}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileRecord:
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        info = ImageInfo(path=d["rel"], **{k: v for k, v in d.items() if k in ImageInfo.__dataclass_fields__})
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__}, info=info)
 
 
 def _warning_details(info: ImageInfo, rel: str) -> list[str]:
@@ -111,11 +114,8 @@ def inspect_file(path: Path, rel: str, *, max_pixels: int, min_side: int,
     except OSError as e:  # stat/read failures (permissions, a file that vanished)
         rec.status, rec.kind, rec.message = "unusable", "unreadable", f"cannot read file ({e.strerror or e})"
         return rec, None
-    rec.format, rec.mode, rec.width, rec.height = info.format, info.mode, info.width, info.height
-    rec.frames, rec.grayscale = info.frames, info.grayscale
-    rec.warnings = list(info.warnings)
-    rec.details = _warning_details(info, rel)
-    rec.status = "warning" if rec.warnings else "ok"
+    rec.info, rec.details = info, _warning_details(info, rel)
+    rec.status = "warning" if info.warnings else "ok"
     if want_phash:
         import imagehash
 
@@ -232,7 +232,7 @@ class CheckReport:
             by_kind[r.kind].append({"path": r.rel, "message": r.message})
         warn_kind: dict[str, list[dict[str, str]]] = defaultdict(list)
         for r in self.warned:
-            for w, d in zip(r.warnings, r.details, strict=False):
+            for w, d in zip(r.info.warnings, r.details, strict=False):
                 warn_kind[w].append({"path": r.rel, "detail": d})
         return {
             "root": str(self.root),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from convlens import files as cio
+from convlens.config import figure_format
 from convlens.data.decode import DEFAULT_MAX_PIXELS
 from convlens.data.preprocess import Preprocessing
 from convlens.data.scan import scan
@@ -18,7 +19,6 @@ from convlens.data.split import DEFAULT_SEED, assign_subsets
 from convlens.errors import ConfigError, DataError, ImageError
 
 GRID = 9
-FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".pdf": "pdf", ".svg": "svg", ".webp": "webp"}
 
 
 def _pick(root: str | os.PathLike[str], n: int, seed: int, prep: Preprocessing,
@@ -72,9 +72,7 @@ def write_preview(dir: str | os.PathLike[str], out: str | os.PathLike[str] = "gr
                   min_side: int = 8) -> Path:
     """Write the grid to ``out`` (atomically); return its path."""
     out = Path(out)
-    fmt = FORMATS.get(out.suffix.lower())
-    if fmt is None:
-        raise ConfigError(f"--out must end in one of {', '.join(FORMATS)}. Received: --out {str(out)!r}")
+    fmt = figure_format(out)
     if not 8 <= image_size <= 2048:
         raise ConfigError(f"image_size must be between 8 and 2048. Received: image_size={image_size}")
     prep = Preprocessing(size=(image_size, image_size), channels=3, max_pixels=max_pixels)

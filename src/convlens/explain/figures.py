@@ -11,9 +11,13 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from convlens.explain import Explanation
 
 DEFAULT_CMAP = "jet"  # the colour map of the tutorial's (and Zhou et al.'s) figures
 DEFAULT_ALPHA = 0.5
@@ -71,41 +75,31 @@ def thumbnail(image: np.ndarray, max_side: int) -> np.ndarray:
 
 @dataclass
 class Panel:
-    """One explained image as drawn: thumbnails plus the words of its title."""
+    """One explained image as drawn: thumbnails of it and its overlay, titled from ``of``."""
 
     name: str
     image: np.ndarray  # uint8 RGB
     overlay: np.ndarray  # uint8 RGB, same size
-    label: str
-    probability: float
-    explained: str
-    explained_probability: float
-    method: str
-    novelty: float | None = None
-    known: bool = True
+    of: Explanation
 
     @property
     def verdict(self) -> str:
         """The label and its probability, or ``unknown`` with the novelty that made it so."""
-        if not self.known:
-            return f"{self.label} (novelty {self.novelty:.3f})"
-        return f"{self.label} ({self.probability:.1%})"
+        e = self.of
+        return f"{e.label} (novelty {e.novelty:.3f})" if not e.known else f"{e.label} ({e.probability:.1%})"
 
     @property
     def caption(self) -> str:
-        text = self.verdict
-        if self.explained != self.label:
-            text += f"\n{self.method} of {self.explained} ({self.explained_probability:.1%})"
+        e, text = self.of, self.verdict
+        if e.explained != e.label:
+            text += f"\n{e.method} of {e.explained} ({e.explained_probability:.1%})"
         return text
 
 
-def make_panel(name: str, image: np.ndarray, heat: np.ndarray, *, label: str, probability: float,
-               explained: str, explained_probability: float, method: str,
-               max_side: int, novelty: float | None = None, known: bool = True) -> Panel:
-    """Thumbnail an image and its overlay for drawing."""
-    small = thumbnail(image, max_side)
-    return Panel(name, small, overlay(small, heat), label, probability, explained,
-                 explained_probability, method, novelty, known)
+def make_panel(name: str, explanation: Explanation, max_side: int) -> Panel:
+    """Thumbnail an explained image and its overlay for drawing."""
+    small = thumbnail(explanation.image, max_side)
+    return Panel(name, small, overlay(small, explanation.heat), explanation)
 
 
 def _png(fig: object) -> bytes:
@@ -129,14 +123,15 @@ def figure_png(panel: Panel) -> bytes:
     aspect = w / h
     panel_h = 4.0
     fig = Figure(figsize=(2 * panel_h * aspect + 0.4, panel_h + 1.0), dpi=100, layout="constrained")
-    shown = ((panel.image, "image"), (panel.overlay, f"{panel.method} map of {panel.explained}"))
+    e = panel.of
+    shown = ((panel.image, "image"), (panel.overlay, f"{e.method} map of {e.explained}"))
     for ax, (img, text) in zip(fig.subplots(1, 2), shown, strict=True):
         ax.imshow(img)
         ax.set_title(text)
         ax.set_axis_off()
     title = f"{_short(panel.name, 60)}: predicted {panel.verdict}"
-    if panel.explained != panel.label:
-        title += f"; map of {panel.explained} ({panel.explained_probability:.1%})"
+    if e.explained != e.label:
+        title += f"; map of {e.explained} ({e.explained_probability:.1%})"
     fig.suptitle(title)
     return _png(fig)
 

@@ -37,14 +37,13 @@ from typing import Any
 import numpy as np
 
 from convlens import files as cio
-from convlens.config import suggest
+from convlens.config import figure_format, suggest
 from convlens.errors import ConfigError, ImageError, SpecError, UserError
 from convlens.learn.layer_page import minmax
 
 NAMED_KERNELS = ("sobel-x", "sobel-y", "sharpen", "box", "edge", "emboss", "random")
 PADDINGS = ("valid", "same")
 MODES = ("nearest", "bilinear")
-FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".svg": "svg", ".pdf": "pdf", ".webp": "webp"}
 OPTION_NAMES = ("kernel", "stride", "padding", "filters", "weights", "rate", "factor", "mode")
 MAX_SHOWN_FILTERS = 8
 
@@ -592,9 +591,7 @@ def demo_layer(kind: str, image: str | os.PathLike[str] | np.ndarray, out: str |
     """
     kind = _kind(kind)
     out = Path(out)
-    fmt = FORMATS.get(out.suffix.lower())
-    if fmt is None:
-        raise ConfigError(f"--out must end in one of {', '.join(FORMATS)}. Received: --out {str(out)!r}")
+    fmt = figure_format(out)
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out must be a file name, not a folder. Received: --out {str(out)!r}")
     given = {k: v for k, v in options.items() if k in OPTION_NAMES}

@@ -161,8 +161,9 @@ def summarize(model: Any, input_shape: str | Sequence[int] = "300x300x3", num_cl
                    flops=sum(r.flops for r in rows), size_bytes=size)
 
 
-def human_bytes(n: float) -> str:
-    """Keras's readable size: 381.13 KB (1 KB = 1024 bytes)."""
+def keras_bytes(n: float) -> str:
+    """Keras's readable size: 381.13 KB (1 KB = 1024 bytes). Not :func:`convlens.files.human_bytes`
+    (117.7 MB): the summary keeps ``model.summary()``'s figures, as docs/tutorial.md shows them."""
     for unit in ("B", "KB", "MB"):
         if n < 1024:
             return f"{n:.2f} {unit}"
@@ -210,9 +211,9 @@ def print_summary(model: Any, input_shape: str | Sequence[int] = "300x300x3", nu
     console = _console()
     console.print(table)
     per = s.size_bytes / max(s.total_params, 1)
-    lines = [f" Total params: {s.total_params:,} ({human_bytes(s.size_bytes)})",
-             f" Trainable params: {s.trainable_params:,} ({human_bytes(s.trainable_params * per)})",
-             f" Non-trainable params: {s.non_trainable_params:,} ({human_bytes(s.non_trainable_params * per)})",
+    lines = [f" Total params: {s.total_params:,} ({keras_bytes(s.size_bytes)})",
+             f" Trainable params: {s.trainable_params:,} ({keras_bytes(s.trainable_params * per)})",
+             f" Non-trainable params: {s.non_trainable_params:,} ({keras_bytes(s.non_trainable_params * per)})",
              f" FLOPs: {s.flops:,} ({human_flops(s.flops)}; forward, one image, a multiply-add counts 2)"]
     if s.out_units:
         unit = "1 logit" if s.out_units == 1 else f"{s.out_units} logits"
@@ -237,3 +238,5 @@ def print_model_list() -> None:
     console.print(table)
     console.print(" A YAML/JSON layer file works too: convlens summary my_model.yaml --input 128x128x3",
                   highlight=False)
+    console.print(" An ensemble of 2-3 EfficientNet-Lite backbones joins their names with '+': "
+                  "efficientnet_lite0+efficientnet_lite2", highlight=False)

@@ -19,14 +19,28 @@ from torch import Tensor, nn
 from convlens.models.model import ConvlensModel
 
 
-class FlipAveraged(ConvlensModel):
-    """Wraps a :class:`ConvlensModel`; ``inner`` keeps the weights (save ``inner``'s state dict)."""
+class Wrapper(ConvlensModel):
+    """A :class:`ConvlensModel` around ``inner``, which keeps the weights (save ``inner``'s state
+    dict): its output activation, arch, head, summary and branches are ``inner``'s."""
 
     def __init__(self, inner: ConvlensModel) -> None:
         super().__init__(inner.num_classes, inner.in_channels)
         self.inner = inner
         self.output_activation = inner.output_activation
         self.arch = inner.arch
+
+    def gap_linear_head(self) -> nn.Linear | None:
+        return self.inner.gap_linear_head()
+
+    def summary_units(self) -> list[tuple[str, str, nn.Module]]:
+        return self.inner.summary_units()
+
+    def unit_branches(self) -> list[list[tuple[str, str, nn.Module]]]:
+        return self.inner.unit_branches()
+
+
+class FlipAveraged(Wrapper):
+    """The average of ``inner``'s outputs on an image and its mirror."""
 
     def forward_features(self, x: Tensor) -> Tensor:
         a = self.inner.forward_features(x)
@@ -45,27 +59,18 @@ class FlipAveraged(ConvlensModel):
         lb, pb = self.inner.forward_pooled(x.flip(3))  # pooling is mirror-invariant: no flip back
         return (la + lb) * 0.5, (pa + pb) * 0.5
 
-    def gap_linear_head(self) -> nn.Linear | None:
-        return self.inner.gap_linear_head()
 
-    def summary_units(self) -> list[tuple[str, str, nn.Module]]:
-        return self.inner.summary_units()
-
-
-class TemperatureScaled(ConvlensModel):
+class TemperatureScaled(Wrapper):
     """Logits divided by a temperature fitted at training time, so every path that runs the
     model (report, predict, serve, the API, the ONNX graph) gives calibrated probabilities.
     The class decision never changes (argmax and the sign of a single logit are kept); class
     maps come from the unscaled head (their normalisation removes the scale anyway)."""
 
     def __init__(self, inner: ConvlensModel, temperature: float) -> None:
-        super().__init__(inner.num_classes, inner.in_channels)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0. Received: temperature={temperature!r}")
-        self.inner = inner
+        super().__init__(inner)
         self.temperature = float(temperature)
-        self.output_activation = inner.output_activation
-        self.arch = inner.arch
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.inner.forward_features(x)
@@ -80,12 +85,6 @@ class TemperatureScaled(ConvlensModel):
         logits, pooled = self.inner.forward_pooled(x)
         return logits / self.temperature, pooled
 
-    def gap_linear_head(self) -> nn.Linear | None:
-        return self.inner.gap_linear_head()
-
-    def summary_units(self) -> list[tuple[str, str, nn.Module]]:
-        return self.inner.summary_units()
-
 
 def temperature_scaled(model: ConvlensModel, temperature: float) -> ConvlensModel:
     """``model`` with its logits divided by ``temperature`` (unchanged at 1)."""
@@ -98,8 +97,8 @@ def flip_averaged(model: ConvlensModel) -> ConvlensModel:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model that owns the weights (the innermost of :class:`FlipAveraged` and
-    :class:`TemperatureScaled` wrappers)."""
-    while isinstance(model, (FlipAveraged, TemperatureScaled)):
+    """The model that owns the weights: the innermost of nested :class:`Wrapper` models
+    (:class:`FlipAveraged`, :class:`TemperatureScaled`)."""
+    while isinstance(model, Wrapper):
         model = model.inner
     return model
