@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from convlens import __version__
 from convlens.config import (
+    ENGINES,
     EXPLAIN_METHODS,
     EXPORT_FORMATS,
     PRESETS,
@@ -68,7 +69,7 @@ def _add_inference_precision(s: argparse.ArgumentParser) -> None:
 
 
 def _add_engine(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--engine", default="auto", metavar="{auto,torch,onnx}",
+    s.add_argument("--engine", default="auto", metavar="{" + ",".join(ENGINES) + "}",
                    help="auto: onnxruntime for a bundle predicting in fp32 on a CPU (exported and verified "
                         "once, cached), else torch")
 

@@ -242,6 +242,30 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def share_of_cores(processes: int) -> int:
+    """Intra-op threads for each of ``processes`` processes sharing this machine's usable cores
+    (at least 1): DDP ranks on a node and ``serve --workers`` divide the cores this one way."""
+    return max(1, usable_cores() // max(1, int(processes)))
+
+
+_inference_threads = 0  # 0: not set, every usable core
+
+
+def set_inference_threads(threads: int) -> None:
+    """Intra-op threads of this process's inference from now on (0: every usable core): every
+    onnxruntime session created after this, and torch's pool now when torch is loaded (a torch
+    backend made later applies :func:`inference_threads` itself)."""
+    global _inference_threads
+    _inference_threads = max(0, int(threads))
+    if "torch" in sys.modules:  # never import torch for this: an onnx worker may not need it
+        sys.modules["torch"].set_num_threads(inference_threads())
+
+
+def inference_threads() -> int:
+    """The threads set by :func:`set_inference_threads`, else one per usable core."""
+    return _inference_threads or usable_cores()
+
+
 def _cgroup_quota() -> float | None:
     """The cgroup's CPU limit in cores (v2 ``cpu.max``, v1 ``cfs_quota_us``), None when unlimited."""
     candidates = (("/sys/fs/cgroup/cpu.max", None),

@@ -79,10 +79,30 @@ def test_preflight_refuses_what_every_process_would_refuse() -> None:
             distributed.preflight(2, 8, "cuda")
 
 
-def test_threads_split_the_cores_between_local_processes() -> None:
-    cores = distributed.usable_cores()
-    assert Dist().default_threads() == cores
-    assert Dist(world_size=2, local_world_size=2).default_threads() == max(1, cores // 2)
+def test_threads_split_the_cores_between_local_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convlens import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    assert Dist().default_threads() == 8
+    assert Dist(world_size=4, local_world_size=2).default_threads() == 4  # the node's processes count
+    assert Dist(world_size=16, local_world_size=16).default_threads() == 1  # never 0
+
+
+def test_rank_0_finishes_with_its_machines_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of 2 ranks trains with half the cores; the evaluation and report run in rank 0 alone
+    after the others have finished, so it takes them all back (not with a fixed --threads)."""
+    from convlens import runtime
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert Dist().finish_threads() is None and torch.get_num_threads() == 1  # one process: unchanged
+        ranks = Dist(world_size=2, local_world_size=2)
+        assert ranks.finish_threads(threads=1) is None and torch.get_num_threads() == 1  # --threads 1
+        assert ranks.default_threads() == 2 and ranks.finish_threads() == 4 and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_one_process_collectives_are_identity() -> None:

@@ -4,6 +4,7 @@ cached by content), with the same predictions, novelty and maps as torch."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +198,92 @@ def test_a_short_predict_runs_torch_until_an_export_exists(tmp_path: Path, image
     p_onnx = [p.probabilities for p in again.predict(images)]
     for a, b in zip(p_torch, p_onnx, strict=True):
         assert all(abs(a[c] - b[c]) < 1e-5 for c in a)
+
+
+# ----------------------------------------------------------------------------- eviction
+def fake_export(folder: Path, key: str, bundle: Path, used: float, record: bool = True, model: bool = True) -> None:
+    """A cache entry as eviction sees it (eviction never reads the graph), last used at ``used``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if model:
+        (folder / f"{key}.onnx").write_bytes(b"graph")
+        os.utime(folder / f"{key}.onnx", (used, used))
+    if record:
+        (folder / f"{key}.json").write_text(json.dumps({"key": key, "bundle": str(bundle)}))
+        os.utime(folder / f"{key}.json", (used, used))
+
+
+def keys_in(folder: Path) -> set[str]:
+    return {p.stem for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def test_eviction_keeps_the_most_recently_used_and_the_current(tmp_path: Path) -> None:
+    folder = tmp_path / "onnx"
+    for i in range(5):
+        fake_export(folder, f"k{i}", tmp_path / f"m{i}.convlens", used=1000.0 + i)
+    fake_export(folder, "cur", tmp_path / "cur.convlens", used=10.0)  # oldest mtime, yet just exported
+    removed = eng.evict_exports(folder, "cur", tmp_path / "cur.convlens", keep=3)
+    assert sorted(removed) == ["k0", "k1", "k2"]
+    assert keys_in(folder) == {"cur", "k3", "k4"}
+
+
+def test_a_new_export_replaces_the_same_paths_old_ones(tmp_path: Path) -> None:
+    folder, here = tmp_path / "onnx", tmp_path / "run" / "model.convlens"
+    fake_export(folder, "before", here, used=2000.0)  # the bundle's earlier content, used recently
+    fake_export(folder, "elsewhere", tmp_path / "other.convlens", used=1000.0)
+    fake_export(folder, "now", here, used=3000.0)
+    assert eng.evict_exports(folder, "now", here) == ["before"]
+    assert keys_in(folder) == {"elsewhere", "now"}
+
+
+def test_eviction_removes_leftovers_of_interrupted_exports(tmp_path: Path) -> None:
+    folder, here = tmp_path / "onnx", tmp_path / "m.convlens"
+    fake_export(folder, "now", here, used=3000.0)
+    fake_export(folder, "no_record", here.with_name("a"), used=3000.0, record=False)
+    fake_export(folder, "no_model", here.with_name("b"), used=3000.0, model=False)
+    fake_export(folder, "damaged", here.with_name("c"), used=3000.0)
+    (folder / "damaged.json").write_text("{not json")
+    (folder / ".now.onnx.x1y2.tmp").write_bytes(b"half")
+    assert sorted(eng.evict_exports(folder, "now", here)) == ["damaged", "no_model", "no_record"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "now.json", "now.onnx"]
+
+
+def test_nothing_is_evicted_while_another_process_uses_the_cache(tmp_path: Path) -> None:
+    """Another process finding, writing or opening an export holds exports_in_use: eviction
+    then leaves everything (e.g. its half-written model, which has no record yet)."""
+    import subprocess
+    import sys
+
+    folder, here = tmp_path / "onnx", tmp_path / "m.convlens"
+    for i in range(3):
+        fake_export(folder, f"k{i}", tmp_path / f"m{i}.convlens", used=1000.0 + i)
+    fake_export(folder, "writing", here.with_name("w"), used=5000.0, record=False)
+    fake_export(folder, "now", here, used=3000.0)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\nfrom convlens.infer.engine import exports_in_use\n"
+         f"with exports_in_use(Path({str(folder)!r})):\n    print('held', flush=True)\n    sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert eng.evict_exports(folder, "now", here, keep=1) == []
+        assert keys_in(folder) == {"k0", "k1", "k2", "writing", "now"}
+    finally:
+        holder.communicate("", timeout=60)
+    assert sorted(eng.evict_exports(folder, "now", here, keep=1)) == ["k0", "k1", "k2", "writing"]
+
+
+def test_retraining_a_bundle_evicts_its_old_export_and_a_loaded_one_keeps_running(
+        tmp_path: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVLENS_CACHE_DIR", str(tmp_path / "cache"))
+    path = fp32_bundle(tmp_path / "run" / "model.convlens", seed=7)
+    serving = convlens.load(path, device="cpu")  # e.g. a server started before the retraining
+    assert isinstance(serving.backend, eng.BundleOnnxBackend)
+    old = serving.backend.path
+    record = old.with_suffix(".json")
+    os.utime(record, (1000.0, 1000.0))
+    assert eng.cached_onnx(path, read_meta(path)) == (old, False)
+    assert record.stat().st_mtime > 1000.0  # a hit counts as a use
+    want = [p.probabilities for p in serving.predict(images)]
+    fp32_bundle(path, seed=8)  # retrained in place
+    new = convlens.load(path, device="cpu")
+    assert onnx_files(tmp_path / "cache") == [new.backend.path] and not old.exists()
+    assert [p.probabilities for p in serving.predict(images)] == want  # its session needs no file

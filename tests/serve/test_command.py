@@ -119,8 +119,22 @@ def test_empty_or_unreadable_key_file_is_one_line(tiny_bundle: Path, fake_uvicor
     assert not fake_uvicorn
 
 
-def test_several_workers_use_the_app_factory(tiny_onnx: Path, fake_uvicorn: list,
+@pytest.fixture
+def threads_restored() -> Any:
+    """Put this process's inference threads (and torch's pool) back as they were."""
+    import torch
+
+    from convlens import runtime
+
+    before = torch.get_num_threads()
+    yield
+    runtime.set_inference_threads(0)
+    torch.set_num_threads(before)
+
+
+def test_several_workers_use_the_app_factory(tiny_onnx: Path, fake_uvicorn: list, threads_restored: None,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from convlens import runtime
     from convlens.serve import app as serve_app
     from convlens.serve.app import ENV_MAX_UPLOAD_MB, ENV_MODEL, create_app_from_env
 
@@ -136,10 +150,45 @@ def test_several_workers_use_the_app_factory(tiny_onnx: Path, fake_uvicorn: list
     import os
 
     assert os.environ[ENV_MODEL] == str(tiny_onnx.resolve()) and os.environ[ENV_MAX_UPLOAD_MB] == "2.5"
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 12)  # 3 workers on 12 cores: 4 threads each
     app = create_app_from_env()
     state = app.state.serve
     assert state.kind == "onnx" and state.max_upload_bytes == int(2.5 * 1024 * 1024)
     assert state.batcher.max_batch == 4 and state.batcher.max_wait_s == 0.001 and state.auth is True
+    assert state.classifier.backend.session.get_session_options().intra_op_num_threads == 4
+
+
+@pytest.mark.parametrize("engine", ["auto", "torch"])
+def test_workers_divide_the_cores_for_either_engine(engine: str, tmp_path: Path, threads_restored: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's onnxruntime session and torch's pool (a torch bundle, or Grad-CAM's model
+    loaded on first use by the onnx engine) both get usable cores // workers threads."""
+    import torch
+
+    from convlens import runtime
+    from convlens.infer.bundle import save_bundle
+    from convlens.serve import app as serve_app
+    from tests.bundles import make_meta, make_model
+
+    model = make_model("tiny", 2, 3, 0, size=32)
+    meta = make_meta(model, ("cats", "dogs"))
+    meta.precision = "fp32"  # so that auto picks the onnx engine
+    bundle = save_bundle(tmp_path / "model.convlens", model, meta)
+    monkeypatch.setenv("CONVLENS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(serve_app.ENV_MODEL, str(bundle))
+    monkeypatch.setenv(serve_app.ENV_ENGINE, engine)
+    monkeypatch.setenv(serve_app.ENV_WORKERS, "2")
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 6)
+    torch.set_num_threads(1)
+    backend = serve_app.create_app_from_env().state.serve.classifier.backend
+    assert torch.get_num_threads() == 3
+    if engine == "auto":
+        assert backend.session.get_session_options().intra_op_num_threads == 3
+        torch.set_num_threads(1)
+        backend.torch_backend()  # Grad-CAM's torch model, loaded on first use
+        assert torch.get_num_threads() == 3
+    else:
+        assert not hasattr(backend, "session")
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

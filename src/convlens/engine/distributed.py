@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from convlens.config import flag_of
 from convlens.errors import ConfigError
-from convlens.runtime import usable_cores
+from convlens.runtime import configure_threads, share_of_cores
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -99,7 +99,14 @@ class Dist:
     # ------------------------------------------------------------------ set-up
     def default_threads(self) -> int:
         """One intra-op thread per core, the node's cores split between its processes."""
-        return max(1, usable_cores() // max(1, self.local_world_size))
+        return share_of_cores(self.local_world_size)
+
+    def finish_threads(self, threads: int = 0) -> int | None:
+        """Give torch the threads for what rank 0 does alone after the last collective (the final
+        evaluation, report and bundle) and return them: its machine's cores, since the machine's
+        other ranks have finished (during training each had its share). None, changing nothing,
+        for one process or a fixed ``threads`` (``--threads``)."""
+        return configure_threads() if self.enabled and not threads else None  # None: usable_cores()
 
     def console(self, console: Console) -> Console:
         """``console`` on rank 0; a silent one elsewhere (only rank 0 prints)."""
@@ -408,7 +415,7 @@ def launch(nproc: int, train_args: Sequence[str], env: dict[str, str] | None = N
     """
     full_env = dict(os.environ if env is None else env)
     # torchrun would set 1 thread per process and print a warning; split the cores instead.
-    full_env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // nproc)))
+    full_env.setdefault("OMP_NUM_THREADS", str(share_of_cores(nproc)))
     proc = subprocess.Popen(torchrun_command(nproc, train_args), env=full_env)
 
     def forward(signum: int, frame: Any) -> None:

@@ -277,7 +277,7 @@ class Trainer:
         self.train_loader, self.val_loader = create_loaders(cfg, self.prepared, dev, batch_size, dist.rank,
                                                             dist.world_size)
         self.steps_per_epoch = len(self.train_loader)
-        self.optimizer = create_optimizer(self.model, cfg)  # the parameters that train (requires_grad)
+        self.optimizer = self.build_optimizer()
         self.scheduler = create_scheduler(self.optimizer, cfg, self.steps_per_epoch, cfg.epochs - self.first_epoch)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.use_scaler = dev.type == "cuda" and dev.amp_dtype == torch.float16
@@ -296,12 +296,14 @@ class Trainer:
         """The model to train, on the device: ``cfg.model``, initialised from ``cfg.seed``."""
         return create_model(self.cfg, num_classes, self.prep.channels, self.dev)
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """``cfg.optimizer`` over the parameters that train (``requires_grad``), at ``cfg.lr``."""
+        return create_optimizer(self.model, self.cfg)
+
     def hold_out(self, prepared: Any) -> tuple[Any, Any]:
         """The data without the images held out to fit the temperature, and those images: a small
         slice of the training split chosen by the seed (``evaluate.calibration.calibration_slice``),
         the same on every rank and on ``--resume``."""
-        from convlens.data.cache import CachedImages
-        from convlens.data.prepare import Subset
         from convlens.evaluate.calibration import calibration_slice
 
         train = prepared.train
@@ -309,12 +311,7 @@ class Trainer:
         if not len(held):
             return prepared, None
         keep = np.setdiff1d(np.arange(len(train.labels)), held)
-
-        def part(idx: np.ndarray, name: str) -> Subset:
-            return Subset(CachedImages(train.images.array, train.images.rows[idx]), train.labels[idx],
-                          [train.paths[i] for i in idx], name)
-
-        return replace(prepared, train=part(keep, train.name)), part(held, "calibration")
+        return replace(prepared, train=train.take(keep)), train.take(held, "calibration")
 
     def finish_inputs(self) -> dict[str, Any]:
         """:func:`finish_run`'s ``calibration``, ``train_features`` and ``training`` for this run:
@@ -422,6 +419,7 @@ class Trainer:
             self.eval_model.load_state_dict(self.best_weights)
         model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
         inputs = self.finish_inputs()
+        self.dist.finish_threads(cfg.threads)  # each of N ranks trained with 1/N of the cores: now rank 0 alone
         result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
                             inputs.pop("curves", curves), self.console, extra=self.extra_metrics(), plan=self.plan,
                             **inputs)

@@ -210,9 +210,9 @@ def explain_command(bundle: str, paths: Sequence[str], out: str = "explain", met
                       explained_probability=r.explained_probability, method=method,
                       novelty=r.novelty, known=r.known)
             png = out_dir / f"{stem}.png"
-            write_bytes(png, figure_png(make_panel(name, r.image, r.heat, max_side=1024, **kw)))
+            write_bytes(png, figure_png(make_panel(name, r, 1024)))
             if len(panels) < GRID_LIMIT:
-                panels.append(make_panel(name, r.image, r.heat, max_side=256, **kw))
+                panels.append(make_panel(name, r, 256))
             rows.append({"path": r.path, "png": png.name, **kw})
 
     if panels:

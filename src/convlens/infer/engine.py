@@ -11,19 +11,23 @@ output so the bundle's novelty index scores the features in numpy as on the torc
 ``--neighbours`` works). It lives under ``<convlens cache dir>/onnx/KEY.onnx`` with a
 ``KEY.json`` record of its SHA-256; KEY hashes the bundle's metadata, the SHA-256 of its weights
 as stored (computed, not the recorded value), and the convlens, torch, onnx and onnxruntime
-versions. A file whose bytes do not match its record is exported again, never trusted. On a
-cache hit nothing here imports torch. Explain methods the graph cannot draw (Grad-CAM) load the
+versions. A file whose bytes do not match its record is exported again, never trusted. A new
+export trims the folder (:func:`evict_exports`: the bundle path's earlier exports, all but the
+:data:`KEEP_EXPORTS` most recently used), never while another process holds
+:func:`exports_in_use`. On a cache hit nothing here imports torch. Explain methods the graph cannot draw (Grad-CAM) load the
 bundle's torch model on first use (:class:`BundleOnnxBackend`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,8 +39,13 @@ from convlens.errors import ConfigError, first_line
 from convlens.infer.bundle import BundleMeta, weights_digest
 from convlens.infer.onnx_backend import OnnxBackend
 
+log = logging.getLogger(__name__)
+
 # Bump when the cached graph's layout changes (its outputs, how it is verified).
 CACHE_FORMAT = 1
+# Exports the cache keeps (the most recently used; each about the size of its bundle): enough
+# for a handful of models served or predicted in turn without exporting any of them again.
+KEEP_EXPORTS = 8
 ALL_MAPS = ("cam", "gradcam", "gradcam++")
 # Images one `convlens predict` must run before a first export (12-15 s here) pays for itself
 # (docs/benchmarks.md, "Engines"): a shorter job runs torch until serve, evaluate or a long
@@ -78,13 +87,6 @@ def resolve_engine(engine: str, meta: BundleMeta, device: str = "auto", precisio
     return "onnx"
 
 
-def onnx_threads() -> int:
-    """onnxruntime's intra-op threads: one per usable core, as torch gets (runtime.configure_threads)."""
-    from convlens.runtime import usable_cores
-
-    return usable_cores()
-
-
 # ----------------------------------------------------------------------------- the cache
 def _version(package: str) -> str:
     try:
@@ -122,29 +124,142 @@ def _cached(model: Path, record: Path, key: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _flock(folder: Path, exclusive: bool) -> Iterator[bool]:
+    """An advisory lock on ``folder/.lock``: shared (waits while an eviction runs), or exclusive
+    without waiting. Yields whether it is held: False when another process holds it (exclusive
+    only) or where there is no ``fcntl`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks, so nothing is ever evicted there
+        yield False
+        return
+    try:
+        fd = os.open(folder / ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as e:  # a read-only cache: nobody can write or evict there either
+        log.debug("no lock on %s: %s", folder, e)
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
+            held = True
+        except BlockingIOError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def exports_in_use(folder: Path | None = None) -> Iterator[None]:
+    """While held, no process evicts from the export cache ``folder`` (a shared lock): hold it
+    from finding or writing an export until its session is open. An open session no longer needs
+    the file (onnxruntime reads it whole). Nothing to hold while the folder does not exist."""
+    folder = folder or cache_folder()
+    if not folder.is_dir():
+        yield
+        return
+    with _flock(folder, exclusive=False):
+        yield
+
+
 def cached_onnx(bundle: str | os.PathLike[str], meta: BundleMeta, folder: Path | None = None,
-                before_export: Callable[[], object] | None = None, export: bool = True) -> tuple[Path | None, bool]:
+                before_export: Callable[[], object] | None = None, export: bool = True,
+                evict: bool = True) -> tuple[Path | None, bool]:
     """The verified fp32 ONNX export of ``bundle`` (with a ``pooled`` output) and whether it was
     exported now (``before_export`` is called first); with ``export=False`` only a cached one
-    (else ``(None, False)``). Raises :class:`convlens.export.onnx.ExportError` when it cannot
-    be exported."""
-    key = cache_key(bundle, meta)
+    (else ``(None, False)``). A new export then trims the cache (:func:`evict_exports`) unless
+    ``evict`` is False (a caller holding :func:`exports_in_use` trims after opening it). Raises
+    :class:`convlens.export.onnx.ExportError` when it cannot be exported."""
     folder = folder or cache_folder()
+    if not export and not folder.is_dir():
+        return None, False  # before the key: it reads and hashes the bundle's weights
+    key = cache_key(bundle, meta)
     model, record = folder / f"{key}.onnx", folder / f"{key}.json"
-    if _cached(model, record, key):
-        return model, False
-    if not export:
-        return None, False
-    if before_export is not None:
-        before_export()
-    from convlens.export.onnx import export_onnx
-    from convlens.files import write_json
+    folder.mkdir(parents=True, exist_ok=True)  # the lock file lives in it
+    with exports_in_use(folder):
+        if _cached(model, record, key):
+            _touch(record)
+            return model, False
+        if not export:
+            return None, False
+        if before_export is not None:
+            before_export()
+        from convlens.export.onnx import export_onnx
+        from convlens.files import write_json
 
-    _, data = export_onnx(bundle, model, pooled=True, extra_info={"engine_cache": key})
-    # The record goes last: a file without one (an interrupted write) is exported again.
-    write_json(record, {"key": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                        "bundle": os.fspath(bundle)})
+        _, data = export_onnx(bundle, model, pooled=True, extra_info={"engine_cache": key})
+        # The record goes last: a file without one (an interrupted write) is exported again.
+        write_json(record, {"key": key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                            "bundle": os.path.abspath(bundle)})
+    if evict:
+        evict_exports(folder, key, bundle)
     return model, True
+
+
+def _touch(record: Path) -> None:
+    """Mark an export as just used (eviction keeps the most recently used)."""
+    try:
+        os.utime(record)
+    except OSError as e:  # a read-only shared cache: the export is still valid, only its age is stale
+        log.debug("could not mark %s as used: %s", record, e)
+
+
+# ----------------------------------------------------------------------------- eviction
+def evict_exports(folder: Path, key: str, bundle: str | os.PathLike[str], keep: int = KEEP_EXPORTS) -> list[str]:
+    """Trim the export cache ``folder`` after ``key`` was exported for ``bundle``; the keys removed.
+
+    Removed: exports made earlier for the same bundle path (its content has changed since, so
+    they can no longer be hit from there), every export but the ``keep`` most recently used
+    (the current one counts), and the leftovers of interrupted exports. Nothing happens while
+    another process uses the cache (:func:`exports_in_use`: finding, writing or opening an
+    export), nor without advisory locks; the next export trims instead. A record goes before
+    its model, so a half-removed entry is never trusted.
+    """
+    removed: list[str] = []
+    with _flock(folder, exclusive=True) as held:
+        if not held:
+            return removed
+        here = os.path.abspath(bundle)
+        complete, broken = _entries(folder)
+        complete.sort(key=lambda e: (e[0] == key, e[1]), reverse=True)  # the current one, then newest use
+        for rank, (k, _, doc) in enumerate(complete):
+            if k != key and (rank >= keep or doc.get("bundle") == here):
+                removed.append(k)
+        removed += broken
+        for k in removed:
+            for name in (f"{k}.json", f"{k}.onnx"):
+                _remove(folder / name)
+        for tmp in folder.glob(".*.tmp"):  # an interrupted atomic write (no writer holds the lock)
+            _remove(tmp)
+    return removed
+
+
+def _entries(folder: Path) -> tuple[list[tuple[str, float, dict[str, Any]]], list[str]]:
+    """The cache's complete entries as (key, last use, record) and the keys of broken ones (a
+    model without a readable record or a record without its model)."""
+    keys = {p.stem for p in folder.iterdir() if p.suffix in (".onnx", ".json") and not p.name.startswith(".")}
+    complete, broken = [], []
+    for k in sorted(keys):
+        record, model = folder / f"{k}.json", folder / f"{k}.onnx"
+        try:
+            doc = json.loads(record.read_text())
+            used = record.stat().st_mtime
+        except (OSError, ValueError):
+            doc, used = None, 0.0
+        if isinstance(doc, dict) and model.is_file():
+            complete.append((k, used, doc))
+        else:
+            broken.append(k)
+    return complete, broken
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:  # e.g. a read-only shared cache: the file stays, nothing is lost
+        log.warning("could not remove the old onnx export %s: %s", path, e)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -156,7 +271,7 @@ class BundleOnnxBackend(OnnxBackend):
     device = "cpu"
     precision = "fp32"  # what this engine computes in, named as TorchBackend names it
 
-    def __init__(self, path: Path, torch_backend: Callable[[], Any], *, threads: int = 0) -> None:
+    def __init__(self, path: Path, torch_backend: Callable[[], Any], *, threads: int | None = None) -> None:
         super().__init__(path, threads=threads)
         self._make_torch = torch_backend
         self._torch: Any = None
@@ -171,7 +286,10 @@ class BundleOnnxBackend(OnnxBackend):
         """The bundle's torch backend (fp32 on the CPU, like this engine), loaded once."""
         with self._lock:
             if self._torch is None:
+                from convlens.runtime import configure_threads, inference_threads
+
                 self._torch = self._make_torch()
+                configure_threads(inference_threads())  # torch was just imported: the same share of cores
             return self._torch
 
     def class_maps(self, x: np.ndarray, method: str, class_index: list[int]) -> np.ndarray:
@@ -188,14 +306,21 @@ def onnx_engine(bundle: Path, meta: BundleMeta, engine: str, torch_backend: Call
     from convlens.export.onnx import ExportError
 
     short = engine == "auto" and images is not None and images < EXPORT_PAYS_OFF
+    folder = cache_folder()
     try:
-        path, _ = cached_onnx(bundle, meta, export=not short, before_export=lambda: print(
-            f"note: preparing {bundle.name} for onnxruntime (a verified export, once: later runs reuse it; "
-            "--engine torch skips it)", file=sys.stderr, flush=True))
+        if not short:
+            folder.mkdir(parents=True, exist_ok=True)  # so that the lock below is held from the start
+        with exports_in_use(folder):  # until the session is open: no other process evicts it
+            path, exported = cached_onnx(bundle, meta, folder, export=not short, evict=False, before_export=lambda: print(
+                f"note: preparing {bundle.name} for onnxruntime (a verified export, once: later runs reuse it; "
+                "--engine torch skips it)", file=sys.stderr, flush=True))
+            backend = None if path is None else BundleOnnxBackend(path, torch_backend)
     except (ExportError, OSError) as e:  # a damaged bundle (BundleError) is never papered over
         if engine == "onnx":
             raise
         print(f"note: running {bundle.name} with torch: its onnxruntime export failed ({first_line(e)})",
               file=sys.stderr)
         return None
-    return None if path is None else BundleOnnxBackend(path, torch_backend, threads=onnx_threads())
+    if exported and path is not None:
+        evict_exports(folder, path.stem, bundle)
+    return backend

@@ -42,30 +42,42 @@ def _import_ort() -> Any:
     return ort
 
 
+def session_options(threads: int | None = None) -> Any:
+    """The ``onnxruntime.SessionOptions`` every session here is made with: ``threads`` intra-op
+    threads (None: :func:`convlens.runtime.inference_threads`; 0: onnxruntime's default), one
+    inter-op thread (the graph is a chain), warnings off."""
+    from convlens.runtime import inference_threads
+
+    opts = _import_ort().SessionOptions()
+    threads = inference_threads() if threads is None else int(threads)
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    # Quiet: onnxruntime's warnings about unused initializers are noise for users.
+    opts.log_severity_level = 3
+    return opts
+
+
 class OnnxBackend:
     """A :class:`convlens.infer.Backend` over an onnxruntime ``InferenceSession``.
 
     ``logits(x)`` takes normalised float32 NCHW input (``Preprocessing.normalize``) and returns
     ``(N, out_units)`` logits. Sessions are thread-safe for ``run``; ``threads`` bounds the
-    intra-op thread pool (0 = onnxruntime's default, one per core).
+    intra-op thread pool (None: this process's inference threads, as torch gets them,
+    :func:`convlens.runtime.inference_threads`, which ``serve --workers N`` divides; 0:
+    onnxruntime's own default).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, threads: int = 0,
+    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None,
                  providers: list[str] | None = None) -> None:
         ort = _import_ort()
         p = Path(path)
         self.path = p
         if not p.is_file():
             raise BundleError(f"ONNX model {str(p)!r} does not exist; check the path or run `convlens export BUNDLE`")
-        opts = ort.SessionOptions()
-        if threads > 0:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        # Quiet: onnxruntime's warnings about unused initializers are noise for users.
-        opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(
-                str(p), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+                str(p), sess_options=session_options(threads), providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own (unexported) types
             raise BundleError(f"{str(p)!r} is not a loadable ONNX model ({first_line(e)}); "
                               "export it again with `convlens export`") from e

@@ -29,7 +29,6 @@ import base64
 import contextlib
 import io
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from convlens import __version__
 from convlens.config import SERVE_DEFAULTS, check_serve_range
 from convlens.data.decode import decode
 from convlens.errors import ImageError, UserError
+from convlens.runtime import set_inference_threads, share_of_cores
 from convlens.serve.auth import ApiKeyMiddleware, KeyCheck
 from convlens.serve.batching import BatchResult, MicroBatcher
 from convlens.serve.metrics import MetricsMiddleware, ServeMetrics
@@ -559,14 +559,13 @@ def create_app_from_env() -> FastAPI:
     if not model:
         raise UserError(f"{ENV_MODEL} is not set; start the server with `convlens serve MODEL`")
     keys = [k for k in os.environ.get(ENV_API_KEYS, "").split("\n") if k]
+    workers = max(1, int(os.environ.get(ENV_WORKERS, "1")))
+    # N processes each using every core would fight over them: share the cores out, before the
+    # app makes its onnxruntime session (its pool size is fixed then) and for torch's pool.
+    set_inference_threads(share_of_cores(workers))
     app = create_app(model, max_upload_mb=float(os.environ.get(ENV_MAX_UPLOAD_MB, "10")),
                      max_batch=int(os.environ.get(ENV_MAX_BATCH, str(DEFAULT_MAX_BATCH))),
                      max_wait_ms=float(os.environ.get(ENV_MAX_WAIT_MS, str(DEFAULT_MAX_WAIT_MS))),
                      api_keys=keys or None, engine=os.environ.get(ENV_ENGINE, "auto"))
-    workers = max(1, int(os.environ.get(ENV_WORKERS, "1")))
-    if workers > 1 and "torch" in sys.modules:
-        # N processes each using every core would fight over them: share the cores out.
-        from convlens.runtime import usable_cores
-
-        sys.modules["torch"].set_num_threads(max(1, usable_cores() // workers))
+    set_inference_threads(share_of_cores(workers))  # again for torch, when loading the app imported it
     return app
