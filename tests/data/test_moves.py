@@ -218,3 +218,31 @@ def test_a_read_only_dataset_is_one_line_and_nothing_moves(read_only_pets: Path,
     assert len(err) == 1 and f"{read_only_pets}/Cat is read-only" in err[0] and "nothing was moved" in err[0], err
     assert tree_hashes(read_only_pets) == before
     assert not list(tmp_path.glob("convlens-relabel-*")) and not (tmp_path / "q" / MANIFEST_NAME).exists()
+
+
+def test_a_full_disk_at_the_manifests_final_write_says_what_moved_and_how_to_undo(
+        pets: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """convlens.files reports ENOSPC as DiskFullError (not an OSError): the final manifest write
+    failing still gives the one line naming what moved and the undo, and the undo works."""
+    from convlens.data import moves
+    from convlens.errors import DiskFullError
+
+    before = tree_hashes(pets)
+    real, calls = moves.cio.write_json, []
+
+    def write_json(path: Path, data: object, **kw: object) -> None:
+        calls.append(path)
+        if len(calls) == 2:  # the rewrite after the moves
+            raise DiskFullError("the disk filled while writing the manifest", "free some space", path=str(path))
+        real(path, data, **kw)
+
+    monkeypatch.setattr(moves.cio, "write_json", write_json)
+    listed = _write_csv(tmp_path / "listed.csv", "path", ["Cat/3.jpg", "Dog/4.jpg"])
+    q = tmp_path / "q"
+    assert main(["audit", str(pets), "--quarantine", str(q), "--paths", str(listed)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "moved 2 of 2 file(s) but could not update the manifest" in err[0]
+    assert "the disk filled while writing the manifest" in err[0] and "--undo" in err[0]
+    monkeypatch.setattr(moves.cio, "write_json", real)
+    assert main(["audit", "--undo", str(q)]) == 0
+    assert tree_hashes(pets) == before

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from convlens import files as cio
-from convlens.errors import DataError
+from convlens.errors import DataError, DiskFullError
 
 MANIFEST_NAME = "convlens-quarantine.json"
 MANIFEST_VERSION = 2  # 2: every entry has ``to``, ``renamed``, ``size`` and ``sha256``
@@ -287,10 +287,15 @@ def _write_manifest(manifest: Path, data: dict[str, Any], received: str, exclusi
         cio.write_json(manifest, data, exclusive=exclusive)
     except FileExistsError as e:
         raise DataError(f"the manifest {manifest} exists already; choose another name. Received: {received}") from e
-    except OSError as e:
+    except (OSError, DiskFullError) as e:  # convlens.files turns ENOSPC into DiskFullError
         free = cio.free_bytes(manifest.parent)
-        raise DataError(f"cannot write the manifest {manifest}: {e.strerror or e} ({cio.human_bytes(free)} free "
+        raise DataError(f"cannot write the manifest {manifest}: {_reason(e)} ({cio.human_bytes(free)} free "
                         f"there); nothing was moved. Received: {received}") from e
+
+
+def _reason(e: Exception) -> str:
+    """What went wrong, in a few words: an OSError's own text, or a DiskFullError's line."""
+    return str(getattr(e, "strerror", None) or e)
 
 
 @contextlib.contextmanager
@@ -301,8 +306,8 @@ def _reserved(manifest: Path, nbytes: int) -> Any:
     path = manifest.parent / f".{manifest.name}.reserve"
     try:
         with open(path, "wb") as f:
-            os.posix_fallocate(f.fileno(), 0, nbytes)
-    except OSError:
+            cio.reserve(f, nbytes, path, zero_fill=True)  # posix_fallocate, or zeros where there is none
+    except (OSError, DiskFullError):
         path.unlink(missing_ok=True)
     try:
         yield
@@ -331,9 +336,9 @@ def _execute(root: Path, dest: Path, plan: list[dict[str, Any]], manifest: Path,
             moved.append(entry)
     try:
         cio.write_json(manifest, {**data, "files": old + moved})
-    except OSError as e:
+    except (OSError, DiskFullError) as e:
         raise DataError(f"moved {len(moved)} of {len(plan)} file(s) but could not update the manifest {manifest} "
-                        f"({e.strerror or e}); it still lists every planned file and `{undo_cmd}` restores those "
+                        f"({_reason(e)}); it still lists every planned file and `{undo_cmd}` restores those "
                         f"that moved. Received: {received}") from e
     if failure:
         raise DataError(_failure_line(failure[0], failure[1], dest, len(moved), len(plan), undo_cmd, received))
@@ -425,9 +430,9 @@ def undo_quarantine(manifest_path: str | os.PathLike[str]) -> UndoReport:
         data["restored"] = data.get("restored", []) + report.restored
         try:
             cio.write_json(manifest, data)
-        except OSError as e:
+        except (OSError, DiskFullError) as e:
             raise DataError(f"restored {len(report.restored)} file(s) but could not update the manifest {manifest} "
-                            f"({e.strerror or e}); running --undo again is harmless. Received: {received}") from e
+                            f"({_reason(e)}); running --undo again is harmless. Received: {received}") from e
     return report
 
 

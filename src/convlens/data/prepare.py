@@ -43,6 +43,11 @@ class Subset:
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.labels, minlength=num_classes)
 
+    def take(self, idx: np.ndarray, name: str | None = None) -> Subset:
+        """The rows ``idx`` of this subset (images still read lazily from the cache)."""
+        return Subset(CachedImages(self.images.array, self.images.rows[idx]), self.labels[idx],
+                      [self.paths[i] for i in idx], self.name if name is None else name)
+
 
 @dataclass
 class PreparedData:

@@ -172,7 +172,7 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
     old_rows, old_array = _read_cache(fdir)
     # One computation per distinct file content (duplicate files share a row).
     first = {h: i for i, h in reversed(list(enumerate(hashes)))}
-    missing = [h for h in dict.fromkeys(hashes) if old_array is None or h not in old_rows]
+    missing = [h for h in dict.fromkeys(hashes) if h not in old_rows]  # old_rows is {} without an array
     if dist.enabled:
         missing = _missing_anywhere(dist, hashes, missing)
     share = dist.share(len(missing))
@@ -181,11 +181,8 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
         # Before minutes of computing: the new array holds the old rows and the new ones. Every
         # process checks (the same answer on one machine), so none waits for one that stopped.
         n = len(old_rows) + len(missing)
-        try:
-            cio.ensure_space(fdir, n * backbone.num_features * 4 + 4096,
-                             f"the feature cache ({n} x {backbone.num_features} floats)")
-        except DiskFullError as e:
-            raise e.with_hint(CACHE_SPACE_HINT) from e
+        cio.ensure_space(fdir, n * backbone.num_features * 4 + 4096,
+                         f"the feature cache ({n} x {backbone.num_features} floats)", hint=CACHE_SPACE_HINT)
     if missing[share]:
         rows = CachedImages(images, [first[h] for h in missing[share]])  # lazy: read a batch at a time
         fresh = extract_features(backbone.model, rows, prep,
