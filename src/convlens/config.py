@@ -27,8 +27,13 @@ T = TypeVar("T")
 RESIZE_POLICIES = ("squash", "crop", "pad")
 OPTIMIZERS = ("rmsprop", "sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "onecycle")
+# Batch-norm statistics while fine-tuning a pretrained backbone: kept (frozen) or updated by the
+# fine-tuned units' batches (train).
+FINETUNE_BN = ("frozen", "train")
 EXPLAIN_METHODS = ("cam", "gradcam", "gradcam++")
 EXPORT_FORMATS = ("onnx", "torchscript")
+# A figure file's ending -> matplotlib's format (`convlens preview`, `convlens demo-layer`).
+FIGURE_FORMATS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".pdf": "pdf", ".svg": "svg", ".webp": "webp"}
 # The share of validation images a trained model's novelty threshold keeps as known (--accept);
 # owned here, below every package, so convlens.infer.novelty and the trainer read one number.
 DEFAULT_ACCEPT = 0.95
@@ -68,10 +73,18 @@ class TrainConfig:
     model: str = field(default="vgg10", metadata={"help": "registry name or a YAML/JSON layer file"})
     model_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "keyword arguments of a registered model, as YAML: '{width: 1.0}'"})
     # --- transfer learning (pretrained backbones; see README "Pretrained backbones") ---
-    pretrained: str = field(default="auto", metadata={"help": "auto | none | efficientnet_lite0|1|2 | a weight file (.pth/.safetensors)"})
+    pretrained: str = field(default="auto", metadata={"help": "auto | none | efficientnet_lite0|1|2 (2-3 joined by '+': an ensemble) | a weight file (.pth/.safetensors)"})
     arch: str | None = field(default=None, metadata={"help": "architecture of a --pretrained weight file when it cannot be inferred"})
     finetune_epochs: int = field(default=0, metadata={"help": "after fitting the head on frozen features, fine-tune the last blocks for N epochs"})
     finetune_lr: float = field(default=1e-4, metadata={"help": "fine-tuning's learning rate (AdamW, cosine; ~1/50 of a from-scratch one)"})
+    # The fine-tuning recipe (docs/benchmarks.md, "Fine-tuning recipes"): half the units, layer-wise
+    # decayed rates, batch-norm statistics frozen, a short warm-up, stopped when validation stops improving.
+    finetune_units: float = field(default=0.5, metadata={"help": "share of the network's units, counted back from the head, that fine-tuning updates (at least the head and one block)"})
+    finetune_lr_decay: float = field(default=0.8, metadata={"help": "layer-wise learning-rate decay: each fine-tuned unit trains at this times the rate of the unit after it (the head at --finetune-lr; 1 = one rate)"})
+    finetune_bn: str = field(default="frozen", metadata={"help": "batch-norm statistics of the fine-tuned units: " + " | ".join(FINETUNE_BN)})
+    finetune_warmup: float = field(default=0.3, metadata={"help": "fine-tuning's linear learning-rate warm-up in epochs (the fitted head is not disturbed by full-rate first steps)"})
+    finetune_patience: int = field(default=1, metadata={"help": "stop fine-tuning after N epochs without a better validation accuracy (0 = off)"})
+    finetune_crop_scale: float = field(default=1.0, metadata={"help": "fine-tuning's random resized crop minimum area (1.0 = off; --crop-scale of a from-scratch run)"})
     head_flip: bool = field(default=False, metadata={"help": "also fit the pretrained head on mirrored images' features"})
     # --- novelty (the bundle's `unknown` rule; see README "Unknown photos") ---
     accept: float = field(default=DEFAULT_ACCEPT, metadata={"help": "share of validation images the novelty threshold keeps as known; predictions less like the training images are `unknown`"})
@@ -336,6 +349,14 @@ def check_choice(key: str, value: str, options: typing.Sequence[str]) -> str:
     return value
 
 
+def figure_format(out: Path) -> str:
+    """matplotlib's format for a figure written to ``out`` (:data:`FIGURE_FORMATS`); else a :class:`ConfigError`."""
+    fmt = FIGURE_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"--out must end in one of {', '.join(FIGURE_FORMATS)}. Received: --out {str(out)!r}")
+    return fmt
+
+
 def check_range(key: str, value: float, ranges: dict[str, tuple[float, float, bool]] = AUGMENT_RANGES) -> float:
     """``value`` as a float when it lies in ``ranges[key]``; else a :class:`ConfigError`."""
     lo, hi, lo_open = ranges[key]
@@ -357,6 +378,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
     check_choice("schedule", cfg.schedule, SCHEDULES)
     check_choice("class_weights", cfg.class_weights, ("none", "auto"))
+    check_choice("finetune_bn", cfg.finetune_bn, FINETUNE_BN)
     for key in AUGMENT_RANGES:
         check_range(key, getattr(cfg, key))
     if cfg.channels not in (0, 1, 3):
@@ -379,6 +401,11 @@ def validate_train_config(cfg: TrainConfig) -> None:
         ("warmup_epochs", cfg.warmup_epochs >= 0, ">= 0"),
         ("finetune_epochs", cfg.finetune_epochs >= 0, ">= 0"),
         ("finetune_lr", cfg.finetune_lr > 0, "> 0"),
+        ("finetune_units", 0 < cfg.finetune_units <= 1, "in (0, 1]"),
+        ("finetune_lr_decay", 0 < cfg.finetune_lr_decay <= 1, "in (0, 1]"),
+        ("finetune_warmup", cfg.finetune_warmup >= 0, ">= 0"),
+        ("finetune_patience", cfg.finetune_patience >= 0, ">= 0"),
+        ("finetune_crop_scale", 0 < cfg.finetune_crop_scale <= 1, "in (0, 1]"),
         ("crop_margin", 0 <= cfg.crop_margin <= 1, "in [0, 1]"),
         ("val_every", cfg.val_every >= 1, ">= 1"),
         ("progressive", 0 <= cfg.progressive < 1, "in [0, 1)"),

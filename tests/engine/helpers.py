@@ -69,7 +69,9 @@ def assert_same_run(run_dir: Path, single_dir: Path, outliers: float = 0.0) -> d
     metrics are reduced over the ranks: the same sums over the same samples); returns its weights.
 
     ``outliers``: the fraction of weights allowed outside the tolerance (Adam steps a weight whose
-    gradient is rounding noise by the full learning rate, in either direction).
+    gradient is rounding noise by the full learning rate, in either direction); the losses then
+    agree to 1e-3 instead of 1e-4 (those weights move them: fine-tuning half of Lite0's units
+    put val_loss just outside 1e-4 in one clean-clone CI run of several).
     """
     a = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(single_dir / "checkpoints" / "last.pt")["model"]
@@ -81,7 +83,8 @@ def assert_same_run(run_dir: Path, single_dir: Path, outliers: float = 0.0) -> d
         bad += int((~torch.isclose(a[k], b[k], rtol=1e-4, atol=1e-5)).sum())
         total += a[k].numel()
     assert bad <= outliers * total, f"{bad} of {total} weights differ"
+    rel = 1e-3 if outliers else 1e-4
     for ra, rb in zip(csv_rows(run_dir / "metrics.csv"), csv_rows(single_dir / "metrics.csv"), strict=True):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-4, abs=1e-5), key
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=rel, abs=1e-5), (key, ra[key], rb[key])
     return a

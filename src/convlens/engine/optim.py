@@ -8,7 +8,7 @@ resume and its state in a checkpoint is only a step counter.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def layerwise_groups(branches: Sequence[Sequence[nn.Module]], lr: float, decay: float,
+                     weight_decay: float) -> list[dict]:
+    """Parameter groups with discriminative learning rates (layer-wise decay, as in ULMFiT and
+    BEiT): the last unit of each branch (the head) at ``lr``, each unit before it at ``decay``
+    times the rate of the one after it; a unit in several branches (an ensemble's shared head)
+    once; within a unit, weight decay as :func:`param_groups`. Parameters that do not require
+    gradients are left out."""
+    groups, seen = [], set()
+    for units in branches:
+        for k, unit in enumerate(reversed(units)):
+            if id(unit) not in seen:
+                seen.add(id(unit))
+                groups += [{**g, "lr": lr * decay**k} for g in param_groups(unit, weight_decay) if g["params"]]
     return groups
 
 

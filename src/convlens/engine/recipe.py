@@ -46,7 +46,8 @@ from convlens.engine.resume import resume_config
 from convlens.errors import ConfigError, ImageError
 
 SAMPLE_IMAGES = 24  # images decoded to decide whether a dataset is photos
-BACKBONE_ONLY = ("arch", "finetune_epochs", "finetune_lr", "head_flip")  # options only a pretrained run uses
+BACKBONE_ONLY = ("arch", "finetune_epochs", "finetune_lr", "finetune_units", "finetune_lr_decay", "finetune_bn",
+                 "finetune_warmup", "finetune_patience", "finetune_crop_scale", "head_flip")  # pretrained runs only
 
 
 @dataclass(frozen=True)
@@ -115,14 +116,13 @@ def recipe_for(cfg: TrainConfig, chosen: Collection[str] = (), resume: str | Pat
     if pretrained == "none":
         notes = unused_backbone_options(chosen)
         return Recipe(with_layers(cfg, below, {"pretrained": pretrained}, world), chosen, notes=notes)
-    plan, backbone = None, None
+    plan, backbone, planned = None, None, {}
     if cfg.time and not world:  # under torchrun the launcher has planned: its choices are flags
         plan, backbone = pretrained_budget(cfg, chosen, pretrained, below.get("data") or cfg.data, t0)
-        cfg = with_layers(cfg, {"pretrained": plan.backbone, "head_flip": plan.head_flip,
-                                "finetune_epochs": plan.finetune_epochs})
-        pretrained = plan.backbone
+        pretrained, planned = plan.backbone, {"head_flip": plan.head_flip, "finetune_epochs": plan.finetune_epochs}
     backbone = backbone or load_pretrained(pretrained, cfg.arch, cfg.max_pixels)
-    final = with_layers(cfg, below, {"pretrained": pretrained}, backbone_layer(cfg, backbone), world)
+    recipe = backbone_layer(backbone, cfg, planned.get("finetune_epochs", cfg.finetune_epochs))
+    final = with_layers(cfg, below, {"pretrained": pretrained, **planned}, recipe, world)
     notes = replaced_options(cfg, final, chosen) + ((budget_note(plan),) if plan else ())
     return Recipe(final, chosen, backbone, notes=notes, time_plan=plan)
 
@@ -155,7 +155,8 @@ def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str
     # A pre-split folder's own validation set; else the share the split will hold out.
     n_val = (sum(e.subset == "val" for e in entries) if any(e.subset for e in entries)
              else round(n * cfg.val_fraction))
-    plan = budget.plan_pretrained(parse_duration(cfg.time), time.perf_counter() - t0, n - n_val, n_val, speeds, options)
+    plan = budget.plan_pretrained(parse_duration(cfg.time), time.perf_counter() - t0, n - n_val, n_val, speeds, options,
+                                  {name: b.num_features for name, b in backbones.items()})
     return plan, backbones[plan.backbone]
 
 
@@ -193,13 +194,15 @@ def choose_pretrained(cfg: TrainConfig, model_chosen: bool) -> str:
     return auto_backbone(True, cfg.preset, model_chosen, bool(gray) and all(gray), median)
 
 
-def backbone_layer(cfg: TrainConfig, backbone: Backbone) -> dict[str, Any]:
+def backbone_layer(backbone: Backbone, cfg: TrainConfig, finetune_epochs: int) -> dict[str, Any]:
     """The ``pretrained`` recipe for ``backbone``: its preprocessing, the head fit + ``finetune_epochs``
-    epochs at ``finetune_lr``."""
+    epochs at ``cfg.finetune_lr``, with fine-tuning's warm-up, early stopping and crops (the other
+    ``finetune_*`` keys are read by :class:`~convlens.engine.transfer.FineTuner` itself)."""
     p, arch = backbone.preprocessing, backbone.source.arch
     return {**RECIPES["pretrained"], "arch": arch, "model": arch, "image_size": p.size[0], "resize": p.resize,
-            "scale": p.scale, "mean": list(p.mean), "std": list(p.std), "epochs": 1 + cfg.finetune_epochs,
-            "lr": cfg.finetune_lr}
+            "scale": p.scale, "mean": list(p.mean), "std": list(p.std), "epochs": 1 + finetune_epochs,
+            "lr": cfg.finetune_lr, "warmup_epochs": cfg.finetune_warmup, "patience": cfg.finetune_patience,
+            "crop_scale": cfg.finetune_crop_scale}
 
 
 def replaced_options(before: TrainConfig, after: TrainConfig, chosen: Collection[str]) -> tuple[str, ...]:

@@ -31,10 +31,17 @@ def check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None
                                   f"(run: {saved[key]!r}). Received: {key}={value!r}")
 
 
+# Fine-tuning keys a run saved before they existed trained with these (the last quarter of the
+# units at one rate): a resumed run keeps its own recipe, and its optimizer state still fits.
+LEGACY_FINETUNE = {"finetune_units": 0.25, "finetune_lr_decay": 1.0}
+
+
 def resume_config(resume: str | Path, overrides: dict[str, Any] | None) -> TrainConfig:
     """The saved configuration of a run, with the resume-safe ``overrides`` applied."""
     state = load_checkpoint(resolve_checkpoint(resume))
     saved = {k: v for k, v in (state.get("config") or {}).items()}
+    if "finetune_units" not in saved:
+        saved = {**LEGACY_FINETUNE, **saved}
     overrides = dict(overrides or {})
     for key, value in overrides.items():
         k = key.replace("-", "_")

@@ -126,9 +126,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     agreement = bf16_agreement(model, meta, prepared.val.images, device, cfg.batch_size) if has_val else None
     if agreement is not None:  # what precision="auto" means for this model, from here on
         meta.precision, summary["bf16_agreement"] = agreement["precision"], agreement
-        if meta.precision == "fp32":
-            say(console, f"note: bf16 moved this model's probabilities by up to {agreement['max_prob_diff']:.1e} "
-                         f"on {agreement['images']} validation images, so it predicts in fp32 (exact, slower)")
+        say_precision(console, agreement)
 
     # The inference pass the report and predict use, of `model` as it is when called: before the
     # temperature for fitting it, after it for the validation images.
@@ -141,8 +139,7 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
         model = temperature_scaled(model, meta.temperature)
         summary["calibration"] = record
     val_out = outputs(prepared.val.images) if has_val else None
-    index = novelty_index(cfg, prepared, train_features if train_features is not None
-                          else outputs(prepared.train.images)[1], val_out)
+    index = novelty_index(cfg, prepared, train_features, val_out, lambda images: outputs(images)[1])
     summary["novelty"] = {"threshold": index.threshold, "accept": index.accept, "rule": index.rule,
                           "validation_images": index.validation_images, "reference_images": len(index.labels)}
     if has_val:
@@ -175,6 +172,13 @@ def finish_run(model: torch.nn.Module, cfg: TrainConfig, prepared: Any, run_dir:
     return RunResult(run_dir=run_dir, bundle_path=bundle_path, metrics=summary, history=history)
 
 
+def say_precision(console: Console, agreement: dict[str, Any]) -> None:
+    """The note when the bf16 check chose fp32 for the bundle (nothing when bf16 agreed)."""
+    if agreement["precision"] == "fp32":
+        say(console, f"note: bf16 moved this model's probabilities by up to {agreement['max_prob_diff']:.1e} "
+                     f"on {agreement['images']} validation images, so it predicts in fp32 (exact, slower)")
+
+
 def write_unvalidated_report(run_dir: Path, classes: list[str], curves: bytes | None, history: list[dict[str, Any]],
                              config_yaml: str, training: dict[str, Any] | None) -> None:
     """``report.html`` of a run without a validation set: how it trained, nothing evaluated."""
@@ -201,15 +205,20 @@ def fit_calibration(calibration: dict[str, Any] | Any, outputs: Any) -> dict[str
                               f"{len(labels)} training-split images held out from training")
 
 
-def novelty_index(cfg: TrainConfig, prepared: Any, train_features: np.ndarray,
-                  val_out: tuple[np.ndarray, np.ndarray] | None) -> Any:
+def novelty_index(cfg: TrainConfig, prepared: Any, train_features: np.ndarray | None,
+                  val_out: tuple[np.ndarray, np.ndarray] | None, pooled: Any) -> Any:
     """The bundle's :class:`convlens.infer.novelty.NoveltyIndex`: the training images' pooled
     features (paths relative to the dataset root) and the threshold that keeps ``cfg.accept`` of
-    the validation images (too few: the documented fallback)."""
-    from convlens.infer.novelty import build_index
+    the validation images (too few: the documented fallback). ``train_features``: every
+    training image's when the caller has them, else ``pooled(images)`` computes them for the
+    rows the index keeps only (:func:`~convlens.infer.novelty.reference_rows`)."""
+    from convlens.infer.novelty import build_index, reference_rows
 
-    return build_index(train_features, prepared.train.labels, prepared.train.paths,
-                       None if val_out is None else val_out[1], accept=cfg.accept)
+    rows = reference_rows(prepared.train.labels)
+    kept = prepared.train.take(rows)
+    features = pooled(kept.images) if train_features is None else train_features[rows]
+    return build_index(features, kept.labels, kept.paths, None if val_out is None else val_out[1],
+                       accept=cfg.accept, limit=len(rows))
 
 
 def novelty_line(index: Any, val_unknown: float | None) -> str:

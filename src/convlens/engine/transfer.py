@@ -13,8 +13,11 @@ on photos, or ``--pretrained NAME|PATH``), as :class:`FineTuner`, with the backb
 3. fit the dense head (GAP -> dense, so the exact CAM works) by full-batch L-BFGS on the
    features, with the run's class weights and label smoothing, and write it into the model:
    epoch 1 of the run, checkpointed like any epoch;
-4. optionally fine-tune the last units for ``finetune_epochs`` in the trainer's loop (AdamW at
-   ``finetune_lr``, cosine, batch-norm statistics frozen): checkpoints, Ctrl-C, ``--resume``
+4. optionally fine-tune the last units for ``finetune_epochs`` in the trainer's loop (AdamW,
+   cosine; the recipe's ``finetune_*`` keys: the share of units, the head at ``finetune_lr`` and
+   each unit before it at ``finetune_lr_decay`` times the next one's rate, batch-norm statistics frozen or
+   updated, warm-up, crops, early stopping; the head-only epoch stays the fallback, as the best
+   validated epoch is what the bundle keeps): checkpoints, Ctrl-C, ``--resume``
    and DDP (``--nproc``: rank 0 fits the head, every rank takes its weights) as from scratch
    (without fine-tuning, a multi-process run ends after the head: the features were its work);
 5. the usual evaluation, report and bundle (:func:`convlens.engine.run_folder.finish_run`).
@@ -36,6 +39,7 @@ from convlens.engine import budget
 from convlens.engine.distributed import Dist
 from convlens.engine.factory import class_weights, classification_loss, correct_count, soft_targets
 from convlens.engine.features import Backbone, cached_features, subset_hashes
+from convlens.engine.optim import build_optimizer, layerwise_groups
 from convlens.engine.run_folder import say
 from convlens.engine.trainer import Trainer, prepare_data
 
@@ -170,10 +174,16 @@ def select_head(features: np.ndarray, labels: np.ndarray, num_classes: int, *, f
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def trainable_units(model: Any) -> list[torch.nn.Module]:
-    """The last quarter of a model's units (at least the head and one block): what fine-tuning updates."""
-    units = model.summary_units()
-    return [m for _, _, m in units[-max(2, len(units) // 4):]]
+def trainable_branches(model: Any, share: float = TrainConfig.finetune_units) -> list[list[torch.nn.Module]]:
+    """The last ``share`` of the units (at least the head and one block) of each of a model's
+    branches (one, or an ensemble's members, each ending in the shared head), in execution order:
+    what fine-tuning updates (``finetune_units``)."""
+    return [[m for _, _, m in units[-max(2, int(len(units) * share)):]] for units in model.unit_branches()]
+
+
+def trainable_units(model: Any, share: float = TrainConfig.finetune_units) -> list[torch.nn.Module]:
+    """The units of :func:`trainable_branches`, each once (an ensemble's head is in every branch)."""
+    return list({id(m): m for branch in trainable_branches(model, share) for m in branch}.values())
 
 
 def fit_head(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, *, flipped: np.ndarray | None = None,
@@ -188,21 +198,40 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, *, flip
     return w, b, choice
 
 
-def fine_tuning_model(backbone: Backbone, num_classes: int) -> torch.nn.Module:
+def fine_tuning_model(backbone: Backbone, num_classes: int, share: float = TrainConfig.finetune_units) -> torch.nn.Module:
     """The backbone for ``num_classes`` (the weights as read once by the recipe) with only
-    :func:`trainable_units` trainable: what fine-tuning updates."""
+    :func:`trainable_units` (the last ``share``) trainable: what fine-tuning updates."""
     model = backbone.create(num_classes)
     model.requires_grad_(False)
-    for unit in trainable_units(model):
+    for unit in trainable_units(model, share):
         unit.requires_grad_(True)
     return model
+
+
+def fine_tuning_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over the trainable units with discriminative learning rates: the head at
+    ``cfg.lr`` (the recipe's ``finetune_lr``), each unit before it ``finetune_lr_decay`` times
+    the next one's rate (:func:`~convlens.engine.optim.layerwise_groups`)."""
+    groups = layerwise_groups(trainable_branches(model, cfg.finetune_units), cfg.lr, cfg.finetune_lr_decay,
+                              cfg.weight_decay)
+    return build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+
+
+def set_fine_tuning_mode(model: Any, cfg: TrainConfig) -> None:
+    """Evaluation mode for the frozen units; with ``finetune_bn: train`` the trainable units
+    train (their batch-norm statistics follow the new data's batches). ``frozen`` keeps every
+    statistic: small batches of a new dataset would spoil them."""
+    model.eval()
+    if cfg.finetune_bn == "train":
+        for unit in trainable_units(model, cfg.finetune_units):
+            unit.train()
 
 
 def finetune_start(backbone: Backbone, prepared: Any, cfg: TrainConfig, device: str = "cpu") -> torch.nn.Module:
     """The model fine-tuning starts from, as training fits it: the head of :func:`fit_head` on the
     (cached) training features, only the last units trainable (what lr-find sweeps)."""
     num_classes = len(prepared.classes)
-    model = fine_tuning_model(backbone, num_classes)
+    model = fine_tuning_model(backbone, num_classes, cfg.finetune_units)
     flipped = _features(backbone, prepared, prepared.train, cfg, Dist(), flip=True) if cfg.head_flip else None
     w, b, _ = fit_head(_features(backbone, prepared, prepared.train, cfg, Dist()), prepared.train.labels,
                        num_classes, flipped=flipped, seed=cfg.seed,
@@ -216,7 +245,8 @@ def finetune_start(backbone: Backbone, prepared: Any, cfg: TrainConfig, device: 
 
 class FineTuner(Trainer):
     """The pretrained path in the trainer's loop: epoch 1 fits the head on frozen features, then
-    the last units (:func:`trainable_units`) fine-tune with batch-norm statistics frozen."""
+    the last units (:func:`trainable_units`) fine-tune (``finetune_*``: their share, layer-wise
+    learning-rate decay, batch-norm mode, warm-up, early stopping and crops)."""
 
     first_epoch = 1  # the head fit
 
@@ -237,18 +267,22 @@ class FineTuner(Trainer):
                           + ("; --pretrained none trains from scratch" if source.packaged else ""))
         prepared = prepare_data(cfg, self.console, split_file, self.backbone)
         records = [prepared.cache.records[q] for q in prepared.train.paths[:2000]]
-        if records and all(r.grayscale for r in records):
+        if records and all(r.info.grayscale for r in records):
             say(self.console, "note: grayscale images: the channel is replicated 3x for the RGB backbone")
         self.marks["decode"] = time.perf_counter()
         return prepared
 
     def build_model(self, num_classes: int) -> torch.nn.Module:
         """The backbone (its head fitted in :meth:`begin`, or restored), only the last units training."""
-        model = fine_tuning_model(self.backbone, num_classes).to(self.dev.device)
+        model = fine_tuning_model(self.backbone, num_classes, self.cfg.finetune_units).to(self.dev.device)
         return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """Discriminative learning rates over the trainable units (:func:`fine_tuning_optimizer`)."""
+        return fine_tuning_optimizer(self.model, self.cfg)
+
     def set_train_mode(self) -> None:
-        self.model.eval()  # frozen batch-norm statistics: small batches of a new dataset would spoil them
+        set_fine_tuning_mode(self.model, self.cfg)
 
     def begin(self) -> None:
         """Epoch 1: every rank extracts its share of the features, rank 0 fits the head on all of

@@ -13,6 +13,7 @@ Public API: :func:`create_model` (the one door: from scratch or pretrained), :fu
 from __future__ import annotations
 
 from convlens.models import efficientnet as _efficientnet  # noqa: F401  (registers efficientnet_lite0-2)
+from convlens.models import ensemble as _ensemble  # noqa: F401  (builds 'a+b' ensembles of them)
 from convlens.models import resnet as _resnet  # noqa: F401  (registers resnet18/34/50)
 from convlens.models import zoo as _zoo  # noqa: F401  (registers the zoo's models)
 from convlens.models.create import create_model

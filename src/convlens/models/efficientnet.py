@@ -123,11 +123,15 @@ class EfficientNetLite(_ZooModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_conv(self.blocks(self.stem(x)))
 
-    def summary_units(self) -> list[tuple[str, str, nn.Module]]:
+    def feature_units(self) -> list[tuple[str, str, nn.Module]]:
+        """The units of :meth:`forward_features` (stem, blocks, head conv), in execution order."""
         units: list[tuple[str, str, nn.Module]] = [("stem", "conv_bn_relu6", self.stem)]
         for i, block in enumerate(self.blocks):
             units.append((f"blocks.{i}", "mbconv" if isinstance(block.expand, ConvBNAct) else "ds_conv", block))
-        return [*units, ("head_conv", "conv_bn_relu6", self.head_conv), ("head", "gap_dense", self.head)]
+        return [*units, ("head_conv", "conv_bn_relu6", self.head_conv)]
+
+    def summary_units(self) -> list[tuple[str, str, nn.Module]]:
+        return [*self.feature_units(), ("head", "gap_dense", self.head)]
 
 
 def _init_weights(model: EfficientNetLite) -> None:

@@ -78,6 +78,12 @@ class ConvlensModel(nn.Module):
         """(name, type, module) in execution order; run one after another they equal ``forward``."""
         raise NotImplementedError
 
+    def unit_branches(self) -> list[list[tuple[str, str, nn.Module]]]:
+        """The units as parallel paths from the input to the logits, each in execution order
+        (what fine-tuning picks its last units from): one path, :meth:`summary_units`, unless
+        the model runs branches side by side (an ensemble: each member's units, then the head)."""
+        return [self.summary_units()]
+
 
 class SpecModel(ConvlensModel):
     """A classifier built from a layer list (see :func:`build_from_spec`)."""

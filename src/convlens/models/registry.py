@@ -6,6 +6,7 @@ round-trip through ``model.arch`` and :func:`build_from_arch`, which is what bun
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -20,6 +21,8 @@ from convlens.models.model import ConvlensModel, build_from_spec, check_classes
 F = TypeVar("F", bound=Callable[..., ConvlensModel])
 
 _REGISTRY: dict[str, Callable[..., ConvlensModel]] = {}
+# Composite names (``a+b``, models.ensemble): (is it one, builder(name, num_classes, ...)).
+_COMPOSITES: list[tuple[Callable[[str], bool], Callable[..., ConvlensModel]]] = []
 LAYER_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -29,6 +32,24 @@ def register_model(fn: F) -> F:
         raise ValueError(f"model {fn.__name__!r} is already registered")
     _REGISTRY[fn.__name__] = fn
     return fn
+
+
+def register_ensemble(is_name: Callable[[str], bool], builder: Callable[..., ConvlensModel]) -> None:
+    """Build every name ``is_name`` accepts with ``builder(name, num_classes, in_channels=3, **kwargs)``
+    (an ensemble of registered models); such names are not listed."""
+    _COMPOSITES.append((is_name, builder))
+
+
+def _builder(name: str) -> Callable[..., ConvlensModel] | None:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    composite = next((b for is_name, b in _COMPOSITES if is_name(name)), None)
+    return None if composite is None else functools.partial(composite, name)
+
+
+def is_registered(name: str) -> bool:
+    """True when ``name`` is a registered model or a composite of them (``a+b``)."""
+    return _builder(name) is not None
 
 
 def list_models() -> list[str]:
@@ -49,10 +70,10 @@ def _unknown_model(name: str) -> SpecError:
 
 def create(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> ConvlensModel:
     """Build the registered model ``name`` with fresh weights."""
-    if name not in _REGISTRY:
+    fn = _builder(name)
+    if fn is None:
         raise _unknown_model(name)
     check_classes(num_classes, in_channels)
-    fn = _REGISTRY[name]
     params = inspect.signature(fn).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         allowed = [k for k in params if k not in ("num_classes", "in_channels")]
@@ -83,7 +104,7 @@ def build_from_arch(arch: dict[str, Any]) -> ConvlensModel:
 def is_layer_file(model: str | os.PathLike[str]) -> bool:
     """True when ``model`` names a layer file rather than a registered model."""
     s = str(model)
-    return s not in _REGISTRY and (s.lower().endswith(LAYER_FILE_SUFFIXES) or os.sep in s or Path(s).is_file())
+    return not is_registered(s) and (s.lower().endswith(LAYER_FILE_SUFFIXES) or os.sep in s or Path(s).is_file())
 
 
 def build_model(model: str | os.PathLike[str] | Sequence[dict[str, Any]], num_classes: int, in_channels: int = 3,
@@ -92,7 +113,7 @@ def build_model(model: str | os.PathLike[str] | Sequence[dict[str, Any]], num_cl
     if isinstance(model, (list, tuple)):
         return build_from_spec(list(model), num_classes, in_channels, input_size)
     name = str(model)
-    if name in _REGISTRY:
+    if is_registered(name):
         return create(name, num_classes, in_channels, **kwargs)
     if is_layer_file(name):
         if kwargs:
