@@ -58,10 +58,7 @@ def audit_command(dir: str | None, *, json_path: str | None = None, html_path: s
     chosen = parse_kinds(kinds)
     _check_options(dir, quarantine_dir, chosen, paths, relabel, undo)
     if undo:
-        result = undo_quarantine(undo)
-        for line in result.lines():
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-        return result.exit_code
+        return undo_quarantine(undo).print_to(console)
     assert dir is not None
     if relabel or paths:
         moves = act.relabel_from_csv(dir, relabel) if relabel else act.quarantine_listed(dir, str(paths), str(quarantine_dir))

@@ -447,10 +447,7 @@ def run_check(dir: str | None, json_path: str | None = None, quarantine_dir: str
     if undo:
         if quarantine_dir:
             raise ConfigError(f"use either --quarantine or --undo, not both. Received: --undo {undo!r}")
-        result = undo_quarantine(undo)
-        for line in result.lines():
-            info.print(line, markup=False, highlight=False, soft_wrap=True)
-        return result.exit_code
+        return undo_quarantine(undo).print_to(info)
     if not dir:
         raise ConfigError("check needs a dataset folder: `convlens check DIR`. Received: DIR=None")
     report = check_dataset(dir, workers=workers, max_pixels=max_pixels, min_side=min_side,

@@ -156,9 +156,8 @@ class MoveReport:
 def print_moves(moves: MoveReport, console: Any, what: str, verb: str) -> None:
     """The console's account of a move: a summary with the undo command, then each file's new place."""
     renamed = f" ({len(moves.renamed)} renamed: their names were taken)" if moves.renamed else ""
-    console.print(f"moved {len(moves.moved)} {what}{renamed}; undo with `convlens {verb} --undo {moves.manifest}`",
-                  markup=False, highlight=False, soft_wrap=True)
-    for line in moves.lines():
+    summary = f"moved {len(moves.moved)} {what}{renamed}; undo with `convlens {verb} --undo {moves.manifest}`"
+    for line in [summary, *moves.lines()]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -185,6 +184,12 @@ class UndoReport:
             out.append(f"{len(self.failed)} file(s) not restored (named above; the manifest keeps them): "
                        f"fix what is said, then run --undo {self.manifest} again")
         return out
+
+    def print_to(self, console: Any) -> int:
+        """:meth:`lines` on ``console``, verbatim (``check --undo`` and ``audit --undo``); the exit code."""
+        for line in self.lines():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        return self.exit_code
 
 
 # ----------------------------------------------------------------------------- quarantine / relabel
