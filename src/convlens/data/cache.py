@@ -289,9 +289,9 @@ def _old_rows(index_path: Path, params: dict[str, Any], records: dict[str, FileR
     old_index = read_json(index_path) or {}
     old_array: np.ndarray | None = None
     reuse: dict[str, int] = {}
-    if old_index.get("params") == params and (index_path.parent / str(old_index.get("array", ""))).is_file():
+    if old_index.get("params") == params:
         # Only an array that is whole: one cut short by a full disk is rebuilt, never read.
-        old_array = open_array(index_path.parent / old_index["array"], old_index.get("shape"), np.uint8)
+        old_array = open_array(index_path.parent / str(old_index.get("array", "")), old_index.get("shape"), np.uint8)
         if old_array is not None:
             for rel, (row, sz, mt) in old_index.get("files", {}).items():
                 if rel in records and records[rel].usable and (sz, mt) == stats.get(rel) and row < len(old_array):
@@ -329,14 +329,12 @@ def open_array(path: Path, shape: Any = None, dtype: Any = None) -> np.ndarray |
             got_shape, fortran, got_dtype = read_header(f)
             offset = f.tell()
             size = os.fstat(f.fileno()).st_size
-    except (OSError, ValueError):
-        return None
-    wanted = offset + int(np.prod(got_shape, dtype=np.int64)) * got_dtype.itemsize
-    if (fortran or size != wanted or (shape is not None and tuple(got_shape) != tuple(shape))
-            or (dtype is not None and got_dtype != np.dtype(dtype))):
-        return None
-    try:
-        return np.load(path, mmap_mode="r")
+        wanted = offset + int(np.prod(got_shape, dtype=np.int64)) * got_dtype.itemsize
+        if (fortran or got_dtype.hasobject or size != wanted or (shape is not None and tuple(got_shape) != tuple(shape))
+                or (dtype is not None and got_dtype != np.dtype(dtype))):
+            return None
+        # What np.load(mmap_mode="r") returns, from the header already read.
+        return np.memmap(path, dtype=got_dtype, mode="r", shape=got_shape, offset=offset)
     except (OSError, ValueError):
         return None
 
