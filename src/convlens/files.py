@@ -27,6 +27,8 @@ DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", 
 _NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
 DEFAULT_DISK_HINT = "free some space, or write to a folder on a disk with room"
 _ZERO_CHUNK = 1 << 20
+# What os.link says when there is no hard link to be had (another filesystem, or none supported).
+NO_HARD_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
 
 
 def _current_umask() -> int:
@@ -110,9 +112,10 @@ def reserve(f: IO[Any], size: int, path: str | os.PathLike[str], zero_fill: bool
     f.flush()
     fd = f.fileno()
     have = os.fstat(fd).st_size
-    ensure_space(Path(path).parent, max(0, size - have), what or path)
     if size <= have:
         return
+    # Refused before any block is taken, naming what is free (the only check where nothing preallocates).
+    ensure_space(Path(path).parent, size - have, what or path)
     with disk_full_as_error(path, size):
         fallocate = getattr(os, "posix_fallocate", None)
         if fallocate is not None:
@@ -175,10 +178,8 @@ def link_new(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     path = Path(path)
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError as e:  # no hard links on this filesystem: check, then rename
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+    except OSError as e:  # no hard links on this filesystem: check, then rename (EEXIST is raised)
+        if e.errno not in NO_HARD_LINK:
             raise
         if path.exists() or path.is_symlink():
             raise FileExistsError(errno.EEXIST, "file exists", str(path)) from e
@@ -203,17 +204,15 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         f.write(data)
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Atomically write ``text`` (UTF-8) to ``path``."""
-    with atomic_open(path, "w", size=_text_size(text)) as f:
+def write_text(path: str | os.PathLike[str], text: str, exclusive: bool = False) -> None:
+    """Atomically write ``text`` (UTF-8) to ``path`` (``exclusive``: never over an existing file)."""
+    with atomic_open(path, "w", exclusive=exclusive, size=_text_size(text)) as f:
         f.write(text)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any, exclusive: bool = False) -> None:
     """Atomically write ``obj`` as indented JSON (``exclusive``: never over an existing file)."""
-    text = json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
-    with atomic_open(path, "w", exclusive=exclusive, size=_text_size(text)) as f:
-        f.write(text)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", exclusive)
 
 
 def _text_size(text: str) -> int:

@@ -33,8 +33,6 @@ from convlens.errors import DataError, DiskFullError
 
 MANIFEST_NAME = "convlens-quarantine.json"
 MANIFEST_VERSION = 2  # 2: every entry has ``to``, ``renamed``, ``size`` and ``sha256``
-# errors of os.link that mean "no hard link here" (another filesystem, or none supported): copy instead
-_NO_LINK = (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK)
 
 
 # ----------------------------------------------------------------------------- one file
@@ -70,10 +68,8 @@ def move_file(src: Path, dst: Path, sha256: str = "") -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
-    except FileExistsError:
-        raise
-    except OSError as e:
-        if e.errno not in _NO_LINK:
+    except OSError as e:  # FileExistsError (EEXIST) is raised; no hard link here: copy instead
+        if e.errno not in cio.NO_HARD_LINK:
             raise
         _copy_verified(src, dst, sha256)
         return
