@@ -187,10 +187,6 @@ class UndoReport:
 
 
 # ----------------------------------------------------------------------------- quarantine / relabel
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _check_relative(root: Path, rels: list[str], received: str) -> None:
     """Every path must name a file inside ``root`` (no ``..``, no absolute paths)."""
     for rel in rels:
@@ -220,11 +216,7 @@ def quarantine_files(root: str | os.PathLike[str], files: list[dict[str, Any]],
                             f"Received: {received}")
         old = data["files"]
     items = [{**f, "to": f["path"], "tag": Path(f["path"]).parent.name or root.name} for f in files]
-    plan = _plan(root, qdir, items, received)
-    data = {"version": MANIFEST_VERSION, "action": "quarantine", "dataset": str(root), "quarantine": str(qdir),
-            "created": _now(), "files": old}
-    moved = _execute(root, qdir, plan, manifest, data, received, f"convlens {verb} --undo {manifest}")
-    return MoveReport("quarantine", root, qdir, manifest, moved)
+    return _execute("quarantine", root, qdir, _plan(root, qdir, items, received), manifest, old, received, verb)
 
 
 def relabel_files(root: str | os.PathLike[str], moves: list[dict[str, Any]],
@@ -242,11 +234,7 @@ def relabel_files(root: str | os.PathLike[str], moves: list[dict[str, Any]],
     if missing:
         raise DataError(f"{len(missing)} file(s) to relabel are not in the dataset (e.g. {missing[0]}); "
                         f"nothing was moved. Received: --relabel")
-    data = {"version": MANIFEST_VERSION, "action": "relabel", "dataset": str(root), "quarantine": None,
-            "created": _now(), "files": []}
-    moved = _execute(root, root, plan, manifest, data, "--relabel", f"convlens {verb} --undo {manifest}",
-                     exclusive=True)
-    return MoveReport("relabel", root, root, manifest, moved)
+    return _execute("relabel", root, root, plan, manifest, [], "--relabel", verb, exclusive=True)
 
 
 def _plan(root: Path, dest: Path, items: list[dict[str, Any]], received: str) -> list[dict[str, Any]]:
@@ -314,12 +302,16 @@ def _reserved(manifest: Path, nbytes: int) -> Any:
         path.unlink(missing_ok=True)
 
 
-def _execute(root: Path, dest: Path, plan: list[dict[str, Any]], manifest: Path, data: dict[str, Any],
-             received: str, undo_cmd: str, exclusive: bool = False) -> list[dict[str, Any]]:
-    """Pre-flight, manifest, moves, manifest again; one line (``DataError``) when a move fails."""
+def _execute(action: str, root: Path, dest: Path, plan: list[dict[str, Any]], manifest: Path,
+             old: list[dict[str, Any]], received: str, verb: str, exclusive: bool = False) -> MoveReport:
+    """Pre-flight, manifest (after the ``old`` entries of earlier runs), moves, manifest again; one
+    line (``DataError``) when a move fails."""
     dirs = {manifest.parent} | {(root / p["path"]).parent for p in plan} | {(dest / p["to"]).parent for p in plan}
     _check_writable(dirs, received)
-    old = list(data["files"])
+    data = {"version": MANIFEST_VERSION, "action": action, "dataset": str(root),
+            "quarantine": str(dest) if action == "quarantine" else None,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    undo_cmd = f"convlens {verb} --undo {manifest}"
     _write_manifest(manifest, {**data, "files": old + plan}, received, exclusive)
     moved: list[dict[str, Any]] = []
     failure: tuple[dict[str, Any], OSError] | None = None
@@ -341,18 +333,21 @@ def _execute(root: Path, dest: Path, plan: list[dict[str, Any]], manifest: Path,
                         f"that moved. Received: {received}") from e
     if failure:
         raise DataError(_failure_line(failure[0], failure[1], dest, len(moved), len(plan), undo_cmd, received))
-    return moved
+    return MoveReport(action, root, dest, manifest, moved)
 
 
 def _failure_line(entry: dict[str, Any], e: OSError, dest: Path, done: int, total: int, undo_cmd: str,
                   received: str) -> str:
     target = dest / entry["to"]
-    free = cio.free_bytes(target.parent)
     what = "nothing was moved" if not done else (f"moved {done} of {total} file(s), the others are untouched; "
                                                  f"undo with `{undo_cmd}`")
-    return (f"could not move {entry['path']} to {target}: {e.strerror or e} ({cio.human_bytes(free)} free in "
-            f"{cio.nearest_existing(target.parent)}); the file is still in place and no partial copy is left; {what}. "
-            f"Received: {received}")
+    return (f"could not move {entry['path']} to {target}: {e.strerror or e} ({_room(target.parent)}); the file "
+            f"is still in place and no partial copy is left; {what}. Received: {received}")
+
+
+def _room(folder: Path) -> str:
+    """``"12.3 MB free in /q"``: the space left where a move failed (``folder`` may not exist yet)."""
+    return f"{cio.human_bytes(cio.free_bytes(folder))} free in {cio.nearest_existing(folder)}"
 
 
 # ----------------------------------------------------------------------------- undo
@@ -411,8 +406,7 @@ def undo_quarantine(manifest_path: str | os.PathLike[str]) -> UndoReport:
             try:
                 move_file(src, dst, f.get("sha256", ""))
             except OSError as e:
-                why = f"{e.strerror or e} ({cio.human_bytes(cio.free_bytes(dst.parent))} "\
-                      f"free in {cio.nearest_existing(dst.parent)})"
+                why = f"{e.strerror or e} ({_room(dst.parent)})"
         if why is None:
             report.restored.append(f["path"])
             if dest != root:
