@@ -25,7 +25,7 @@ _CSS = """
 def print_report(report: AuditReport, console: Any = None, top: int = 10) -> None:
     """Rich tables: a summary line and the first ``top`` rows of each finding."""
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     console = console or Console()
     c = report.counts()
@@ -34,19 +34,16 @@ def print_report(report: AuditReport, console: Any = None, top: int = 10) -> Non
                   + (f"; {len(report.skipped)} unusable files skipped" if report.skipped else ""))
     issues = report.label_issues()
     if issues:
-        t = Table(title=f"Likely label errors: {c['label']} (most suspicious first)", title_justify="left")
-        for col, just in (("#", "right"), ("path", "left"), ("filed as", "left"), ("looks like", "left"),
-                          ("confidence", "right")):
-            t.add_column(col, justify=just, overflow="fold")
+        t = Table(*(Column(col, justify=just, overflow="fold") for col, just in (
+            ("#", "right"), ("path", "left"), ("filed as", "left"), ("looks like", "left"), ("confidence", "right"))),
+                  title=f"Likely label errors: {c['label']} (most suspicious first)", title_justify="left")
         for r in issues[:top]:
             t.add_row(str(r["rank"]), r["path"], r["given"], r["suggested"], f"{r['confidence']:.2f}")
         console.print(t)
     groups = report.near_duplicates()
     if groups:
-        t = Table(title=f"Near duplicates: {len(groups)} groups, {c['duplicate']} images", title_justify="left")
-        t.add_column("similarity", justify="right")
-        t.add_column("images", overflow="fold")
-        t.add_column("note")
+        t = Table(Column("similarity", justify="right"), Column("images", overflow="fold"), "note",
+                  title=f"Near duplicates: {len(groups)} groups, {c['duplicate']} images", title_justify="left")
         for g in groups[:top]:
             note = ", ".join(n for n, on in (("different classes", g["label_conflict"]),
                                              ("train/validation leak", g["split_leak"])) if on)
@@ -54,10 +51,8 @@ def print_report(report: AuditReport, console: Any = None, top: int = 10) -> Non
         console.print(t)
     outliers = report.outliers()
     if outliers:
-        t = Table(title=f"Outliers: {c['outlier']} (most unusual first)", title_justify="left")
-        t.add_column("path", overflow="fold")
-        t.add_column("class")
-        t.add_column("score", justify="right")
+        t = Table(Column("path", overflow="fold"), "class", Column("score", justify="right"),
+                  title=f"Outliers: {c['outlier']} (most unusual first)", title_justify="left")
         for r in outliers[:top]:
             t.add_row(r["path"], r["class"], f"{r['score']:.3f}")
         console.print(t)

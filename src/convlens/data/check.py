@@ -371,7 +371,7 @@ def print_report(report: CheckReport, console: Any = None, plain: bool | None = 
     the summary goes to stderr.
     """
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from convlens.display import is_interactive, print_table
 
@@ -388,15 +388,12 @@ def print_report(report: CheckReport, console: Any = None, plain: bool | None = 
         info.print("classes: " + ", ".join(f"{k} {v}" for k, v in d["classes"].items()), highlight=False)
         print_table(FINDINGS_HEADER, finding_rows(report), console=console, plain=True)
     else:
-        t = Table(title="Classes (usable images)", title_justify="left")
-        t.add_column("class")
-        t.add_column("images", justify="right")
+        t = Table("class", Column("images", justify="right"), title="Classes (usable images)", title_justify="left")
         for k, v in d["classes"].items():
             t.add_row(k, str(v))
         console.print(t)
-        t = Table(title="Findings", title_justify="left", show_lines=False)
-        for name, justify in (("severity", "left"), ("kind", "left"), ("files", "right"), ("names", "left")):
-            t.add_column(name, justify=justify, overflow="fold" if name == "names" else "ellipsis")
+        t = Table("severity", "kind", Column("files", justify="right"), Column("names", overflow="fold"),
+                  title="Findings", title_justify="left", show_lines=False)
         for f in findings(report):
             style = _SEVERITY_STYLE[f.severity]
             t.add_row(f"[{style}]{f.severity}[/{style}]", f.text, f.count, _names(f.items) if f.items else f.note)
