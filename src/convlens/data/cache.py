@@ -234,8 +234,7 @@ def build_cache(entries: list[ImageEntry], dataset_root: Path, *, size: tuple[in
     if channels not in (0, 1, 3):
         raise DataError(f"channels must be 0 (auto), 1 or 3. Received: channels={channels}")
     t0 = time.perf_counter()
-    cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    cache_root = cache_root.resolve()
+    cache_root = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()).resolve()
     dataset_root = Path(dataset_root).resolve()
     if cache_root == dataset_root or dataset_root in cache_root.parents:
         raise DataError(f"the cache folder must be outside the dataset folder {dataset_root}. Received: cache_dir={str(cache_root)!r}")
@@ -446,25 +445,22 @@ def _build_pass(entries: list[ImageEntry], dcache: Path, *, size: tuple[int, int
 
 def _first_channel_only(tmp: Path, provisional_dir: Path, dcache: Path,
                         prep: Preprocessing) -> tuple[Path, Path, dict[str, Any]]:
-    """Move a provisional 3-channel array to its 1-channel folder: (temp file, folder, pixel params)."""
-    tmp = _keep_first_channel(tmp, provisional_dir)
-    params = pixel_params(prep)
-    px_dir = dcache / f"px-{params_key(params)}"
-    px_dir.mkdir(parents=True, exist_ok=True)
-    _cleanup_stale(px_dir, keep=set())
-    return tmp, px_dir, params
-
-
-def _keep_first_channel(src: Path, px_dir: Path) -> Path:
-    a = np.load(src, mmap_mode="r")
-    dst = px_dir / f".{uuid.uuid4().hex[:12]}.gray.tmp"
-    b = new_array(dst, (*a.shape[:3], 1), what=_cache_label((*a.shape[:3], 1)))
+    """Copy channel 0 of a provisional 3-channel array into a new temporary file (the old one is
+    removed) and make its 1-channel folder: (temp file, folder, pixel params)."""
+    a = np.load(tmp, mmap_mode="r")
+    shape = (*a.shape[:3], 1)
+    gray = provisional_dir / f".{uuid.uuid4().hex[:12]}.gray.tmp"
+    b = new_array(gray, shape, what=_cache_label(shape))
     for k in range(0, len(a), COPY_CHUNK):
         b[k:k + COPY_CHUNK] = a[k:k + COPY_CHUNK, :, :, :1]
     b.flush()
     del a, b
-    src.unlink()
-    return dst
+    tmp.unlink()
+    params = pixel_params(prep)
+    px_dir = dcache / f"px-{params_key(params)}"
+    px_dir.mkdir(parents=True, exist_ok=True)
+    _cleanup_stale(px_dir, keep=set())
+    return gray, px_dir, params
 
 
 def _write_index(path: Path, params: dict[str, Any], array_name: str, shape: tuple[int, ...],

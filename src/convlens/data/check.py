@@ -268,19 +268,15 @@ def _near_duplicate_groups(records: list[FileRecord], max_bits: int = NEAR_DUPLI
     return sorted(([r.rel for r in g] for g in groups if len({r.sha256 for r in g}) > 1), key=lambda g: g[0])
 
 
-def _check_args(workers: int, max_pixels: int, min_side: int) -> None:
-    resolve_workers(workers)
-    if max_pixels < 1:
-        raise ConfigError(f"max_pixels must be a positive number of pixels. Received: max_pixels={max_pixels}")
-    if min_side < 1:
-        raise ConfigError(f"min_side must be at least 1 pixel. Received: min_side={min_side}")
-
-
 def check_dataset(root: str | os.PathLike[str], *, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS,
                   min_side: int = 8, near_duplicates: bool = False, progress: bool = True,
                   index: DatasetIndex | None = None) -> CheckReport:
     """Scan and fully decode a dataset folder; return the report (prints nothing)."""
-    _check_args(workers, max_pixels, min_side)
+    resolve_workers(workers)  # its ConfigError before the scan
+    if max_pixels < 1:
+        raise ConfigError(f"max_pixels must be a positive number of pixels. Received: max_pixels={max_pixels}")
+    if min_side < 1:
+        raise ConfigError(f"min_side must be at least 1 pixel. Received: min_side={min_side}")
     index = index or scan(root)
     records = inspect_entries(index.entries, workers=workers, max_pixels=max_pixels, min_side=min_side,
                               near_duplicates=near_duplicates, progress=progress)

@@ -143,7 +143,7 @@ def _decode_opened(
     except OSError as e:
         msg = str(e)
         kind = "truncated" if "truncated" in msg.lower() or "broken data stream" in msg.lower() else "corrupt"
-        raise ImageError(name, kind, f"{'truncated' if kind == 'truncated' else 'corrupt'} image data ({msg})") from e
+        raise ImageError(name, kind, f"{kind} image data ({msg})") from e
     except (SyntaxError, ValueError, IndexError, EOFError, TypeError) as e:
         raise ImageError(name, "corrupt", f"corrupt image data ({e})") from e
 
