@@ -59,15 +59,10 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], i
         if p.is_file():
             add(p)
             continue
-        if p.is_dir():
-            files, passed = list_images(p)
-            ignored += len(passed)
-            if not files:
-                raise NoMatchError(f"folder {text!r} holds no image files; pass image files, folders or globs")
-            for f in files:
-                add(f)
-            continue
-        matches = sorted(glob.glob(text, recursive=True)) if glob.has_magic(text) else []
+        if p.is_dir():  # walked like a folder a glob matches
+            matches = [text]
+        else:
+            matches = sorted(glob.glob(text, recursive=True)) if glob.has_magic(text) else []
         got = 0
         for m in matches:
             mp = Path(m)
@@ -81,6 +76,8 @@ def expand_paths(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], i
             for f in files:
                 add(f)
             got += len(files)
+        if not got and p.is_dir():
+            raise NoMatchError(f"folder {text!r} holds no image files; pass image files, folders or globs")
         if not got:
             what = "glob" if glob.has_magic(text) else "path"
             raise NoMatchError(f"{what} {text!r} matches no image file; check the path. Received: {text!r}")
