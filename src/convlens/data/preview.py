@@ -29,9 +29,8 @@ def _pick(root: str | os.PathLike[str], n: int, seed: int, prep: Preprocessing,
     sides = assign_subsets([e.rel for e in entries], [e.class_name for e in entries], None,
                            [e.subset for e in entries], seed=seed)
     train = [e for e, s in zip(entries, sides, strict=True) if s == "train"] or entries
-    rng = random.Random(seed)
     order = list(train)
-    rng.shuffle(order)
+    random.Random(seed).shuffle(order)
     out: list[tuple[np.ndarray, str]] = []
     for e in order:
         try:

@@ -30,10 +30,9 @@ CSV_HEADER = ("path", "class", "subset")
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """Raise ConfigError unless 0 <= val, 0 <= test and val + test < 1."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1). Received: val_fraction={val_fraction}")
-    if not 0.0 <= test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in [0, 1). Received: test_fraction={test_fraction}")
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1). Received: {name}={value}")
     if val_fraction + test_fraction >= 1.0:
         raise ConfigError(f"val_fraction + test_fraction must leave images for training (< 1). "
                           f"Received: val_fraction={val_fraction}, test_fraction={test_fraction}")
@@ -72,8 +71,7 @@ def assign_subsets(rels: Sequence[str], classes: Sequence[str], shas: Sequence[s
     # A pre-split layout without a test folder gets no test fraction: its split is the user's.
     test_f = 0.0 if presplit else test_fraction
     units = {i: hash_unit(keys[i], seed) for i in free}
-    for i in free:
-        u = units[i]
+    for i, u in units.items():
         out[i] = "test" if u < test_f else ("val" if u < test_f + val_fraction else "train")
 
     # Tiny classes only (a few images): make sure each trains, and validates when it can.
