@@ -31,13 +31,9 @@ _ZERO_CHUNK = 1 << 20
 NO_HARD_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
+# The process's umask, for the permissions of new files (reading it means setting it: set it back).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def human_bytes(n: float) -> str:

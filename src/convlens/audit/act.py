@@ -20,10 +20,9 @@ def read_csv(path: str, need: tuple[str, ...], flag: str) -> list[dict[str, str]
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            rows = []
-            for r in reader:  # the line each row ends on, for errors that name the row
-                rows.append({**{k: (v or "").strip() for k, v in r.items() if isinstance(k, str) and k},
-                             "_line": str(reader.line_num)})
+            # _line: the line each row ends on (read after the row), for errors that name the row
+            rows = [{**{k: (v or "").strip() for k, v in r.items() if isinstance(k, str) and k},
+                     "_line": str(reader.line_num)} for r in reader]
             header = reader.fieldnames or []
     except FileNotFoundError as e:
         raise DataError(f"CSV file not found. Received: {flag} {path!r}") from e
