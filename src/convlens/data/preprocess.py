@@ -166,10 +166,7 @@ class Preprocessing:
 
     # ---- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["size"] = list(self.size)
-        d["mean"] = list(self.mean)
-        d["std"] = list(self.std)
+        d = {**asdict(self), "size": list(self.size), "mean": list(self.mean), "std": list(self.std)}
         if self.decode_size is None:
             d.pop("decode_size")  # bundles without a crop stay readable by older versions
         else:
