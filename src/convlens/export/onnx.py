@@ -51,6 +51,7 @@ from convlens.infer.onnx_backend import (
     METADATA_KEY,
     NOVELTY_NAME,
     POOLED_NAME,
+    session_options,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -259,12 +260,11 @@ def _torch_outputs(module: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------------- onnx side
 def make_session(model_bytes: bytes) -> Any:
+    """An onnxruntime CPU session over an in-memory model (onnxruntime's default threads)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model_bytes, sess_options=session_options(0), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime's exception types are not exported
         raise ExportError(f"onnxruntime cannot load the exported graph ({first_line(e)}); "
                           "upgrade onnxruntime or report the model's layers") from e
