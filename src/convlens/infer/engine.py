@@ -96,12 +96,12 @@ def _version(package: str) -> str:
 
 
 def cache_key(bundle: str | os.PathLike[str], meta: BundleMeta) -> str:
-    """What the cached export depends on: the bundle's metadata and weights, and the tool versions."""
+    """What the cached export depends on: the bundle's metadata (its ``novelty`` entry holds the
+    novelty section's SHA-256, which reading the section checks) and weights, and the tool versions."""
     from convlens import __version__
 
     doc = {"format": CACHE_FORMAT, "meta": meta.to_json(), "weights_sha256": weights_digest(bundle),
-           "novelty_sha256": (meta.novelty or {}).get("sha256"), "convlens": __version__,
-           **{pkg: _version(pkg) for pkg in ("torch", "onnx", "onnxruntime")}}
+           "convlens": __version__, **{pkg: _version(pkg) for pkg in ("torch", "onnx", "onnxruntime")}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -180,7 +180,10 @@ def cached_onnx(bundle: str | os.PathLike[str], meta: BundleMeta, folder: Path |
     folder.mkdir(parents=True, exist_ok=True)  # the lock file lives in it
     with exports_in_use(folder):
         if _cached(model, record, key):
-            _touch(record)
+            try:
+                os.utime(record)  # just used: eviction keeps the most recently used
+            except OSError as e:  # a read-only shared cache: the export is still valid, only its age is stale
+                log.debug("could not mark %s as used: %s", record, e)
             return model, False
         if not export:
             return None, False
@@ -196,14 +199,6 @@ def cached_onnx(bundle: str | os.PathLike[str], meta: BundleMeta, folder: Path |
     if evict:
         evict_exports(folder, key, bundle)
     return model, True
-
-
-def _touch(record: Path) -> None:
-    """Mark an export as just used (eviction keeps the most recently used)."""
-    try:
-        os.utime(record)
-    except OSError as e:  # a read-only shared cache: the export is still valid, only its age is stale
-        log.debug("could not mark %s as used: %s", record, e)
 
 
 # ----------------------------------------------------------------------------- eviction
