@@ -310,9 +310,9 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     """Export ``bundle`` to fp32 ONNX at ``out`` (atomically) after checking it against PyTorch.
 
     Returns the result and the model's bytes; with ``out=None`` nothing is written (the int8
-    path quantises the bytes and writes only its own file). ``pooled``: also output the pooled
-    features (``pooled``, N x C; the onnx engine's novelty index and ``--neighbours`` score
-    them); ``extra_info`` joins the ``export`` record. Raises
+    path quantises the bytes and writes only its own file). ``pooled``: output the pooled
+    features (``pooled``, N x C) instead of ``novelty``: the onnx engine's novelty index and
+    ``--neighbours`` score them in numpy. ``extra_info`` joins the ``export`` record. Raises
     :class:`ExportError` when onnxruntime's outputs differ from PyTorch's by more than ``atol``.
     """
     import torch
@@ -320,7 +320,7 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     from convlens.infer.bundle import load_model, read_novelty
 
     model, meta = load_model(bundle, "cpu")
-    index = read_novelty(bundle, meta)
+    index = None if pooled else read_novelty(bundle, meta)
     model = model.float().eval()
     prep = meta.preprocessing
     notes: list[str] = []

@@ -6,9 +6,9 @@ fp32 (batch 32; 3x at batch 1), with probabilities within 5e-7 (docs/benchmarks.
 torch. ``torch`` / ``onnx`` force one; ``onnx`` refuses a bf16 request or a GPU device.
 
 The ONNX file is exported once per bundle content, verified against PyTorch exactly as
-``convlens export`` verifies (:func:`convlens.export.onnx.export_onnx`), with an extra ``pooled``
-output so the bundle's novelty index scores the features in numpy as on the torch path (and
-``--neighbours`` works). It lives under ``<convlens cache dir>/onnx/KEY.onnx`` with a
+``convlens export`` verifies (:func:`convlens.export.onnx.export_onnx`), with a ``pooled``
+output in place of ``novelty``, so the bundle's novelty index scores the features in numpy as on
+the torch path (and ``--neighbours`` works). It lives under ``<convlens cache dir>/onnx/KEY.onnx`` with a
 ``KEY.json`` record of its SHA-256; KEY hashes the bundle's metadata, the SHA-256 of its weights
 as stored (computed, not the recorded value), and the convlens, torch, onnx and onnxruntime
 versions. A file whose bytes do not match its record is exported again, never trusted. A new
@@ -42,7 +42,7 @@ from convlens.infer.onnx_backend import OnnxBackend
 log = logging.getLogger(__name__)
 
 # Bump when the cached graph's layout changes (its outputs, how it is verified).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Exports the cache keeps (the most recently used; each about the size of its bundle): enough
 # for a handful of models served or predicted in turn without exporting any of them again.
 KEEP_EXPORTS = 8

@@ -29,8 +29,8 @@ CAM_NAME = "cam"
 # Optional output of a model whose bundle has a novelty index: the novelty score (N), computed
 # in the graph from the pooled features and the training features (an fp16 initializer).
 NOVELTY_NAME = "novelty"
-# Optional output of the onnx engine's cached export (convlens.infer.engine): the pooled features
-# (N x C), scored by the bundle's novelty index in numpy as the torch backend's are.
+# Optional output of the onnx engine's cached export (convlens.infer.engine), in place of novelty:
+# the pooled features (N x C), scored by the bundle's novelty index in numpy as the torch backend's are.
 POOLED_NAME = "pooled"
 
 
@@ -98,7 +98,8 @@ class OnnxBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if LOGITS_NAME not in self.output_names:
             raise BundleError(f"{str(p)!r} has no {LOGITS_NAME!r} output (outputs: {self.output_names}); export it again")
-        if (self.meta.novelty is not None) != (NOVELTY_NAME in self.output_names):
+        # A graph with ``pooled`` (the onnx engine's export) leaves novelty to the bundle's index.
+        if POOLED_NAME not in self.output_names and (self.meta.novelty is not None) != (NOVELTY_NAME in self.output_names):
             raise BundleError(f"{str(p)!r}: its novelty output and metadata do not match (outputs: {self.output_names}, "
                               f"novelty metadata {'present' if self.meta.novelty else 'absent'}); export it again")
 
