@@ -51,6 +51,7 @@ from convlens.infer.onnx_backend import (
     METADATA_KEY,
     NOVELTY_NAME,
     POOLED_NAME,
+    session_options,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,7 +81,6 @@ class ExportResult:
     opset: int | None = None
     outputs: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    accuracy: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- sample inputs
@@ -185,10 +185,12 @@ def _reference_outputs(module: torch.nn.Module, model: torch.nn.Module, names: l
     import torch
 
     def reference(x: np.ndarray) -> list[np.ndarray]:
-        outs = _torch_outputs(module, x)
-        if index is not None or POOLED_NAME in names:
-            with torch.inference_mode():
-                _, pooled = model.forward_pooled(torch.from_numpy(np.ascontiguousarray(x)))
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        with torch.inference_mode():
+            out = module(t)
+            pooled = model.forward_pooled(t)[1] if index is not None or POOLED_NAME in names else None
+        outs = [o.detach().float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        if pooled is not None:
             pooled = pooled.float().numpy().reshape(len(x), -1)
             if index is not None:
                 outs[names.index(NOVELTY_NAME)] = index.scores(pooled)
@@ -248,23 +250,13 @@ def _torch_to_onnx(module: torch.nn.Module, example: torch.Tensor, output_names:
     return onnx.load_from_string(buf.getvalue()), "legacy"
 
 
-def _torch_outputs(module: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
-    import torch
-
-    with torch.inference_mode():
-        out = module(torch.from_numpy(np.ascontiguousarray(x)))
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return [o.detach().float().cpu().numpy() for o in outs]
-
-
 # ----------------------------------------------------------------------------- onnx side
 def make_session(model_bytes: bytes) -> Any:
+    """An onnxruntime CPU session over an in-memory model (onnxruntime's default threads)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model_bytes, sess_options=session_options(0), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime's exception types are not exported
         raise ExportError(f"onnxruntime cannot load the exported graph ({first_line(e)}); "
                           "upgrade onnxruntime or report the model's layers") from e
@@ -318,9 +310,9 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     """Export ``bundle`` to fp32 ONNX at ``out`` (atomically) after checking it against PyTorch.
 
     Returns the result and the model's bytes; with ``out=None`` nothing is written (the int8
-    path quantises the bytes and writes only its own file). ``pooled``: also output the pooled
-    features (``pooled``, N x C; the onnx engine's novelty index and ``--neighbours`` score
-    them); ``extra_info`` joins the ``export`` record. Raises
+    path quantises the bytes and writes only its own file). ``pooled``: output the pooled
+    features (``pooled``, N x C) instead of ``novelty``: the onnx engine's novelty index and
+    ``--neighbours`` score them in numpy. ``extra_info`` joins the ``export`` record. Raises
     :class:`ExportError` when onnxruntime's outputs differ from PyTorch's by more than ``atol``.
     """
     import torch
@@ -328,7 +320,7 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
     from convlens.infer.bundle import load_model, read_novelty
 
     model, meta = load_model(bundle, "cpu")
-    index = read_novelty(bundle, meta)
+    index = None if pooled else read_novelty(bundle, meta)
     model = model.float().eval()
     prep = meta.preprocessing
     notes: list[str] = []
@@ -353,15 +345,14 @@ def export_onnx(bundle: str | os.PathLike[str], out: str | os.PathLike[str] | No
 
     info = {"format": "onnx", "int8": False, "exporter": exporter, "opset": _opset(proto),
             "outputs": names, "max_abs_diff": diffs[LOGITS_NAME], "torch": torch.__version__,
-            **({"novelty_max_abs_diff": diffs[NOVELTY_NAME]} if NOVELTY_NAME in diffs else {}),
-            **({"pooled_max_abs_diff": diffs[POOLED_NAME]} if POOLED_NAME in diffs else {}),
+            **{f"{n}_max_abs_diff": diffs[n] for n in (NOVELTY_NAME, POOLED_NAME) if n in diffs},
             "convlens": __version__, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra_info or {})}
     set_metadata(proto, meta, info)
     data = proto.SerializeToString()
     if out is not None:
         write_bytes(out, data)
     return ExportResult(Path(out) if out is not None else None, "onnx", len(data), diffs[LOGITS_NAME],
-                        exporter, _opset(proto), names, notes), data
+                        exporter, info["opset"], names, notes), data
 
 
 # ----------------------------------------------------------------------------- int8
@@ -458,7 +449,8 @@ def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[
         proto = onnx.load(dst)
     from onnx import numpy_helper
 
-    for init in onnx.load_from_string(fp32).graph.initializer:
+    fp32_proto = onnx.load_from_string(fp32)
+    for init in fp32_proto.graph.initializer:
         if init.data_type == onnx.TensorProto.FLOAT16 and init.name.endswith("_fp16"):
             _reference_fp16(proto, numpy_helper.to_array(init))  # the training features, unquantised
 
@@ -468,7 +460,10 @@ def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[
     ref_session = make_session(fp32)
     session = make_session(proto.SerializeToString())
     diffs = compare_outputs(lambda x: ref_session.run(names, {INPUT_NAME: x}), session, inputs, names)
-    fp32_info = json.loads(_metadata_of(fp32)).get("export", {})
+    raw = next((p.value for p in fp32_proto.metadata_props if p.key == METADATA_KEY), None)
+    if raw is None:  # pragma: no cover
+        raise ExportError("exported model lost its convlens metadata")
+    fp32_info = json.loads(raw).get("export", {})
     info = {**fp32_info, "format": "onnx", "int8": True, "quantization": "static QDQ, per-channel, U8S8, MinMax",
             "calibration_images": reader.count, "calibration_skipped": len(reader.skipped),
             "max_abs_diff_vs_fp32": diffs[LOGITS_NAME], "opset": _opset(proto), "outputs": names,
@@ -479,7 +474,7 @@ def quantize_int8(fp32: bytes, meta: BundleMeta, calibration: str | os.PathLike[
     if reader.skipped:
         notes.append(f"skipped {len(reader.skipped)} unusable calibration files (first: {reader.skipped[0]})")
     return ExportResult(Path(out), "onnx-int8", len(data), diffs[LOGITS_NAME], fp32_info.get("exporter", ""),
-                        _opset(proto), names, notes), data
+                        info["opset"], names, notes), data
 
 
 def novelty_only_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -502,16 +497,6 @@ def novelty_only_nodes(proto: onnx.ModelProto) -> list[str]:
         return []
     others = set().union(*(ancestors(o) for o in outputs if o != NOVELTY_NAME))
     return sorted(ancestors(NOVELTY_NAME) - others)
-
-
-def _metadata_of(model_bytes: bytes) -> str:
-    import onnx
-
-    proto = onnx.load_from_string(model_bytes)
-    for p in proto.metadata_props:
-        if p.key == METADATA_KEY:
-            return p.value
-    raise ExportError("exported model lost its convlens metadata")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------- accuracy

@@ -6,9 +6,9 @@ fp32 (batch 32; 3x at batch 1), with probabilities within 5e-7 (docs/benchmarks.
 torch. ``torch`` / ``onnx`` force one; ``onnx`` refuses a bf16 request or a GPU device.
 
 The ONNX file is exported once per bundle content, verified against PyTorch exactly as
-``convlens export`` verifies (:func:`convlens.export.onnx.export_onnx`), with an extra ``pooled``
-output so the bundle's novelty index scores the features in numpy as on the torch path (and
-``--neighbours`` works). It lives under ``<convlens cache dir>/onnx/KEY.onnx`` with a
+``convlens export`` verifies (:func:`convlens.export.onnx.export_onnx`), with a ``pooled``
+output in place of ``novelty``, so the bundle's novelty index scores the features in numpy as on
+the torch path (and ``--neighbours`` works). It lives under ``<convlens cache dir>/onnx/KEY.onnx`` with a
 ``KEY.json`` record of its SHA-256; KEY hashes the bundle's metadata, the SHA-256 of its weights
 as stored (computed, not the recorded value), and the convlens, torch, onnx and onnxruntime
 versions. A file whose bytes do not match its record is exported again, never trusted. A new
@@ -42,7 +42,7 @@ from convlens.infer.onnx_backend import OnnxBackend
 log = logging.getLogger(__name__)
 
 # Bump when the cached graph's layout changes (its outputs, how it is verified).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 # Exports the cache keeps (the most recently used; each about the size of its bundle): enough
 # for a handful of models served or predicted in turn without exporting any of them again.
 KEEP_EXPORTS = 8
@@ -96,12 +96,12 @@ def _version(package: str) -> str:
 
 
 def cache_key(bundle: str | os.PathLike[str], meta: BundleMeta) -> str:
-    """What the cached export depends on: the bundle's metadata and weights, and the tool versions."""
+    """What the cached export depends on: the bundle's metadata (its ``novelty`` entry holds the
+    novelty section's SHA-256, which reading the section checks) and weights, and the tool versions."""
     from convlens import __version__
 
     doc = {"format": CACHE_FORMAT, "meta": meta.to_json(), "weights_sha256": weights_digest(bundle),
-           "novelty_sha256": (meta.novelty or {}).get("sha256"), "convlens": __version__,
-           **{pkg: _version(pkg) for pkg in ("torch", "onnx", "onnxruntime")}}
+           "convlens": __version__, **{pkg: _version(pkg) for pkg in ("torch", "onnx", "onnxruntime")}}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -180,7 +180,10 @@ def cached_onnx(bundle: str | os.PathLike[str], meta: BundleMeta, folder: Path |
     folder.mkdir(parents=True, exist_ok=True)  # the lock file lives in it
     with exports_in_use(folder):
         if _cached(model, record, key):
-            _touch(record)
+            try:
+                os.utime(record)  # just used: eviction keeps the most recently used
+            except OSError as e:  # a read-only shared cache: the export is still valid, only its age is stale
+                log.debug("could not mark %s as used: %s", record, e)
             return model, False
         if not export:
             return None, False
@@ -196,14 +199,6 @@ def cached_onnx(bundle: str | os.PathLike[str], meta: BundleMeta, folder: Path |
     if evict:
         evict_exports(folder, key, bundle)
     return model, True
-
-
-def _touch(record: Path) -> None:
-    """Mark an export as just used (eviction keeps the most recently used)."""
-    try:
-        os.utime(record)
-    except OSError as e:  # a read-only shared cache: the export is still valid, only its age is stale
-        log.debug("could not mark %s as used: %s", record, e)
 
 
 # ----------------------------------------------------------------------------- eviction

@@ -29,8 +29,8 @@ CAM_NAME = "cam"
 # Optional output of a model whose bundle has a novelty index: the novelty score (N), computed
 # in the graph from the pooled features and the training features (an fp16 initializer).
 NOVELTY_NAME = "novelty"
-# Optional output of the onnx engine's cached export (convlens.infer.engine): the pooled features
-# (N x C), scored by the bundle's novelty index in numpy as the torch backend's are.
+# Optional output of the onnx engine's cached export (convlens.infer.engine), in place of novelty:
+# the pooled features (N x C), scored by the bundle's novelty index in numpy as the torch backend's are.
 POOLED_NAME = "pooled"
 
 
@@ -98,7 +98,8 @@ class OnnxBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if LOGITS_NAME not in self.output_names:
             raise BundleError(f"{str(p)!r} has no {LOGITS_NAME!r} output (outputs: {self.output_names}); export it again")
-        if (self.meta.novelty is not None) != (NOVELTY_NAME in self.output_names):
+        # A graph with ``pooled`` (the onnx engine's export) leaves novelty to the bundle's index.
+        if POOLED_NAME not in self.output_names and (self.meta.novelty is not None) != (NOVELTY_NAME in self.output_names):
             raise BundleError(f"{str(p)!r}: its novelty output and metadata do not match (outputs: {self.output_names}, "
                               f"novelty metadata {'present' if self.meta.novelty else 'absent'}); export it again")
 
@@ -131,21 +132,22 @@ class OnnxBackend:
         """uint8 NHWC images -> ``(logits, novelty)``, both from one run of the graph."""
         if not self.has_novelty:
             raise BundleError(f"{self.path.name} has no {NOVELTY_NAME!r} output; its bundle had no novelty index")
-        logits, novelty = self.session.run([LOGITS_NAME, NOVELTY_NAME], {self.input_name: self._check(prep.normalize(images))})
-        return np.asarray(logits, dtype=np.float32), np.asarray(novelty, dtype=np.float32)
+        logits, novelty = self._run(prep.normalize(images), NOVELTY_NAME)
+        return logits, novelty
 
     def image_outputs(self, images: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
         """uint8 NHWC images -> ``(logits, pooled)`` from one run (a graph with a ``pooled`` output)."""
         if POOLED_NAME not in self.output_names:
             raise BundleError(f"{self.path.name} has no {POOLED_NAME!r} output; use its .convlens bundle")
-        logits, pooled = self.session.run([LOGITS_NAME, POOLED_NAME], {self.input_name: self._check(prep.normalize(images))})
-        return np.asarray(logits, dtype=np.float32), np.asarray(pooled, dtype=np.float32)
+        logits, pooled = self._run(prep.normalize(images), POOLED_NAME)
+        return logits, pooled
 
     @property
     def int8(self) -> bool:
         return bool(self.export_info.get("int8", False))
 
-    def _check(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray, *also: str) -> list[np.ndarray]:
+        """The logits and the outputs ``also`` of normalised input ``x`` (checked), as float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim == 3:
             x = x[None]
@@ -153,13 +155,12 @@ class OnnxBackend:
         want = (self.meta.preprocessing.channels, h, w)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"ONNX model input must be N x {want[0]} x {h} x {w} float32. Received: shape={x.shape}")
-        return x
+        outs = self.session.run([LOGITS_NAME, *also], {self.input_name: x})
+        return [np.asarray(o, dtype=np.float32) for o in outs]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Normalised float32 NCHW input -> ``(N, out_units)`` float32 logits."""
-        x = self._check(x)
-        (out,) = self.session.run([LOGITS_NAME], {self.input_name: x})
-        return np.asarray(out, dtype=np.float32)
+        return self._run(x)[0]
 
     def image_logits(self, images: np.ndarray, prep: Preprocessing) -> np.ndarray:
         """uint8 NHWC images -> logits, normalised by ``prep`` (the bundle's preprocessing)."""
@@ -174,6 +175,5 @@ class OnnxBackend:
         if not self.has_cam:
             raise BundleError(f"{self.path.name} has no class activation output (its head is not "
                               "global-average-pool + dense); explain with the .convlens bundle instead")
-        x = self._check(x)
-        logits, cam = self.session.run([LOGITS_NAME, CAM_NAME], {self.input_name: x})
-        return np.asarray(logits, dtype=np.float32), np.asarray(cam, dtype=np.float32)
+        logits, cam = self._run(x, CAM_NAME)
+        return logits, cam

@@ -504,7 +504,6 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
         t0 = time.perf_counter()
         state.classifier.rejection(**options)  # a bad option: 400 before the upload is decoded
         t1 = t0
-        batcher = state.batcher
 
         def decoded() -> tuple[Upload, tuple[Image.Image, tuple[tuple[str, Any], ...]]]:
             nonlocal t1
@@ -512,7 +511,7 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
             t1 = time.perf_counter()
             return up, (up.image, tuple(sorted(options.items())))
 
-        up, done = batcher.run(decoded)
+        up, done = state.batcher.run(decoded)
         pred = done.value
         if isinstance(pred, ImageError):
             raise pred
@@ -540,14 +539,13 @@ def _add_model_routes(app: FastAPI, state: ServeState) -> None:
         with state.lock:  # between batches (see the module's docstring: explain is not batched)
             e = state.classifier.explanations(up.image, method=method, class_name=class_name)[0]
             pred = state.predict_batch([(up.image, tuple(sorted(options.items())))])[0]
-            explained, heat = e.explained, e.heat
         if isinstance(pred, ImageError):
             raise pred
         t2 = time.perf_counter()
         state.metrics.prediction(pred)
         shown = display_image(up, state)
-        png = png_base64(overlay(shown, heat))
-        return {**prediction_json(pred), "filename": up.name, "method": method, "explained": explained,
+        png = png_base64(overlay(shown, e.heat))
+        return {**prediction_json(pred), "filename": up.name, "method": method, "explained": e.explained,
                 "overlay_png": png, "overlay_size": {"width": shown.shape[1], "height": shown.shape[0]},
                 **_timings(t0, t1, t2=t2)}
 

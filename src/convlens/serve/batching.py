@@ -85,17 +85,14 @@ class MicroBatcher:
         future: Future[BatchResult] = Future()
         with self._cond:
             self._arriving -= 1  # in the same step as the append: never counted as neither
-            self._enqueue(item, future)
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._queue.append((item, future, time.perf_counter()))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="convlens-batcher", daemon=True)
+                self._worker.start()
             self._cond.notify_all()
         return context, future.result()
-
-    def _enqueue(self, item: Any, future: Future[BatchResult]) -> None:
-        if self._closed:
-            raise RuntimeError("the batcher is closed")
-        self._queue.append((item, future, time.perf_counter()))
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._loop, name="convlens-batcher", daemon=True)
-            self._worker.start()
 
     def close(self) -> None:
         """Stop the worker once the queue is empty (requests already queued are answered)."""
