@@ -56,8 +56,8 @@ def test_ensemble_bundle_predicts_explains_and_exports(cats_dogs: Path, tmp_path
     assert all(p.novelty is not None for p in got)
     np.testing.assert_allclose([p.novelty for p in got], [p.novelty for p in want], atol=1e-4)
 
-    # The onnx engine runs the bundle's verified export (logits, class maps, pooled features,
-    # novelty): the exact CAM from it equals torch's.
+    # The onnx engine runs the bundle's verified export (logits, class maps, pooled features;
+    # novelty is scored from the pooled features): the exact CAM from it equals torch's.
     assert "cam" in onnx_clf.backend.explain_methods
     for a, b in zip(onnx_clf.explanations(paths[:2], method="cam"), torch_clf.explanations(paths[:2], method="cam"),
                     strict=True):
