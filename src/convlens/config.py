@@ -374,16 +374,13 @@ def check_serve_range(key: str, value: float) -> float:
 
 def validate_train_config(cfg: TrainConfig) -> None:
     """Check ranges and choices; raise :class:`ConfigError` naming the key."""
-    check_choice("resize", cfg.resize, RESIZE_POLICIES)
-    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    check_choice("schedule", cfg.schedule, SCHEDULES)
-    check_choice("class_weights", cfg.class_weights, ("none", "auto"))
-    check_choice("finetune_bn", cfg.finetune_bn, FINETUNE_BN)
+    for key, options in (("resize", RESIZE_POLICIES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                         ("class_weights", ("none", "auto")), ("finetune_bn", FINETUNE_BN)):
+        check_choice(key, getattr(cfg, key), options)
     for key in AUGMENT_RANGES:
         check_range(key, getattr(cfg, key))
-    if cfg.channels not in (0, 1, 3):
-        raise ConfigError(f"channels must be 0 (auto), 1 or 3. Received: channels={cfg.channels}")
     checks = [
+        ("channels", cfg.channels in (0, 1, 3), "0 (auto), 1 or 3"),
         ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
         ("test_fraction", 0.0 <= cfg.test_fraction < 1.0 and cfg.val_fraction + cfg.test_fraction < 1.0,
          "in [0, 1) with val_fraction + test_fraction < 1"),
