@@ -305,11 +305,8 @@ def layer_train_config(preset: str | None = None, config_file: str | Path | None
     return cfg, frozenset(chosen)
 
 
-def resolve_train_config(
-    preset: str | None = None,
-    config_file: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> TrainConfig:
+def resolve_train_config(preset: str | None = None, config_file: str | Path | None = None,
+                         overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults -> preset -> config file -> overrides, validated (:func:`layer_train_config`)."""
     return layer_train_config(preset, config_file, overrides)[0]
 

@@ -134,16 +134,9 @@ def _explain_batch(clf: Explainable, pairs: list[tuple[np.ndarray, np.ndarray]],
     return out
 
 
-def iter_explain(
-    clf: Explainable,
-    sources: Sequence[Any],
-    *,
-    method: str = "cam",
-    class_name: str | None = None,
-    threshold: float | None = None,
-    batch_size: int = 16,
-    on_item: Callable[[], None] | None = None,
-) -> Iterator[Explanation | ImageError]:
+def iter_explain(clf: Explainable, sources: Sequence[Any], *, method: str = "cam", class_name: str | None = None,
+                 threshold: float | None = None, batch_size: int = 16,
+                 on_item: Callable[[], None] | None = None) -> Iterator[Explanation | ImageError]:
     """Explain ``sources`` in order, yielding an Explanation or the ImageError of each."""
     check_method(method)
     _check_supported(clf, method)
