@@ -322,9 +322,7 @@ def with_layers(cfg: TrainConfig, *layers: dict[str, Any]) -> TrainConfig:
 def check_choice(key: str, value: str, options: typing.Sequence[str]) -> str:
     """``value`` when it is one of ``options``; else a :class:`ConfigError` with a did-you-mean."""
     if value not in options:
-        raise ConfigError(
-            f"{key} must be one of {', '.join(options)}. Received: {key}={value!r}.{suggest(value, options)}"
-        )
+        raise ConfigError(f"{key} must be one of {', '.join(options)}. Received: {key}={value!r}.{suggest(value, options)}")
     return value
 
 

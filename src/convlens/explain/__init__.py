@@ -125,12 +125,10 @@ def _explain_batch(clf: Explainable, pairs: list[tuple[np.ndarray, np.ndarray]],
     out = []
     for j, ((_, image), name, (label, known, score)) in enumerate(zip(pairs, names, verdicts, strict=True)):
         up = upsample_to_original(torch.from_numpy(np.ascontiguousarray(raw[j])), prep, image.shape[1], image.shape[0])
-        out.append(Explanation(
-            path=name, image=image, heat=normalize_heat(up), raw=raw[j],
-            label=label, probability=float(probs[j, decided[j]]),
-            explained=clf.classes[int(idx[j])], explained_probability=float(probs[j, idx[j]]), method=method,
-            novelty=score, known=known,
-        ))
+        out.append(Explanation(path=name, image=image, heat=normalize_heat(up), raw=raw[j], label=label,
+                               probability=float(probs[j, decided[j]]), explained=clf.classes[int(idx[j])],
+                               explained_probability=float(probs[j, idx[j]]), method=method, novelty=score,
+                               known=known))
     return out
 
 
