@@ -239,8 +239,7 @@ def named_kernel(name: str, k: int, stride: int = 1, transpose: bool = False) ->
 
 def _spec(kind: str, o: Mapping[str, Any], channels: int) -> dict[str, Any]:
     if kind in ("conv", "relu"):
-        filters = o.get("filters", 1)
-        return {"type": "conv", "filters": filters, "kernel_size": o["kernel"], "strides": o["stride"],
+        return {"type": "conv", "filters": o.get("filters", 1), "kernel_size": o["kernel"], "strides": o["stride"],
                 "padding": o["padding"]}
     if kind in ("max_pool", "avg_pool"):
         return {"type": kind, "pool_size": o["kernel"], "strides": o["stride"], "padding": o["padding"]}
@@ -504,12 +503,9 @@ def render(results: list[DemoResult], suptitle: str) -> Any:
     panels: list[tuple[DemoResult, str]] = [(first, "input")]
     if compare:
         panels += [(r, "output") for r in results]
-    elif first.kind == "relu":
-        panels += [(first, "conv"), (first, "output")]
-    elif first.kind == "dropout":
-        panels += [(first, "output"), (first, "eval")]
-    else:
-        panels.append((first, "output"))
+    else:  # relu: the convolution before it too; dropout: the evaluation mode too
+        shown = {"relu": ("conv", "output"), "dropout": ("output", "eval")}.get(first.kind, ("output",))
+        panels += [(first, which) for which in shown]
     sizes = [_panel_size(r, w) for r, w in panels]
     true_w = [w for w, _ in sizes]
     # Same pixel scale, except that a much smaller output still gets 40% of the largest width.
