@@ -602,10 +602,8 @@ def demo_layer(kind: str, image: str | os.PathLike[str] | np.ndarray, out: str |
         side = size or max(DEFAULT_SIZE.get(k, DEFAULT_SIZE_OTHER) for k, _ in variants)
         arr = load_image(image, side)
     results = [apply_layer(k, arr, o, seed=seed) for k, o in variants]
-    if compare:
-        title = "  vs  ".join(r.label for r in results) + "\n" + "\n".join(r.arithmetic for r in results)
-    else:
-        title = f"{results[0].label}\n{results[0].arithmetic}"
+    # one variant: its label over its arithmetic; two: "a  vs  b" over both lines of arithmetic
+    title = "  vs  ".join(r.label for r in results) + "\n" + "\n".join(r.arithmetic for r in results)
     fig = render(results, title)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt)
