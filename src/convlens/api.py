@@ -179,9 +179,15 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- train
-def train(dir: str | os.PathLike[str] | None = None, *, preset: str | None = None,
-          config: str | os.PathLike[str] | None = None, resume: str | os.PathLike[str] | Run | None = None,
-          console: Console | None = None, **options: Any) -> Run:
+def train(
+    dir: str | os.PathLike[str] | None = None,
+    *,
+    preset: str | None = None,
+    config: str | os.PathLike[str] | None = None,
+    resume: str | os.PathLike[str] | Run | None = None,
+    console: Console | None = None,
+    **options: Any,
+) -> Run:
     """Check, split, cache, train, evaluate and report (``convlens train``); return the :class:`Run`.
 
     ``dir``: a dataset folder (``DIR/<class>/...`` or ``DIR/train|val/<class>/...``); None trains

@@ -95,8 +95,10 @@ def _cmd_summary(a: argparse.Namespace) -> int:
 def _cmd_check(a: argparse.Namespace) -> int:
     from convlens.data.check import run_check
 
-    return run_check(a.dir, json_path=a.json, quarantine_dir=a.quarantine, undo=a.undo, workers=a.workers,
-                     max_pixels=a.max_pixels, min_side=a.min_side, near_duplicates=a.near_duplicates)
+    return run_check(
+        a.dir, json_path=a.json, quarantine_dir=a.quarantine, undo=a.undo, workers=a.workers,
+        max_pixels=a.max_pixels, min_side=a.min_side, near_duplicates=a.near_duplicates,
+    )
 
 
 def _cmd_preview(a: argparse.Namespace) -> int:

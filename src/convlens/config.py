@@ -305,8 +305,11 @@ def layer_train_config(preset: str | None = None, config_file: str | Path | None
     return cfg, frozenset(chosen)
 
 
-def resolve_train_config(preset: str | None = None, config_file: str | Path | None = None,
-                         overrides: dict[str, Any] | None = None) -> TrainConfig:
+def resolve_train_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
     """Defaults -> preset -> config file -> overrides, validated (:func:`layer_train_config`)."""
     return layer_train_config(preset, config_file, overrides)[0]
 
@@ -322,7 +325,9 @@ def with_layers(cfg: TrainConfig, *layers: dict[str, Any]) -> TrainConfig:
 def check_choice(key: str, value: str, options: typing.Sequence[str]) -> str:
     """``value`` when it is one of ``options``; else a :class:`ConfigError` with a did-you-mean."""
     if value not in options:
-        raise ConfigError(f"{key} must be one of {', '.join(options)}. Received: {key}={value!r}.{suggest(value, options)}")
+        raise ConfigError(
+            f"{key} must be one of {', '.join(options)}. Received: {key}={value!r}.{suggest(value, options)}"
+        )
     return value
 
 

@@ -27,9 +27,17 @@ def tsv_line(values: Sequence[Any]) -> str:
     return "\t".join("" if v is None else str(v).translate(_TSV_BREAKERS) for v in values)
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, console: Any = None,
-                title: str | None = None, caption: str | None = None, right: Sequence[str] = (),
-                fold: Sequence[str] = (), plain: bool | None = None) -> None:
+def print_table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    console: Any = None,
+    title: str | None = None,
+    caption: str | None = None,
+    right: Sequence[str] = (),
+    fold: Sequence[str] = (),
+    plain: bool | None = None,
+) -> None:
     """Print a table on ``console`` (stdout by default).
 
     Interactive (terminal or Jupyter): a rich table with ``title`` and ``caption``; the columns

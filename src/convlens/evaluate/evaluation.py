@@ -155,13 +155,27 @@ def _outputs(model: Any, backend: Any, meta: BundleMeta, images: Any, batch_size
             else (predict_logits(model, images, prep, batch_size, device, run), None))
 
 
-def evaluate(model: torch.nn.Module | None, meta: BundleMeta, data: Any, *,
-             out_dir: str | os.PathLike[str] | None = None, batch_size: int = 64, device: str = "cpu",
-             history: Sequence[dict[str, Any]] | None = None, curves: bytes | None = None,
-             config_yaml: str | None = None, title: str = "convlens evaluation", subtitle: str = "",
-             console: Console | None = None, precision: str = "auto", notes: Sequence[str] = (),
-             outputs: tuple[np.ndarray, np.ndarray | None] | None = None, novelty: NoveltyIndex | None = None,
-             training: dict[str, Any] | None = None, backend: Any = None) -> dict[str, Any]:
+def evaluate(
+    model: torch.nn.Module | None,
+    meta: BundleMeta,
+    data: Any,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    history: Sequence[dict[str, Any]] | None = None,
+    curves: bytes | None = None,
+    config_yaml: str | None = None,
+    title: str = "convlens evaluation",
+    subtitle: str = "",
+    console: Console | None = None,
+    precision: str = "auto",
+    notes: Sequence[str] = (),
+    outputs: tuple[np.ndarray, np.ndarray | None] | None = None,
+    novelty: NoveltyIndex | None = None,
+    training: dict[str, Any] | None = None,
+    backend: Any = None,
+) -> dict[str, Any]:
     """Metrics of ``model`` on ``data`` (a subset with ``images``/``labels``/``paths``, or a folder).
 
     With ``out_dir``, writes ``metrics.json``, ``predictions.csv`` (every file's probabilities),

@@ -61,8 +61,13 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bi
     return float(np.abs(gaps).sum() / len(confidence))
 
 
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float = 0.5,
-                    n_bins: int = 10) -> dict[str, Any]:
+def compute_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    threshold: float = 0.5,
+    n_bins: int = 10,
+) -> dict[str, Any]:
     """All evaluation numbers for labels ``y_true`` and probabilities ``probs (N, C)``.
 
     Returns a JSON-safe dict: ``accuracy``, ``loss`` (log loss), ``per_class`` (precision,

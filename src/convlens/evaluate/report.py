@@ -105,10 +105,18 @@ def _class_sections(metrics: dict[str, Any]) -> list[str]:
     return parts
 
 
-def render_report(*, title: str, metrics: dict[str, Any], figures: dict[str, bytes] | None = None,
-                  config_yaml: str | None = None, history: Sequence[dict[str, Any]] | None = None,
-                  notes: Sequence[str] = (), subtitle: str = "", model_info: dict[str, Any] | None = None,
-                  training: dict[str, Any] | None = None) -> str:
+def render_report(
+    *,
+    title: str,
+    metrics: dict[str, Any],
+    figures: dict[str, bytes] | None = None,
+    config_yaml: str | None = None,
+    history: Sequence[dict[str, Any]] | None = None,
+    notes: Sequence[str] = (),
+    subtitle: str = "",
+    model_info: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> str:
     """The report as one HTML string.
 
     ``figures`` keys used: ``curves``, ``confusion``, ``roc``, ``calibration``, ``mistakes``,
@@ -118,9 +126,14 @@ def render_report(*, title: str, metrics: dict[str, Any], figures: dict[str, byt
     figures = figures or {}
     parts = [f"<p class='note'>{html.escape(n)}</p>" for n in notes]
 
-    cards = [("accuracy", metrics.get("accuracy")), ("macro F1", (metrics.get("macro") or {}).get("f1")),
-             ("log loss", metrics.get("loss")), ("ROC-AUC", metrics.get("roc_auc")),
-             ("images", metrics.get("num_samples")), ("classes", len(metrics.get("classes", [])))]
+    cards = [
+        ("accuracy", metrics.get("accuracy")),
+        ("macro F1", (metrics.get("macro") or {}).get("f1")),
+        ("log loss", metrics.get("loss")),
+        ("ROC-AUC", metrics.get("roc_auc")),
+        ("images", metrics.get("num_samples")),
+        ("classes", len(metrics.get("classes", []))),
+    ]
     parts.append("<div class='cards'>" + "".join(
         f"<div class='card'><b>{html_cell(v)}</b><span>{html.escape(k)}</span></div>"
         for k, v in cards if v is not None) + "</div>")

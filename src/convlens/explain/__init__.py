@@ -125,16 +125,25 @@ def _explain_batch(clf: Explainable, pairs: list[tuple[np.ndarray, np.ndarray]],
     out = []
     for j, ((_, image), name, (label, known, score)) in enumerate(zip(pairs, names, verdicts, strict=True)):
         up = upsample_to_original(torch.from_numpy(np.ascontiguousarray(raw[j])), prep, image.shape[1], image.shape[0])
-        out.append(Explanation(path=name, image=image, heat=normalize_heat(up), raw=raw[j], label=label,
-                               probability=float(probs[j, decided[j]]), explained=clf.classes[int(idx[j])],
-                               explained_probability=float(probs[j, idx[j]]), method=method, novelty=score,
-                               known=known))
+        out.append(Explanation(
+            path=name, image=image, heat=normalize_heat(up), raw=raw[j],
+            label=label, probability=float(probs[j, decided[j]]),
+            explained=clf.classes[int(idx[j])], explained_probability=float(probs[j, idx[j]]), method=method,
+            novelty=score, known=known,
+        ))
     return out
 
 
-def iter_explain(clf: Explainable, sources: Sequence[Any], *, method: str = "cam", class_name: str | None = None,
-                 threshold: float | None = None, batch_size: int = 16,
-                 on_item: Callable[[], None] | None = None) -> Iterator[Explanation | ImageError]:
+def iter_explain(
+    clf: Explainable,
+    sources: Sequence[Any],
+    *,
+    method: str = "cam",
+    class_name: str | None = None,
+    threshold: float | None = None,
+    batch_size: int = 16,
+    on_item: Callable[[], None] | None = None,
+) -> Iterator[Explanation | ImageError]:
     """Explain ``sources`` in order, yielding an Explanation or the ImageError of each."""
     check_method(method)
     _check_supported(clf, method)

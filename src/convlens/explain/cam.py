@@ -117,8 +117,10 @@ def cam(model: torch.nn.Module, x: torch.Tensor,
     dense = model.gap_linear_head() if hasattr(model, "gap_linear_head") else None
     if dense is None:
         name = getattr(model, "arch", {}).get("name", type(model).__name__)
-        raise UserError(f"method 'cam' needs a model ending in global average pooling + one dense layer, "
-                        f"which {name} does not; use --method gradcam or gradcam++")
+        raise UserError(
+            f"method 'cam' needs a model ending in global average pooling + one dense layer, "
+            f"which {name} does not; use --method gradcam or gradcam++"
+        )
     with torch.no_grad():
         f = model.forward_features(x)
         logits = model.forward_head(f).float()

@@ -29,6 +29,22 @@ from convlens.models.registry import (
 from convlens.models.spec import LayerStack, build_layers, load_layer_file
 from convlens.models.summary import Summary, parse_input_shape, print_summary, summarize
 
-__all__ = ["LAYER_TYPES", "ConvlensModel", "LayerStack", "SpecModel", "Summary", "build_from_arch",
-           "build_from_spec", "build_layers", "build_model", "create", "create_model", "list_models",
-           "load_layer_file", "parse_input_shape", "print_summary", "register_model", "summarize"]
+__all__ = [
+    "LAYER_TYPES",
+    "ConvlensModel",
+    "LayerStack",
+    "SpecModel",
+    "Summary",
+    "build_from_arch",
+    "build_from_spec",
+    "build_layers",
+    "build_model",
+    "create",
+    "create_model",
+    "list_models",
+    "load_layer_file",
+    "parse_input_shape",
+    "print_summary",
+    "register_model",
+    "summarize",
+]

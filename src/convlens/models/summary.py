@@ -146,10 +146,11 @@ def summarize(model: Any, input_shape: str | Sequence[int] = "300x300x3", num_cl
                                     f"({first}); use a larger input. Received: input={h}x{w}x{c}") from e
                 rf = propagate_rf(unit, rf)
                 trainable, fixed, _ = _count(unit)
-                seen = None if rf is None else (math.ceil(rf.size[0]), math.ceil(rf.size[1]))
-                rows.append(LayerRow(name=unit_name, type=kind, output_shape=tuple(int(d) for d in x.shape[1:]),
-                                     params=trainable + fixed, trainable_params=trainable,
-                                     flops=int(counter.get_total_flops()), receptive_field=seen))
+                rows.append(LayerRow(
+                    name=unit_name, type=kind, output_shape=tuple(int(d) for d in x.shape[1:]),
+                    params=trainable + fixed, trainable_params=trainable, flops=int(counter.get_total_flops()),
+                    receptive_field=None if rf is None else (math.ceil(rf.size[0]), math.ceil(rf.size[1])),
+                ))
     finally:
         for m, training in modes.items():
             m.train(training)
