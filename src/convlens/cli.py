@@ -59,13 +59,17 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
         return super()._get_help_string(action)
 
 
-def _add(sub: Any, name: str, help_: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter, epilog=EPILOG)
+def _add_device(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 
 
-def _add_inference_precision(s: argparse.ArgumentParser) -> None:
+def _add_runtime(s: argparse.ArgumentParser, batch_size: int) -> None:
+    """How evaluate and predict run a model: --batch-size, --device, --precision, --engine."""
+    s.add_argument("--batch-size", type=int, default=batch_size, help="batch size")
+    _add_device(s)
     s.add_argument("--precision", default="auto", metavar="{auto,bf16,fp32}",
                    help="auto: bf16 where the CPU or GPU computes it natively (AVX512-BF16/AMX), else fp32")
+    _add_engine(s)
 
 
 def _add_engine(s: argparse.ArgumentParser) -> None:
@@ -205,20 +209,18 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "data":
             continue
-        flag = flag_of(f.name)
-        help_ = f.metadata.get("help", "")
-        default = getattr(defaults, f.name)
         tp = types_[f.name]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+                                  "help": f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)})"}
         if tp is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{help_} (default: {default})")
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is list:
-            p.add_argument(flag, dest=f.name, nargs="+", type=float, default=None, metavar="X",
-                           help=f"{help_} (default: {default})")
+            kwargs.update(nargs="+", type=float, metavar="X")
+        elif f.name == "preset":
+            kwargs["choices"] = list(PRESETS)
         else:
-            choices = {"preset": list(PRESETS)}.get(f.name)
-            p.add_argument(flag, dest=f.name, default=None, choices=choices, metavar=f.name.upper()
-                           if not choices else None, help=f"{help_} (default: {default})")
+            kwargs["metavar"] = f.name.upper()
+        p.add_argument(flag_of(f.name), **kwargs)
 
 
 def _verb(name: str, help_: str, run: Callable[[argparse.Namespace], int]
@@ -320,10 +322,7 @@ def _evaluate_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("bundle", help="model bundle (model.convlens)")
     s.add_argument("dir", help="labelled dataset folder")
     s.add_argument("--out", default=None, help="output folder (default: eval/ beside the bundle)")
-    s.add_argument("--batch-size", type=int, default=64, help="batch size")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    _add_inference_precision(s)
-    _add_engine(s)
+    _add_runtime(s, batch_size=64)
 
 
 @_verb("predict", "classify images with a bundle or an ONNX model", _cmd_predict)
@@ -342,10 +341,7 @@ def _predict_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--neighbours", type=int, default=0, metavar="K",
                    help="list each image's K most similar training images (a .convlens bundle)")
     s.add_argument("--out", default=None, help="write every probability to preds.csv or preds.json")
-    s.add_argument("--batch-size", type=int, default=32, help="batch size")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    _add_inference_precision(s)
-    _add_engine(s)
+    _add_runtime(s, batch_size=32)
 
 
 @_verb("explain", "draw class activation maps for images", _cmd_explain)
@@ -355,7 +351,7 @@ def _explain_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default="explain", help="output folder")
     s.add_argument("--method", default="cam", choices=EXPLAIN_METHODS, help="map method")
     s.add_argument("--class", dest="class_name", default=None, help="class to explain (default: predicted)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    _add_device(s)
 
 
 @_verb("inspect", "show every layer's output shape and feature maps for one image (HTML page)", _cmd_inspect)
@@ -434,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     p.set_defaults(_verbs=sub.choices)
     for name, help_, add_arguments, run in VERBS:
-        s = _add(sub, name, help_)
+        s = sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter, epilog=EPILOG)
         add_arguments(s)
         s.set_defaults(func=run)
     return p

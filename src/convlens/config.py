@@ -148,29 +148,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     # The tutorial's recipe, faithfully: its model, 300x300 inputs on the 0-255 scale, batch 128,
     # RandomFlip + RandomRotation(0.1), RMSprop(1e-3), 25 epochs.
-    "tutorial": {
-        "model": "tutorial_cnn",
-        "image_size": 300,
-        "batch_size": 128,
-        "flip": True,
-        "rotation": 0.1,
-        "crop_scale": 1.0,
-        "crop_margin": 0.0,
-        "flip_average": False,
-        "val_every": 1,
-        "progressive": 0.0,
-        "optimizer": "rmsprop",
-        "lr": 1e-3,
-        "weight_decay": 0.0,
-        "schedule": "constant",
-        "warmup_epochs": 0.0,
-        "epochs": 25,
-        "scale": 1.0,
-        "mean": [0.0],
-        "std": [1.0],
-        "label_smoothing": 0.0,
-        "mixup": 0.0,
-    },
+    "tutorial": {"model": "tutorial_cnn", "image_size": 300, "batch_size": 128, "flip": True, "rotation": 0.1,
+                 "crop_scale": 1.0, "crop_margin": 0.0, "flip_average": False, "val_every": 1, "progressive": 0.0,
+                 "optimizer": "rmsprop", "lr": 1e-3, "weight_decay": 0.0, "schedule": "constant",
+                 "warmup_epochs": 0.0, "epochs": 25, "scale": 1.0, "mean": [0.0], "std": [1.0],
+                 "label_smoothing": 0.0, "mixup": 0.0},
     # A few seconds on a laptop: for smoke tests and the first look at a dataset.
     "quick": {"model": "tiny", "image_size": 32, "epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3,
               "val_every": 1, "progressive": 0.0, "mixup": 0.0},
@@ -374,16 +356,13 @@ def check_serve_range(key: str, value: float) -> float:
 
 def validate_train_config(cfg: TrainConfig) -> None:
     """Check ranges and choices; raise :class:`ConfigError` naming the key."""
-    check_choice("resize", cfg.resize, RESIZE_POLICIES)
-    check_choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    check_choice("schedule", cfg.schedule, SCHEDULES)
-    check_choice("class_weights", cfg.class_weights, ("none", "auto"))
-    check_choice("finetune_bn", cfg.finetune_bn, FINETUNE_BN)
+    for key, options in (("resize", RESIZE_POLICIES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                         ("class_weights", ("none", "auto")), ("finetune_bn", FINETUNE_BN)):
+        check_choice(key, getattr(cfg, key), options)
     for key in AUGMENT_RANGES:
         check_range(key, getattr(cfg, key))
-    if cfg.channels not in (0, 1, 3):
-        raise ConfigError(f"channels must be 0 (auto), 1 or 3. Received: channels={cfg.channels}")
     checks = [
+        ("channels", cfg.channels in (0, 1, 3), "0 (auto), 1 or 3"),
         ("val_fraction", 0.0 <= cfg.val_fraction < 1.0, "in [0, 1)"),
         ("test_fraction", 0.0 <= cfg.test_fraction < 1.0 and cfg.val_fraction + cfg.test_fraction < 1.0,
          "in [0, 1) with val_fraction + test_fraction < 1"),

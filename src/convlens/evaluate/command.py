@@ -63,8 +63,7 @@ def evaluate_command(bundle: str, dir: str, out: str | None = None, batch_size: 
     ev = evaluate_bundle(bundle, dir, out=out, batch_size=batch_size, device=device, precision=precision,
                          console=console, engine=engine)
     metrics = ev.metrics
-    acc = metrics["accuracy"]
-    line = f"accuracy {acc:.4f}  macro F1 {metrics['macro']['f1']:.4f}  log loss {metrics['loss']:.4f}"
+    line = f"accuracy {metrics['accuracy']:.4f}  macro F1 {metrics['macro']['f1']:.4f}  log loss {metrics['loss']:.4f}"
     if metrics.get("roc_auc") is not None:
         line += f"  ROC-AUC {metrics['roc_auc']:.4f}"
     console.print(f"{ev.images} images  {line}")

@@ -194,12 +194,11 @@ def evaluate(
         data = load_labelled_folder(data, meta)
     skipped = list(getattr(data, "skipped", []) or [])
     labels = np.asarray(data.labels, dtype=np.int64)
-    classes = list(meta.classes)
+    classes, paths = list(meta.classes), list(data.paths)
     if outputs is None:
         outputs = _outputs(model, backend, meta, data.images, batch_size, device, precision, novelty is not None)
-    probs, metrics, scores = _measure(meta, outputs, labels, list(data.paths), novelty)
+    probs, metrics, scores = _measure(meta, outputs, labels, paths, novelty)
     pred = predict_labels(probs, meta.threshold) if len(labels) else np.zeros(0, dtype=np.int64)
-    paths = list(data.paths)
     worst = worst_mistakes(labels, probs, meta.threshold, GALLERY_SIZE) if len(labels) else []
     unsure = least_confident_correct(labels, probs, meta.threshold, GALLERY_SIZE) if len(labels) else []
     metrics["worst_mistakes"] = [{"path": paths[i], "true": classes[labels[i]], "predicted": classes[pred[i]],

@@ -44,14 +44,8 @@ def threshold_table(y_true: np.ndarray, p1: np.ndarray, thresholds: tuple[float,
     for t in thresholds:
         pred = (p1 >= t).astype(np.int64)
         p, r, f, _ = precision_recall_fscore_support(y_true, pred, labels=[1], average=None, zero_division=0)
-        rows.append({
-            "threshold": float(t),
-            "precision": float(p[0]),
-            "recall": float(r[0]),
-            "f1": float(f[0]),
-            "accuracy": float(accuracy_score(y_true, pred)),
-            "positives": int(pred.sum()),
-        })
+        rows.append({"threshold": float(t), "precision": float(p[0]), "recall": float(r[0]), "f1": float(f[0]),
+                     "accuracy": float(accuracy_score(y_true, pred)), "positives": int(pred.sum())})
     return rows
 
 
@@ -101,30 +95,24 @@ def compute_metrics(
     # which clips to its own epsilon so a confident mistake gives a large but finite loss.
     out["loss"] = float(log_loss(y, probs / probs.sum(axis=1, keepdims=True), labels=labels))
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, average=None, zero_division=0)
-    out["per_class"] = {
-        c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-        for i, c in enumerate(classes)
-    }
+    out["per_class"] = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                        for i, c in enumerate(classes)}
     for avg in ("macro", "weighted"):
         pa, ra, fa, _ = precision_recall_fscore_support(y, pred, labels=labels, average=avg, zero_division=0)
         out[avg] = {"precision": float(pa), "recall": float(ra), "f1": float(fa)}
     out["confusion_matrix"] = confusion_matrix(y, pred, labels=labels).tolist()
 
     present = np.unique(y)
+    out["roc_auc"] = None  # unless every class occurs
     if n_classes == 2:
         p1 = probs[:, 1]
         if len(present) == 2:
             out["roc_auc"] = float(roc_auc_score(y, p1))
             fpr, tpr, thr = roc_curve(y, p1)
-            out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(),
-                          "thresholds": [_f(t) for t in thr]}
-        else:
-            out["roc_auc"] = None
+            out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": [_f(t) for t in thr]}
         out["thresholds"] = threshold_table(y, p1)
     elif len(present) == n_classes:
         out["roc_auc"] = float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels))
-    else:
-        out["roc_auc"] = None
     out["calibration"] = reliability(y, probs, classes, threshold, n_bins)
     return out
 
@@ -137,17 +125,13 @@ def reliability(y_true: np.ndarray, probs: np.ndarray, classes: list[str], thres
     probs = np.asarray(probs, dtype=np.float64)
     pred = predict_labels(probs, threshold)
     if len(classes) == 2:
-        frac, mean_pred = calibration_curve(y, probs[:, 1], n_bins=n_bins, strategy="uniform") \
-            if len(np.unique(y)) > 1 else (np.array([y.mean()]), np.array([probs[:, 1].mean()]))
-        kind = f"p({classes[1]})"
+        outcome, score, kind = y, probs[:, 1], f"p({classes[1]})"
     else:
-        correct = (pred == y).astype(np.int64)
-        conf = probs.max(axis=1)
-        if len(np.unique(correct)) > 1:
-            frac, mean_pred = calibration_curve(correct, conf, n_bins=n_bins, strategy="uniform")
-        else:  # all right or all wrong: calibration_curve needs both outcomes
-            frac, mean_pred = np.array([correct.mean()]), np.array([conf.mean()])
-        kind = "top-1 confidence"
+        outcome, score, kind = (pred == y).astype(np.int64), probs.max(axis=1), "top-1 confidence"
+    if len(np.unique(outcome)) > 1:
+        frac, mean_pred = calibration_curve(outcome, score, n_bins=n_bins, strategy="uniform")
+    else:  # one class, or all right or all wrong: calibration_curve needs both outcomes
+        frac, mean_pred = np.array([outcome.mean()]), np.array([score.mean()])
     return {"kind": kind, "mean_predicted": mean_pred.tolist(), "fraction_positive": frac.tolist(),
             "ece": expected_calibration_error(probs[np.arange(len(y)), pred], pred == y, n_bins)}
 

@@ -50,12 +50,11 @@ def _training_section(figures: dict[str, bytes], history: Sequence[dict[str, Any
     return parts
 
 
-def _how_trained(training: dict[str, Any] | None) -> list[str]:
-    """"How it was trained" (a pretrained head: the phases and their seconds, the regularisation
-    cross-validation chose and its score) as a two-column table."""
-    if not training:
+def _pairs_section(title: str, rows: dict[str, Any] | None) -> list[str]:
+    """A section of one two-column table (key, value); nothing without rows."""
+    if not rows:
         return []
-    return ["<h2>How it was trained</h2>", html_table(["", ""], [[k, v] for k, v in training.items()], align=None)]
+    return [f"<h2>{title}</h2>", html_table(["", ""], [[k, v] for k, v in rows.items()], align=None)]
 
 
 def _calibration_text(metrics: dict[str, Any]) -> list[str]:
@@ -139,7 +138,9 @@ def render_report(
         f"<div class='card'><b>{html_cell(v)}</b><span>{html.escape(k)}</span></div>"
         for k, v in cards if v is not None) + "</div>")
 
-    parts.extend(_how_trained(training))
+    # "How it was trained" (a pretrained head: the phases and their seconds, the regularisation
+    # cross-validation chose and its score).
+    parts.extend(_pairs_section("How it was trained", training))
     parts.extend(_training_section(figures, history))
     parts.extend(_class_sections(metrics))
 
@@ -158,9 +159,7 @@ def render_report(
             parts.append(f"<h2>{head}</h2>")
             parts.append(img_tag(figures[key], head))
 
-    if model_info:
-        parts.append("<h2>Model</h2>")
-        parts.append(html_table(["", ""], [[k, v] for k, v in model_info.items()], align=None))
+    parts.extend(_pairs_section("Model", model_info))
     if config_yaml:
         parts.append("<h2>Configuration</h2>")
         parts.append(f"<pre>{html.escape(config_yaml)}</pre>")

@@ -116,9 +116,10 @@ def resolve_options(kind: str, options: Mapping[str, Any] | None = None) -> dict
         o["weights"] = "random" if kind == "relu" else "box"
     if kind in ("max_pool", "avg_pool") and o["stride"] is None:
         o["stride"] = o["kernel"]  # Keras's pooling default: non-overlapping windows
-    if "padding" in o and o["padding"] not in PADDINGS:
-        raise ConfigError(f"--padding must be 'valid' or 'same'.{suggest(str(o['padding']), PADDINGS)} "
-                          f"Received: --padding {o['padding']!r}")
+    for key, choices in (("padding", PADDINGS), ("mode", MODES)):  # no kind takes both
+        if key in o and o[key] not in choices:
+            raise ConfigError(f"--{key} must be {' or '.join(map(repr, choices))}.{suggest(str(o[key]), choices)} "
+                              f"Received: --{key} {o[key]!r}")
     if "weights" in o:
         w = o["weights"]
         if w not in NAMED_KERNELS:
@@ -135,9 +136,6 @@ def resolve_options(kind: str, options: Mapping[str, Any] | None = None) -> dict
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
             raise ConfigError(f"--rate must be a number in [0, 1). Received: --rate {r!r}")
         o["rate"] = float(r)
-    if "mode" in o and o["mode"] not in MODES:
-        raise ConfigError(f"--mode must be 'nearest' or 'bilinear'.{suggest(str(o['mode']), MODES)} "
-                          f"Received: --mode {o['mode']!r}")
     return o
 
 
@@ -193,9 +191,14 @@ def output_length(kind: str, n: int, options: Mapping[str, Any]) -> tuple[int, s
     the printed arithmetic with the real output shape.
     """
     o = resolve_options(kind, options)
-    if kind in ("conv", "max_pool", "avg_pool", "relu"):
+    if "kernel" in o:  # conv, relu, the pools and conv_transpose
         k, s, p = o["kernel"], o["stride"], o["padding"]
         head = f"n={n}, k={k}, s={s}, {p}"
+        if kind == "conv_transpose" and p == "same":
+            return n * s, f"{head}: {n} x {s} = {n * s}"
+        if kind == "conv_transpose":
+            out = n * s + max(k - s, 0)
+            return out, f"{head}: {n} x {s} + max({k} - {s}, 0) = {out}"
         if p == "same":
             out = -(-n // s)
             text = f"{head}: ceil({n} / {s}) = {out}"
@@ -206,13 +209,6 @@ def output_length(kind: str, n: int, options: Mapping[str, Any]) -> tuple[int, s
             out = (n - k) // s + 1
             text = f"{head}: floor(({n} - {k}) / {s}) + 1 = {out}"
         return out, text
-    if kind == "conv_transpose":
-        k, s, p = o["kernel"], o["stride"], o["padding"]
-        head = f"n={n}, k={k}, s={s}, {p}"
-        if p == "same":
-            return n * s, f"{head}: {n} x {s} = {n * s}"
-        out = n * s + max(k - s, 0)
-        return out, f"{head}: {n} x {s} + max({k} - {s}, 0) = {out}"
     if kind == "upsample":
         f = o["factor"]
         return n * f, f"n={n}, factor={f}: {n} x {f} = {n * f}"
@@ -243,8 +239,7 @@ def named_kernel(name: str, k: int, stride: int = 1, transpose: bool = False) ->
 
 def _spec(kind: str, o: Mapping[str, Any], channels: int) -> dict[str, Any]:
     if kind in ("conv", "relu"):
-        filters = o.get("filters", 1)
-        return {"type": "conv", "filters": filters, "kernel_size": o["kernel"], "strides": o["stride"],
+        return {"type": "conv", "filters": o.get("filters", 1), "kernel_size": o["kernel"], "strides": o["stride"],
                 "padding": o["padding"]}
     if kind in ("max_pool", "avg_pool"):
         return {"type": kind, "pool_size": o["kernel"], "strides": o["stride"], "padding": o["padding"]}
@@ -508,12 +503,9 @@ def render(results: list[DemoResult], suptitle: str) -> Any:
     panels: list[tuple[DemoResult, str]] = [(first, "input")]
     if compare:
         panels += [(r, "output") for r in results]
-    elif first.kind == "relu":
-        panels += [(first, "conv"), (first, "output")]
-    elif first.kind == "dropout":
-        panels += [(first, "output"), (first, "eval")]
-    else:
-        panels.append((first, "output"))
+    else:  # relu: the convolution before it too; dropout: the evaluation mode too
+        shown = {"relu": ("conv", "output"), "dropout": ("output", "eval")}.get(first.kind, ("output",))
+        panels += [(first, which) for which in shown]
     sizes = [_panel_size(r, w) for r, w in panels]
     true_w = [w for w, _ in sizes]
     # Same pixel scale, except that a much smaller output still gets 40% of the largest width.
@@ -610,10 +602,8 @@ def demo_layer(kind: str, image: str | os.PathLike[str] | np.ndarray, out: str |
         side = size or max(DEFAULT_SIZE.get(k, DEFAULT_SIZE_OTHER) for k, _ in variants)
         arr = load_image(image, side)
     results = [apply_layer(k, arr, o, seed=seed) for k, o in variants]
-    if compare:
-        title = "  vs  ".join(r.label for r in results) + "\n" + "\n".join(r.arithmetic for r in results)
-    else:
-        title = f"{results[0].label}\n{results[0].arithmetic}"
+    # one variant: its label over its arithmetic; two: "a  vs  b" over both lines of arithmetic
+    title = "  vs  ".join(r.label for r in results) + "\n" + "\n".join(r.arithmetic for r in results)
     fig = render(results, title)
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt)

@@ -211,14 +211,10 @@ def top_channels(model: Any, x: torch.Tensor, class_index: int, out_units: int,
     means = f.mean(dim=(1, 2))
     head = model.gap_linear_head()
     if head is not None:
-        w = head.weight.detach().float()
-        if out_units == 1:
-            weights = w[0] if class_index == 1 else -w[0]
-            bias = float(head.bias.detach()[0]) if head.bias is not None else 0.0
-            bias = bias if class_index == 1 else -bias
-        else:
-            weights = w[class_index]
-            bias = float(head.bias.detach()[class_index]) if head.bias is not None else 0.0
+        row = 0 if out_units == 1 else class_index
+        sign = 1.0 if out_units != 1 or class_index == 1 else -1.0
+        weights = sign * head.weight.detach().float()[row]
+        bias = sign * (float(head.bias.detach()[row]) if head.bias is not None else 0.0)
         score = means * weights
         method = (f"mean activation x dense weight (exact: the contributions plus the bias {bias:+.4g} "
                   f"add up to the logit {float(score.sum()) + bias:+.4g})")

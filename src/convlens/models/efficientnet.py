@@ -118,7 +118,10 @@ class EfficientNetLite(_ZooModel):
         self.head_conv = ConvBNAct(cin, HEAD_WIDTH, 1)
         self.head = GapDenseHead(HEAD_WIDTH, self.out_units, dropout)
         self.num_features = HEAD_WIDTH
-        _init_weights(self)
+        # Fan-out normal convolutions (as the reference), unit batch norm, a small dense layer;
+        # used when no weights load.
+        _init_conv_bn(self)
+        self.head.init_small_()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head_conv(self.blocks(self.stem(x)))
@@ -132,14 +135,6 @@ class EfficientNetLite(_ZooModel):
 
     def summary_units(self) -> list[tuple[str, str, nn.Module]]:
         return [*self.feature_units(), ("head", "gap_dense", self.head)]
-
-
-def _init_weights(model: EfficientNetLite) -> None:
-    """Fan-out normal convolutions (as the reference), unit batch norm, a small dense layer; used
-    when no weights load."""
-    _init_conv_bn(model)
-    nn.init.normal_(model.head.fc.weight, std=0.01)
-    nn.init.zeros_(model.head.fc.bias)
 
 
 def _lite(name: str, num_classes: int, in_channels: int, dropout: float | None) -> EfficientNetLite:

@@ -24,7 +24,7 @@ from convlens.models.efficientnet import LITE_VARIANTS, EfficientNetLite
 from convlens.models.model import ConvlensModel
 from convlens.models.registry import register_ensemble
 from convlens.models.shapes import RF, propagate_rf
-from convlens.models.zoo import GapDenseHead
+from convlens.models.zoo import GapDenseHead, _ZooModel, check_dropout
 
 SEPARATOR = "+"
 MIN_MEMBERS, MAX_MEMBERS = 2, 3
@@ -93,7 +93,7 @@ class ConcatFeatures(nn.Module):
         return max(known, key=lambda f: f.size) if len(known) == len(fields) else None
 
 
-class EnsembleModel(ConvlensModel):
+class EnsembleModel(_ZooModel):
     """2-3 EfficientNet-Lite feature extractors side by side and one GAP + dense head on the
     concatenation of their last feature maps (exact CAM)."""
 
@@ -102,23 +102,15 @@ class EnsembleModel(ConvlensModel):
         if in_channels != 3:
             raise SpecError(f"an ensemble of pretrained backbones takes RGB input (3 channels). "
                             f"Received: in_channels={in_channels}")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise SpecError(f"ensemble dropout must be in [0, 1). Received: dropout={dropout!r}")
+        check_dropout("ensemble", dropout)
         self.names = names
         self.members = nn.ModuleList(_member(n) for n in names)
         self.num_features = sum(m.num_features for m in self.members)
         self.head = GapDenseHead(self.num_features, self.out_units, float(dropout))
-        nn.init.normal_(self.head.fc.weight, std=0.01)  # as a single Lite's head
-        nn.init.zeros_(self.head.fc.bias)
+        self.head.init_small_()  # as a single Lite's head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return concat_maps(self.members, self.names, x)
-
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-    def gap_linear_head(self) -> nn.Linear:
-        return self.head.fc
 
     def summary_units(self) -> list[tuple[str, str, nn.Module]]:
         # The members run side by side, not one after another: one unit holds them all, so the

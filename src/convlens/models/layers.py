@@ -249,8 +249,7 @@ class Pool(SpecLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.pool_size, self.strides
-        pads = same_pads(x, k, s) if self.padding == "same" else ((0, 0), (0, 0))
-        (t, b), (left, r) = pads
+        (t, b), (left, r) = same_pads(x, k, s) if self.padding == "same" else ((0, 0), (0, 0))
         if self.mode == "max":
             if t == b and left == r:  # torch pads with -inf itself: padding never wins
                 y = max_pool2d(x, k, s, (t, left))

@@ -108,10 +108,9 @@ class SpecModel(ConvlensModel):
         return x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        x = features
         for layer in self.layers[self.split:]:
-            x = layer(x)
-        return x
+            features = layer(features)
+        return features
 
     def gap_linear_head(self) -> nn.Linear | None:
         # Dropout is the identity at inference, so it does not break the exact CAM.

@@ -168,11 +168,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _unwrap(obj, p)
 
 
-def adapt_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename known foreign naming schemes to convlens's (EfficientNet-PyTorch so far)."""
-    return remap_lukemelas_keys(state) if is_lukemelas_state(list(state)) else state
-
-
 def _is_classifier(key: str) -> bool:
     return key.startswith(CLASSIFIER_PREFIXES)
 
@@ -255,7 +250,9 @@ def read_pretrained(pretrained: str, arch: str | None = None) -> PretrainedWeigh
         digest = None
         if arch is not None and arch not in PRETRAINED_ARCHS:
             raise WeightsError(f"--arch must be one of {', '.join(PRETRAINED_ARCHS)}. Received: arch={arch!r}")
-    state = adapt_keys(read_state_dict(path))
+    state = read_state_dict(path)
+    if is_lukemelas_state(list(state)):  # EfficientNet-PyTorch's names: renamed to convlens's
+        state = remap_lukemelas_keys(state)
     arch = arch or infer_arch(state, path)
     with torch.device("meta"):  # shapes only
         problem = first_mismatch(create(arch, 2), state)

@@ -197,11 +197,10 @@ def print_summary(model: Any, input_shape: str | Sequence[int] = "300x300x3", nu
     c, h, w = s.input_shape
     table = Table(title=f'Model: "{s.model}"  input (None, {h}, {w}, {c})', title_justify="left",
                   box=box.HEAVY_HEAD)
-    table.add_column("Layer (type)", no_wrap=True)
-    table.add_column("Output Shape", no_wrap=True)
-    table.add_column("Param #", justify="right")
-    table.add_column("FLOPs", justify="right")
-    table.add_column("Receptive field", justify="right")
+    for column in ("Layer (type)", "Output Shape"):
+        table.add_column(column, no_wrap=True)
+    for column in ("Param #", "FLOPs", "Receptive field"):
+        table.add_column(column, justify="right")
     for r in s.rows:
         rf = "global" if r.receptive_field is None else (
             str(r.receptive_field[0]) if r.receptive_field[0] == r.receptive_field[1]

@@ -71,6 +71,17 @@ def _init_conv_bn(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def stem(cin: int, cout: int) -> nn.Sequential:
+    """A 3x3 stride-2 conv (no bias), batch norm and ReLU: the from-scratch models' first unit."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def check_dropout(model: str, dropout: Any) -> None:
+    """SpecError unless ``dropout`` is a number in [0, 1)."""
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise SpecError(f"{model} dropout must be in [0, 1). Received: dropout={dropout!r}")
+
+
 class GapDenseHead(nn.Module):
     """Global average pooling, optional dropout, one dense layer."""
 
@@ -81,6 +92,11 @@ class GapDenseHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(x.mean(dim=(2, 3))))
+
+    def init_small_(self) -> None:
+        """A small dense layer (normal, std 0.01; zero bias): the pretrained backbones' head."""
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
 
 
 class _ZooModel(ConvlensModel):
@@ -155,9 +171,7 @@ class ResNet8(_ZooModel):
         # A stride-2 stem: measured ~2x faster per training image on CPU (bf16, channels_last)
         # than a full-resolution conv + BN + pool stem, whose batch norm at full resolution is
         # memory-bound. Input / 16 at the last feature map (8x8 at 128 px).
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, stem_width, 3, 2, 1, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU(),
-        )
+        self.stem = stem(in_channels, stem_width)
         chans = [stem_width, *[int(w) for w in widths]]
         self.stage1 = BasicBlock(chans[0], chans[1], 2)
         self.stage2 = BasicBlock(chans[1], chans[2], 2)
@@ -221,10 +235,9 @@ class MiniXception(_ZooModel):
         super().__init__(num_classes, in_channels)
         if not isinstance(width, (int, float)) or isinstance(width, bool) or width <= 0:
             raise SpecError(f"mini_xception width must be a positive number. Received: width={width!r}")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise SpecError(f"mini_xception dropout must be in [0, 1). Received: dropout={dropout!r}")
+        check_dropout("mini_xception", dropout)
         c0, c1, c2, c3, c4 = (_round_channels(c * width) for c in (128, 256, 512, 728, 1024))
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c0, 3, 2, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
+        self.stem = stem(in_channels, c0)
         self.block1 = XceptionBlock(c0, c1)
         self.block2 = XceptionBlock(c1, c2)
         self.block3 = XceptionBlock(c2, c3)
@@ -273,11 +286,8 @@ class VGG10(_ZooModel):
         if len(widths) != 4 or any(int(w) < 1 for w in widths) or int(stem_width) < 1:
             raise SpecError(f"vgg10 needs four positive widths and a positive stem_width. "
                             f"Received: widths={widths!r}, stem_width={stem_width!r}")
-        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise SpecError(f"vgg10 dropout must be in [0, 1). Received: dropout={dropout!r}")
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, stem_width, 3, 2, 1, bias=False), nn.BatchNorm2d(stem_width), nn.ReLU(),
-        )
+        check_dropout("vgg10", dropout)
+        self.stem = stem(in_channels, stem_width)
         chans = [int(stem_width), *[int(w) for w in widths]]
         # Pools after the first three stages: input / 16 at the last feature map (8x8 at 128 px).
         self.stage1 = ConvStage(chans[0], chans[1], pool=True)
