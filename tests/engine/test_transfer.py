@@ -349,6 +349,23 @@ def test_backbone_options_in_a_from_scratch_run_are_named(tmp_path: Path, capsys
     assert "pretrained backbones only" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("model", "chosen", "said"), [
+    ("efficientnet_lite0", {"model"}, True),
+    ("efficientnet_lite0+efficientnet_lite2", {"model"}, True),
+    ("efficientnet_lite0", {"model", "pretrained"}, False),  # --pretrained none: the user said so
+    ("resnet18", {"model"}, False),  # no packaged weights to point at
+    ("vgg10", {"model"}, False),
+])
+def test_a_pretrained_architecture_from_random_weights_is_named(tmp_path: Path, model: str, chosen: set[str],
+                                                               said: bool) -> None:
+    """--model NAME of a backbone with packaged weights trains from random ones: the note says
+    --pretrained NAME is what starts from ImageNet (a model chosen by name never decodes the data)."""
+    cfg = _cfg(tmp_path / "data", tmp_path, model=model, pretrained="none" if "pretrained" in chosen else "auto")
+    resolved = recipe.recipe_for(cfg, chosen)
+    assert resolved.cfg.pretrained == "none"
+    assert any(f"--pretrained {model} starts from its ImageNet weights" in n for n in resolved.notes) is said
+
+
 # ----------------------------------------------------------------------------- one recipe, one door
 def test_a_pretrained_run_reads_and_hashes_its_weights_once(tmp_path: Path, lite0_file: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:

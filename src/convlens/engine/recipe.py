@@ -44,6 +44,8 @@ from convlens.engine import budget, distributed
 from convlens.engine.features import Backbone, feature_speed, load_pretrained
 from convlens.engine.resume import resume_config
 from convlens.errors import ConfigError, ImageError
+from convlens.models.ensemble import SEPARATOR
+from convlens.models.pretrained import PACKAGED
 
 SAMPLE_IMAGES = 24  # images decoded to decide whether a dataset is photos
 BACKBONE_ONLY = ("arch", "finetune_epochs", "finetune_lr", "finetune_units", "finetune_lr_decay", "finetune_bn",
@@ -114,7 +116,7 @@ def recipe_for(cfg: TrainConfig, chosen: Collection[str] = (), resume: str | Pat
         below["data"] = str(ensure_digits_dataset())
     pretrained = choose_pretrained(cfg, "model" in chosen)
     if pretrained == "none":
-        notes = unused_backbone_options(chosen)
+        notes = unused_backbone_options(chosen) + random_weights_note(cfg, chosen)
         return Recipe(with_layers(cfg, below, {"pretrained": pretrained}, world), chosen, notes=notes)
     plan, backbone, planned = None, None, {}
     if cfg.time and not world:  # under torchrun the launcher has planned: its choices are flags
@@ -216,6 +218,18 @@ def replaced_options(before: TrainConfig, after: TrainConfig, chosen: Collection
     return (f"note: {after.pretrained} brings its own recipe, so {flags} do not apply "
             "(--finetune-epochs N adds fine-tuning epochs at --finetune-lr; --pretrained none trains from "
             "scratch with them)",)
+
+
+def random_weights_note(cfg: TrainConfig, chosen: Collection[str]) -> tuple[str, ...]:
+    """The note for ``--model NAME`` without ``--pretrained`` where NAME has packaged ImageNet weights
+    (a Lite backbone or an ensemble of them): the run starts from random weights, which a user
+    naming a pretrained architecture rarely means."""
+    if "model" not in chosen or "pretrained" in chosen or not isinstance(cfg.model, str):
+        return ()
+    if not all(name in PACKAGED for name in cfg.model.split(SEPARATOR)):
+        return ()
+    return (f"note: --model {cfg.model} trains from random weights; --pretrained {cfg.model} starts from "
+            "its ImageNet weights (far better on photos)",)
 
 
 def unused_backbone_options(chosen: Collection[str]) -> tuple[str, ...]:
