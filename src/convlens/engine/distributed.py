@@ -209,17 +209,17 @@ class Dist:
         td.all_gather_object(out, obj)
         return out
 
-    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Every rank's float32 rows ``(n_r, C)`` (``C`` the same on all ranks) concatenated in rank
-        order, on every rank: one collective over the process group, so no folder need be shared
-        between machines."""
+    def gather_rows(self, rows: np.ndarray, n: int) -> np.ndarray:
+        """Every rank's float32 rows ``(n_r, C)``, its :meth:`share` of ``n`` rows (``C`` the same on
+        all ranks), concatenated in rank order, on every rank: one collective over the process
+        group (the shares' sizes follow from ``n``), so no folder need be shared between machines."""
         if not self.enabled:
             return rows
         import numpy as np
         import torch
         import torch.distributed as td
 
-        counts = self.gather(len(rows))
+        counts = [(r + 1) * n // self.world_size - r * n // self.world_size for r in range(self.world_size)]
         box = torch.zeros(max(counts), rows.shape[1], dtype=torch.float32)  # all_gather needs equal shapes
         box[:len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         box = box.to(self._device())

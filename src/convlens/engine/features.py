@@ -188,7 +188,7 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
         fresh = extract_features(backbone.model, rows, prep,
                                  batch_size=batch_size, precision=precision, flip=flip, progress=progress)
     if missing:
-        fresh = dist.gather_rows(fresh)
+        fresh = dist.gather_rows(fresh, len(missing))
     out = np.zeros((len(hashes), backbone.num_features), np.float32)
     new_of = {h: k for k, h in enumerate(missing)}  # hash -> row of fresh, in fresh's order
     for i, h in enumerate(hashes):
