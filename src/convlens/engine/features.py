@@ -110,26 +110,21 @@ def extract_features(model: ConvlensModel, images: Any, prep: Preprocessing, *, 
     dev = runtime.resolve_device(device, precision)
     # Moved outside inference mode: the parameters stay ordinary tensors (fine-tuning may follow).
     model = model.eval().to(dev.device, memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return _extract(model, images, prep, dev, batch_size, flip, progress)
-
-
-def _extract(model: ConvlensModel, images: Any, prep: Preprocessing, dev: runtime.DeviceInfo, batch_size: int,
-             flip: bool, progress: Any) -> np.ndarray:
     n = len(images)
     out = np.zeros((n, int(model.gap_linear_head().in_features)), dtype=np.float32)
-    for start in range(0, n, batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev.device)
-        if flip:
-            x = x.flip(2)  # NHWC: the width axis
-        x = to_model_input(x, prep, channels_last=True)
-        if prep.channels == 1 and model.in_channels == 3:
-            x = x.expand(-1, 3, -1, -1)  # grayscale into an RGB backbone: replicate the channel
-        with runtime.autocast(dev):
-            f = model.forward_features(x)
-        out[start:start + len(x)] = f.float().mean(dim=(2, 3)).cpu().numpy()
-        if progress is not None:
-            progress(min(start + batch_size, n))
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev.device)
+            if flip:
+                x = x.flip(2)  # NHWC: the width axis
+            x = to_model_input(x, prep, channels_last=True)
+            if prep.channels == 1 and model.in_channels == 3:
+                x = x.expand(-1, 3, -1, -1)  # grayscale into an RGB backbone: replicate the channel
+            with runtime.autocast(dev):
+                f = model.forward_features(x)
+            out[start:start + len(x)] = f.float().mean(dim=(2, 3)).cpu().numpy()
+            if progress is not None:
+                progress(min(start + batch_size, n))
     return out
 
 
