@@ -198,7 +198,7 @@ class Trainer:
         self.t0 = time.perf_counter()  # --time counts from here: data preparation is part of the run
         # torchrun's environment (one process without it); only rank 0 prints and writes files.
         self.dist = dist = distributed.from_env()
-        if cfg.nproc > 1 and not distributed.under_torchrun():
+        if distributed.should_launch(cfg.nproc):  # a library call outside torchrun
             raise ConfigError(f"nproc > 1 runs one process per rank: use `convlens train --nproc {cfg.nproc}` "
                               f"or torchrun. Received: nproc={cfg.nproc}")
         self.console = dist.console(console or Console())
@@ -441,19 +441,17 @@ class Trainer:
 
         cfg, dev = self.cfg, self.dev
 
-        def step_at(size: tuple[int, int] | None) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-            def step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-                fn = copy.copy(self.step_fn)
-                fn.model, fn.input_size = model, size
-                return fn(batch[0], batch[1].to(dev.device), torch.Generator().manual_seed(0))[0]
-            return step
+        def step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            fn = copy.copy(self.step_fn)
+            fn.model, fn.input_size = model, size
+            return fn(batch[0], batch[1].to(dev.device), torch.Generator().manual_seed(0))[0]
 
         def validate(model: torch.nn.Module, batch: Any) -> None:
             with runtime.autocast(dev):
                 model(to_model_input(batch[0].to(dev.device), self.prep, channels_last=cfg.channels_last))
 
         self.train_loader.set_epoch(0)
-        return budget.measure_speed(self.model, self.optimizer, step_at(size), self.train_loader, validate,
+        return budget.measure_speed(self.model, self.optimizer, step, self.train_loader, validate,
                                     self.val_loader if validation else None)
 
     def probe_speed(self, views: int, val_every: int = 1) -> tuple[budget.Speed, float, float]:
