@@ -178,11 +178,10 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
         n = len(old_rows) + len(missing)
         cio.ensure_space(fdir, n * backbone.num_features * 4 + 4096,
                          f"the feature cache ({n} x {backbone.num_features} floats)", hint=CACHE_SPACE_HINT)
-    if missing[share]:
-        rows = CachedImages(images, [first[h] for h in missing[share]])  # lazy: read a batch at a time
-        fresh = extract_features(backbone.model, rows, prep,
-                                 batch_size=batch_size, precision=precision, flip=flip, progress=progress)
-    if missing:
+        if missing[share]:
+            rows = CachedImages(images, [first[h] for h in missing[share]])  # lazy: read a batch at a time
+            fresh = extract_features(backbone.model, rows, prep,
+                                     batch_size=batch_size, precision=precision, flip=flip, progress=progress)
         fresh = dist.gather_rows(fresh, len(missing))
     out = np.zeros((len(hashes), backbone.num_features), np.float32)
     new_of = {h: k for k, h in enumerate(missing)}  # hash -> row of fresh, in fresh's order
