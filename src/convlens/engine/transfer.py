@@ -26,7 +26,7 @@ on photos, or ``--pretrained NAME|PATH``), as :class:`FineTuner`, with the backb
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +115,8 @@ class HeadChoice:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"l2": self.l2, "label_smoothing": self.label_smoothing, "folds": self.folds,
-                "cv_accuracy": self.cv_accuracy, "cv_loss": self.cv_loss, "candidates": self.candidates,
-                "seconds": self.seconds}
+        """Every field but the out-of-fold logits (checkpoints, the bundle's metrics)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "oof_logits"}
 
 
 def cross_validated_logits(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: list[Any],
