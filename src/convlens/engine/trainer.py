@@ -384,8 +384,9 @@ class Trainer:
                                    + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
             say(self.console, f"run folder: {self.run_dir}")
             stopped_early = False
+            hooks = [on_step] if on_step is not None else []  # called after every step, in turn
             if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
-                on_step = _chain(on_step, budget.LongRunNotice(  # a long run without --time says so
+                hooks.append(budget.LongRunNotice(  # a long run without --time says so
                     cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
                     lambda m: say(self.console, f"[yellow]note:[/yellow] {m}")))
             # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
@@ -393,7 +394,7 @@ class Trainer:
             with _StopOnSigint(enabled=not self.dist.enabled) as stop:
                 epoch = self.start_epoch
                 while epoch < self.cfg.epochs:  # --time may refit the epochs after the first (_replan)
-                    self._train_epoch(epoch, stop, on_step)
+                    self._train_epoch(epoch, stop, hooks)
                     stopped_early = self._end_epoch(epoch)
                     if stop.requested:
                         raise TrainingInterrupted(self.run_dir, self.ckpt_dir / LAST)
@@ -508,7 +509,7 @@ class Trainer:
                            f"{new.epochs} epochs instead of {new.planned_epochs} "
                            f"(estimated {budget.format_seconds(new.estimate_s)} in all)")
 
-    def _train_epoch(self, epoch: int, stop: _StopOnSigint, on_step: Callable[[int, int], None] | None) -> None:
+    def _train_epoch(self, epoch: int, stop: _StopOnSigint, hooks: list[Callable[[int, int], None]]) -> None:
         cfg = self.cfg
         self.train_loader.set_epoch(epoch)
         if self.mid_epoch_rng is not None:  # resuming inside this epoch: continue its streams
@@ -556,8 +557,8 @@ class Trainer:
                 bar.update(task, advance=1, stats=(
                     f"loss {p['loss_sum'] / p['seen']:.4f} acc {p['correct'] / p['seen']:.3f} "
                     f"{p['seen'] / max(p['seconds'], 1e-9):.0f} img/s"))
-                if on_step is not None:
-                    on_step(epoch, step)
+                for hook in hooks:
+                    hook(epoch, step)
                 if stop.requested:
                     path = save_checkpoint(self.ckpt_dir / LAST, self.snapshot(epoch, step + 1))
                     raise TrainingInterrupted(self.run_dir, path)
@@ -617,15 +618,6 @@ class Trainer:
                 save_checkpoint(self.ckpt_dir / BEST, data)
             save_checkpoint(self.ckpt_dir / LAST, data)
         return improved, stopped_early
-
-
-def _chain(*hooks: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
-    """One ``on_step`` hook calling each given hook in turn."""
-    def call(epoch: int, step: int) -> None:
-        for hook in hooks:
-            if hook is not None:
-                hook(epoch, step)
-    return call
 
 
 def _fresh_partial() -> dict[str, Any]:
