@@ -299,9 +299,8 @@ def plan_pretrained(budget_s: float, spent_s: float, n_train: int, n_val: int, f
     known = [o for o in options if o.backbone in feature_img_s]
     if not known:
         raise ValueError(f"no option's backbone has a measured speed. Received: {sorted(feature_img_s)}")
-    rows = [{"backbone": o.backbone, "head_flip": o.head_flip, "finetune_epochs": o.finetune_epochs,
-             "estimate_s": spent_s + option_seconds(o, n_train, n_val, feature_img_s[o.backbone],
-                                                    (feature_widths or {}).get(o.backbone, HEAD_FEATURES))}
+    rows = [{**asdict(o), "estimate_s": spent_s + option_seconds(o, n_train, n_val, feature_img_s[o.backbone],
+                                                                 (feature_widths or {}).get(o.backbone, HEAD_FEATURES))}
             for o in known]
     fits = [i for i, r in enumerate(rows) if r["estimate_s"] <= budget_s * SAFETY]
     if not fits:  # the fastest; of equally fast ones the most preferred (fine-tuning then fits what is left: maybe none)

@@ -112,7 +112,7 @@ def rng_state() -> dict[str, Any]:
             "has_gauss": int(np_state["has_gauss"]),
             "gauss": float(np_state["gauss"]),
         },
-        "python": _to_plain(random.getstate()),
+        "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],  # tuples as lists
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -133,9 +133,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((int(version), tuple(int(v) for v in internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def _to_plain(obj: Any) -> Any:
-    if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
-    return obj

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_TIMEOUT_S = 1800.0  # PyTorch's own default for gloo: long enough for a slow evaluation
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+BACKEND_GRACE_S = 0.2  # for gloo's threads to free the last collectives' tensors before exit (see cleanup)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -208,17 +209,17 @@ class Dist:
         td.all_gather_object(out, obj)
         return out
 
-    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Every rank's float32 rows ``(n_r, C)`` (``C`` the same on all ranks) concatenated in rank
-        order, on every rank: one collective over the process group, so no folder need be shared
-        between machines."""
+    def gather_rows(self, rows: np.ndarray, n: int) -> np.ndarray:
+        """Every rank's float32 rows ``(n_r, C)``, its :meth:`share` of ``n`` rows (``C`` the same on
+        all ranks), concatenated in rank order, on every rank: one collective over the process
+        group (the shares' sizes follow from ``n``), so no folder need be shared between machines."""
         if not self.enabled:
             return rows
         import numpy as np
         import torch
         import torch.distributed as td
 
-        counts = self.gather(len(rows))
+        counts = [(r + 1) * n // self.world_size - r * n // self.world_size for r in range(self.world_size)]
         box = torch.zeros(max(counts), rows.shape[1], dtype=torch.float32)  # all_gather needs equal shapes
         box[:len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         box = box.to(self._device())
@@ -279,11 +280,17 @@ def from_env() -> Dist:
 def cleanup() -> None:
     """Leave the process group if this process joined one (call in ``finally``).
 
+    Every rank leaves together, after a barrier: the others wait there while rank 0 evaluates
+    and writes alone (within the collective timeout). Then a pause (:data:`BACKEND_GRACE_S`):
+    gloo's worker threads free the last collectives' tensors after those have returned, which
+    takes the GIL, and one still doing so when the interpreter shuts down aborts the process
+    ("terminate called without an active exception", a rank's SIGABRT at the end of a good run).
     While an exception is propagating, the group is left as it is: leaving it would break the
     other ranks' collectives at once, and torchrun, seeing them die, would stop this process
     before it printed its error. The process exits right after reporting, which closes the
-    connections anyway. A rank whose collective failed because a peer went away waits (see
-    :func:`_wait_for_the_failed_peer`) so that torchrun names the rank that failed first.
+    connections anyway. A rank whose collective (the barrier here included) failed because a
+    peer went away waits (see :func:`_wait_for_the_failed_peer`) so that torchrun names the rank
+    that failed first.
     """
     try:
         import torch.distributed as td
@@ -292,10 +299,17 @@ def cleanup() -> None:
     if not (td.is_available() and td.is_initialized()):
         return
     error = sys.exc_info()[1]
-    if error is None:
-        td.destroy_process_group()
-    elif lost_a_peer(error):
-        _wait_for_the_failed_peer(td.get_rank())
+    try:
+        if error is None:
+            td.barrier()
+            td.destroy_process_group()
+            time.sleep(BACKEND_GRACE_S)  # releases the GIL to gloo's worker threads
+    except RuntimeError as e:  # rank 0 failed while this rank waited in the barrier
+        error = e
+        raise
+    finally:
+        if error is not None and lost_a_peer(error):
+            _wait_for_the_failed_peer(td.get_rank())
 
 
 # What gloo says when another rank's process ended while this one waited in a collective.

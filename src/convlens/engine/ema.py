@@ -31,12 +31,9 @@ class ModelEma:
         """The averaged model (same class and state_dict keys as the trained one)."""
         return self.averaged.module
 
-    def current_decay(self) -> float:
-        return min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-
     @torch.no_grad()
     def _avg(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: Any) -> None:
-        d = self.current_decay()
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
         floats = [(e, p) for e, p in zip(ema_params, params, strict=True) if e.is_floating_point()]
         if floats:
             torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - d)

@@ -110,26 +110,21 @@ def extract_features(model: ConvlensModel, images: Any, prep: Preprocessing, *, 
     dev = runtime.resolve_device(device, precision)
     # Moved outside inference mode: the parameters stay ordinary tensors (fine-tuning may follow).
     model = model.eval().to(dev.device, memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return _extract(model, images, prep, dev, batch_size, flip, progress)
-
-
-def _extract(model: ConvlensModel, images: Any, prep: Preprocessing, dev: runtime.DeviceInfo, batch_size: int,
-             flip: bool, progress: Any) -> np.ndarray:
     n = len(images)
     out = np.zeros((n, int(model.gap_linear_head().in_features)), dtype=np.float32)
-    for start in range(0, n, batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev.device)
-        if flip:
-            x = x.flip(2)  # NHWC: the width axis
-        x = to_model_input(x, prep, channels_last=True)
-        if prep.channels == 1 and model.in_channels == 3:
-            x = x.expand(-1, 3, -1, -1)  # grayscale into an RGB backbone: replicate the channel
-        with runtime.autocast(dev):
-            f = model.forward_features(x)
-        out[start:start + len(x)] = f.float().mean(dim=(2, 3)).cpu().numpy()
-        if progress is not None:
-            progress(min(start + batch_size, n))
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(dev.device)
+            if flip:
+                x = x.flip(2)  # NHWC: the width axis
+            x = to_model_input(x, prep, channels_last=True)
+            if prep.channels == 1 and model.in_channels == 3:
+                x = x.expand(-1, 3, -1, -1)  # grayscale into an RGB backbone: replicate the channel
+            with runtime.autocast(dev):
+                f = model.forward_features(x)
+            out[start:start + len(x)] = f.float().mean(dim=(2, 3)).cpu().numpy()
+            if progress is not None:
+                progress(min(start + batch_size, n))
     return out
 
 
@@ -183,12 +178,11 @@ def cached_features(backbone: Backbone, images: Any, hashes: Sequence[str], data
         n = len(old_rows) + len(missing)
         cio.ensure_space(fdir, n * backbone.num_features * 4 + 4096,
                          f"the feature cache ({n} x {backbone.num_features} floats)", hint=CACHE_SPACE_HINT)
-    if missing[share]:
-        rows = CachedImages(images, [first[h] for h in missing[share]])  # lazy: read a batch at a time
-        fresh = extract_features(backbone.model, rows, prep,
-                                 batch_size=batch_size, precision=precision, flip=flip, progress=progress)
-    if missing:
-        fresh = dist.gather_rows(fresh)
+        if missing[share]:
+            rows = CachedImages(images, [first[h] for h in missing[share]])  # lazy: read a batch at a time
+            fresh = extract_features(backbone.model, rows, prep,
+                                     batch_size=batch_size, precision=precision, flip=flip, progress=progress)
+        fresh = dist.gather_rows(fresh, len(missing))
     out = np.zeros((len(hashes), backbone.num_features), np.float32)
     new_of = {h: k for k, h in enumerate(missing)}  # hash -> row of fresh, in fresh's order
     for i, h in enumerate(hashes):

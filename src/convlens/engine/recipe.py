@@ -133,14 +133,10 @@ def budget_options(cfg: TrainConfig, chosen: Collection[str], pretrained: str) -
     """The options ``--time`` chooses among: :data:`~convlens.engine.budget.PRETRAINED_OPTIONS`
     on ``pretrained``'s backbone when the user named one (every backbone with ``auto``), with the
     user's own ``--head-flip``/``--finetune-epochs`` kept (fine-tuning then up to their N)."""
-    options = budget.PRETRAINED_OPTIONS
+    kept = {k: getattr(cfg, k) for k in ("head_flip", "finetune_epochs") if k in chosen}
     if cfg.pretrained != "auto":
-        options = tuple(dict.fromkeys(replace(o, backbone=pretrained) for o in options))
-    if "head_flip" in chosen:
-        options = tuple(dict.fromkeys(replace(o, head_flip=cfg.head_flip) for o in options))
-    if "finetune_epochs" in chosen:
-        options = tuple(dict.fromkeys(replace(o, finetune_epochs=cfg.finetune_epochs) for o in options))
-    return options
+        kept["backbone"] = pretrained
+    return tuple(dict.fromkeys(replace(o, **kept) for o in budget.PRETRAINED_OPTIONS))
 
 
 def pretrained_budget(cfg: TrainConfig, chosen: Collection[str], pretrained: str, data: str,

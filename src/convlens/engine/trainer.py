@@ -198,7 +198,7 @@ class Trainer:
         self.t0 = time.perf_counter()  # --time counts from here: data preparation is part of the run
         # torchrun's environment (one process without it); only rank 0 prints and writes files.
         self.dist = dist = distributed.from_env()
-        if cfg.nproc > 1 and not distributed.under_torchrun():
+        if distributed.should_launch(cfg.nproc):  # a library call outside torchrun
             raise ConfigError(f"nproc > 1 runs one process per rank: use `convlens train --nproc {cfg.nproc}` "
                               f"or torchrun. Received: nproc={cfg.nproc}")
         self.console = dist.console(console or Console())
@@ -376,61 +376,59 @@ class Trainer:
         file it had written before stays whole.
         """
         with self.disk_full_advice():
-            return self._fit(on_step)
+            cfg, dev = self.cfg, self.dev
+            if self.start_epoch < cfg.epochs:
+                say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
+                                   f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
+                                   f"{dev.device} {dev.precision}, {self.threads} threads"
+                                   + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
+            say(self.console, f"run folder: {self.run_dir}")
+            stopped_early = False
+            hooks = [on_step] if on_step is not None else []  # called after every step, in turn
+            if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
+                hooks.append(budget.LongRunNotice(  # a long run without --time says so
+                    cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
+                    lambda m: say(self.console, f"[yellow]note:[/yellow] {m}")))
+            # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
+            # resumes from the last epoch's checkpoint.
+            with _StopOnSigint(enabled=not self.dist.enabled) as stop:
+                epoch = self.start_epoch
+                while epoch < self.cfg.epochs:  # --time may refit the epochs after the first (_replan)
+                    self._train_epoch(epoch, stop, hooks)
+                    stopped_early = self._end_epoch(epoch)
+                    if stop.requested:
+                        raise TrainingInterrupted(self.run_dir, self.ckpt_dir / LAST)
+                    if stopped_early:
+                        say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
+                                           f"(best epoch {self.best['epoch']})")
+                        break
+                    epoch += 1
+            tensorboard.close(self.tb)
+            cfg = self.cfg
 
-    def _fit(self, on_step: Callable[[int, int], None] | None) -> RunResult:
-        cfg, dev = self.cfg, self.dev
-        if self.start_epoch < cfg.epochs:
-            say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
-                               f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
-                               f"{dev.device} {dev.precision}, {self.threads} threads"
-                               + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
-        say(self.console, f"run folder: {self.run_dir}")
-        stopped_early = False
-        if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
-            on_step = _chain(on_step, budget.LongRunNotice(  # a long run without --time says so
-                cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
-                lambda m: say(self.console, f"[yellow]note:[/yellow] {m}")))
-        # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
-        # resumes from the last epoch's checkpoint.
-        with _StopOnSigint(enabled=not self.dist.enabled) as stop:
-            epoch = self.start_epoch
-            while epoch < self.cfg.epochs:  # --time may refit the epochs after the first (_replan)
-                self._train_epoch(epoch, stop, on_step)
-                stopped_early = self._end_epoch(epoch)
-                if stop.requested:
-                    raise TrainingInterrupted(self.run_dir, self.ckpt_dir / LAST)
-                if stopped_early:
-                    say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
-                                       f"(best epoch {self.best['epoch']})")
-                    break
-                epoch += 1
-        tensorboard.close(self.tb)
-        cfg = self.cfg
+            self.dist.barrier()  # every rank has trained; rank 0 alone evaluates and writes
+            if not self.dist.is_main:
+                return RunResult(self.run_dir, None, history=self.history, stopped_early=stopped_early)
+            from convlens.evaluate.plots import curves_png
 
-        self.dist.barrier()  # every rank has trained; rank 0 alone evaluates and writes
-        if not self.dist.is_main:
-            return RunResult(self.run_dir, None, history=self.history, stopped_early=stopped_early)
-        from convlens.evaluate.plots import curves_png
-
-        curves = curves_png(self.history)
-        write_bytes(self.run_dir / "curves.png", curves)
-        if self.best_weights is not None:
-            self.eval_model.load_state_dict(self.best_weights)
-        model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
-        inputs = self.finish_inputs()
-        self.dist.finish_threads(cfg.threads)  # each of N ranks trained with 1/N of the cores: now rank 0 alone
-        result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
-                            inputs.pop("curves", curves), self.console, extra=self.extra_metrics(), plan=self.plan,
-                            **inputs)
-        result.stopped_early = stopped_early
-        if self.plan is not None:
-            self.plan.used_s = time.perf_counter() - self.t0
-            write_json(self.run_dir / "budget.json", self.plan.to_dict())
-            say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
-                               f"{self.plan.summary()} in {budget.format_seconds(self.plan.used_s)}")
-            result.metrics["time_budget"] = self.plan.to_dict()
-        return result
+            curves = curves_png(self.history)
+            write_bytes(self.run_dir / "curves.png", curves)
+            if self.best_weights is not None:
+                self.eval_model.load_state_dict(self.best_weights)
+            model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
+            inputs = self.finish_inputs()
+            self.dist.finish_threads(cfg.threads)  # each of N ranks trained with 1/N of the cores: now rank 0 alone
+            result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
+                                inputs.pop("curves", curves), self.console, extra=self.extra_metrics(), plan=self.plan,
+                                **inputs)
+            result.stopped_early = stopped_early
+            if self.plan is not None:
+                self.plan.used_s = time.perf_counter() - self.t0
+                write_json(self.run_dir / "budget.json", self.plan.to_dict())
+                say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
+                                   f"{self.plan.summary()} in {budget.format_seconds(self.plan.used_s)}")
+                result.metrics["time_budget"] = self.plan.to_dict()
+            return result
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -444,32 +442,37 @@ class Trainer:
 
         cfg, dev = self.cfg, self.dev
 
-        def step_at(size: tuple[int, int] | None) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-            def step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-                fn = copy.copy(self.step_fn)
-                fn.model, fn.input_size = model, size
-                return fn(batch[0], batch[1].to(dev.device), torch.Generator().manual_seed(0))[0]
-            return step
+        def step(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+            fn = copy.copy(self.step_fn)
+            fn.model, fn.input_size = model, size
+            return fn(batch[0], batch[1].to(dev.device), torch.Generator().manual_seed(0))[0]
 
         def validate(model: torch.nn.Module, batch: Any) -> None:
             with runtime.autocast(dev):
                 model(to_model_input(batch[0].to(dev.device), self.prep, channels_last=cfg.channels_last))
 
         self.train_loader.set_epoch(0)
-        return budget.measure_speed(self.model, self.optimizer, step_at(size), self.train_loader, validate,
+        return budget.measure_speed(self.model, self.optimizer, step, self.train_loader, validate,
                                     self.val_loader if validation else None)
+
+    def probe_speed(self, views: int, val_every: int = 1) -> tuple[budget.Speed, float, float]:
+        """``--time``: the speed measured on a few steps (:meth:`measure_speed`), and from it the
+        seconds of an epoch (validating every ``val_every``-th) and of the final evaluation
+        (``views`` passes over the validation set, after finish_run's bf16-against-fp32 check)."""
+        speed = self.measure_speed()
+        val_batches = len(self.val_loader) if self.val_loader is not None else 0
+        check_batches = math.ceil(bf16_check_size(self.n_val, self.dev.device) / self.cfg.batch_size)
+        return (speed, budget.epoch_seconds(speed, self.steps_per_epoch, val_batches / val_every),
+                budget.finish_seconds(speed, val_batches, views, check_batches))
 
     def _plan_time(self) -> budget.Plan | None:
         """``--time``: measure the speed on a few steps, then fix the epochs and the schedule."""
         cfg = self.cfg
-        speed = self.measure_speed()
-        val_batches = len(self.val_loader) if self.val_loader is not None else 0
-        epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches / cfg.val_every)
+        speed, epoch_s, finish_s = self.probe_speed(2 if cfg.flip_average else 1, cfg.val_every)
         small_s = small_step_s = None  # progressive resizing: its epochs at the smaller size cost less (measured)
         if cfg.progressive > 0:
             small_step_s = self.measure_speed(progressive_side(cfg.image_size), validation=False).step_s
             small_s = epoch_s - self.steps_per_epoch * (speed.step_s - small_step_s)
-        finish_s = budget.finish_seconds(speed, val_batches, 2 if cfg.flip_average else 1, self.check_batches())
         limit = parse_duration(cfg.time)
         spent = time.perf_counter() - self.t0
         times = (epoch_s, finish_s, spent, small_s, cfg.progressive)
@@ -482,10 +485,6 @@ class Trainer:
         say(self.console, f"time budget {budget.format_seconds(limit)}: {epochs} epochs of ~{epoch_s:.1f} s "
                            f"(estimated {budget.format_seconds(plan.estimate_s)} in all)")
         return plan
-
-    def check_batches(self) -> int:
-        """Batches of finish_run's bf16-against-fp32 check (evaluate.bf16_agreement)."""
-        return math.ceil(bf16_check_size(self.n_val, self.dev.device) / self.cfg.batch_size)
 
     def set_epochs(self, epochs: int) -> None:
         """``--time``'s number of epochs: the one change made to a resolved configuration (the
@@ -510,7 +509,7 @@ class Trainer:
                            f"{new.epochs} epochs instead of {new.planned_epochs} "
                            f"(estimated {budget.format_seconds(new.estimate_s)} in all)")
 
-    def _train_epoch(self, epoch: int, stop: _StopOnSigint, on_step: Callable[[int, int], None] | None) -> None:
+    def _train_epoch(self, epoch: int, stop: _StopOnSigint, hooks: list[Callable[[int, int], None]]) -> None:
         cfg = self.cfg
         self.train_loader.set_epoch(epoch)
         if self.mid_epoch_rng is not None:  # resuming inside this epoch: continue its streams
@@ -558,8 +557,8 @@ class Trainer:
                 bar.update(task, advance=1, stats=(
                     f"loss {p['loss_sum'] / p['seen']:.4f} acc {p['correct'] / p['seen']:.3f} "
                     f"{p['seen'] / max(p['seconds'], 1e-9):.0f} img/s"))
-                if on_step is not None:
-                    on_step(epoch, step)
+                for hook in hooks:
+                    hook(epoch, step)
                 if stop.requested:
                     path = save_checkpoint(self.ckpt_dir / LAST, self.snapshot(epoch, step + 1))
                     raise TrainingInterrupted(self.run_dir, path)
@@ -619,15 +618,6 @@ class Trainer:
                 save_checkpoint(self.ckpt_dir / BEST, data)
             save_checkpoint(self.ckpt_dir / LAST, data)
         return improved, stopped_early
-
-
-def _chain(*hooks: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
-    """One ``on_step`` hook calling each given hook in turn."""
-    def call(epoch: int, step: int) -> None:
-        for hook in hooks:
-            if hook is not None:
-                hook(epoch, step)
-    return call
 
 
 def _fresh_partial() -> dict[str, Any]:

@@ -26,7 +26,7 @@ on photos, or ``--pretrained NAME|PATH``), as :class:`FineTuner`, with the backb
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,11 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, num_classes: int, 
         return weight, b - weight @ mu
 
 
+def head_rows(x: np.ndarray, y: np.ndarray, flipped: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a head is fitted on: ``x`` and, with ``flipped``, the mirrored images' rows after them."""
+    return (x, y) if flipped is None else (np.concatenate([x, flipped]), np.concatenate([y, y]))
+
+
 def head_logits(features: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
     """The dense layer on pooled features: what the model's head computes, float32 ``(N, out_units)``."""
     with torch.no_grad():
@@ -110,9 +115,8 @@ class HeadChoice:
     seconds: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"l2": self.l2, "label_smoothing": self.label_smoothing, "folds": self.folds,
-                "cv_accuracy": self.cv_accuracy, "cv_loss": self.cv_loss, "candidates": self.candidates,
-                "seconds": self.seconds}
+        """Every field but the out-of-fold logits (checkpoints, the bundle's metrics)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "oof_logits"}
 
 
 def cross_validated_logits(features: np.ndarray, labels: np.ndarray, num_classes: int, folds: list[Any],
@@ -124,9 +128,7 @@ def cross_validated_logits(features: np.ndarray, labels: np.ndarray, num_classes
     out_units = 1 if num_classes == 2 else num_classes
     out = {l2: np.zeros((len(labels), out_units), dtype=np.float32) for l2 in l2s}
     for train, held in folds:
-        x, y = features[train], labels[train]
-        if flipped is not None:
-            x, y = np.concatenate([x, flipped[train]]), np.concatenate([y, y])
+        x, y = head_rows(features[train], labels[train], None if flipped is None else flipped[train])
         init = None
         for l2 in sorted(l2s, reverse=True):
             init = fit_linear_head(x, y, num_classes, l2=l2, init=init, **fit)
@@ -191,10 +193,8 @@ def fit_head(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, *, flip
     """The head a pretrained run fits: its L2 chosen by :func:`select_head`, then fitted on all
     the training rows (and their mirrors' with ``flipped``). Training and lr-find both use it."""
     choice = select_head(train_x, train_y, num_classes, flipped=flipped, weights=weights, seed=seed)
-    fit_x, fit_y = (train_x, train_y) if flipped is None else (np.concatenate([train_x, flipped]),
-                                                               np.concatenate([train_y, train_y]))
-    w, b = fit_linear_head(fit_x, fit_y, num_classes, weights=weights, label_smoothing=choice.label_smoothing,
-                           l2=choice.l2)
+    w, b = fit_linear_head(*head_rows(train_x, train_y, flipped), num_classes, weights=weights,
+                           label_smoothing=choice.label_smoothing, l2=choice.l2)
     return w, b, choice
 
 
@@ -317,10 +317,7 @@ class FineTuner(Trainer):
             estimate_s=0.0, spent_before_s=0.0, feature_img_s={}, options=[], finetune_epochs=cfg.finetune_epochs)
         epochs = 0
         if cfg.finetune_epochs and not self._budget_spent(plan):
-            speed = self.measure_speed()
-            val_batches = len(self.val_loader) if self.val_loader is not None else 0
-            epoch_s = budget.epoch_seconds(speed, self.steps_per_epoch, val_batches)
-            finish_s = budget.finish_seconds(speed, val_batches, budget.REPORT_PASSES, self.check_batches())
+            _, epoch_s, finish_s = self.probe_speed(budget.REPORT_PASSES)
             spent = time.perf_counter() - self.budget_start
             epochs = self.dist.broadcast(budget.finetune_epochs_that_fit(plan.budget_s, spent, epoch_s, finish_s,
                                                                          cfg.finetune_epochs))
@@ -358,8 +355,7 @@ class FineTuner(Trainer):
         num_classes = len(self.classes)
         weights = class_weights(prepared.train.labels, num_classes, cfg.class_weights)
         w, b, choice = fit_head(train_x, train_y, num_classes, flipped=flip_x, weights=weights, seed=cfg.seed)
-        fit_x, fit_y = (train_x, train_y) if flip_x is None else (np.concatenate([train_x, flip_x]),
-                                                                  np.concatenate([train_y, train_y]))
+        fit_x, fit_y = head_rows(train_x, train_y, flip_x)
         seconds = time.perf_counter() - t
         self.head = {"choice": choice.to_dict(), "calibration": None if choice.oof_logits is None else
                      calibration_record(choice.oof_logits, train_y, fit_temperature(choice.oof_logits, train_y),
