@@ -42,6 +42,22 @@ def test_leave_one_out_skips_each_rows_own_match() -> None:
     np.testing.assert_allclose(nv.kth_similarity(ref, ref, 3, exclude_self=True), expected, rtol=1e-6)
 
 
+def test_few_queries_run_on_one_blas_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A served request's similarities run on one BLAS thread (OpenBLAS's idle threads spin and took
+    a core from the model); a large block keeps every thread; the product is the same either way."""
+    controller = nv._blas()
+    limits: list[dict[str, object]] = []
+    real = controller.limit
+    monkeypatch.setattr(controller, "limit", lambda **kw: limits.append(kw) or real(**kw))
+    rng = np.random.default_rng(3)
+    ref = nv.normalise(rng.normal(size=(50, 8)))
+    for rows, limited in ((1, True), (nv.FEW_QUERIES, True), (nv.FEW_QUERIES + 1, False)):
+        limits.clear()
+        q = nv.normalise(rng.normal(size=(rows, 8)))
+        np.testing.assert_allclose(nv.similarities(q, ref), q @ ref.T, rtol=1e-6)
+        assert limits == ([{"limits": 1, "user_api": "blas"}] if limited else [])
+
+
 @pytest.mark.parametrize("accept", [0.5, 0.9, 0.95, 1.0])
 def test_threshold_keeps_at_least_the_accepted_share(accept: float) -> None:
     scores = np.random.default_rng(3).random(101)

@@ -38,6 +38,7 @@ MAX_REFERENCE = 10_000  # training rows kept (evenly per class beyond it): 25 MB
 RULE_VALIDATION = "validation"
 RULE_TRAINING = "training-leave-one-out"
 _CHUNK = 1024  # query rows per similarity block: bounds memory at 1024 x MAX_REFERENCE floats
+FEW_QUERIES = 64  # up to this many query rows, the similarities run on one BLAS thread (see similarities)
 
 
 def normalise(features: np.ndarray) -> np.ndarray:
@@ -45,6 +46,24 @@ def normalise(features: np.ndarray) -> np.ndarray:
     f = np.asarray(features, dtype=np.float32)
     norm = np.linalg.norm(f, axis=1, keepdims=True)
     return f / np.maximum(norm, 1e-12)
+
+
+@functools.cache
+def _blas() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()  # scans the loaded libraries: once
+
+
+def similarities(queries: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``queries @ reference.T``. A few query rows (a served request, a short predict) run on one
+    BLAS thread: OpenBLAS's other threads spin for a while after every product, and between a
+    server's requests that spinning took a core from the model (``convlens serve`` at concurrency
+    16: 30 -> 58 requests/s, docs/benchmarks.md "Serving")."""
+    if len(queries) > FEW_QUERIES:
+        return queries @ reference.T
+    with _blas().limit(limits=1, user_api="blas"):
+        return queries @ reference.T
 
 
 def kth_similarity(queries: np.ndarray, reference: np.ndarray, k: int, *, exclude_self: bool = False) -> np.ndarray:
@@ -56,7 +75,7 @@ def kth_similarity(queries: np.ndarray, reference: np.ndarray, k: int, *, exclud
     kk = min(k + (1 if exclude_self else 0), ref.shape[0])
     out = np.empty(len(queries), dtype=np.float32)
     for start in range(0, len(queries), _CHUNK):
-        sims = queries[start:start + _CHUNK] @ ref.T
+        sims = similarities(queries[start:start + _CHUNK], ref)
         # The kk largest, unordered; the smallest of them is the kk-th most similar.
         part = np.partition(sims, sims.shape[1] - kk, axis=1)[:, sims.shape[1] - kk:]
         out[start:start + _CHUNK] = part.min(axis=1)
@@ -129,7 +148,7 @@ class NoveltyIndex:
         n = min(int(n), len(ref))
         out: list[list[tuple[int, float]]] = []
         for start in range(0, len(q), _CHUNK):
-            sims = q[start:start + _CHUNK] @ ref.T
+            sims = similarities(q[start:start + _CHUNK], ref)
             top = np.argpartition(-sims, n - 1, axis=1)[:, :n]
             for row, cand in zip(sims, top, strict=True):
                 order = cand[np.lexsort((cand, -row[cand]))]  # similarity, then row: stable ties
