@@ -113,12 +113,21 @@ class Server:
         raise SystemExit("server did not answer /health within 120 s")
 
     def cpu_seconds(self) -> float | None:
-        """CPU time the server process has used so far (Linux /proc; None elsewhere)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time the server has used so far, its ``--workers`` processes included (Linux /proc;
+        None elsewhere)."""
+        total, pids = 0.0, [self.proc.pid]
+        while pids:
+            pid = pids.pop()
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                if pid == self.proc.pid:
+                    return None
+                continue  # a child that has just exited
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            pids += [int(c) for c in children]
+        return total
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
