@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 from tests.bundles import pixel_bomb_png, png_bytes
+from tests.serve.conftest import free_port
 
 
 def test_concurrent_requests_are_consistent(live_server, real_photo: Path) -> None:
@@ -47,3 +52,45 @@ def test_limits_over_the_wire(live_server) -> None:
         r = c.post("/predict", files={"file": ("x.bin", b"\x00\x01garbage", "application/octet-stream")})
         assert r.status_code == 415
         assert c.get("/health").json()["status"] == "ok"
+
+
+def _predicted(metrics_text: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(metrics_text)
+               for s in family.samples if s.name == "convlens_images_predicted_total")
+
+
+def test_metrics_of_several_workers_are_summed(tiny_onnx: Path, tmp_path: Path) -> None:
+    """`serve --workers 2`: the workers count in prometheus-client's multiprocess files, so every
+    scrape, whichever worker answers it, reports all the requests; the folder goes with the server."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"} | {"TMPDIR": str(tmp_path)}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "convlens", "serve", str(tiny_onnx), "--port", str(port),
+                                 "--workers", "2"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+
+        def one(i: int) -> int:  # a connection each, so both workers take some
+            return httpx.post(url + "/predict", files={"file": (f"{i}.png", png_bytes(40, 30, seed=i), "image/png")},
+                              timeout=60).status_code
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            assert set(pool.map(one, range(12))) == {200}
+        (folder,) = tmp_path.glob("convlens-metrics-*")
+        assert list(folder.glob("counter_*.db"))  # the workers' shared counters
+        assert [_predicted(httpx.get(url + "/metrics", timeout=10).text) for _ in range(6)] == [12.0] * 6
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert not list(tmp_path.glob("convlens-metrics-*")), log.read_text()[-2000:]

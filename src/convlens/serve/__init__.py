@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from convlens.config import SERVE_DEFAULTS, check_serve_range
@@ -94,6 +98,28 @@ def serve_command(model: str, host: str = "127.0.0.1", port: int = 8000, workers
     os.environ[serve_app.ENV_MAX_WAIT_MS] = str(float(max_wait_ms))
     os.environ[serve_app.ENV_API_KEYS] = "\n".join(keys)
     os.environ[serve_app.ENV_ENGINE] = engine  # the workers find the export in the cache the app above filled
-    uvicorn.run("convlens.serve.app:create_app_from_env", factory=True, host=host, port=int(port),
-                workers=int(workers), log_level="info")
+    with _shared_metrics():
+        uvicorn.run("convlens.serve.app:create_app_from_env", factory=True, host=host, port=int(port),
+                    workers=int(workers), log_level="info")
     return 0
+
+
+@contextlib.contextmanager
+def _shared_metrics() -> Iterator[None]:
+    """The workers' Prometheus counts in one fresh folder (removed afterwards), so a scrape of
+    any worker sums them all; a folder the user set in ``PROMETHEUS_MULTIPROC_DIR`` is used as it is."""
+    from convlens.serve.metrics import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="convlens-metrics-")
+    os.environ[MULTIPROC_ENV] = folder
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROC_ENV]
+        try:
+            shutil.rmtree(folder)
+        except OSError as e:  # only our own counters' files: say so, the server has stopped anyway
+            print(f"note: could not remove the metrics folder {folder}: {e}", file=sys.stderr)

@@ -2,12 +2,14 @@
 
 Each app has its own :class:`~prometheus_client.CollectorRegistry` (not the process-wide
 default), so several apps in one process, and the tests, never see each other's numbers.
-With several ``--workers`` each process counts its own requests: Prometheus scrapes whichever
-worker answers, so use one worker per port (or sum across instances) when counts must be exact.
+With several ``--workers`` the counts live in prometheus-client's multiprocess files
+(``PROMETHEUS_MULTIPROC_DIR``, set by ``serve`` before the workers start), and whichever worker
+answers a scrape reports every worker's counts summed.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -17,12 +19,17 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Seconds: from a cached 2 ms answer to a 10 s queue under overload.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
+
+# prometheus-client's own variable: set before the library is imported, its metrics write to
+# files in this folder, which one scrape of any process sums.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Route label of a request path: the app's own routes by name, everything else grouped, so
 # scanners probing random paths cannot create a time series each.
@@ -62,8 +69,13 @@ class ServeMetrics:
             self.unknown.inc()
 
     def exposition(self) -> tuple[bytes, str]:
-        """The text format body and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text format body and its content type: this app's counts, or with several workers
+        (:data:`MULTIPROC_ENV` set) every worker's, summed."""
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class MetricsMiddleware:
