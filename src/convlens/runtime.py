@@ -87,6 +87,18 @@ class DeviceInfo:
         return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(self.amp_dtype), "fp32")
 
 
+def torch_is_cpu_only() -> bool:
+    """True when the installed PyTorch is a CPU-only build (PyTorch's ``+cpu`` wheels), told from
+    its package metadata: importing torch to learn there is no GPU takes ~1 s, most of a short
+    ``convlens predict`` on the onnx engine. False when unsure (another build, or none installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch").partition("+")[2].startswith("cpu")
+    except metadata.PackageNotFoundError:
+        return False
+
+
 def resolve_device(device: str = "auto", precision: str = "auto") -> DeviceInfo:
     """Resolve ``--device auto|cpu|cuda[:N]|mps`` and ``--precision auto|bf16|fp16|fp32``."""
     import torch

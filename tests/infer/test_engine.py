@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,40 @@ def test_resolve_engine_rules(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> 
         eng.resolve_engine("onnx", fp32, "cuda")
     with pytest.raises(ConfigError, match=r"engine must be one of auto, torch, onnx. Received: engine='onx'"):
         eng.resolve_engine("onx", fp32, "cpu")
+
+
+@pytest.mark.parametrize(("version", "cpu_only"), [("2.13.0+cpu", True), ("2.1.0+cpu.cxx11.abi", True),
+                                                 ("2.13.0", False), ("2.4.0+cu121", False), ("2.4.0+rocm6.1", False)])
+def test_a_cpu_only_torch_needs_no_import_to_pick_the_engine(bundle: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            version: str, cpu_only: bool) -> None:
+    """``--device auto`` with PyTorch's CPU-only build: no GPU to look for, so the fp32 bundle goes to
+    onnxruntime without asking torch (its import is most of a short predict); any other build asks."""
+    from importlib import metadata
+
+    from convlens import runtime
+
+    monkeypatch.setattr(metadata, "version", lambda name: version)
+    asked: list[str] = []
+    monkeypatch.setattr(runtime, "inference_device", lambda dev, prec: asked.append(dev) or runtime.DeviceInfo("cpu", None))
+    assert runtime.torch_is_cpu_only() is cpu_only
+    assert eng.resolve_engine("auto", read_meta(bundle), "auto") == "onnx"
+    assert asked == ([] if cpu_only else ["auto"])
+
+
+@pytest.mark.parametrize("engine", ["onnx", "auto"])
+def test_a_short_onnx_predict_never_imports_torch(bundle: Path, images: list[Path], cache: Path, engine: str) -> None:
+    """The default CLI path on a CPU-only install: onnx engine, the cached export, torch not loaded."""
+    from convlens.runtime import torch_is_cpu_only
+
+    if engine == "auto" and not torch_is_cpu_only():
+        pytest.skip("auto looks for a GPU through torch unless the installed torch is a CPU-only build")
+    convlens.load(bundle, device="cpu", engine="onnx")  # the export, cached for the child below
+    code = ("import sys; from convlens.infer.commands import predict_command; "
+            f"predict_command({str(bundle)!r}, [{str(images[0])!r}], engine={engine!r}); "
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ), timeout=120).stdout
+    assert out.strip().endswith("no torch")
 
 
 def test_auto_runs_onnx_equal_to_torch_and_reuses_the_cache(bundle: Path, images: list[Path], cache: Path,

@@ -78,9 +78,11 @@ def resolve_engine(engine: str, meta: BundleMeta, device: str = "auto", precisio
         return "onnx"
     if prec == "bf16" or dev not in ("auto", "cpu"):
         return "torch"
-    if dev == "auto" or prec == "auto":  # what auto means here needs torch (a GPU? native bf16?)
-        from convlens.runtime import inference_device
+    from convlens.runtime import inference_device, torch_is_cpu_only
 
+    if dev == "auto" and torch_is_cpu_only():
+        dev = "cpu"  # no GPU to look for, so no torch import for it
+    if dev == "auto" or prec == "auto":  # what auto means here needs torch (a GPU? native bf16?)
         resolved = inference_device(dev, prec)
         if resolved.type != "cpu" or resolved.precision != "fp32":
             return "torch"
