@@ -219,7 +219,7 @@ class Dist:
         import torch
         import torch.distributed as td
 
-        counts = [(r + 1) * n // self.world_size - r * n // self.world_size for r in range(self.world_size)]
+        counts = [len(range(n)[_part(r, n, self.world_size)]) for r in range(self.world_size)]
         box = torch.zeros(max(counts), rows.shape[1], dtype=torch.float32)  # all_gather needs equal shapes
         box[:len(rows)] = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32))
         box = box.to(self._device())
@@ -229,7 +229,7 @@ class Dist:
 
     def share(self, n: int) -> slice:
         """This rank's contiguous part of ``n`` items when every rank takes one (sizes differ by at most 1)."""
-        return slice(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size)
+        return _part(self.rank, n, self.world_size)
 
     def sync_buffers(self, model: torch.nn.Module) -> None:
         """Copy rank 0's buffers (batch-norm running statistics) to every rank.
@@ -261,6 +261,12 @@ class Dist:
         yield
         if self.local_rank == 0:
             self.barrier()
+
+
+def _part(rank: int, n: int, world_size: int) -> slice:
+    """Rank ``rank``'s contiguous part of ``n`` items shared by ``world_size`` ranks (the one rule
+    of :meth:`Dist.share` and :meth:`Dist.gather_rows`)."""
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
 
 
 def from_env() -> Dist:

@@ -376,59 +376,62 @@ class Trainer:
         file it had written before stays whole.
         """
         with self.disk_full_advice():
-            cfg, dev = self.cfg, self.dev
-            if self.start_epoch < cfg.epochs:
-                say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
-                                   f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
-                                   f"{dev.device} {dev.precision}, {self.threads} threads"
-                                   + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
-            say(self.console, f"run folder: {self.run_dir}")
-            stopped_early = False
-            hooks = [on_step] if on_step is not None else []  # called after every step, in turn
-            if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
-                hooks.append(budget.LongRunNotice(  # a long run without --time says so
-                    cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
-                    lambda m: say(self.console, f"[yellow]note:[/yellow] {m}")))
-            # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
-            # resumes from the last epoch's checkpoint.
-            with _StopOnSigint(enabled=not self.dist.enabled) as stop:
-                epoch = self.start_epoch
-                while epoch < self.cfg.epochs:  # --time may refit the epochs after the first (_replan)
-                    self._train_epoch(epoch, stop, hooks)
-                    stopped_early = self._end_epoch(epoch)
-                    if stop.requested:
-                        raise TrainingInterrupted(self.run_dir, self.ckpt_dir / LAST)
-                    if stopped_early:
-                        say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
-                                           f"(best epoch {self.best['epoch']})")
-                        break
-                    epoch += 1
-            tensorboard.close(self.tb)
-            cfg = self.cfg
+            return self._fit(on_step)
 
-            self.dist.barrier()  # every rank has trained; rank 0 alone evaluates and writes
-            if not self.dist.is_main:
-                return RunResult(self.run_dir, None, history=self.history, stopped_early=stopped_early)
-            from convlens.evaluate.plots import curves_png
+    def _fit(self, on_step: Callable[[int, int], None] | None) -> RunResult:
+        cfg, dev = self.cfg, self.dev
+        if self.start_epoch < cfg.epochs:
+            say(self.console, f"training {cfg.model} on {self.n_train} images ({self.n_val} validation), "
+                               f"{len(self.classes)} classes, {self.prep.size[0]}x{self.prep.size[1]}x{self.prep.channels}, "
+                               f"{dev.device} {dev.precision}, {self.threads} threads"
+                               + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
+        say(self.console, f"run folder: {self.run_dir}")
+        stopped_early = False
+        hooks = [on_step] if on_step is not None else []  # called after every step, in turn
+        if self.plan is None and not self.start_epoch and not self.skip_steps and self.dist.is_main:
+            hooks.append(budget.LongRunNotice(  # a long run without --time says so
+                cfg.epochs, self.steps_per_epoch, self.n_val / (3.0 * cfg.val_every * max(1, self.n_train)),
+                lambda m: say(self.console, f"[yellow]note:[/yellow] {m}")))
+        # Under DDP, Ctrl-C (which torchrun passes on to every rank) stops all at once; the run
+        # resumes from the last epoch's checkpoint.
+        with _StopOnSigint(enabled=not self.dist.enabled) as stop:
+            epoch = self.start_epoch
+            while epoch < self.cfg.epochs:  # --time may refit the epochs after the first (_replan)
+                self._train_epoch(epoch, stop, hooks)
+                stopped_early = self._end_epoch(epoch)
+                if stop.requested:
+                    raise TrainingInterrupted(self.run_dir, self.ckpt_dir / LAST)
+                if stopped_early:
+                    say(self.console, f"early stopping: no improvement for {cfg.patience} epochs "
+                                       f"(best epoch {self.best['epoch']})")
+                    break
+                epoch += 1
+        tensorboard.close(self.tb)
+        cfg = self.cfg
 
-            curves = curves_png(self.history)
-            write_bytes(self.run_dir / "curves.png", curves)
-            if self.best_weights is not None:
-                self.eval_model.load_state_dict(self.best_weights)
-            model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
-            inputs = self.finish_inputs()
-            self.dist.finish_threads(cfg.threads)  # each of N ranks trained with 1/N of the cores: now rank 0 alone
-            result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
-                                inputs.pop("curves", curves), self.console, extra=self.extra_metrics(), plan=self.plan,
-                                **inputs)
-            result.stopped_early = stopped_early
-            if self.plan is not None:
-                self.plan.used_s = time.perf_counter() - self.t0
-                write_json(self.run_dir / "budget.json", self.plan.to_dict())
-                say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
-                                   f"{self.plan.summary()} in {budget.format_seconds(self.plan.used_s)}")
-                result.metrics["time_budget"] = self.plan.to_dict()
-            return result
+        self.dist.barrier()  # every rank has trained; rank 0 alone evaluates and writes
+        if not self.dist.is_main:
+            return RunResult(self.run_dir, None, history=self.history, stopped_early=stopped_early)
+        from convlens.evaluate.plots import curves_png
+
+        curves = curves_png(self.history)
+        write_bytes(self.run_dir / "curves.png", curves)
+        if self.best_weights is not None:
+            self.eval_model.load_state_dict(self.best_weights)
+        model = self.eval_model.to(memory_format=torch.contiguous_format).eval()
+        inputs = self.finish_inputs()
+        self.dist.finish_threads(cfg.threads)  # each of N ranks trained with 1/N of the cores: now rank 0 alone
+        result = finish_run(model, cfg, self.prepared, self.run_dir, self.history, self.best, dev.device,
+                            inputs.pop("curves", curves), self.console, extra=self.extra_metrics(), plan=self.plan,
+                            **inputs)
+        result.stopped_early = stopped_early
+        if self.plan is not None:
+            self.plan.used_s = time.perf_counter() - self.t0
+            write_json(self.run_dir / "budget.json", self.plan.to_dict())
+            say(self.console, f"time budget {budget.format_seconds(self.plan.budget_s)}: "
+                               f"{self.plan.summary()} in {budget.format_seconds(self.plan.used_s)}")
+            result.metrics["time_budget"] = self.plan.to_dict()
+        return result
 
     @property
     def eval_model(self) -> torch.nn.Module:
